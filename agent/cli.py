@@ -1,0 +1,138 @@
+"""Command line: argparse over the settings tree, one flag and one environment twin per setting.
+
+Precedence: flag > environment (COHDI_*) > default. Settings are validated once, here, before
+anything starts; a bad value exits with status 2 and a message naming the setting, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from agent import errors, logs, settings
+
+RunAsync = Callable[[Callable[[], Coroutine[Any, Any, int]]], int]
+
+_EPILOG = """\
+Every setting has an environment twin: --lease-duration is also COHDI_LEASE_DURATION.
+A flag wins over the environment, which wins over the default. `cohdi-agent COMMAND --help`
+lists every setting with its default and unit.
+"""
+
+
+def _settings_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for info in settings.describe():
+        group = groups.get(info.group)
+        if group is None:
+            title = {
+                "logging": "logging",
+                "kube": "Kubernetes API",
+                "leader": "leader election (cluster role)",
+                "dev": "local control plane (tests, demo, benchmarks)",
+            }[info.group]
+            group = groups[info.group] = parent.add_argument_group(title)
+        default = info.default if info.default != "" else "(empty)"
+        unit = f" {info.unit}" if info.unit else ""
+        text = f"{info.help} Default: {default}{unit}. Env: {info.env}."
+        metavar = "|".join(info.choices) if info.choices else (info.unit.upper() or "VALUE")
+        if info.unit == "s":
+            metavar = "SECONDS"
+        group.add_argument(info.flag, dest=info.flag, default=None, metavar=metavar, help=text)
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _settings_parent()
+    parser = argparse.ArgumentParser(
+        prog="cohdi-agent",
+        description=(
+            "Dynamic GPU provisioning for Kubernetes on composable disaggregated infrastructure: "
+            "GPUs in a PCIe/CXL pool are attached to nodes on demand through Kubernetes DRA."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser(
+        "version",
+        parents=[common],
+        help="print the version, Python and the Kubernetes version targeted",
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run the main job on the embedded default (local control plane, emulated fabric)",
+        description=textwrap.dedent(
+            """\
+            Builds (first run only) and starts a local etcd + kube-apiserver + kube-scheduler,
+            checks that the DRA APIs the agent relies on are served with binding conditions and
+            per-device node selection, reports what it found, and stops everything.
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the cluster running until Ctrl-C")
+
+    dev = sub.add_parser(
+        "dev-cluster",
+        parents=[common],
+        help="build, start or stop the local control plane by hand",
+        description=textwrap.dedent(
+            """\
+            build  build etcd, kube-apiserver and kube-scheduler into the cache (once)
+            up     start a cluster in the background; prints how to use it
+            down   stop the cluster `up` started (by pid)
+            env    print `export KUBECONFIG=...` for the running cluster
+            status show whether it runs, with pids and the API server URL
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dev.add_argument("action", choices=("build", "up", "down", "env", "status"))
+    return parser
+
+
+def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> settings.Settings:
+    raw: dict[str, str] = {}
+    for info in settings.describe():
+        if info.env in environ:
+            raw[info.flag] = environ[info.env]
+        value = getattr(args, info.flag, None)
+        if value is not None:
+            raw[info.flag] = value
+    return settings.load(raw)
+
+
+def main(argv: list[str], *, run_async: RunAsync) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_settings(args, os.environ)
+    except errors.ConfigError as exc:
+        print(f"cohdi-agent: error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(level=cfg.logging.level, fmt=cfg.logging.format)
+
+    from agent import app
+
+    try:
+        if args.command == "version":
+            return app.version()
+        if args.command == "dev-cluster":
+            return app.dev_cluster(cfg, args.action)
+        if args.command == "demo":
+            return run_async(lambda: app.demo(cfg, keep=args.keep))
+    except errors.AgentError as exc:
+        print(f"cohdi-agent: {exc.fault} error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, errors.ConfigError) else 1
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,147 @@
+"""The one error tree of the agent.
+
+Every dependency's exceptions (aiohttp, kubernetes-asyncio, grpc, cffi, OS errors) are mapped into
+this tree at exactly one place at the edge that calls the dependency, with `raise ... from exc`.
+Callers decide what to do from two questions only: is it *transient* (retry with backoff) or
+*permanent* (surface it, do not spin), and whose fault was it (the `fault` attribute: config, kube,
+fabric, nvml, sysfs, checkpoint, prepare, devcluster). Messages say what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class AgentError(Exception):
+    """Root of everything the agent raises on purpose."""
+
+    #: Retrying the same operation later may succeed.
+    transient: ClassVar[bool] = False
+    #: Who is to blame: the operator's configuration, the API server, the fabric manager, ...
+    fault: ClassVar[str] = "agent"
+
+
+class TransientError(AgentError):
+    """Retry with backoff: a timeout, a 5xx, a conflict, a connection refused."""
+
+    transient = True
+
+
+class PermanentError(AgentError):
+    """Retrying the same thing will fail the same way: report it and stop trying."""
+
+    transient = False
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+class ConfigError(PermanentError):
+    """A setting is invalid. The message names the setting, the value and what is allowed."""
+
+    fault = "config"
+
+    def __init__(self, setting: str, value: object, allowed: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid setting {setting}={value!r}: {allowed}")
+
+
+# --- Kubernetes API ------------------------------------------------------------------------------
+
+
+class KubeError(AgentError):
+    """Something the Kubernetes API server answered, or failed to answer."""
+
+    fault = "kube"
+
+    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(message)
+
+
+class KubeUnavailable(KubeError, TransientError):
+    """Connection refused or reset, a timeout, 429 or a 5xx: the API server is unwell; retry."""
+
+
+class KubeConflict(KubeError, TransientError):
+    """409 on update: someone wrote first. Re-read and re-apply the change."""
+
+
+class KubeGone(KubeError, TransientError):
+    """410: the resourceVersion we watched from was compacted away. Relist."""
+
+
+class KubeNotFound(KubeError, PermanentError):
+    """404: the object (or the API) does not exist."""
+
+
+class KubeAlreadyExists(KubeError, PermanentError):
+    """409 on create: the object exists already."""
+
+
+class KubeForbidden(KubeError, PermanentError):
+    """401/403: our credentials or RBAC do not allow this. Fix the ClusterRole or the kubeconfig."""
+
+
+class KubeInvalid(KubeError, PermanentError):
+    """400/422: the server rejected the object. The message carries the server's field errors."""
+
+
+class KubeConfigError(KubeError, PermanentError):
+    """No usable kubeconfig or in-cluster service account."""
+
+
+# --- fabric managers -----------------------------------------------------------------------------
+
+
+class FabricError(AgentError):
+    """Something a fabric manager answered, or failed to answer."""
+
+    fault = "fabric"
+
+
+class FabricUnavailable(FabricError, TransientError):
+    """The fabric manager is down, timed out, or answered 5xx."""
+
+
+class FabricRejected(FabricError, PermanentError):
+    """The fabric manager refused the operation: unknown device, attached elsewhere, bad request."""
+
+
+# --- node ----------------------------------------------------------------------------------------
+
+
+class NvmlError(AgentError):
+    """An NVML call failed (return code mapped by agent.native)."""
+
+    fault = "nvml"
+
+
+class SysfsError(AgentError):
+    """Reading or writing the PCI tree in sysfs failed."""
+
+    fault = "sysfs"
+
+
+class CheckpointError(PermanentError):
+    """The node checkpoint is unreadable or corrupt."""
+
+    fault = "checkpoint"
+
+
+class PrepareError(AgentError):
+    """NodePrepareResources or NodeUnprepareResources could not complete for one claim."""
+
+    fault = "prepare"
+
+
+# --- the local control plane (tests, demo, benchmarks) -------------------------------------------
+
+
+class DevClusterError(PermanentError):
+    """Building or starting the local etcd / kube-apiserver / kube-scheduler failed."""
+
+    fault = "devcluster"

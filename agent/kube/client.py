@@ -1,0 +1,248 @@
+"""A raw-JSON Kubernetes API client over one aiohttp session.
+
+kubernetes-asyncio loads the configuration (kubeconfig with certs, tokens, exec/OIDC providers, or
+the in-cluster service account with token refresh); requests go through our own aiohttp session
+and orjson, because the hot paths (watches of claims and slices, pool publication) want raw dicts
+and fast JSON rather than generated model objects. All HTTP failures are mapped to
+`agent.errors.Kube*` here, and only here (`_raise_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from agent import errors
+
+logger = logging.getLogger(__name__)
+
+JSON: Final = "application/json"
+MERGE_PATCH: Final = "application/merge-patch+json"
+STRATEGIC_PATCH: Final = "application/strategic-merge-patch+json"
+APPLY_PATCH: Final = "application/apply-patch+yaml"
+
+Obj = dict[str, Any]
+
+
+class Kube:
+    """Talks to one API server: `await Kube.connect(...)`, then `await close()` at the end."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        ssl_context: ssl.SSLContext,
+        auth: Any,
+        request_timeout: float,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.host = host.rstrip("/")
+        self._auth = auth  # kubernetes-asyncio Configuration, asked for a fresh token per request
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._server_hostname = server_hostname
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=64),
+            read_bufsize=2**22,  # one watch event line may carry a large object
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+
+    @classmethod
+    async def connect(cls, *, kubeconfig: str = "", request_timeout: float = 30.0) -> Kube:
+        """From `kubeconfig`; if empty: in-cluster service account, else $KUBECONFIG or
+        ~/.kube/config."""
+        from kubernetes_asyncio import config as kconfig
+        from kubernetes_asyncio.client import Configuration
+
+        cfg = Configuration()
+        try:
+            if kubeconfig:
+                await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+            else:
+                try:
+                    kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+                except kconfig.ConfigException:
+                    await kconfig.load_kube_config(client_configuration=cfg)
+        except (kconfig.ConfigException, OSError, ValueError) as exc:
+            where = kubeconfig or "in-cluster, $KUBECONFIG or ~/.kube/config"
+            raise errors.KubeConfigError(
+                f"cannot load Kubernetes credentials from {where}: {exc}; "
+                "pass --kubeconfig or run inside a pod with a service account"
+            ) from exc
+        ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+        if cfg.cert_file:
+            ctx.load_cert_chain(cfg.cert_file, keyfile=cfg.key_file)
+        if not cfg.verify_ssl:
+            raise errors.KubeConfigError(
+                "the kubeconfig sets insecure-skip-tls-verify; cohdi-agent always verifies the API "
+                "server: give the cluster's CA (certificate-authority) instead"
+            )
+        return cls(
+            host=str(cfg.host),
+            ssl_context=ctx,
+            auth=cfg,
+            request_timeout=request_timeout,
+            server_hostname=cfg.tls_server_name,
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def __aenter__(self) -> Kube:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    async def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": JSON}
+        if content_type:
+            headers["Content-Type"] = content_type
+        token = await self._auth.get_api_key_with_prefix("authorization")
+        if token:
+            headers["Authorization"] = token
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        timeout: float | None = None,  # noqa: ASYNC109 -- per-request aiohttp limit, not a sleep
+    ) -> Obj:
+        """One API call; returns the decoded JSON answer. Raises `errors.Kube*`."""
+        data = None if body is None else (body if isinstance(body, bytes) else orjson.dumps(body))
+        headers = await self._headers(content_type if data is not None else None)
+        tmo = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with self._session.request(
+                method,
+                self.host + path,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=tmo,
+                server_hostname=self._server_hostname,
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 300:
+                    _raise_for(resp.status, raw, method, path)
+                return orjson.loads(raw) if raw else {}
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise errors.KubeUnavailable(
+                f"{method} {path}: cannot reach the API server at {self.host}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def get(self, path: str, **params: str | int) -> Obj:
+        return await self.request("GET", path, params=params or None)
+
+    async def create(self, path: str, body: Obj) -> Obj:
+        return await self.request("POST", path, body=body)
+
+    async def replace(self, path: str, body: Obj) -> Obj:
+        return await self.request("PUT", path, body=body)
+
+    async def patch(self, path: str, body: Obj, *, content_type: str = MERGE_PATCH) -> Obj:
+        return await self.request("PATCH", path, body=body, content_type=content_type)
+
+    async def delete(self, path: str, *, body: Obj | None = None) -> Obj:
+        return await self.request("DELETE", path, body=body)
+
+    @asynccontextmanager
+    async def stream(
+        self, path: str, *, params: Mapping[str, str | int], read_timeout: float
+    ) -> AsyncIterator[aiohttp.StreamReader]:
+        """A streaming GET (a watch): yields the body reader; lines are JSON watch events.
+        `read_timeout` bounds silence between chunks (bookmarks keep a healthy watch talking)."""
+        headers = await self._headers(None)
+        tmo = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._timeout.total, sock_read=read_timeout
+        )
+        try:
+            async with self._session.get(
+                self.host + path,
+                params=params,
+                headers=headers,
+                timeout=tmo,
+                server_hostname=self._server_hostname,
+            ) as resp:
+                if resp.status >= 300:
+                    _raise_for(resp.status, await resp.read(), "WATCH", path)
+                yield resp.content
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise errors.KubeUnavailable(
+                f"WATCH {path}: connection to {self.host} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _raise_for(status: int, raw: bytes, method: str, path: str) -> None:
+    """Map an HTTP error answer to the error tree. The server's Status message is kept verbatim
+    (it names the field and the rule); non-JSON bodies are truncated."""
+    try:
+        doc = orjson.loads(raw)
+        message = str(doc.get("message") or doc)
+        reason = str(doc.get("reason") or "")
+    except (orjson.JSONDecodeError, AttributeError):
+        message = raw[:300].decode(errors="replace")
+        reason = ""
+    text = f"{method} {path}: {status} {reason or 'error'}: {message}"
+    cls: type[errors.KubeError]
+    if status == 404:
+        cls = errors.KubeNotFound
+    elif status == 409:
+        cls = errors.KubeAlreadyExists if reason == "AlreadyExists" else errors.KubeConflict
+    elif status == 410:
+        cls = errors.KubeGone
+    elif status in (401, 403):
+        cls = errors.KubeForbidden
+    elif status in (400, 422):
+        cls = errors.KubeInvalid
+    elif status == 429 or status >= 500:
+        cls = errors.KubeUnavailable
+    else:
+        cls = errors.KubeInvalid
+    raise cls(text, status=status, reason=reason)
+
+
+def path_of(
+    *, group: str, version: str, plural: str, namespace: str | None = None, name: str | None = None
+) -> str:
+    """The REST path of a collection or object: `/api/v1/...` for the core group."""
+    base = f"/api/{version}" if group == "" else f"/apis/{group}/{version}"
+    if namespace:
+        base += f"/namespaces/{quote(namespace, safe='')}"
+    base += f"/{plural}"
+    if name:
+        base += f"/{quote(name, safe='')}"
+    return base
+
+
+async def retrying(
+    op: Any, *, attempts: int = 5, first_delay: float = 0.1, max_delay: float = 5.0
+) -> Any:
+    """Await `op()` again after transient errors with exponential backoff; permanent errors and the
+    last transient one propagate."""
+    delay = first_delay
+    for attempt in range(attempts):
+        try:
+            return await op()
+        except errors.AgentError as exc:
+            if not exc.transient or attempt == attempts - 1:
+                raise
+            logger.debug("transient error, retrying in %.2f s: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")

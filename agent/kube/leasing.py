@@ -1,0 +1,223 @@
+"""Leader election on a coordination.k8s.io/v1 Lease, with a monotonic clock.
+
+The rules that make "at no instant do two replicas act" hold:
+
+- A candidate takes a Lease held by someone else only after it has *observed the same record* for
+  a full `lease_duration` on its own monotonic clock (wall clocks of different machines never
+  meet), or when the holder released it (empty holderIdentity).
+- The leader counts its deadline from the moment it *sent* its last successful renewal, and
+  cancels its work — and waits for the work to finish — once `renew_deadline` has passed without a
+  renewal. Any in-flight renewal is cut off at that deadline too. Since renew_deadline is below
+  lease_duration, the old leader has stopped before a candidate may start.
+- Updates carry the resourceVersion they read, so two candidates racing for a free Lease cannot both
+  win: the loser gets 409 and tries again later.
+- On shutdown the leader cancels its work, then releases the Lease (empty holder, duration 1 s), so
+  a successor takes over at its next retry instead of after a full lease_duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from agent import errors
+from agent.kube.client import Kube, Obj, path_of
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+def _micro_time() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LeaderElector:
+    """Campaign for one Lease; run `lead()` only while holding it."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_duration: float,
+        renew_deadline: float,
+        retry_period: float,
+        release_on_cancel: bool = True,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if not retry_period < renew_deadline < lease_duration:
+            raise errors.ConfigError(
+                "--lease-retry-period < --lease-renew-deadline < --lease-duration",
+                (retry_period, renew_deadline, lease_duration),
+                "the three periods must be strictly increasing",
+            )
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.lease_duration = lease_duration
+        self.renew_deadline = renew_deadline
+        self.retry_period = retry_period
+        self.release_on_cancel = release_on_cancel
+        self._clock = clock
+        self._path = path_of(
+            group="coordination.k8s.io", version="v1", plural="leases", namespace=namespace
+        )
+        self._observed_spec: dict[str, Any] | None = None
+        self._observed_at = 0.0
+        self._lease: Obj | None = None
+        self.is_leader = False
+        #: Set while leading; tests and health checks read it.
+        self.leading = asyncio.Event()
+
+    async def run(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Campaign forever. While leader, `lead()` runs; it is cancelled when the Lease is lost
+        (and we campaign again) or when `run` itself is cancelled (and we release the Lease).
+        If `lead()` returns or raises on its own, we release the Lease and return/raise too."""
+        while True:
+            await self._acquire()
+            await self._lead(lead)
+
+    async def _acquire(self) -> None:
+        while True:
+            try:
+                if await self._try_acquire_or_renew():
+                    logger.info(
+                        "became leader", extra={"lease": self.name, "identity": self.identity}
+                    )
+                    return
+            except errors.AgentError as exc:
+                logger.warning("cannot acquire lease %s/%s: %s", self.namespace, self.name, exc)
+            await asyncio.sleep(self.retry_period)
+
+    async def _lead(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        last_renew_sent = self._acquired_sent_at
+        self.is_leader = True
+        self.leading.set()
+        work = asyncio.create_task(lead(), name=f"leader-work:{self.name}")
+        try:
+            while True:
+                sleeper = asyncio.create_task(asyncio.sleep(self.retry_period))
+                done, _ = await asyncio.wait({work, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+                if work in done:
+                    sleeper.cancel()
+                    await self._release()
+                    work.result()  # propagate the work's exception, if any
+                    return
+                deadline = last_renew_sent + self.renew_deadline
+                sent = self._clock()
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - sent)):
+                        renewed = await self._try_acquire_or_renew()
+                except (TimeoutError, errors.AgentError) as exc:
+                    logger.warning("lease renewal failed: %s", exc or "timed out")
+                    renewed = False
+                if renewed:
+                    last_renew_sent = sent
+                elif self._clock() >= deadline:
+                    logger.error(
+                        "lost leadership: no renewal for %.1f s; stopping the cluster role",
+                        self.renew_deadline,
+                        extra={"lease": self.name, "identity": self.identity},
+                    )
+                    await _cancel_and_wait(work)
+                    return
+        except asyncio.CancelledError:
+            await _cancel_and_wait(work)
+            if self.release_on_cancel:
+                await asyncio.shield(self._release())
+            raise
+        finally:
+            self.is_leader = False
+            self.leading.clear()
+
+    async def _try_acquire_or_renew(self) -> bool:
+        now_sent = self._clock()
+        try:
+            lease = await self.kube.get(f"{self._path}/{self.name}")
+        except errors.KubeNotFound:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": self._spec(transitions=0, acquire=True),
+            }
+            try:
+                self._remember(await self.kube.create(self._path, body), now_sent)
+            except errors.KubeAlreadyExists:
+                return False
+            self._acquired_sent_at = now_sent
+            return True
+        spec = lease.get("spec", {})
+        if spec != self._observed_spec:
+            self._observed_spec = spec
+            self._observed_at = self._clock()
+        holder = spec.get("holderIdentity") or ""
+        ours = holder == self.identity
+        duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
+        if holder and not ours and self._clock() < self._observed_at + duration:
+            return False  # held by someone else, and not yet expired by our own clock
+        transitions = int(spec.get("leaseTransitions") or 0) + (0 if ours else 1)
+        lease["spec"] = {**spec, **self._spec(transitions=transitions, acquire=not ours)}
+        try:
+            self._remember(await self.kube.replace(f"{self._path}/{self.name}", lease), now_sent)
+        except errors.KubeConflict:
+            return False
+        if not ours:
+            self._acquired_sent_at = now_sent
+        return True
+
+    _acquired_sent_at = 0.0
+
+    def _spec(self, *, transitions: int, acquire: bool) -> dict[str, Any]:
+        now = _micro_time()
+        spec: dict[str, Any] = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": max(1, round(self.lease_duration)),
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
+        if acquire:
+            spec["acquireTime"] = now
+        return spec
+
+    def _remember(self, lease: Obj, at: float) -> None:
+        self._lease = lease
+        self._observed_spec = lease.get("spec", {})
+        self._observed_at = at
+
+    async def _release(self) -> None:
+        """Hand the Lease back so a successor need not wait out the lease duration."""
+        if self._lease is None:
+            return
+        try:
+            lease = await self.kube.get(f"{self._path}/{self.name}")
+            if lease.get("spec", {}).get("holderIdentity") != self.identity:
+                return
+            lease["spec"] = {
+                **lease["spec"],
+                "holderIdentity": "",
+                "leaseDurationSeconds": 1,
+                "renewTime": _micro_time(),
+            }
+            await self.kube.replace(f"{self._path}/{self.name}", lease)
+            logger.info("released lease", extra={"lease": self.name, "identity": self.identity})
+        except errors.AgentError as exc:
+            logger.warning("could not release lease %s: %s (it expires by itself)", self.name, exc)
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logger.exception("leader work failed while being stopped")

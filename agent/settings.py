@@ -1,0 +1,283 @@
+"""One frozen settings object, in groups, validated once at start.
+
+Every field carries its documentation (help, unit, default) in its metadata; `agent.cli` turns each
+field into a command-line flag and an environment twin (`--lease-duration` / `COHDI_LEASE_DURATION`)
+and `load()` converts and validates the raw strings. A bad value raises `ConfigError` naming the
+setting, the value and what is allowed; the CLI turns that into exit status 2.
+
+This module must not read the environment or argv itself: it only converts what it is given, so
+tests build settings with plain keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Final, TypeVar
+
+from agent import errors
+
+T = TypeVar("T")
+
+
+def setting(
+    default: T,
+    help: str,
+    *,
+    unit: str = "",
+    choices: tuple[str, ...] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> T:
+    """A dataclass field with the documentation and limits the CLI and `load()` need."""
+    meta = {"help": help, "unit": unit, "choices": choices, "min": minimum, "max": maximum}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    """How the agent logs. Flags: --log-*."""
+
+    PREFIX: ClassVar[str] = "log-"
+    level: str = setting(
+        "info",
+        "Lowest level logged.",
+        choices=("debug", "info", "warning", "error"),
+    )
+    format: str = setting(
+        "text",
+        "'text' for a terminal, 'json' (one object a line) for a log collector.",
+        choices=("text", "json"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KubeSettings:
+    """How the agent reaches the Kubernetes API server. Flags: --kube-*, --kubeconfig."""
+
+    PREFIX: ClassVar[str] = ""
+    kubeconfig: str = setting(
+        "",
+        "Path of a kubeconfig file. Empty: the in-cluster service account when running in a pod, "
+        "else $KUBECONFIG, else ~/.kube/config.",
+    )
+    kube_request_timeout: float = setting(
+        30.0,
+        "Limit on one ordinary API request (not watches).",
+        unit="s",
+        minimum=0.1,
+    )
+    kube_watch_timeout: float = setting(
+        300.0,
+        "Server-side timeout of one watch request; the watch then resumes from the last "
+        "resourceVersion seen. Shorter means more reconnects, longer means slower detection of a "
+        "silently dead connection (bookmarks arrive about once a minute).",
+        unit="s",
+        minimum=1,
+        maximum=3600,
+    )
+    kube_backoff_max: float = setting(
+        30.0,
+        "Ceiling of the exponential backoff after API errors (it starts at 0.2 s).",
+        unit="s",
+        minimum=0.2,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderSettings:
+    """Leader election of the cluster role on a coordination.k8s.io/v1 Lease. Flags: --lease-*."""
+
+    PREFIX: ClassVar[str] = "lease-"
+    namespace: str = setting("kube-system", "Namespace of the Lease.")
+    name: str = setting("cohdi-agent", "Name of the Lease; one per cluster and driver.")
+    identity: str = setting(
+        "",
+        "This replica's identity in the Lease. Empty: <hostname>_<pid>.",
+    )
+    duration: float = setting(
+        15.0,
+        "How long a Lease stays valid after its last renewal. A candidate takes over only after "
+        "seeing no renewal for this long; so this bounds fail-over time after a crash.",
+        unit="s",
+        minimum=1,
+    )
+    renew_deadline: float = setting(
+        10.0,
+        "The leader stops acting if it could not renew for this long. Must be below the lease "
+        "duration, so the old leader has stopped before anyone else may start.",
+        unit="s",
+        minimum=0.5,
+    )
+    retry_period: float = setting(
+        2.0,
+        "Interval between renewals by the leader and acquisition attempts by candidates.",
+        unit="s",
+        minimum=0.05,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DevClusterSettings:
+    """The local control plane (etcd + kube-apiserver + kube-scheduler) for tests and the demo.
+    Flags: --dev-*."""
+
+    PREFIX: ClassVar[str] = "dev-"
+    cache_dir: str = setting(
+        "",
+        "Where the Go builds of etcd, kube-apiserver and kube-scheduler are kept (outside the "
+        "repository). Empty: $XDG_CACHE_HOME/cohdi-agent, else ~/.cache/cohdi-agent.",
+    )
+    state_dir: str = setting(
+        "",
+        "Where `dev-cluster up` keeps certificates, etcd data, logs and its pid file. "
+        "Empty: <cache dir>/dev-cluster.",
+    )
+    binding_timeout: float = setting(
+        600.0,
+        "The scheduler's DRA bindingTimeout (DynamicResourcesArgs): how long a pod waits in "
+        "PreBind for binding conditions before the allocation is dropped.",
+        unit="s",
+        minimum=1,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable, in groups. Build with `load()` or with keyword arguments."""
+
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    kube: KubeSettings = field(default_factory=KubeSettings)
+    leader: LeaderSettings = field(default_factory=LeaderSettings)
+    dev: DevClusterSettings = field(default_factory=DevClusterSettings)
+
+    def __post_init__(self) -> None:
+        ld = self.leader
+        if not ld.renew_deadline < ld.duration:
+            raise errors.ConfigError(
+                flag_of("leader", "renew_deadline"),
+                ld.renew_deadline,
+                f"must be below --lease-duration ({ld.duration} s)",
+            )
+        if not ld.retry_period < ld.renew_deadline:
+            raise errors.ConfigError(
+                flag_of("leader", "retry_period"),
+                ld.retry_period,
+                f"must be below --lease-renew-deadline ({ld.renew_deadline} s)",
+            )
+
+    @property
+    def identity(self) -> str:
+        return self.leader.identity or f"{socket.gethostname()}_{os.getpid()}"
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.dev.cache_dir:
+            return Path(self.dev.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "cohdi-agent"
+
+    @property
+    def dev_state_dir(self) -> Path:
+        return (
+            Path(self.dev.state_dir).expanduser()
+            if self.dev.state_dir
+            else self.cache_dir / "dev-cluster"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SettingInfo:
+    """One setting as the CLI shows it."""
+
+    group: str
+    name: str
+    flag: str
+    env: str
+    default: Any
+    type: type
+    help: str
+    unit: str
+    choices: tuple[str, ...]
+    minimum: float | None
+    maximum: float | None
+
+
+def flag_of(group: str, name: str) -> str:
+    prefix: str = _GROUPS[group].PREFIX
+    return "--" + (prefix + name).replace("_", "-")
+
+
+def describe() -> Iterator[SettingInfo]:
+    """Every setting, in declaration order, with its flag and environment variable."""
+    for group, cls in _GROUPS.items():
+        for f in dataclasses.fields(cls):
+            flag = flag_of(group, f.name)
+            yield SettingInfo(
+                group=group,
+                name=f.name,
+                flag=flag,
+                env="COHDI_" + flag[2:].replace("-", "_").upper(),
+                default=f.default,
+                type=type(f.default),
+                help=f.metadata["help"],
+                unit=f.metadata["unit"],
+                choices=f.metadata["choices"],
+                minimum=f.metadata["min"],
+                maximum=f.metadata["max"],
+            )
+
+
+def load(raw: Mapping[str, str]) -> Settings:
+    """Convert and validate raw strings keyed by flag (e.g. ``{"--lease-duration": "20"}``).
+
+    Keys not given keep their defaults. Raises `ConfigError` for the first bad value.
+    """
+    groups: dict[str, dict[str, Any]] = {g: {} for g in _GROUPS}
+    for info in describe():
+        if info.flag in raw:
+            groups[info.group][info.name] = _convert(info, raw[info.flag])
+    return Settings(**{g: _GROUPS[g](**values) for g, values in groups.items()})
+
+
+def _convert(info: SettingInfo, text: str) -> Any:
+    where = f"{info.flag} ({info.env})"
+    value: Any
+    if info.type is bool:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise errors.ConfigError(where, text, "must be true or false")
+        value = lowered in ("true", "1", "yes")
+    elif info.type in (int, float):
+        try:
+            value = info.type(text)
+        except ValueError:
+            kind = "an integer" if info.type is int else "a number"
+            raise errors.ConfigError(where, text, f"must be {kind}{_unit(info)}") from None
+        if value != value or value in (float("inf"), float("-inf")):  # NaN / inf
+            raise errors.ConfigError(where, text, "must be a finite number")
+        if info.minimum is not None and value < info.minimum:
+            raise errors.ConfigError(where, text, f"must be >= {info.minimum}{_unit(info)}")
+        if info.maximum is not None and value > info.maximum:
+            raise errors.ConfigError(where, text, f"must be <= {info.maximum}{_unit(info)}")
+    else:
+        value = text
+        if info.choices and value not in info.choices:
+            raise errors.ConfigError(where, text, "must be one of " + ", ".join(info.choices))
+    return value
+
+
+def _unit(info: SettingInfo) -> str:
+    return f" ({info.unit})" if info.unit else ""
+
+
+_GROUPS: Final[dict[str, Any]] = {
+    "logging": LoggingSettings,
+    "kube": KubeSettings,
+    "leader": LeaderSettings,
+    "dev": DevClusterSettings,
+}
