@@ -216,6 +216,13 @@ class ControlPlane:
                 # No controller-manager runs, so nothing would mint service-account tokens.
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
+                # The aggregation-layer CA: without it every delegating component (the scheduler)
+                # logs "missing content for CA bundle" forever.
+                f"--requestheader-client-ca-file={pki.ca.cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 *self.apiserver_extra_args,
             ],
         )

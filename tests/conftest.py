@@ -1,0 +1,50 @@
+"""Shared fixtures: the real local control plane (one per test session) and API clients.
+
+The control plane is built from the Go module proxy on first use (`./dev test` builds it before
+pytest starts, so its progress is visible) and started on 127.0.0.1 in a temporary directory; every
+process it starts is stopped at the end of the session, also when tests fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent import settings
+from agent.devcluster import local
+from agent.devcluster.controlplane import ControlPlane
+from agent.kube.client import Kube
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    binaries = local.binaries(settings.Settings().cache_dir)
+    cp = ControlPlane(
+        binaries=binaries,
+        state_dir=tmp_path_factory.mktemp("controlplane"),
+        binding_timeout_s=60,
+        progress=local.progress,
+    )
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture
+async def kube(control_plane: ControlPlane) -> AsyncIterator[Kube]:
+    async with await Kube.connect(kubeconfig=str(control_plane.kubeconfig)) as client:
+        yield client
+
+
+def kubeconfig_via(control_plane: ControlPlane, port: int, path: Path) -> Path:
+    """A copy of the admin kubeconfig that talks to the API server through 127.0.0.1:`port`
+    (a fault-injecting proxy); the serving cert has an IP SAN for 127.0.0.1, so TLS still verifies."""
+    doc = yaml.safe_load(control_plane.kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
+    path.write_text(yaml.safe_dump(doc))
+    return path
