@@ -7,6 +7,10 @@ one log file per process. Ports are picked free. `/readyz` of the apiserver and 
 started, by pid, and is safe to call twice; with `die_with_parent` the kernel also sends SIGTERM to
 the processes if our process dies without cleaning up (PR_SET_PDEATHSIG).
 
+NB: PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Callers
+run us from short-lived threads (`asyncio.to_thread`), so every child is forked from one spawner
+thread that lives exactly as long as the ControlPlane.
+
 This is synchronous code on purpose: callers on an event loop run it in a thread.
 """
 
@@ -23,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +114,7 @@ class ControlPlane:
     scheduler_port: int = 0
     procs: dict[str, Process] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _spawner: ThreadPoolExecutor | None = None
 
     @property
     def server(self) -> str:
@@ -157,6 +163,9 @@ class ControlPlane:
             proc = self.procs.pop(name, None)
             if proc:
                 proc.stop()
+        if self._spawner is not None:
+            self._spawner.shutdown()
+            self._spawner = None
 
     def restart_apiserver(self, timeout: float = 60.0) -> None:
         """Stop and start kube-apiserver on the same port: its watch cache starts afresh, so a
@@ -174,7 +183,9 @@ class ControlPlane:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         proc = Process(name, args, self.state_dir / f"{name}.log")
-        proc.start(die_with_parent=self.die_with_parent)
+        if self._spawner is None:
+            self._spawner = ThreadPoolExecutor(1, thread_name_prefix="controlplane-spawner")
+        self._spawner.submit(proc.start, die_with_parent=self.die_with_parent).result()
         self.procs[name] = proc
 
     def _start_etcd(self) -> None:

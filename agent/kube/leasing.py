@@ -121,10 +121,12 @@ class LeaderElector:
                     renewed = False
                 if renewed:
                     last_renew_sent = sent
-                elif self._clock() >= deadline:
+                elif self._taken_by_other or self._clock() >= deadline:
                     logger.error(
-                        "lost leadership: no renewal for %.1f s; stopping the cluster role",
-                        self.renew_deadline,
+                        "lost leadership (%s); stopping the cluster role",
+                        "the Lease has another holder"
+                        if self._taken_by_other
+                        else f"no renewal for {self.renew_deadline:.1f} s",
                         extra={"lease": self.name, "identity": self.identity},
                     )
                     await _cancel_and_wait(work)
@@ -161,6 +163,7 @@ class LeaderElector:
             self._observed_at = self._clock()
         holder = spec.get("holderIdentity") or ""
         ours = holder == self.identity
+        self._taken_by_other = bool(holder) and not ours
         duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
         if holder and not ours and self._clock() < self._observed_at + duration:
             return False  # held by someone else, and not yet expired by our own clock
@@ -175,6 +178,8 @@ class LeaderElector:
         return True
 
     _acquired_sent_at = 0.0
+    #: The last read showed another holder: if we thought we led, we do not any more.
+    _taken_by_other = False
 
     def _spec(self, *, transitions: int, acquire: bool) -> dict[str, Any]:
         now = _micro_time()
