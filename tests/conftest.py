@@ -43,7 +43,7 @@ async def kube(control_plane: ControlPlane) -> AsyncIterator[Kube]:
 
 def kubeconfig_via(control_plane: ControlPlane, port: int, path: Path) -> Path:
     """A copy of the admin kubeconfig that talks to the API server through 127.0.0.1:`port`
-    (a fault-injecting proxy); the serving cert has an IP SAN for 127.0.0.1, so TLS still verifies."""
+    (a fault-injecting proxy); the serving cert has an IP SAN for 127.0.0.1, so TLS verifies."""
     doc = yaml.safe_load(control_plane.kubeconfig.read_text())
     doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
     path.write_text(yaml.safe_dump(doc))

@@ -14,7 +14,7 @@ async def until(
     probe: Callable[[], Awaitable[T]],
     *,
     what: str,
-    timeout: float = 30.0,
+    timeout: float = 30.0,  # noqa: ASYNC109 -- a deadline on polling, not an I/O timeout
     interval: float = 0.1,
 ) -> T:
     """Await `probe()` until it returns something truthy; fail with the last value after

@@ -31,7 +31,7 @@ def compact_etcd(control_plane: ControlPlane) -> int:
     """Compact etcd up to its current revision through its HTTP gateway; returns the revision."""
 
     def post(path: str, doc: dict[str, object]) -> dict[str, object]:
-        req = urllib.request.Request(
+        req = urllib.request.Request(  # noqa: S310 -- loopback etcd over http
             control_plane.etcd_url + path, data=json.dumps(doc).encode(), method="POST"
         )
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 -- loopback etcd
@@ -45,12 +45,19 @@ def compact_etcd(control_plane: ControlPlane) -> int:
 
 async def _make_namespace(kube: Kube) -> str:
     ns = f"inf-{uuid.uuid4().hex[:6]}"
-    await kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    await kube.create(
+        "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+    )
     return ns
 
 
 def _cm(name: str, value: str) -> dict[str, object]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"v": value}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name},
+        "data": {"v": value},
+    }
 
 
 async def test_relist_after_410_loses_nothing(
@@ -135,7 +142,9 @@ async def test_resumes_without_relist_after_a_dropped_connection(
             assert informer.lists == 1
             assert informer.gone == 0
             assert informer.watches >= 2
-            assert [(e.type, e.obj["metadata"]["name"]) for e in events] == [("ADDED", "during-gap")]
+            assert [(e.type, e.obj["metadata"]["name"]) for e in events] == [
+                ("ADDED", "during-gap")
+            ]
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

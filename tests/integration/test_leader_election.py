@@ -8,6 +8,7 @@ the two timelines are comparable); the assertions are about those intervals neve
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from pathlib import Path
@@ -35,8 +36,7 @@ class Timeline:
         async def lead() -> None:
             self.open[who] = time.monotonic()
             try:
-                while True:
-                    await asyncio.sleep(0.01)  # "acting"
+                await asyncio.Event().wait()  # "acting" until cancelled
             finally:
                 self.intervals.append((who, self.open.pop(who), time.monotonic()))
 
@@ -47,8 +47,10 @@ class Timeline:
 
     def assert_no_overlap(self) -> None:
         now = time.monotonic()
-        spans = sorted([*self.intervals, *((w, s, now) for w, s in self.open.items())], key=lambda x: x[1])
-        for (w1, s1, e1), (w2, s2, e2) in zip(spans, spans[1:], strict=False):
+        spans = sorted(
+            [*self.intervals, *((w, s, now) for w, s in self.open.items())], key=lambda x: x[1]
+        )
+        for (w1, _, e1), (w2, s2, _) in itertools.pairwise(spans):
             assert e1 <= s2, f"{w1} acted until {e1:.3f} but {w2} started at {s2:.3f}"
 
 
@@ -85,10 +87,14 @@ async def test_one_leader_and_graceful_handover(kube: Kube) -> None:
         other = "b" if first == "a" else "a"
         stopped_at = time.monotonic()
         await _stop(tasks[first])  # graceful: cancels the work, then releases the Lease
-        await until(lambda: _is(timeline, other), what=f"{other} to take over", timeout=DURATION * 2)
+        await until(
+            lambda: _is(timeline, other), what=f"{other} to take over", timeout=DURATION * 2
+        )
         handover = time.monotonic() - stopped_at
         assert handover <= DURATION, f"handover took {handover:.2f} s"
-        lease_obj = await kube.get(f"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{lease}")
+        lease_obj = await kube.get(
+            f"/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{lease}"
+        )
         assert lease_obj["spec"]["holderIdentity"] == other
         assert lease_obj["spec"]["leaseTransitions"] >= 1
         timeline.assert_no_overlap()

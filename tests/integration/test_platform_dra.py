@@ -32,7 +32,11 @@ NODES = path_of(group="", version="v1", plural="nodes")
 async def make_node(kube: Kube, name: str, fabric: str) -> None:
     await kube.create(
         NODES,
-        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {FABRIC_LABEL: fabric}}},
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {FABRIC_LABEL: fabric}},
+        },
     )
     # NB: the TaintNodesByCondition admission plugin gives every new Node a not-ready taint, which
     # the node lifecycle controller (not running here) would lift once the kubelet reports Ready.
@@ -171,7 +175,11 @@ class World:
                 "metadata": {"name": self.pod},
                 "spec": {
                     "containers": [
-                        {"name": "main", "image": "busybox", "resources": {"claims": [{"name": "gpu"}]}}
+                        {
+                            "name": "main",
+                            "image": "busybox",
+                            "resources": {"claims": [{"name": "gpu"}]},
+                        }
                     ],
                     "resourceClaims": [{"name": "gpu", "resourceClaimName": self.claim}],
                 },
@@ -225,7 +233,7 @@ class World:
         ):
             try:
                 await self.kube.delete(path)
-            except Exception as exc:  # noqa: BLE001 -- best-effort cleanup, report and go on
+            except Exception as exc:  # best-effort cleanup: report and go on
                 print(f"cleanup of {path}: {exc}")
 
 
@@ -246,7 +254,11 @@ async def test_ready_condition_binds_pod_to_pinned_node(kube: Kube) -> None:
         claim = await until(world.allocated, what="the scheduler to allocate the claim")
         allocation = claim["status"]["allocation"]
         (result,) = allocation["devices"]["results"]
-        assert (result["driver"], result["pool"], result["device"]) == (DRIVER, world.pool, "gpu-free")
+        assert (result["driver"], result["pool"], result["device"]) == (
+            DRIVER,
+            world.pool,
+            "gpu-free",
+        )
         assert result["bindingConditions"] == ["FabricDeviceReady"]
         assert result["bindingFailureConditions"] == ["FabricDeviceFailed"]
         assert "allocationTimestamp" in allocation
@@ -271,7 +283,10 @@ async def test_ready_condition_binds_pod_to_pinned_node(kube: Kube) -> None:
         # The allocation survived: one scheduling cycle, no reschedule.
         final = await world.read_claim()
         assert node_of(final["status"]["allocation"]) == target
-        assert final["status"]["allocation"]["allocationTimestamp"] == allocation["allocationTimestamp"]
+        assert (
+            final["status"]["allocation"]["allocationTimestamp"]
+            == allocation["allocationTimestamp"]
+        )
     finally:
         await world.teardown()
 
@@ -282,9 +297,11 @@ async def test_failure_condition_clears_allocation(kube: Kube) -> None:
     history: list[bool] = []
     informer = Informer(kube, CLAIMS, field_selector=f"metadata.name={world.claim}")
     informer.add_handler(
-        lambda e: history.append(bool(e.obj.get("status", {}).get("allocation")))
-        if e.type != "DELETED"
-        else None
+        lambda e: (
+            history.append(bool(e.obj.get("status", {}).get("allocation")))
+            if e.type != "DELETED"
+            else None
+        )
     )
     watching = asyncio.create_task(informer.run())
     try:
