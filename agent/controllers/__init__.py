@@ -1,0 +1,1 @@
+"""Cluster role: pool publisher, scaler and composer (leader only)."""

@@ -1,0 +1,1 @@
+"""FabricManager protocol and backends (emulator, redfish, fti)."""

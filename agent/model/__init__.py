@@ -1,0 +1,1 @@
+"""Pure domain: devices, pools, claims, attachments, decisions. No I/O, no asyncio."""

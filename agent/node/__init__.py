@@ -1,0 +1,1 @@
+"""Node role: hot-plug, inventory, kubelet plugin, CDI, checkpoint, safe removal."""

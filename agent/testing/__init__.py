@@ -1,0 +1,1 @@
+"""In-repo fakes of each boundary, for unit tests only."""
