@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from agent import errors
-from agent.devcluster import certs
+from agent import pki as certs
 from agent.devcluster.building import Binaries
 
 _PR_SET_PDEATHSIG = 1

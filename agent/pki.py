@@ -1,7 +1,8 @@
-"""The local control plane's PKI: one CA, the apiserver's serving cert, client certs per user, and
-the service-account signing key. Written as PEM files into the cluster's state directory.
+"""Small PKI helpers: a CA, serving and client certificates, the service-account key. Used by the
+local control plane (CA, apiserver serving cert, client certs per user, SA signing key) and by the
+fabric emulator (its HTTPS CA). Files are PEM; private keys are written 0600.
 
-Every key is fresh per cluster and lives only in that (temporary) directory.
+Every key is fresh per cluster or emulator and lives only in its (temporary) directory.
 """
 
 from __future__ import annotations

@@ -1,0 +1,965 @@
+"""The emulator's DMTF Redfish side: service root, SessionService, AccountService, Systems (one
+expandable ComputerSystem per machine), CompositionService with ResourceBlocks (one per pooled GPU,
+holding a GPU Processor) and ResourceZones (one per fabric), TaskService with task monitors.
+
+Composition: `PATCH /redfish/v1/Systems/<id>` of `Links.ResourceBlocks` with the Redfish array
+rules (`{}` keeps, `null` removes, a new element appends), or the `#ComputerSystem.AddResourceBlock`
+/ `RemoveResourceBlock` actions. A composition that takes time answers `202 Accepted` with a task
+monitor. Every resource has an ETag; a write with a stale `If-Match` gets 412.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from aiohttp import web
+
+from agent.fabric.emulator.http import Account, Credentials, Handler, json_response
+from agent.fabric.emulator.state import Device, EmulatorError, EmulatorState, Task
+from agent.model.fabric import DeviceState
+
+R = "/redfish/v1"
+BLOCKS = f"{R}/CompositionService/ResourceBlocks"
+ZONES = f"{R}/CompositionService/ResourceZones"
+SYSTEMS = f"{R}/Systems"
+TASKS = f"{R}/TaskService/Tasks"
+MONITORS = f"{R}/TaskService/TaskMonitors"
+SESSIONS = f"{R}/SessionService/Sessions"
+ACCOUNTS = f"{R}/AccountService/Accounts"
+ROLES = f"{R}/AccountService/Roles"
+SERVICE_UUID = "6e3b6a2c-6f2d-4bb3-9b1e-7b1f6a0c0d01"
+
+#: Reachable without credentials (DSP0266 "Authentication requirements").
+PUBLIC = {
+    "/redfish",
+    "/redfish/",
+    f"{R}",
+    f"{R}/",
+    f"{R}/odata",
+    f"{R}/$metadata",
+    SESSIONS,
+    f"{SESSIONS}/Members",
+}
+#: Query parameters we implement; any other `$...` is answered 501 (DSP0266 "Query parameters").
+SUPPORTED_QUERY = {"$expand"}
+
+_STATE = {
+    DeviceState.FREE: "Unused",
+    DeviceState.ATTACHING: "Composing",
+    DeviceState.ATTACHED: "Composed",
+    DeviceState.DETACHING: "Unavailable",
+    DeviceState.FAILED: "Failed",
+}
+
+ROLE_PRIVILEGES = {
+    "Administrator": [
+        "Login",
+        "ConfigureManager",
+        "ConfigureUsers",
+        "ConfigureSelf",
+        "ConfigureComponents",
+    ],
+    "Operator": ["Login", "ConfigureSelf", "ConfigureComponents"],
+    "ReadOnly": ["Login", "ConfigureSelf"],
+}
+
+
+def _etag(*parts: object) -> str:
+    return 'W/"' + hashlib.sha1(repr(parts).encode()).hexdigest()[:16] + '"'  # noqa: S324
+
+
+def error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response(
+        {
+            "error": {
+                "code": f"Base.1.8.{code}",
+                "message": message,
+                "@Message.ExtendedInfo": [
+                    {
+                        "@odata.type": "#Message.v1_1_1.Message",
+                        "MessageId": f"Base.1.8.{code}",
+                        "Message": message,
+                        "Severity": "Critical" if status >= 500 else "Warning",
+                        "MessageSeverity": "Critical" if status >= 500 else "Warning",
+                        "Resolution": "Correct the request and resubmit.",
+                    }
+                ],
+            }
+        },
+        status=status,
+        headers=headers,
+    )
+
+
+class RedfishApi:
+    def __init__(self, state: EmulatorState, creds: Credentials) -> None:
+        self.state = state
+        self.creds = creds
+
+    # --- wiring ----------------------------------------------------------------------------------
+
+    def routes(self, app: web.Application) -> None:
+        app.middlewares.append(self._middleware)
+        r = app.router
+        r.add_get("/redfish", self.version_doc)
+        r.add_get("/redfish/", self.version_doc)
+        r.add_route("*", "/redfish/v1", self.service_root)
+        r.add_route("*", "/redfish/v1/", self.service_root)
+        r.add_route("*", f"{R}/odata", self.odata)
+        r.add_route("*", f"{R}/$metadata", self.metadata)
+        r.add_route("*", f"{R}/SessionService", self.session_service)
+        r.add_route("*", SESSIONS, self.sessions)
+        r.add_route("*", SESSIONS + "/Members", self.sessions)
+        r.add_route("*", SESSIONS + "/{id}", self.session)
+        r.add_route("*", f"{R}/AccountService", self.account_service)
+        r.add_route("*", ACCOUNTS, self.accounts)
+        r.add_route("*", ACCOUNTS + "/{id}", self.account)
+        r.add_route("*", ROLES, self.roles)
+        r.add_route("*", ROLES + "/{id}", self.role)
+        r.add_route("*", SYSTEMS, self.systems)
+        r.add_route("*", SYSTEMS + "/{id}", self.system)
+        r.add_route("*", SYSTEMS + "/{id}/Actions/ComputerSystem.AddResourceBlock", self.add_block)
+        r.add_route(
+            "*", SYSTEMS + "/{id}/Actions/ComputerSystem.RemoveResourceBlock", self.remove_block
+        )
+        r.add_route("*", f"{R}/CompositionService", self.composition_service)
+        r.add_route("*", BLOCKS, self.blocks)
+        r.add_route("*", BLOCKS + "/{id}", self.block)
+        r.add_route("*", BLOCKS + "/{id}/Processors", self.processors)
+        r.add_route("*", BLOCKS + "/{id}/Processors/GPU", self.processor)
+        r.add_route("*", ZONES, self.zones)
+        r.add_route("*", ZONES + "/{id}", self.zone)
+        r.add_route("*", f"{R}/TaskService", self.task_service)
+        r.add_route("*", TASKS, self.tasks)
+        r.add_route("*", TASKS + "/{id}", self.task)
+        r.add_route("*", MONITORS + "/{id}", self.monitor)
+        r.add_route("*", "/redfish/{tail:.*}", self.not_found)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/redfish"):
+            return await handler(request)
+        path = request.path.rstrip("/") or request.path
+        public = path in PUBLIC or request.path in PUBLIC
+        if path in (SESSIONS, f"{SESSIONS}/Members") and request.method != "POST":
+            public = False
+        user = self._user(request)
+        request["user"] = user
+        if not public and user is None:
+            return error(
+                401,
+                "NoValidSession",
+                "authentication required: log in at SessionService/Sessions and send X-Auth-Token",
+                headers={"WWW-Authenticate": 'Basic realm="cohdi-fabric-emulator"'},
+            )
+        if request.headers.get("OData-Version", "4.0") != "4.0":
+            return error(
+                412,
+                "PreconditionFailed",
+                f"OData-Version {request.headers['OData-Version']} is not supported; use 4.0",
+            )
+        unknown = sorted(q for q in request.query if q.startswith("$") and q not in SUPPORTED_QUERY)
+        if unknown:
+            return error(
+                501, "QueryNotSupported", f"query parameter(s) {', '.join(unknown)} not supported"
+            )
+        accept = request.headers.get("Accept", "*/*")
+        known = request.match_info.handler != self.not_found
+        if known and not path.endswith("$metadata") and not _accepts_json(accept):
+            return error(
+                406, "NotAcceptable", f"only application/json is served here, not {accept}"
+            )
+        try:
+            resp = await handler(request)
+        except EmulatorError as exc:
+            code = {404: "ResourceNotFound", 409: "ResourceInUse"}.get(
+                exc.status, "PropertyValueError"
+            )
+            resp = error(exc.status, code, str(exc))
+        except web.HTTPException as exc:
+            if exc.status == 405:
+                resp = error(
+                    405,
+                    "OperationNotAllowed",
+                    f"{request.method} is not allowed here",
+                    headers={"Allow": exc.headers.get("Allow", "GET, HEAD")},
+                )
+            else:
+                raise
+        resp.headers["OData-Version"] = "4.0"
+        if request.method in ("GET", "HEAD") and resp.status in (200, 304):
+            described = _schema_of(getattr(resp, "schema", None))
+            if described:
+                resp.headers["Link"] = f"<{described}>; rel=describedby"
+        resp.headers.setdefault("Cache-Control", "no-cache")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        return resp
+
+    def _user(self, request: web.Request) -> str | None:
+        token = request.headers.get("X-Auth-Token")
+        if token is not None:
+            session = self.creds.session_for(token)
+            return session.user if session else None
+        auth = request.headers.get("Authorization", "")
+        return self.creds.basic_user(auth) if auth.startswith("Basic ") else None
+
+    def _require(self, request: web.Request, privilege: str) -> web.Response | None:
+        """403 unless the caller's role grants `privilege` (Redfish privilege registry names)."""
+        role = self.creds.role_of(request.get("user") or "")
+        if privilege in ROLE_PRIVILEGES.get(role, []):
+            return None
+        return error(
+            403,
+            "InsufficientPrivilege",
+            f"role {role or 'none'} lacks the {privilege} privilege "
+            f"for {request.method} {request.path}",
+        )
+
+    # --- generic resource handling ---------------------------------------------------------------
+
+    def _resource(
+        self,
+        request: web.Request,
+        doc: dict[str, Any],
+        *,
+        allow: str = "GET, HEAD",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        etag = doc.get("@odata.etag") or _etag(doc)
+        if "Members" not in doc:
+            doc["@odata.etag"] = etag
+        base = {"ETag": etag, "Allow": allow, **(headers or {})}
+        if request.method in ("GET", "HEAD") and request.headers.get("If-None-Match") == etag:
+            resp = web.Response(status=304, headers=base)
+        elif request.method == "HEAD":
+            resp = web.Response(status=200, headers={**base, "Content-Type": "application/json"})
+        else:
+            resp = json_response(doc, status=status, headers=base)
+        resp.schema = doc.get("@odata.type")  # type: ignore[attr-defined]
+        return resp
+
+    def _only(self, request: web.Request, allowed: str) -> None:
+        if request.method not in allowed.replace(" ", "").split(","):
+            raise web.HTTPMethodNotAllowed(
+                request.method, allowed.replace(" ", "").split(","), headers={"Allow": allowed}
+            )
+
+    def _collection(
+        self,
+        request: web.Request,
+        odata_id: str,
+        typ: str,
+        name: str,
+        members: list[str],
+        *,
+        allow: str = "GET, HEAD",
+    ) -> web.Response:
+        self._only(request, allow)
+        doc = {
+            "@odata.id": odata_id,
+            "@odata.type": f"#{typ}.{typ}",
+            "Name": name,
+            "Members": [{"@odata.id": m} for m in members],
+            "Members@odata.count": len(members),
+        }
+        return self._resource(request, doc, allow=allow)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error(404, "ResourceMissingAtURI", f"no resource at {request.path}")
+
+    # --- service documents -----------------------------------------------------------------------
+
+    async def version_doc(self, request: web.Request) -> web.Response:
+        return json_response({"v1": "/redfish/v1/"})
+
+    async def service_root(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        doc = {
+            "@odata.id": f"{R}/",
+            "@odata.type": "#ServiceRoot.v1_17_0.ServiceRoot",
+            "Id": "RootService",
+            "Name": "cohdi-agent fabric emulator",
+            "RedfishVersion": "1.19.0",
+            "UUID": SERVICE_UUID,
+            "Vendor": "cohdi-agent",
+            "Product": "cohdi-agent fabric emulator",
+            "ProtocolFeaturesSupported": {
+                "ExpandQuery": {
+                    "ExpandAll": False,
+                    "Levels": True,
+                    "MaxLevels": 1,
+                    "Links": False,
+                    "NoLinks": True,
+                },
+                "SelectQuery": False,
+                "FilterQuery": False,
+                "OnlyMemberQuery": False,
+                "ExcerptQuery": False,
+            },
+            "Systems": {"@odata.id": SYSTEMS},
+            "CompositionService": {"@odata.id": f"{R}/CompositionService"},
+            "SessionService": {"@odata.id": f"{R}/SessionService"},
+            "AccountService": {"@odata.id": f"{R}/AccountService"},
+            "TaskService": {"@odata.id": f"{R}/TaskService"},
+            "Links": {"Sessions": {"@odata.id": SESSIONS}},
+        }
+        return self._resource(request, doc)
+
+    async def odata(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        names = ["Systems", "CompositionService", "SessionService", "AccountService", "TaskService"]
+        return json_response(
+            {
+                "@odata.context": f"{R}/$metadata",
+                "value": [{"name": n, "kind": "Singleton", "url": f"{R}/{n}"} for n in names]
+                + [{"name": "Sessions", "kind": "Singleton", "url": SESSIONS}],
+            }
+        )
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        namespaces = [
+            ("ServiceRoot", "v1_17_0"),
+            ("ComputerSystem", "v1_22_0"),
+            ("ComputerSystemCollection", None),
+            ("CompositionService", "v1_2_2"),
+            ("ResourceBlock", "v1_4_2"),
+            ("ResourceBlockCollection", None),
+            ("Zone", "v1_6_1"),
+            ("ZoneCollection", None),
+            ("Processor", "v1_20_0"),
+            ("ProcessorCollection", None),
+            ("SessionService", "v1_1_9"),
+            ("Session", "v1_7_1"),
+            ("SessionCollection", None),
+            ("AccountService", "v1_15_0"),
+            ("ManagerAccount", "v1_12_0"),
+            ("ManagerAccountCollection", None),
+            ("Role", "v1_3_2"),
+            ("RoleCollection", None),
+            ("TaskService", "v1_2_1"),
+            ("Task", "v1_7_4"),
+            ("TaskCollection", None),
+            ("Message", "v1_1_1"),
+        ]
+        refs = []
+        for name, version in namespaces:
+            inc = f'    <edmx:Include Namespace="{name}"/>\n'
+            if version:
+                inc += f'    <edmx:Include Namespace="{name}.{version}"/>\n'
+            refs.append(
+                f'  <edmx:Reference Uri="http://redfish.dmtf.org/schemas/v1/{name}_v1.xml">\n'
+                f"{inc}  </edmx:Reference>\n"
+            )
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<edmx:Edmx xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx" Version="4.0">\n'
+            + "".join(refs)
+            + "  <edmx:DataServices>\n"
+            '    <Schema xmlns="http://docs.oasis-open.org/odata/ns/edm" Namespace="Service">\n'
+            '      <EntityContainer Name="Service" '
+            'Extends="ServiceRoot.v1_17_0.ServiceContainer"/>\n'
+            "    </Schema>\n  </edmx:DataServices>\n</edmx:Edmx>\n"
+        )
+        return web.Response(text=body, content_type="application/xml", charset="utf-8")
+
+    # --- sessions and accounts -------------------------------------------------------------------
+
+    async def session_service(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        return self._resource(
+            request,
+            {
+                "@odata.id": f"{R}/SessionService",
+                "@odata.type": "#SessionService.v1_1_9.SessionService",
+                "Id": "SessionService",
+                "Name": "Session Service",
+                "ServiceEnabled": True,
+                "SessionTimeout": int(self.creds.session_timeout),
+                "Sessions": {"@odata.id": SESSIONS},
+            },
+        )
+
+    async def sessions(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            try:
+                body = await request.json()
+                user, password = str(body["UserName"]), str(body["Password"])
+            except (ValueError, KeyError, TypeError):
+                return error(400, "PropertyMissing", "POST a JSON body with UserName and Password")
+            if not self.creds.check_password(user, password):
+                return error(401, "InsufficientPrivilege", "wrong user name or password")
+            s = self.creds.new_session(user)
+            doc = self._session_doc(s.id, s.user)
+            return json_response(
+                doc, status=201, headers={"X-Auth-Token": s.token, "Location": doc["@odata.id"]}
+            )
+        ids = sorted(self.creds.sessions, key=int)
+        return self._collection(
+            request,
+            SESSIONS,
+            "SessionCollection",
+            "Sessions",
+            [f"{SESSIONS}/{i}" for i in ids],
+            allow="GET, HEAD, POST",
+        )
+
+    def _session_doc(self, sid: str, user: str) -> dict[str, Any]:
+        return {
+            "@odata.id": f"{SESSIONS}/{sid}",
+            "@odata.type": "#Session.v1_7_1.Session",
+            "Id": sid,
+            "Name": f"Session {sid}",
+            "UserName": user,
+        }
+
+    async def session(self, request: web.Request) -> web.Response:
+        s = self.creds.sessions.get(request.match_info["id"])
+        if s is None:
+            return error(404, "ResourceMissingAtURI", f"no session {request.match_info['id']}")
+        self._only(request, "GET, HEAD, DELETE")
+        if request.method == "DELETE":
+            del self.creds.sessions[s.id]
+            return web.Response(status=204)
+        return self._resource(request, self._session_doc(s.id, s.user), allow="GET, HEAD, DELETE")
+
+    async def account_service(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        return self._resource(
+            request,
+            {
+                "@odata.id": f"{R}/AccountService",
+                "@odata.type": "#AccountService.v1_15_0.AccountService",
+                "Id": "AccountService",
+                "Name": "Account Service",
+                "ServiceEnabled": True,
+                "MinPasswordLength": 8,
+                "MaxPasswordLength": 64,
+                "AccountLockoutThreshold": 0,
+                "Accounts": {"@odata.id": ACCOUNTS},
+                "Roles": {"@odata.id": ROLES},
+            },
+        )
+
+    async def accounts(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            if (denied := self._require(request, "ConfigureUsers")) is not None:
+                return denied
+            body = await _json_body(request)
+            if (
+                body is None
+                or not isinstance(body.get("UserName"), str)
+                or not isinstance(body.get("Password"), str)
+            ):
+                return error(400, "PropertyMissing", "POST UserName and Password (and RoleId)")
+            user, password = body["UserName"], body["Password"]
+            role = body.get("RoleId", "ReadOnly")
+            if unknown := set(body) - {"UserName", "Password", "RoleId", "Enabled"}:
+                return error(400, "PropertyUnknown", f"unknown properties {sorted(unknown)}")
+            if user in self.creds.accounts:
+                return error(409, "ResourceAlreadyExists", f"account {user} exists")
+            if role not in ROLE_PRIVILEGES:
+                return error(
+                    400,
+                    "PropertyValueNotInList",
+                    f"RoleId {role!r} is not one of {list(ROLE_PRIVILEGES)}",
+                )
+            if not 8 <= len(password) <= 64:
+                return error(400, "PropertyValueFormatError", "Password must be 8 to 64 characters")
+            self.creds.accounts[user] = Account(password, role, bool(body.get("Enabled", True)))
+            doc = self._account_doc(user)
+            return json_response(doc, status=201, headers={"Location": doc["@odata.id"]})
+        return self._collection(
+            request,
+            ACCOUNTS,
+            "ManagerAccountCollection",
+            "Accounts",
+            [f"{ACCOUNTS}/{u}" for u in sorted(self.creds.accounts)],
+            allow="GET, HEAD, POST",
+        )
+
+    def _account_doc(self, user: str) -> dict[str, Any]:
+        acct = self.creds.accounts[user]
+        return {
+            "@odata.id": f"{ACCOUNTS}/{user}",
+            "@odata.type": "#ManagerAccount.v1_12_0.ManagerAccount",
+            "@odata.etag": f'W/"acct-{user}-{acct.revision}"',
+            "Id": user,
+            "Name": f"Account {user}",
+            "UserName": user,
+            "RoleId": acct.role,
+            "Enabled": acct.enabled,
+            "Locked": False,
+            "Password": None,
+            "Links": {"Role": {"@odata.id": f"{ROLES}/{acct.role}"}},
+        }
+
+    async def account(self, request: web.Request) -> web.Response:
+        user = request.match_info["id"]
+        if user not in self.creds.accounts:
+            return error(404, "ResourceMissingAtURI", f"no account {user}")
+        allow = "GET, HEAD, PATCH, DELETE"
+        self._only(request, allow)
+        own = request.get("user") == user
+        if request.method in ("GET", "HEAD"):
+            if not own and (denied := self._require(request, "ConfigureUsers")) is not None:
+                return denied
+            return self._resource(request, self._account_doc(user), allow=allow)
+        if request.method == "DELETE":
+            if (denied := self._require(request, "ConfigureUsers")) is not None:
+                return denied
+            del self.creds.accounts[user]
+            for sid in [s.id for s in self.creds.sessions.values() if s.user == user]:
+                del self.creds.sessions[sid]
+            return web.Response(status=204)
+        body = await _json_body(request)
+        if body is None:
+            return error(400, "MalformedJSON", "the PATCH body is not a JSON object")
+        only_password = set(body) <= {"Password"}
+        privilege = "ConfigureSelf" if own and only_password else "ConfigureUsers"
+        if (denied := self._require(request, privilege)) is not None:
+            return denied
+        if (
+            stale := self._precondition(request, self._account_doc(user)["@odata.etag"])
+        ) is not None:
+            return stale
+        writable = {"Password", "RoleId", "Enabled", "UserName"}
+        bad = sorted(k for k in body if k not in writable and not k.startswith("@odata."))
+        if bad and not set(body) & writable:
+            return error(400, "PropertyNotWritable", f"properties {bad} cannot be patched")
+        acct = self.creds.accounts[user]
+        if "Password" in body:
+            if not isinstance(body["Password"], str) or not 8 <= len(body["Password"]) <= 64:
+                return error(400, "PropertyValueFormatError", "Password must be 8 to 64 characters")
+            acct.password = body["Password"]
+        if "RoleId" in body:
+            if body["RoleId"] not in ROLE_PRIVILEGES:
+                return error(400, "PropertyValueNotInList", f"RoleId {body['RoleId']!r} is unknown")
+            acct.role = body["RoleId"]
+        if "Enabled" in body:
+            acct.enabled = bool(body["Enabled"])
+        acct.revision += 1
+        doc = self._account_doc(user)
+        if bad:  # some properties applied, some not: 200 with the resource and the messages
+            doc["@Message.ExtendedInfo"] = [
+                {
+                    "MessageId": "Base.1.8.PropertyNotWritable",
+                    "Message": f"{k} is not writable",
+                    "Severity": "Warning",
+                    "MessageSeverity": "Warning",
+                    "Resolution": "Remove it.",
+                }
+                for k in bad
+            ]
+        return self._resource(request, doc, allow=allow)
+
+    async def roles(self, request: web.Request) -> web.Response:
+        return self._collection(
+            request, ROLES, "RoleCollection", "Roles", [f"{ROLES}/{r}" for r in ROLE_PRIVILEGES]
+        )
+
+    async def role(self, request: web.Request) -> web.Response:
+        role = request.match_info["id"]
+        if role not in ROLE_PRIVILEGES:
+            return error(404, "ResourceMissingAtURI", f"no role {role}")
+        self._only(request, "GET, HEAD")
+        return self._resource(
+            request,
+            {
+                "@odata.id": f"{ROLES}/{role}",
+                "@odata.type": "#Role.v1_3_2.Role",
+                "Id": role,
+                "Name": role,
+                "RoleId": role,
+                "IsPredefined": True,
+                "AssignedPrivileges": ROLE_PRIVILEGES[role],
+            },
+        )
+
+    # --- systems ---------------------------------------------------------------------------------
+
+    async def systems(self, request: web.Request) -> web.Response:
+        return self._collection(
+            request,
+            SYSTEMS,
+            "ComputerSystemCollection",
+            "Computer Systems",
+            [f"{SYSTEMS}/{m}" for m in self.state.machines],
+        )
+
+    def _system_doc(self, machine_id: str) -> dict[str, Any]:
+        m = self.state.machine(machine_id)
+        blocks = sorted(self.state.attached_to(machine_id), key=lambda d: d.spec.id)
+        doc: dict[str, Any] = {
+            "@odata.id": f"{SYSTEMS}/{m.id}",
+            "@odata.type": "#ComputerSystem.v1_22_0.ComputerSystem",
+            "Id": m.id,
+            "Name": m.name,
+            "HostName": m.name,
+            "SystemType": "Physical",
+            "Composition": {"UseCases": ["ExpandableSystem"]},
+            "Status": {"State": "Enabled", "Health": "OK"},
+            "Links": {
+                "ResourceBlocks": [{"@odata.id": f"{BLOCKS}/{d.spec.id}"} for d in blocks],
+                "ResourceBlocks@odata.count": len(blocks),
+            },
+            "Actions": {
+                "#ComputerSystem.AddResourceBlock": {
+                    "target": f"{SYSTEMS}/{m.id}/Actions/ComputerSystem.AddResourceBlock"
+                },
+                "#ComputerSystem.RemoveResourceBlock": {
+                    "target": f"{SYSTEMS}/{m.id}/Actions/ComputerSystem.RemoveResourceBlock"
+                },
+            },
+            "Oem": {"Cohdi": {"Fabric": m.fabric}},
+        }
+        doc["@odata.etag"] = _etag(m.id, [(d.spec.id, d.revision) for d in blocks])
+        return doc
+
+    async def system(self, request: web.Request) -> web.Response:
+        machine_id = request.match_info["id"]
+        doc = self._system_doc(machine_id)
+        self._only(request, "GET, HEAD, PATCH")
+        if request.method != "PATCH":
+            return self._resource(request, doc, allow="GET, HEAD, PATCH")
+        if (denied := self._require(request, "ConfigureComponents")) is not None:
+            return denied
+        if (stale := self._precondition(request, doc["@odata.etag"])) is not None:
+            return stale
+        body = await _json_body(request)
+        if (
+            body is None
+            or set(body) - {"Links", "@odata.etag"}
+            or not isinstance(body.get("Links", {}).get("ResourceBlocks"), list)
+        ):
+            return error(
+                400,
+                "PropertyUnknown",
+                "only Links.ResourceBlocks can be patched here (a list, Redfish array rules)",
+            )
+        current = [link["@odata.id"] for link in doc["Links"]["ResourceBlocks"]]
+        wanted = _apply_array_patch(current, body["Links"]["ResourceBlocks"])
+        if wanted is None:
+            return error(
+                400,
+                "PropertyValueFormatError",
+                'each element must be {}, null or {"@odata.id": <ResourceBlock>}',
+            )
+        adds = [b for b in wanted if b not in current]
+        removes = [b for b in current if b not in wanted]
+        tasks: list[Task] = []
+        for uri in removes:
+            if (t := self.state.detach(_block_id(uri), machine_id)) is not None:
+                tasks.append(t)
+        for uri in adds:
+            if (t := self.state.attach(_block_id(uri), machine_id)) is not None:
+                tasks.append(t)
+        return await self._maybe_async(request, tasks, lambda: self._system_doc(machine_id))
+
+    async def add_block(self, request: web.Request) -> web.Response:
+        return await self._block_action(request, attach=True)
+
+    async def remove_block(self, request: web.Request) -> web.Response:
+        return await self._block_action(request, attach=False)
+
+    async def _block_action(self, request: web.Request, *, attach: bool) -> web.Response:
+        machine_id = request.match_info["id"]
+        system = self._system_doc(machine_id)
+        self._only(request, "POST")
+        if (denied := self._require(request, "ConfigureComponents")) is not None:
+            return denied
+        body = await _json_body(request)
+        try:
+            uri = str(body["ResourceBlock"]["@odata.id"]) if body else ""
+        except (KeyError, TypeError):
+            uri = ""
+        if not uri.startswith(BLOCKS + "/"):
+            return error(
+                400,
+                "ActionParameterMissing",
+                f'ResourceBlock must be {{"@odata.id": "{BLOCKS}/<id>"}}',
+            )
+        dev = self.state.device(_block_id(uri))
+        sys_etag = body.get("ComputerSystemETag") if body else None
+        blk_etag = body.get("ResourceBlockETag") if body else None
+        if (sys_etag and sys_etag != system["@odata.etag"]) or (
+            blk_etag and blk_etag != self._block_doc(dev)["@odata.etag"]
+        ):
+            return error(412, "PreconditionFailed", "the ETag given does not match the resource")
+        task = (
+            self.state.attach(dev.spec.id, machine_id)
+            if attach
+            else self.state.detach(dev.spec.id, machine_id)
+        )
+        return await self._maybe_async(request, [task] if task else [], None)
+
+    async def _maybe_async(
+        self, request: web.Request, tasks: list[Task], result: Any
+    ) -> web.Response:
+        """Finish at once when nothing is pending; else 202 with a task monitor."""
+        if not tasks:
+            if result is None:
+                return web.Response(status=204)
+            return self._resource(request, result(), allow="GET, HEAD, PATCH")
+        task = tasks[-1]
+        return json_response(
+            self._task_doc(task),
+            status=202,
+            headers={"Location": f"{MONITORS}/{task.id}", "Retry-After": "1"},
+        )
+
+    def _precondition(self, request: web.Request, etag: str) -> web.Response | None:
+        if_match = request.headers.get("If-Match")
+        if if_match is not None and if_match not in ("*", etag):
+            return error(
+                412,
+                "PreconditionFailed",
+                f"If-Match {if_match} does not match the current ETag {etag}; re-read and retry",
+            )
+        return None
+
+    # --- composition -----------------------------------------------------------------------------
+
+    async def composition_service(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        return self._resource(
+            request,
+            {
+                "@odata.id": f"{R}/CompositionService",
+                "@odata.type": "#CompositionService.v1_2_2.CompositionService",
+                "Id": "CompositionService",
+                "Name": "Composition Service",
+                "ServiceEnabled": True,
+                "AllowOverprovisioning": False,
+                "AllowZoneAffinity": True,
+                "Status": {"State": "Enabled", "Health": "OK"},
+                "ResourceBlocks": {"@odata.id": BLOCKS},
+                "ResourceZones": {"@odata.id": ZONES},
+            },
+        )
+
+    async def blocks(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        expand = request.query.get("$expand", "")
+        doc: dict[str, Any] = {
+            "@odata.id": BLOCKS,
+            "@odata.type": "#ResourceBlockCollection.ResourceBlockCollection",
+            "Name": "Resource Blocks",
+            "Members@odata.count": len(self.state.devices),
+        }
+        if expand in (".", ".($levels=1)", "*", "*($levels=1)"):
+            doc["Members"] = [self._block_doc(d) for d in self.state.devices.values()]
+        else:
+            doc["Members"] = [{"@odata.id": f"{BLOCKS}/{d}"} for d in self.state.devices]
+        # The collection's ETag changes exactly when the fabric changes: clients poll with
+        # If-None-Match and get 304 while nothing happened.
+        return self._resource(request, {**doc, "@odata.etag": f'W/"seq-{self.state.seq}"'})
+
+    def _block_doc(self, dev: Device) -> dict[str, Any]:
+        s = dev.spec
+        links: dict[str, Any] = {
+            "Zones": [{"@odata.id": f"{ZONES}/{s.fabric}"}],
+            "ComputerSystems": [{"@odata.id": f"{SYSTEMS}/{dev.machine}"}] if dev.machine else [],
+        }
+        return {
+            "@odata.id": f"{BLOCKS}/{s.id}",
+            "@odata.type": "#ResourceBlock.v1_4_2.ResourceBlock",
+            "@odata.etag": f'W/"{s.id}-{dev.revision}"',
+            "Id": s.id,
+            "Name": f"{s.model} {s.id}",
+            "ResourceBlockType": ["Processor"],
+            "Status": {
+                "State": "Enabled",
+                "Health": "Critical" if dev.state == DeviceState.FAILED else "OK",
+            },
+            "CompositionStatus": {
+                "CompositionState": _STATE[dev.state],
+                "Reserved": False,
+                "SharingCapable": False,
+            },
+            "Processors": [{"@odata.id": f"{BLOCKS}/{s.id}/Processors/GPU"}],
+            "Links": links,
+            "Oem": {
+                "Cohdi": {
+                    "FabricState": dev.state.value,
+                    "PciAddress": dev.pci_address or None,
+                    "Reason": dev.reason or None,
+                    "Model": s.model,
+                    "Manufacturer": s.vendor,
+                    "SerialNumber": s.serial,
+                    "MemoryBytes": s.memory,
+                }
+            },
+        }
+
+    async def block(self, request: web.Request) -> web.Response:
+        dev = self.state.device(request.match_info["id"])
+        self._only(request, "GET, HEAD")
+        return self._resource(request, self._block_doc(dev))
+
+    async def processors(self, request: web.Request) -> web.Response:
+        dev = self.state.device(request.match_info["id"])
+        uri = f"{BLOCKS}/{dev.spec.id}/Processors"
+        return self._collection(request, uri, "ProcessorCollection", "Processors", [f"{uri}/GPU"])
+
+    async def processor(self, request: web.Request) -> web.Response:
+        dev = self.state.device(request.match_info["id"])
+        self._only(request, "GET, HEAD")
+        s = dev.spec
+        return self._resource(
+            request,
+            {
+                "@odata.id": f"{BLOCKS}/{s.id}/Processors/GPU",
+                "@odata.type": "#Processor.v1_20_0.Processor",
+                "Id": "GPU",
+                "Name": s.model,
+                "ProcessorType": "GPU",
+                "Manufacturer": s.vendor,
+                "Model": s.model,
+                "SerialNumber": s.serial,
+                "UUID": s.serial.removeprefix("GPU-"),
+                "ProcessorMemory": [{"CapacityMiB": s.memory // 2**20, "MemoryType": "HBM2"}],
+                "Status": {"State": "Enabled", "Health": "OK"},
+            },
+        )
+
+    async def zones(self, request: web.Request) -> web.Response:
+        return self._collection(
+            request,
+            ZONES,
+            "ZoneCollection",
+            "Resource Zones",
+            [f"{ZONES}/{f}" for f in self.state.config.fabrics],
+        )
+
+    async def zone(self, request: web.Request) -> web.Response:
+        fabric = request.match_info["id"]
+        if fabric not in self.state.config.fabrics:
+            return error(404, "ResourceMissingAtURI", f"no zone {fabric}")
+        self._only(request, "GET, HEAD")
+        blocks = [d for d in self.state.devices.values() if d.spec.fabric == fabric]
+        return self._resource(
+            request,
+            {
+                "@odata.id": f"{ZONES}/{fabric}",
+                "@odata.type": "#Zone.v1_6_1.Zone",
+                "Id": fabric,
+                "Name": f"Fabric {fabric}",
+                "Status": {"State": "Enabled", "Health": "OK"},
+                "Links": {
+                    "ResourceBlocks": [{"@odata.id": f"{BLOCKS}/{d.spec.id}"} for d in blocks],
+                },
+            },
+        )
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    async def task_service(self, request: web.Request) -> web.Response:
+        self._only(request, "GET, HEAD")
+        return self._resource(
+            request,
+            {
+                "@odata.id": f"{R}/TaskService",
+                "@odata.type": "#TaskService.v1_2_1.TaskService",
+                "Id": "TaskService",
+                "Name": "Task Service",
+                "ServiceEnabled": True,
+                "Tasks": {"@odata.id": TASKS},
+            },
+        )
+
+    async def tasks(self, request: web.Request) -> web.Response:
+        return self._collection(
+            request, TASKS, "TaskCollection", "Tasks", [f"{TASKS}/{t}" for t in self.state.tasks]
+        )
+
+    def _task_doc(self, task: Task) -> dict[str, Any]:
+        return {
+            "@odata.id": f"{TASKS}/{task.id}",
+            "@odata.type": "#Task.v1_7_4.Task",
+            "Id": task.id,
+            "Name": f"{task.operation} {task.device}",
+            "TaskState": task.state,
+            "TaskStatus": {"Running": "OK", "Completed": "OK"}.get(task.state, "Critical"),
+            "TaskMonitor": f"{MONITORS}/{task.id}",
+            "PercentComplete": 0 if task.state == "Running" else 100,
+            "Messages": [
+                {
+                    "MessageId": "Base.1.8.Success"
+                    if task.state != "Exception"
+                    else "Base.1.8.GeneralError",
+                    "Message": task.message or task.state,
+                }
+            ],
+        }
+
+    async def task(self, request: web.Request) -> web.Response:
+        task = self.state.tasks.get(request.match_info["id"])
+        if task is None:
+            return error(404, "ResourceMissingAtURI", f"no task {request.match_info['id']}")
+        self._only(request, "GET, HEAD")
+        return self._resource(request, self._task_doc(task))
+
+    async def monitor(self, request: web.Request) -> web.Response:
+        task = self.state.tasks.get(request.match_info["id"])
+        if task is None:
+            return error(404, "ResourceMissingAtURI", f"no task monitor {request.match_info['id']}")
+        if task.state == "Running":
+            return json_response(
+                self._task_doc(task),
+                status=202,
+                headers={"Location": f"{MONITORS}/{task.id}", "Retry-After": "1"},
+            )
+        if task.state == "Exception":
+            return error(500, "GeneralError", task.message)
+        return web.Response(status=204)
+
+
+def _schema_of(odata_type: str | None) -> str:
+    """The JSON schema URI of a resource: `#ServiceRoot.v1_17_0.ServiceRoot` ->
+    `http://redfish.dmtf.org/schemas/v1/ServiceRoot.v1_17_0.json`."""
+    if not odata_type:
+        return ""
+    namespace = odata_type.lstrip("#").rsplit(".", 1)[0]
+    return f"http://redfish.dmtf.org/schemas/v1/{namespace}.json"
+
+
+def _accepts_json(accept: str) -> bool:
+    kinds = [part.split(";")[0].strip() for part in accept.split(",")]
+    return any(k in ("*/*", "application/*", "application/json") for k in kinds)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _block_id(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _apply_array_patch(current: list[str], patch: list[Any]) -> list[str] | None:
+    """Redfish array PATCH: element i of `patch` is {} (keep current[i]), None (remove it), or a
+    new link (replace / append). Elements of `current` past the patch's end are kept."""
+    out: list[str] = []
+    for i, item in enumerate(patch):
+        if item is None:
+            continue
+        if item == {}:
+            if i < len(current):
+                out.append(current[i])
+            continue
+        if not isinstance(item, dict) or not str(item.get("@odata.id", "")).startswith(
+            BLOCKS + "/"
+        ):
+            return None
+        out.append(str(item["@odata.id"]))
+    out.extend(current[len(patch) :])
+    return out

@@ -1,0 +1,86 @@
+"""The appear/disappear hook for simulated nodes: when the emulator attaches a GPU to a machine,
+write the PCI function into that machine's synthetic sysfs tree (and the GPU into its stub-NVML
+list), so the node role — hot-plug watch, native scan, NVML — runs unchanged against it. Detach
+removes both. Writes are atomic (temp + rename), the directory appears last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.fabric.emulator.config import MachineSpec
+from agent.fabric.emulator.state import Device
+
+PCI_CLASS_3D_CONTROLLER = "0x030200"
+
+
+class SysfsHook:
+    """`roots(machine)` gives the node directory of a machine, or None for machines that are not
+    simulated here. Under it: `sys/bus/pci/devices/<bdf>/...` and `nvml-gpus.json`."""
+
+    def __init__(self, roots: Callable[[MachineSpec], Path | None]) -> None:
+        self.roots = roots
+
+    def appear(self, dev: Device, machine: MachineSpec) -> None:
+        root = self.roots(machine)
+        if root is None or not dev.pci_address:
+            return
+        devices = root / "sys" / "bus" / "pci" / "devices"
+        devices.mkdir(parents=True, exist_ok=True)
+        final = devices / dev.pci_address
+        tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=devices))
+        s = dev.spec
+        files = {
+            "vendor": s.pci_vendor,
+            "device": s.pci_device,
+            "class": PCI_CLASS_3D_CONTROLLER,
+            "subsystem_vendor": s.pci_vendor,
+            "subsystem_device": "0x1533",
+            "revision": "0xa1",
+            "numa_node": "0",
+            "current_link_speed": "16.0 GT/s PCIe",
+            "current_link_width": "16",
+            "serial": s.serial,  # what the fabric reports; real sysfs has no such file
+        }
+        for name, value in files.items():
+            (tmp / name).write_text(value + "\n")
+        os.rename(tmp, final)
+        self._update_nvml(
+            root,
+            lambda gpus: [
+                *(g for g in gpus if g["uuid"] != s.serial),
+                {
+                    "uuid": s.serial,
+                    "name": s.model,
+                    "pci_bus_id": dev.pci_address,
+                    "memory_total": s.memory,
+                },
+            ],
+        )
+
+    def disappear(self, dev: Device, machine: MachineSpec) -> None:
+        root = self.roots(machine)
+        if root is None or not dev.pci_address:
+            return
+        shutil.rmtree(
+            root / "sys" / "bus" / "pci" / "devices" / dev.pci_address, ignore_errors=True
+        )
+        self._update_nvml(root, lambda gpus: [g for g in gpus if g["uuid"] != dev.spec.serial])
+
+    def _update_nvml(
+        self, root: Path, change: Callable[[list[dict[str, object]]], list[dict[str, object]]]
+    ) -> None:
+        path = root / "nvml-gpus.json"
+        try:
+            gpus = json.loads(path.read_text())
+        except (OSError, ValueError):
+            gpus = []
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=".nvml-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(change(gpus), fh, indent=1)
+        os.replace(tmp, path)

@@ -1,0 +1,82 @@
+"""The fabric as the rest of the agent sees it: machines wired to a fabric, pooled devices and
+their attachment state. Pure data; every backend converts its wire format into these types on the
+first line that receives it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NewType
+
+DeviceId = NewType("DeviceId", str)  # the fabric's own stable id of a pooled device
+MachineId = NewType("MachineId", str)  # the fabric's id of a server wired to it
+FabricId = NewType("FabricId", str)
+
+
+class DeviceState(StrEnum):
+    FREE = "free"
+    ATTACHING = "attaching"
+    ATTACHED = "attached"
+    DETACHING = "detaching"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    id: MachineId
+    name: str
+    fabric: FabricId
+    #: The Kubernetes node this machine is, when the fabric knows (Redfish HostName, FTI mach_name).
+    node_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDevice:
+    id: DeviceId
+    fabric: FabricId
+    model: str
+    state: DeviceState
+    vendor: str = ""
+    #: Device memory in bytes, when the fabric reports it.
+    memory: int = 0
+    #: The GPU's own identity (NVIDIA UUID / serial) when the fabric knows it.
+    serial: str = ""
+    #: The machine it is attached (or being attached/detached) to.
+    machine: MachineId | None = None
+    #: PCI address on that machine, when the fabric reports it.
+    pci_address: str = ""
+    #: The fabric names no free device (FTI counts them per model): the id is a placeholder and
+    #: attach picks any free device of the model.
+    anonymous: bool = False
+    #: A human-readable reason when the state is FAILED.
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """One consistent read of a fabric manager."""
+
+    machines: tuple[Machine, ...]
+    devices: tuple[PoolDevice, ...]
+    #: Opaque version (ETag) of this read; equal versions mean nothing changed.
+    version: str = ""
+
+    def device(self, device_id: str) -> PoolDevice | None:
+        return next((d for d in self.devices if d.id == device_id), None)
+
+
+_DNS_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
+
+
+def dns_label(text: str, *, limit: int = 63) -> str:
+    """A DNS label (Kubernetes object and device names) made from a fabric id: lower case, other
+    characters as '-', trimmed to `limit` with a stable hash suffix when it had to be cut."""
+    label = _DNS_LABEL_BAD.sub("-", text.lower()).strip("-") or "x"
+    if len(label) <= limit:
+        return label
+    import hashlib
+
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return label[: limit - 9].rstrip("-") + "-" + digest
