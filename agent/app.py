@@ -3,11 +3,18 @@ parses argv or reads the environment (settings arrive fully validated)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import platform
+import secrets
 import sys
+from pathlib import Path
 
 from agent import KUBERNETES_VERSION, __version__, settings
 from agent.devcluster import local
+from agent.fabric.emulator import config as emulator_config
+from agent.fabric.emulator.config import EmulatorConfig
+from agent.fabric.emulator.server import EmulatorServer
 
 
 def version() -> int:
@@ -55,6 +62,46 @@ def dev_cluster(cfg: settings.Settings, action: str) -> int:
     for name in state["processes"]:
         print(f"{name}: {'running, pid ' + str(alive[name]) if name in alive else 'not running'}")
     return 0 if len(alive) == len(state["processes"]) else 1
+
+
+def _emulator_config(cfg: settings.Settings) -> EmulatorConfig:
+    """The configured emulator config, or the embedded default with a password from
+    $COHDI_FABRIC_PASSWORD or a generated one written to a 0600 file (never printed)."""
+    em = cfg.emulator
+    if em.config:
+        return emulator_config.load(Path(em.config))
+    password = os.environ.get("COHDI_FABRIC_PASSWORD") or secrets.token_urlsafe(18)
+    if "COHDI_FABRIC_PASSWORD" not in os.environ:
+        base = Path(em.tls_dir or cfg.cache_dir)
+        base.mkdir(parents=True, exist_ok=True)
+        secret = base / "emulator-password"
+        secret.touch(mode=0o600)
+        secret.write_text(password + "\n")
+        print(f"user admin, password in {secret}", flush=True)
+    return emulator_config.example(
+        password=password, nodes=em.nodes, gpus=em.gpus, latency=em.latency
+    )
+
+
+async def fabric_emulator(cfg: settings.Settings) -> int:
+    """Run the emulator until cancelled (Ctrl-C)."""
+    em = cfg.emulator
+    server = EmulatorServer(
+        _emulator_config(cfg),
+        state_file=Path(em.state_file) if em.state_file else None,
+        tls_dir=Path(em.tls_dir) if em.tls_dir else None,
+        host=em.host,
+        port=em.port,
+    )
+    url = await server.start()
+    print(f"fabric emulator: {url}", flush=True)
+    if server.ca_file:
+        print(f"  CA: {server.ca_file}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+    return 0
 
 
 async def demo(cfg: settings.Settings, *, keep: bool) -> int:

@@ -35,6 +35,8 @@ def _settings_parent() -> argparse.ArgumentParser:
                 "logging": "logging",
                 "kube": "Kubernetes API",
                 "leader": "leader election (cluster role)",
+                "fabric": "fabric manager",
+                "emulator": "fabric emulator",
                 "dev": "local control plane (tests, demo, benchmarks)",
             }[info.group]
             group = groups[info.group] = parent.add_argument_group(title)
@@ -81,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--keep", action="store_true", help="keep the cluster running until Ctrl-C")
+
+    sub.add_parser(
+        "fabric-emulator",
+        parents=[common],
+        help="run the built-in fabric manager (Redfish + FTI) on loopback until Ctrl-C",
+        description=textwrap.dedent(
+            """\
+            Serves one emulated fabric over both wire protocols the agent speaks: DMTF Redfish
+            composition under /redfish/v1 and the Fsas/FTI fabric-manager API under
+            /fabric_manager/api/v1 (token at /id_manager/realms/<realm>/...). The admin API at
+            /emulator/v1 reads the state and injects faults. Prints its URL (and CA) on start.
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     dev = sub.add_parser(
         "dev-cluster",
@@ -129,6 +146,8 @@ def main(argv: list[str], *, run_async: RunAsync) -> int:
             return app.version()
         if args.command == "dev-cluster":
             return app.dev_cluster(cfg, args.action)
+        if args.command == "fabric-emulator":
+            return run_async(lambda: app.fabric_emulator(cfg))
         if args.command == "demo":
             return run_async(lambda: app.demo(cfg, keep=args.keep))
     except errors.AgentError as exc:

@@ -111,6 +111,31 @@ class FabricRejected(FabricError, PermanentError):
     """The fabric manager refused the operation: unknown device, attached elsewhere, bad request."""
 
 
+class FabricTimeout(FabricUnavailable):
+    """A call (or an attach/detach we followed) did not finish in time; the state is re-read."""
+
+
+class FabricProtocolError(FabricError, TransientError):
+    """The fabric manager answered something we cannot parse (not JSON, missing fields). Often a
+    proxy's error page; retried a few times, then surfaced with the start of the body."""
+
+
+class FabricAuthError(FabricError, PermanentError):
+    """The fabric manager refused our credentials: check the user, password file and realm."""
+
+
+class DeviceNotFound(FabricRejected):
+    """The fabric manager does not know this device (or machine)."""
+
+
+class DeviceBusy(FabricRejected):
+    """The device is attached, or being attached, to another machine."""
+
+
+class DeviceFailed(FabricRejected):
+    """The fabric reports the device (or its attach/detach) failed; it needs an operator."""
+
+
 # --- node ----------------------------------------------------------------------------------------
 
 

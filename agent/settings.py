@@ -122,6 +122,112 @@ class LeaderSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FabricSettings:
+    """How the agent reaches the fabric manager. Flags: --fabric-*. Secrets never go on the
+    command line: the password comes from --fabric-password-file or $COHDI_FABRIC_PASSWORD (and
+    the FTI client secret from --fabric-client-secret-file or $COHDI_FABRIC_CLIENT_SECRET)."""
+
+    PREFIX: ClassVar[str] = "fabric-"
+    backend: str = setting(
+        "redfish",
+        "Wire protocol of the fabric manager: DMTF Redfish composition, or the Fsas/FTI "
+        "fabric-manager API that CoHDI speaks.",
+        choices=("redfish", "fti"),
+    )
+    url: str = setting(
+        "",
+        "Base URL of the fabric manager, e.g. https://fm.example:443. Empty: the embedded "
+        "emulator (demo) or none.",
+    )
+    user: str = setting("", "User name for the fabric manager.")
+    password_file: str = setting(
+        "",
+        "File holding the fabric manager password (first line). Empty: $COHDI_FABRIC_PASSWORD.",
+    )
+    ca_bundle: str = setting(
+        "",
+        "PEM file of CAs to trust for the fabric manager's TLS certificate. Empty: the system "
+        "trust store. Verification is never switched off.",
+    )
+    timeout: float = setting(
+        30.0,
+        "Limit on one HTTP call to the fabric manager.",
+        unit="s",
+        minimum=0.1,
+    )
+    operation_timeout: float = setting(
+        300.0,
+        "Limit on one attach or detach, following the fabric's task or synchronous answer; the "
+        "scaler's deadline sits below the scheduler's binding timeout.",
+        unit="s",
+        minimum=1,
+    )
+    concurrency: int = setting(
+        32,
+        "Attach/detach operations in flight at once, across devices (one at a time per device).",
+        minimum=1,
+        maximum=1024,
+    )
+    retries: int = setting(
+        5,
+        "Attempts for a call that failed transiently (5xx, timeout, garbage), with exponential "
+        "backoff from 0.1 s; permanent errors are never retried.",
+        minimum=1,
+        maximum=50,
+    )
+    poll_interval: float = setting(
+        2.0,
+        "How often to poll the fabric for changes when it has no push channel (conditional "
+        "GET with ETag: an unchanged fabric costs one 304).",
+        unit="s",
+        minimum=0.05,
+    )
+    tenant: str = setting("", "FTI tenant_uuid.")
+    realm: str = setting("cdi", "FTI identity-manager realm for the token endpoint.")
+    client_id: str = setting("cohdi-agent", "FTI OpenID client_id.")
+    client_secret_file: str = setting(
+        "",
+        "File holding the FTI OpenID client secret. Empty: $COHDI_FABRIC_CLIENT_SECRET, or none.",
+    )
+    models: str = setting(
+        "",
+        "FTI only: comma-separated models whose free count to ask the fabric for (the FTI API "
+        "lists no free device, only counts per model).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorSettings:
+    """`cohdi-agent fabric-emulator`: the built-in fabric manager. Flags: --emulator-*."""
+
+    PREFIX: ClassVar[str] = "emulator-"
+    config: str = setting(
+        "",
+        "YAML/JSON file with machines, devices and users (see agent/fabric/emulator/config.py). "
+        "Empty: the embedded default (--emulator-nodes machines, --emulator-gpus GPUs of two "
+        "models, user 'admin' whose password is $COHDI_FABRIC_PASSWORD or generated).",
+    )
+    state_file: str = setting(
+        "",
+        "Where attachments are persisted (atomically) so a restart keeps them. Empty: in memory.",
+    )
+    host: str = setting("127.0.0.1", "Address to listen on.")
+    port: int = setting(
+        0, "Port to listen on; 0 picks a free one (printed).", minimum=0, maximum=65535
+    )
+    tls_dir: str = setting(
+        "",
+        "Serve HTTPS with a CA and certificate generated into this directory (clients trust "
+        "<dir>/ca.crt). Empty: plain HTTP.",
+    )
+    nodes: int = setting(4, "Machines in the embedded default.", minimum=1, maximum=10000)
+    gpus: int = setting(16, "GPUs in the embedded default.", minimum=0, maximum=100000)
+    latency: float = setting(
+        0.0, "Attach and detach latency of every GPU in the embedded default.", unit="s", minimum=0
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class DevClusterSettings:
     """The local control plane (etcd + kube-apiserver + kube-scheduler) for tests and the demo.
     Flags: --dev-*."""
@@ -153,6 +259,8 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     kube: KubeSettings = field(default_factory=KubeSettings)
     leader: LeaderSettings = field(default_factory=LeaderSettings)
+    fabric: FabricSettings = field(default_factory=FabricSettings)
+    emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
     dev: DevClusterSettings = field(default_factory=DevClusterSettings)
 
     def __post_init__(self) -> None:
@@ -279,5 +387,7 @@ _GROUPS: Final[dict[str, Any]] = {
     "logging": LoggingSettings,
     "kube": KubeSettings,
     "leader": LeaderSettings,
+    "fabric": FabricSettings,
+    "emulator": EmulatorSettings,
     "dev": DevClusterSettings,
 }

@@ -1,0 +1,411 @@
+"""The `fti` backend: the Fsas/Fujitsu CDI fabric-manager API that CoHDI speaks.
+
+- Token: OpenID password grant at `id_manager/realms/<realm>/protocol/openid-connect/token`
+  (form-encoded properly, unlike CoHDI's string formatting), expiry from the JWT's `exp`, renewed
+  30 s before it; a 401 renews it once and repeats the call.
+- Reads: `GET fabric_manager/api/v1/machines` (attached resources per machine) and, per fabric and
+  configured model, `.../available-reserved-resources` (a free *count*: this API names no free
+  device, so free devices are anonymous slots `<fabric>.<model>.free-<n>`).
+- Attach: `PATCH .../machines/<m>/update` with a model condition, and `res_uuid` when we know the
+  device we want (a real FM may pick another device; the answer names the one attached).
+  Synchronous: the answer comes when the device is attached.
+- Detach: `DELETE .../machines/<m>/update` with the `res_uuid`; skipped when the machine no longer
+  has it.
+
+NB: for an anonymous slot, idempotency after a crash between "sent" and "answered" cannot come
+from this API (it has no request id); the composer records the machine's resources before sending
+and adopts a new device of the model afterwards (see agent/controllers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from agent import errors
+from agent.fabric.credentials import Secret
+from agent.fabric.transport import FabricHttp, Reply, check_status
+from agent.model.fabric import (
+    DeviceId,
+    DeviceState,
+    FabricId,
+    Inventory,
+    Machine,
+    MachineId,
+    PoolDevice,
+)
+
+logger = logging.getLogger(__name__)
+
+FM = "/fabric_manager/api/v1"
+_REFRESH_MARGIN = 30.0
+_STATE = {2: DeviceState.ATTACHING, 4: DeviceState.ATTACHED, 6: DeviceState.DETACHING}
+
+
+class FtiFabric:
+    backend = "fti"
+
+    def __init__(
+        self,
+        http: FabricHttp,
+        *,
+        user: str,
+        password: Secret,
+        tenant: str,
+        realm: str = "cdi",
+        client_id: str = "cohdi-agent",
+        client_secret: Secret | None = None,
+        models: tuple[str, ...] = (),
+        operation_timeout: float = 300.0,
+        poll_interval: float = 2.0,
+    ) -> None:
+        if not tenant:
+            raise errors.ConfigError(
+                "--fabric-tenant", tenant, "the fti backend needs the tenant_uuid"
+            )
+        self.http = http
+        self.user = user
+        self._password = password
+        self._client_secret = client_secret or Secret("")
+        self.tenant = tenant
+        self.realm = realm
+        self.client_id = client_id
+        self.models = models
+        self.operation_timeout = operation_timeout
+        self.poll_interval = poll_interval
+        self._token: str | None = None
+        self._token_exp = 0.0
+        self._token_lock = asyncio.Lock()
+
+    # --- token -----------------------------------------------------------------------------------
+
+    async def _bearer(self, *, renew: bool = False) -> str:
+        async with self._token_lock:
+            if not renew and self._token and time.time() < self._token_exp - _REFRESH_MARGIN:
+                return self._token
+            form = {
+                "grant_type": "password",
+                "client_id": self.client_id,
+                "username": self.user,
+                "password": self._password.reveal(),
+                "scope": "openid",
+                "response_type": "id_token token",
+            }
+            if self._client_secret:
+                form["client_secret"] = self._client_secret.reveal()
+            path = f"/id_manager/realms/{self.realm}/protocol/openid-connect/token"
+            reply = await self.http.retrying("token", lambda: self._token_call(path, form))
+            if reply.status in (400, 401, 403, 404):
+                raise errors.FabricAuthError(
+                    f"the FTI identity manager refused a token for {self.user!r} in realm "
+                    f"{self.realm!r} ({reply.status}); check --fabric-user, the password, "
+                    "--fabric-realm and --fabric-client-id"
+                )
+            check_status(reply, "token")
+            doc = reply.json("token")
+            token = doc.get("access_token") if isinstance(doc, dict) else None
+            if not isinstance(token, str) or token.count(".") != 2:
+                raise errors.FabricProtocolError(
+                    "the token endpoint answered without a JWT access_token"
+                )
+            self._token, self._token_exp = token, _jwt_exp(token)
+            return token
+
+    async def _token_call(self, path: str, form: dict[str, str]) -> Reply:
+        reply = await self.http.call("POST", path, data=form)
+        if reply.status >= 500:
+            check_status(reply, "token")
+        return reply
+
+    async def _fm(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 -- per-call aiohttp limit
+    ) -> Reply:
+        q = {"tenant_uuid": self.tenant, **(params or {})}
+        for attempt in (1, 2):
+            token = await self._bearer(renew=attempt == 2)
+            reply = await self.http.call(
+                method,
+                FM + path,
+                json=json,
+                params=q,
+                timeout=timeout,
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            if reply.status == 401 and attempt == 1:
+                logger.info("FTI token rejected; renewing it")
+                continue
+            return reply
+        return reply
+
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        async def op() -> Any:
+            reply = await self._fm("GET", path, params=params)
+            check_status(reply, f"GET {path}", _detail(reply))
+            return reply.json(f"GET {path}")
+
+        return await self.http.retrying(f"GET {path}", op)
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def _machine_docs(self) -> list[dict[str, Any]]:
+        doc = await self._get("/machines")
+        try:
+            machines = doc["data"]["machines"]
+            assert isinstance(machines, list)
+        except (KeyError, TypeError, AssertionError):
+            raise errors.FabricProtocolError("GET /machines: no data.machines list") from None
+        return machines
+
+    async def inventory(self) -> Inventory:
+        docs = await self._machine_docs()
+        machines: list[Machine] = []
+        devices: list[PoolDevice] = []
+        first_of_fabric: dict[FabricId, MachineId] = {}
+        for m in docs:
+            try:
+                fabric = FabricId(str(m.get("fabric_uuid") or m.get("fabric_id")))
+                mid = MachineId(m["mach_uuid"])
+                machines.append(
+                    Machine(mid, m.get("mach_name") or mid, fabric, m.get("mach_name") or "")
+                )
+                first_of_fabric.setdefault(fabric, mid)
+                devices.extend(_resource(r, fabric, mid) for r in m.get("resources") or [])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise errors.FabricProtocolError(
+                    f"GET /machines: malformed machine {m!r:.200}: {exc}"
+                ) from None
+        for fabric_id, first in sorted(first_of_fabric.items()):
+            counts = await asyncio.gather(*(self._free_count(first, m) for m in self.models))
+            for model, count in zip(self.models, counts, strict=True):
+                devices.extend(
+                    PoolDevice(
+                        id=DeviceId(f"{fabric_id}.{model}.free-{n}"),
+                        fabric=fabric_id,
+                        model=model,
+                        state=DeviceState.FREE,
+                        anonymous=True,
+                    )
+                    for n in range(count)
+                )
+        version = hashlib.sha256(
+            orjson.dumps([docs, [(d.id, d.state) for d in devices]])
+        ).hexdigest()[:16]
+        return Inventory(tuple(machines), tuple(devices), version=version)
+
+    async def _free_count(self, machine: MachineId, model: str) -> int:
+        cond = orjson.dumps({"column": "model", "operator": "eq", "value": model}).decode()
+        doc = await self._get(
+            f"/machines/{machine}/available-reserved-resources",
+            {"res_type": "gpu", "condition": cond},
+        )
+        count = doc.get("reserved_res_num_per_fabric") if isinstance(doc, dict) else None
+        if not isinstance(count, int) or count < 0:
+            raise errors.FabricProtocolError(f"available-reserved-resources: bad count {count!r}")
+        return count
+
+    async def _machine(self, machine: MachineId) -> dict[str, Any]:
+        doc = await self._get(f"/machines/{machine}")
+        try:
+            (m,) = doc["data"]["machines"]
+            return dict(m)
+        except (KeyError, TypeError, ValueError):
+            raise errors.FabricProtocolError(
+                f"GET /machines/{machine}: no single machine in data.machines"
+            ) from None
+
+    async def watch(self) -> AsyncIterator[Inventory]:
+        last = ""
+        while True:
+            try:
+                inv = await self.inventory()
+                if inv.version != last:
+                    last = inv.version
+                    yield inv
+            except errors.AgentError as exc:
+                logger.warning("FTI poll failed: %s", exc)
+            await asyncio.sleep(self.poll_interval)
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def _body(self, machine: MachineId, spec: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "tenants": {
+                "tenant_uuid": self.tenant,
+                "machines": [
+                    {
+                        "mach_uuid": machine,
+                        "resources": [{"res_specs": [{"res_type": "gpu", "res_num": 1, **spec}]}],
+                    }
+                ],
+            }
+        }
+
+    async def attach(self, device: DeviceId, machine: MachineId, *, model: str = "") -> PoolDevice:
+        anonymous = ".free-" in device
+        async with self.http.device(device if not anonymous else f"{machine}/{model}"):
+            m = await self._machine(machine)
+            fabric = FabricId(str(m.get("fabric_uuid") or m.get("fabric_id")))
+            if not anonymous:
+                for r in m.get("resources") or []:
+                    if r.get("res_uuid") == device:  # already there or on its way: send nothing
+                        return await self._settle_attach(device, machine, fabric)
+            if not model:
+                model = device.split(".")[1] if anonymous else ""
+            if not model:
+                raise errors.FabricRejected(
+                    f"attach of {device}: the fti backend needs the device's model"
+                )
+            spec: dict[str, Any] = {
+                "res_spec": {"condition": [{"column": "model", "operator": "eq", "value": model}]}
+            }
+            if not anonymous:
+                spec["res_uuid"] = device
+            try:
+                reply = await self._fm(
+                    "PATCH",
+                    f"/machines/{machine}/update",
+                    json=self._body(machine, spec),
+                    timeout=self.operation_timeout,
+                )
+            except errors.TransientError:
+                if anonymous:
+                    raise  # the caller (composer) reconciles by its record of the machine
+                return await self._settle_attach(device, machine, fabric)
+            if reply.status >= 500 and not anonymous:
+                logger.warning(
+                    "attach of %s answered %d (%s); re-reading",
+                    device,
+                    reply.status,
+                    _detail(reply),
+                )
+                return await self._settle_attach(device, machine, fabric)
+            check_status(reply, f"attach {device} to {machine}", _detail(reply))
+            doc = reply.json("attach")
+            try:
+                res = doc["data"]["machines"][0]["resources"][0]
+            except (KeyError, TypeError, IndexError):
+                raise errors.FabricProtocolError(
+                    "attach answered without data.machines[0].resources[0]"
+                ) from None
+            result = _resource(res, fabric, machine)
+            if result.state == DeviceState.FAILED:
+                raise errors.DeviceFailed(
+                    f"attach of {result.id} to {machine}: res_op_status {res.get('res_op_status')}"
+                )
+            if not anonymous and result.id != device:
+                logger.warning("asked the FM for %s, it attached %s", device, result.id)
+            return result
+
+    async def _settle_attach(
+        self, device: DeviceId, machine: MachineId, fabric: FabricId
+    ) -> PoolDevice:
+        """After an unknown outcome: is the device on the machine? (never send a second attach)"""
+        deadline = time.monotonic() + self.operation_timeout
+        while time.monotonic() < deadline:
+            m = await self._machine(machine)
+            for r in m.get("resources") or []:
+                if r.get("res_uuid") == device:
+                    dev = _resource(r, fabric, machine)
+                    if dev.state == DeviceState.ATTACHED:
+                        return dev
+                    if dev.state == DeviceState.FAILED:
+                        raise errors.DeviceFailed(
+                            f"attach of {device} to {machine} failed on the fabric"
+                        )
+                    break
+            else:
+                raise errors.FabricUnavailable(
+                    f"attach of {device} to {machine} was lost; it is not attached"
+                )
+            await asyncio.sleep(0.1)
+        raise errors.FabricTimeout(
+            f"attach of {device} to {machine} did not settle in {self.operation_timeout:.0f} s"
+        )
+
+    async def detach(self, device: DeviceId) -> PoolDevice:
+        async with self.http.device(device):
+            for m in await self._machine_docs():
+                fabric = FabricId(str(m.get("fabric_uuid") or m.get("fabric_id")))
+                for r in m.get("resources") or []:
+                    if r.get("res_uuid") == device:
+                        machine = MachineId(m["mach_uuid"])
+                        model = _model(r)
+                        reply = await self._fm(
+                            "DELETE",
+                            f"/machines/{machine}/update",
+                            json=self._body(machine, {"res_uuid": device}),
+                            timeout=self.operation_timeout,
+                        )
+                        check_status(reply, f"detach {device} from {machine}", _detail(reply))
+                        return PoolDevice(
+                            device,
+                            fabric,
+                            model,
+                            DeviceState.FREE,
+                            serial=r.get("res_serial_num", ""),
+                        )
+            return PoolDevice(device, FabricId(""), "", DeviceState.FREE)  # not attached anywhere
+
+
+def _model(r: dict[str, Any]) -> str:
+    for cond in (r.get("res_spec") or {}).get("condition") or []:
+        if cond.get("column") == "model":
+            return str(cond.get("value", ""))
+    return str(r.get("res_name", ""))
+
+
+def _resource(r: dict[str, Any], fabric: FabricId, machine: MachineId) -> PoolDevice:
+    try:
+        op = str(r.get("res_op_status", "0"))
+        state = (
+            DeviceState.FAILED
+            if op.startswith("2")
+            else _STATE.get(int(r.get("res_status") or 4), DeviceState.ATTACHED)
+        )
+        return PoolDevice(
+            id=DeviceId(r["res_uuid"]),
+            fabric=fabric,
+            model=_model(r),
+            state=state,
+            serial=r.get("res_serial_num") or "",
+            machine=machine,
+            pci_address=r.get("res_pci_address") or "",
+            reason=op[1:] if state == DeviceState.FAILED else "",
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise errors.FabricProtocolError(f"malformed FTI resource {r!r:.200}: {exc}") from None
+
+
+def _jwt_exp(token: str) -> float:
+    """`exp` of a JWT's payload (not verified: the FM verifies it; we only schedule renewal)."""
+    try:
+        payload = token.split(".")[1]
+        doc = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(doc["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return time.time() + 60.0  # no readable exp: renew in a minute
+
+
+def _detail(reply: Reply) -> str:
+    try:
+        doc = orjson.loads(reply.body)
+        detail = doc.get("detail") or {}
+        return f"{detail.get('code', '')} {detail.get('message', '')}".strip() or str(doc)[:200]
+    except (ValueError, AttributeError, TypeError):
+        return reply.body[:200].decode(errors="replace")
