@@ -75,9 +75,13 @@ class RedfishFabric:
     async def _discover(self) -> None:
         if self._links:
             return
-        reply = await self.http.retrying("GET service root", lambda: self.http.call("GET", ROOT))
-        check_status(reply, "GET /redfish/v1/")
-        root = reply.json("GET /redfish/v1/")
+
+        async def read_root() -> Any:
+            reply = await self.http.call("GET", ROOT)
+            check_status(reply, "GET /redfish/v1/", _message(reply))
+            return reply.json("GET /redfish/v1/")
+
+        root = await self.http.retrying("GET service root", read_root)
         try:
             self._links = {
                 "systems": root["Systems"]["@odata.id"],
@@ -322,25 +326,34 @@ class RedfishFabric:
         )
 
     async def _follow(self, accepted: Reply, device: DeviceId, deadline: float) -> None:
-        """Poll a task monitor (202 + Location) until it stops answering 202."""
+        """Poll a task monitor (202 + Location) until it stops answering 202. Whatever it ends
+        with — done, an error, a lost monitor, a failed poll — the caller re-reads the block,
+        whose state is the truth (a failed composition shows as CompositionState Failed)."""
         monitor = accepted.headers.get("Location")
         if not monitor:
-            return  # no monitor: the block's state tells us
-        while time.monotonic() < deadline:
-            try:
-                delay = float(accepted.headers.get("Retry-After", "0.05"))
-            except ValueError:
-                delay = 0.05
-            await asyncio.sleep(min(max(delay, 0.01), 0.05))
-            reply = await self._request("GET", monitor)
-            if reply.status == 202:
-                accepted = reply
-                continue
-            if reply.status >= 400 and reply.status != 404:
-                raise errors.DeviceFailed(
-                    f"the fabric's task for {device} failed: {_message(reply)}"
-                )
             return
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_retry_after(accepted))
+            try:
+                reply = await self._request("GET", monitor)
+            except errors.TransientError as exc:
+                logger.debug("task monitor of %s: %s; re-reading the block", device, exc)
+                return
+            if reply.status != 202:
+                if reply.status >= 400:
+                    logger.info(
+                        "task for %s ended with %d: %s", device, reply.status, _message(reply)
+                    )
+                return
+            accepted = reply
+
+
+def _retry_after(reply: Reply) -> float:
+    """The monitor's Retry-After, capped: our own attach latency budget is tens of ms."""
+    try:
+        return min(max(float(reply.headers.get("Retry-After", "0.05")), 0.01), 0.05)
+    except ValueError:
+        return 0.05
 
 
 def _device(block: dict[str, Any]) -> PoolDevice:

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 
 from agent import errors
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int
+    #: Case-insensitive, as HTTP header names are.
     headers: Mapping[str, str]
     body: bytes
 
@@ -118,9 +120,9 @@ class FabricHttp:
                 data=body,
                 headers=hdrs,
                 params=params,
-                timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None,
+                timeout=aiohttp.ClientTimeout(total=timeout) if timeout else self._timeout,
             ) as resp:
-                return Reply(resp.status, dict(resp.headers), await resp.read())
+                return Reply(resp.status, CIMultiDict(resp.headers), await resp.read())
         except TimeoutError as exc:
             raise errors.FabricTimeout(
                 f"{method} {url}: no answer from the fabric manager within "

@@ -208,8 +208,9 @@ class FtiApi:
             return fm_error(exc.status, f"E{exc.status}00", str(exc))
         except (KeyError, IndexError, TypeError) as exc:
             return fm_error(400, "E40000", f"res_spec needs a model condition ({exc})")
-        if (failed := await _wait(task)) is not None:
-            return fm_error(500, "E50010", failed)
+        await _wait(task)
+        # Like the real FM, a failed attach is a 200 whose resource has res_op_status "2..."
+        # (critical); CoHDI's operator reads it that way.
         doc = self._machine_doc(machine_id)
         doc["resources"] = [self._resource(self.state.device(dev.spec.id))]
         return json_response({"data": {"machines": [doc]}})

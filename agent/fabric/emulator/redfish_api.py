@@ -28,6 +28,8 @@ MONITORS = f"{R}/TaskService/TaskMonitors"
 SESSIONS = f"{R}/SessionService/Sessions"
 ACCOUNTS = f"{R}/AccountService/Accounts"
 ROLES = f"{R}/AccountService/Roles"
+#: The authenticated user of a request ("": anonymous).
+USER = web.RequestKey("user", str)
 SERVICE_UUID = "6e3b6a2c-6f2d-4bb3-9b1e-7b1f6a0c0d01"
 
 #: Reachable without credentials (DSP0266 "Authentication requirements").
@@ -147,7 +149,7 @@ class RedfishApi:
         if path in (SESSIONS, f"{SESSIONS}/Members") and request.method != "POST":
             public = False
         user = self._user(request)
-        request["user"] = user
+        request[USER] = user or ""
         if not public and user is None:
             return error(
                 401,
@@ -208,7 +210,7 @@ class RedfishApi:
 
     def _require(self, request: web.Request, privilege: str) -> web.Response | None:
         """403 unless the caller's role grants `privilege` (Redfish privilege registry names)."""
-        role = self.creds.role_of(request.get("user") or "")
+        role = self.creds.role_of(request.get(USER, ""))
         if privilege in ROLE_PRIVILEGES.get(role, []):
             return None
         return error(
@@ -504,7 +506,7 @@ class RedfishApi:
             return error(404, "ResourceMissingAtURI", f"no account {user}")
         allow = "GET, HEAD, PATCH, DELETE"
         self._only(request, allow)
-        own = request.get("user") == user
+        own = request.get(USER) == user
         if request.method in ("GET", "HEAD"):
             if not own and (denied := self._require(request, "ConfigureUsers")) is not None:
                 return denied
