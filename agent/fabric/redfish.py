@@ -241,6 +241,7 @@ class RedfishFabric:
         only sent from a state read just before; an unknown outcome leads back to a read."""
         deadline = time.monotonic() + self.operation_timeout
         conflicts = 0
+        pause = 0.005
         while True:
             if time.monotonic() > deadline:
                 raise errors.FabricTimeout(
@@ -260,14 +261,17 @@ class RedfishFabric:
                         f"device {device} has failed: {dev.reason or 'see the fabric manager'}"
                     )
                 if dev.state in (DeviceState.ATTACHING, DeviceState.DETACHING):
-                    await asyncio.sleep(0.05)  # someone's transition is in flight: watch it land
+                    # someone's transition is in flight (ours from before a crash?): watch it land
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.5)
                     continue
                 target = machine
             else:
                 if dev.state == DeviceState.FREE or dev.machine is None:
                     return dev
                 if dev.state in (DeviceState.ATTACHING, DeviceState.DETACHING):
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.5)
                     continue
                 target = dev.machine
             assert target is not None
@@ -332,8 +336,10 @@ class RedfishFabric:
         monitor = accepted.headers.get("Location")
         if not monitor:
             return
+        pause = 0.005  # grows to the service's Retry-After: quick tasks are seen quickly
         while time.monotonic() < deadline:
-            await asyncio.sleep(_retry_after(accepted))
+            await asyncio.sleep(min(pause, _retry_after(accepted)))
+            pause *= 2
             try:
                 reply = await self._request("GET", monitor)
             except errors.TransientError as exc:
@@ -349,11 +355,11 @@ class RedfishFabric:
 
 
 def _retry_after(reply: Reply) -> float:
-    """The monitor's Retry-After, capped: our own attach latency budget is tens of ms."""
+    """The monitor's Retry-After (seconds), within [0.005, 2]."""
     try:
-        return min(max(float(reply.headers.get("Retry-After", "0.05")), 0.01), 0.05)
+        return min(max(float(reply.headers.get("Retry-After", "0.5")), 0.005), 2.0)
     except ValueError:
-        return 0.05
+        return 0.5
 
 
 def _device(block: dict[str, Any]) -> PoolDevice:

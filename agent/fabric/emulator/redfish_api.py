@@ -10,6 +10,8 @@ monitor. Every resource has an ETag; a write with a stale `If-Match` gets 412.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from typing import Any
 
@@ -30,6 +32,8 @@ ACCOUNTS = f"{R}/AccountService/Accounts"
 ROLES = f"{R}/AccountService/Roles"
 #: The authenticated user of a request ("": anonymous).
 USER = web.RequestKey("user", str)
+#: Compositions that finish within this answer the request itself (200/204), longer ones 202.
+SYNC_WINDOW = 0.1
 SERVICE_UUID = "6e3b6a2c-6f2d-4bb3-9b1e-7b1f6a0c0d01"
 
 #: Reachable without credentials (DSP0266 "Authentication requirements").
@@ -702,7 +706,16 @@ class RedfishApi:
     async def _maybe_async(
         self, request: web.Request, tasks: list[Task], result: Any
     ) -> web.Response:
-        """Finish at once when nothing is pending; else 202 with a task monitor."""
+        """Answer synchronously when the composition settles within SYNC_WINDOW; else 202 with a
+        task monitor (what real services do: quick operations complete in the request)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SYNC_WINDOW):
+                for t in tasks:
+                    await asyncio.shield(t.done.wait())
+        failed = [t for t in tasks if t.state == "Exception"]
+        if failed:
+            return error(500, "GeneralError", failed[0].message)
+        tasks = [t for t in tasks if t.state == "Running"]
         if not tasks:
             if result is None:
                 return web.Response(status=204)
