@@ -9,8 +9,9 @@ import platform
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
-from agent import KUBERNETES_VERSION, __version__, settings
+from agent import KUBERNETES_VERSION, __version__, errors, settings
 from agent.devcluster import local
 from agent.fabric.emulator import config as emulator_config
 from agent.fabric.emulator.config import EmulatorConfig
@@ -102,6 +103,104 @@ async def fabric_emulator(cfg: settings.Settings) -> int:
     finally:
         await server.stop()
     return 0
+
+
+def manifests(cfg: settings.Settings, out: str) -> int:
+    from agent.manifests import installing
+
+    for path in installing.write(Path(out), cfg.cluster.driver):
+        print(f"wrote {path}")
+    return 0
+
+
+async def install_crds(cfg: settings.Settings) -> int:
+    from agent.kube.client import Kube
+    from agent.manifests import installing
+
+    async with await Kube.connect(
+        kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
+    ) as kube:
+        await installing.install(kube, cfg.cluster.driver)
+    print(f"CRDs ({crds_names()}) and DeviceClass gpu.{cfg.cluster.driver} installed")
+    return 0
+
+
+def crds_names() -> str:
+    from agent.manifests import crds
+
+    return ", ".join(c["metadata"]["name"] for c in crds.all_crds())
+
+
+async def run(cfg: settings.Settings) -> int:
+    """`cohdi-agent run`: the roles this process was given, until SIGTERM/Ctrl-C."""
+    import signal
+
+    from agent.controllers import running
+    from agent.fabric.backends import open_fabric
+    from agent.kube.client import Kube
+    from agent.kube.leasing import LeaderElector
+
+    roles = {r.strip() for r in cfg.cluster.roles.split(",") if r.strip()}
+    unknown = roles - {"cluster", "node"}
+    if unknown or not roles:
+        raise errors.ConfigError("--roles", cfg.cluster.roles, "must name cluster and/or node")
+    if "node" in roles:
+        raise errors.ConfigError(
+            "--roles", cfg.cluster.roles, "the node role is not in this build yet"
+        )
+    main = asyncio.current_task()
+    assert main is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    fabric = open_fabric(cfg.fabric)
+    try:
+        async with await Kube.connect(
+            kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
+        ) as kube:
+            elector = LeaderElector(
+                kube,
+                namespace=cfg.leader.namespace,
+                name=cfg.leader.name,
+                identity=cfg.identity,
+                lease_duration=cfg.leader.duration,
+                renew_deadline=cfg.leader.renew_deadline,
+                retry_period=cfg.leader.retry_period,
+            )
+            metrics_server = await _serve_metrics(cfg.cluster.metrics_port)
+
+            async def lead() -> None:
+                await running.build(kube, fabric, cfg, identity=cfg.identity).run()
+
+            try:
+                await elector.run(lead)
+            finally:
+                if metrics_server is not None:
+                    await metrics_server.cleanup()
+    except asyncio.CancelledError:
+        return 0
+    finally:
+        await fabric.close()
+    return 0
+
+
+async def _serve_metrics(port: int) -> Any:
+    if not port:
+        return None
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from agent.controllers.metrics import REGISTRY
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
 
 
 async def demo(cfg: settings.Settings, *, keep: bool) -> int:

@@ -35,6 +35,7 @@ def _settings_parent() -> argparse.ArgumentParser:
                 "logging": "logging",
                 "kube": "Kubernetes API",
                 "leader": "leader election (cluster role)",
+                "cluster": "roles and the cluster role",
                 "fabric": "fabric manager",
                 "emulator": "fabric emulator",
                 "dev": "local control plane (tests, demo, benchmarks)",
@@ -83,6 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--keep", action="store_true", help="keep the cluster running until Ctrl-C")
+
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the agent: the cluster role (leader-elected) and/or the node role (--roles)",
+        description=textwrap.dedent(
+            """\
+            The cluster role publishes the fabric's GPUs as DRA ResourceSlices, attaches a GPU to
+            the node the scheduler pinned a claim to, sets FabricDeviceReady once the node reports
+            it, and detaches idle GPUs. Only the replica holding the Lease acts; the others wait.
+            Needs --fabric-url (and credentials) and the CRDs (`cohdi-agent install-crds`).
+            SIGTERM or Ctrl-C stop it cleanly and release the Lease.
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_parser(
+        "install-crds",
+        parents=[common],
+        help="create or update the CRDs and the DeviceClass in the cluster, wait until served",
+    )
+    manifests = sub.add_parser(
+        "manifests",
+        parents=[common],
+        help="write the CRDs, DeviceClass and RBAC as YAML (this is how packaging/ is made)",
+    )
+    manifests.add_argument(
+        "--out", default="packaging", help="directory to write (default: packaging)"
+    )
 
     sub.add_parser(
         "fabric-emulator",
@@ -146,6 +176,12 @@ def main(argv: list[str], *, run_async: RunAsync) -> int:
             return app.version()
         if args.command == "dev-cluster":
             return app.dev_cluster(cfg, args.action)
+        if args.command == "run":
+            return run_async(lambda: app.run(cfg))
+        if args.command == "install-crds":
+            return run_async(lambda: app.install_crds(cfg))
+        if args.command == "manifests":
+            return app.manifests(cfg, args.out)
         if args.command == "fabric-emulator":
             return run_async(lambda: app.fabric_emulator(cfg))
         if args.command == "demo":

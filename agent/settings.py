@@ -122,6 +122,44 @@ class LeaderSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """What `cohdi-agent run` does. Flags: --driver, --roles, --claim-deadline, ..."""
+
+    PREFIX: ClassVar[str] = ""
+    roles: str = setting(
+        "cluster",
+        "Comma-separated roles this process runs: 'cluster' (leader-elected publisher, scaler, "
+        "composer) and, on GPU servers, 'node'.",
+    )
+    driver: str = setting(
+        "composable.cohdi.io",
+        "DRA driver name of the pool slices and the kubelet plugin (a DNS subdomain you own).",
+    )
+    claim_deadline: float = setting(
+        480.0,
+        "How long after allocation a claim may wait for its device before FabricDeviceFailed is "
+        "set; keep it well below the scheduler's bindingTimeout (600 s by default).",
+        unit="s",
+        minimum=1,
+    )
+    idle_grace: float = setting(
+        300.0,
+        "How long an attached device may sit unallocated before it is detached (scale-down).",
+        unit="s",
+        minimum=0,
+    )
+    metrics_port: int = setting(
+        0,
+        "Serve Prometheus metrics on 127.0.0.1:<port>/metrics; 0 turns it off.",
+        minimum=0,
+        maximum=65535,
+    )
+    workers: int = setting(
+        64, "Claims (and resources) worked on in parallel.", minimum=1, maximum=4096
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class FabricSettings:
     """How the agent reaches the fabric manager. Flags: --fabric-*. Secrets never go on the
     command line: the password comes from --fabric-password-file or $COHDI_FABRIC_PASSWORD (and
@@ -259,6 +297,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     kube: KubeSettings = field(default_factory=KubeSettings)
     leader: LeaderSettings = field(default_factory=LeaderSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     fabric: FabricSettings = field(default_factory=FabricSettings)
     emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
     dev: DevClusterSettings = field(default_factory=DevClusterSettings)
@@ -387,6 +426,7 @@ _GROUPS: Final[dict[str, Any]] = {
     "logging": LoggingSettings,
     "kube": KubeSettings,
     "leader": LeaderSettings,
+    "cluster": ClusterSettings,
     "fabric": FabricSettings,
     "emulator": EmulatorSettings,
     "dev": DevClusterSettings,

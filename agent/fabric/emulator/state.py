@@ -83,6 +83,8 @@ class Faults:
     delay: float = 0.0
     #: Probability that an API request answers 500 (seeded, reproducible).
     error_rate: float = 0.0
+    #: The next N attaches (of any device) fail, leaving the device failed.
+    fail_next_attaches: int = 0
     devices: dict[str, DeviceFaults] = field(default_factory=dict)
 
 
@@ -188,7 +190,13 @@ class EmulatorState:
             return self._task_for(device_id)
         if dev.state == DeviceState.ATTACHING:
             raise Conflict(f"device {device_id} is still attaching; detach after it settles")
-        if dev.state == DeviceState.FAILED and dev.machine is None:
+        if dev.state == DeviceState.FAILED:
+            # Take a failed device off its machine; it stays failed until an operator heals it.
+            machine = self.machines.get(dev.machine or "")
+            if machine is not None:
+                self._run_hooks(self.on_disappear, dev, machine)
+                dev.machine, dev.pci_address = None, ""
+                self._changed_now(dev)
             return None
         self._cancel_transition(device_id)
         dev.state = DeviceState.DETACHING
@@ -215,8 +223,11 @@ class EmulatorState:
             await asyncio.sleep(dev.spec.attach_latency)
             if faults.stuck:
                 await asyncio.Event().wait()  # never finishes: the fabric hangs
-            if faults.fail_next_attaches > 0:
-                faults.fail_next_attaches -= 1
+            if faults.fail_next_attaches > 0 or self.faults.fail_next_attaches > 0:
+                if faults.fail_next_attaches > 0:
+                    faults.fail_next_attaches -= 1
+                else:
+                    self.faults.fail_next_attaches -= 1
                 dev.state, dev.reason = DeviceState.FAILED, "injected attach failure"
                 task.state, task.message = "Exception", f"attach of {dev.spec.id} failed"
                 self._changed_now(dev)

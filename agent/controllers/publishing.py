@@ -1,0 +1,255 @@
+"""The pool publisher (CoHDI's Composable DRA Driver, event-driven): the fabric's inventory →
+our pool ResourceSlices, and nodes labelled with the fabric they are wired to.
+
+It recomputes the desired slices whenever something relevant changes (fabric inventory, a device
+pinned or withheld by the scaler, nodes), and writes only the slices whose content changed. A pool
+keeps its generation when one slice changes; when slices are added or removed the generation is
+bumped and every slice of the pool carries the new one. After each write the stored object is
+compared with what was sent: if the API server dropped the binding-condition or per-device
+node-selection fields (feature gates off), publishing stops with a `FeatureGateOff` error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from agent import errors
+from agent.controllers import metrics
+from agent.kube.client import Kube, Obj, path_of
+from agent.kube.objects import dropped_fields
+from agent.kube.watching import Informer
+from agent.model import pool as poolmodel
+from agent.model.fabric import DeviceState, Inventory, PoolDevice
+
+logger = logging.getLogger(__name__)
+
+SLICES = path_of(group="resource.k8s.io", version="v1", plural="resourceslices")
+NODES = path_of(group="", version="v1", plural="nodes")
+
+
+class FeatureGateOff(errors.PermanentError):
+    fault = "kube"
+
+
+class Publisher:
+    def __init__(self, kube: Kube, *, driver: str, slices: Informer, nodes: Informer) -> None:
+        self.kube = kube
+        self.driver = driver
+        self.slices = slices
+        self.nodes = nodes
+        self.inventory: Inventory | None = None
+        self.withheld: set[str] = set()
+        self.pinned: set[str] = set()
+        self._dirty = asyncio.Event()
+        #: slice name -> (resourceVersion we wrote, spec we sent): compare against our own writes,
+        #: not the server's normalised copy.
+        self._sent: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.synced = asyncio.Event()
+        self._synced_once = asyncio.Event()
+        self.syncs = 0
+        nodes.add_handler(lambda _e: self.changed())
+
+    def changed(self) -> None:
+        self._dirty.set()
+
+    def update_inventory(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        # A withheld device that came back free (detached) is offered again. A failed one stays
+        # out because the fabric reports it failed, until an operator repairs it.
+        self.withheld -= {d.id for d in inventory.devices if d.state == DeviceState.FREE}
+        self.changed()
+
+    async def flush(self) -> None:
+        """Return once a sync that started after this call has finished."""
+        target = self.syncs + (2 if self._syncing else 1)
+        self.changed()
+        while self.syncs < target:
+            self._synced_once.clear()
+            await self._synced_once.wait()
+
+    _syncing = False
+
+    def device_changed(self, dev: PoolDevice) -> None:
+        """A device the composer just attached/detached: publish at once, without waiting for the
+        next fabric poll (which confirms it)."""
+        if self.inventory is None:
+            return
+        old = self.inventory.device(dev.id)
+        if old is not None and not dev.fabric:  # a partial answer (FTI detach): keep what we know
+            dev = PoolDevice(
+                dev.id, old.fabric, old.model, dev.state, old.vendor, old.memory, old.serial
+            )
+        devices = [d for d in self.inventory.devices if d.id != dev.id]
+        devices.append(dev)
+        if dev.state == DeviceState.FREE:
+            self.withheld.discard(dev.id)
+        self.inventory = Inventory(self.inventory.machines, tuple(devices), version="local")
+        self.changed()
+
+    def device(self, device_id: str) -> PoolDevice | None:
+        return self.inventory.device(device_id) if self.inventory else None
+
+    def device_id_of(self, pool: str, name: str) -> str | None:
+        """The fabric device behind a slice entry (pool, device name)."""
+        if self.inventory is None:
+            return None
+        return next(
+            (
+                d.id
+                for d in self.inventory.devices
+                if str(d.fabric) == pool and poolmodel.device_name(d.id) == name
+            ),
+            None,
+        )
+
+    def withhold(self, device_id: str) -> None:
+        self.withheld.add(device_id)
+        self.changed()
+
+    def release(self, device_id: str) -> None:
+        self.withheld.discard(device_id)
+        self.changed()
+
+    def pin(self, device_id: str) -> None:
+        if device_id not in self.pinned:
+            self.pinned.add(device_id)
+            self.changed()
+
+    def unpin(self, device_id: str) -> None:
+        if device_id in self.pinned:
+            self.pinned.discard(device_id)
+            self.changed()
+
+    def node_of_machine(self) -> dict[str, str]:
+        """machine id -> Kubernetes node name, for machines whose node exists."""
+        if self.inventory is None:
+            return {}
+        nodes = {name for _, name in self.nodes.store}
+        out: dict[str, str] = {}
+        for m in self.inventory.machines:
+            for candidate in (m.node_name, m.name, m.id):
+                if candidate and candidate in nodes:
+                    out[m.id] = candidate
+                    break
+        return out
+
+    def machine_of_node(self, node: str) -> str | None:
+        return next((m for m, n in self.node_of_machine().items() if n == node), None)
+
+    async def run(self) -> None:
+        await self.slices.synced.wait()
+        await self.nodes.synced.wait()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if self.inventory is None:
+                continue
+            self._syncing = True
+            try:
+                await self.sync()
+            finally:
+                self._syncing = False
+                self._synced_once.set()
+
+    async def sync(self) -> None:
+        assert self.inventory is not None
+        await self._label_nodes()
+        desired = poolmodel.desired_slices(
+            driver=self.driver,
+            inventory=self.inventory,
+            node_of_machine=self.node_of_machine(),
+            withheld=frozenset(self.withheld),
+            pinned=frozenset(self.pinned),
+        )
+        current: dict[str, dict[str, Obj]] = {}
+        for obj in self.slices.store.values():
+            spec = obj.get("spec", {})
+            if spec.get("driver") == self.driver and not spec.get("nodeName"):
+                current.setdefault(spec["pool"]["name"], {})[obj["metadata"]["name"]] = obj
+        for pool in sorted(set(desired) | set(current)):
+            await self._sync_pool(pool, desired.get(pool, []), current.get(pool, {}))
+        self.syncs += 1
+        self.synced.set()
+
+    def _differs(self, want: poolmodel.SliceSpec, have: Obj | None) -> bool:
+        if have is None:
+            return True
+        rv = have["metadata"].get("resourceVersion", "")
+        sent = self._sent.get(want.name)
+        base = sent[1] if sent and sent[0] == rv else have.get("spec", {})
+        return not poolmodel.same_content(want.spec, base)
+
+    async def _sync_pool(
+        self, pool: str, want: list[poolmodel.SliceSpec], have: dict[str, Obj]
+    ) -> None:
+        changed = [w for w in want if self._differs(w, have.get(w.name))]
+        obsolete = [name for name in have if name not in {w.name for w in want}]
+        if not changed and not obsolete:
+            return
+        generations = [int(o["spec"]["pool"].get("generation", 0)) for o in have.values()]
+        generation = max(generations, default=0)
+        lives_in = {
+            d["name"]: name
+            for name, o in have.items()
+            for d in o.get("spec", {}).get("devices") or []
+        }
+        moved = any(
+            lives_in.get(d["name"], w.name) != w.name for w in want for d in w.spec["devices"]
+        )
+        same_shape = not obsolete and all(w.name in have for w in want)
+        if moved or not same_shape or len(set(generations)) > 1:
+            # Devices change slices or slices come and go: a new generation, written whole, so a
+            # consumer never sees one device twice or a pool half old, half new.
+            generation += 1
+            changed = want
+        for name in obsolete:
+            try:
+                await self.kube.delete(f"{SLICES}/{name}")
+                metrics.SLICE_WRITES.labels("delete").inc()
+            except errors.KubeNotFound:
+                pass
+        for w in changed:
+            spec = {**w.spec, "pool": {**w.spec["pool"], "generation": generation}}
+            await self._write(w.name, spec, have.get(w.name))
+
+    async def _write(self, name: str, spec: dict[str, Any], existing: Obj | None) -> None:
+        body: dict[str, Any] = {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceSlice",
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "cohdi-agent"}},
+            "spec": spec,
+        }
+        if existing is None:
+            stored = await self.kube.create(SLICES, body)
+            metrics.SLICE_WRITES.labels("create").inc()
+        else:
+            body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            stored = await self.kube.replace(f"{SLICES}/{name}", body)
+            metrics.SLICE_WRITES.labels("update").inc()
+        missing = dropped_fields(spec, stored.get("spec", {}))
+        if missing:
+            raise FeatureGateOff(
+                f"the API server dropped {', '.join(missing[:5])} from ResourceSlice {name}: "
+                "the DRADeviceBindingConditions / DRAPartitionableDevices feature gates are off. "
+                "Turn them on in kube-apiserver and kube-scheduler (default on from Kubernetes "
+                "1.36); without them the scheduler would bind pods to GPUs never attached"
+            )
+        self._sent[name] = (stored["metadata"]["resourceVersion"], spec)
+        # keep the informer's view current so the next sync does not rewrite from a stale copy
+        self.slices.store[("", name)] = stored
+
+    async def _label_nodes(self) -> None:
+        assert self.inventory is not None
+        fabric_of: dict[str, str] = {m.id: str(m.fabric) for m in self.inventory.machines}
+        for machine, node in self.node_of_machine().items():
+            obj = self.nodes.get("", node)
+            want = fabric_of.get(machine, "")
+            if obj is None or not want:
+                continue
+            if obj["metadata"].get("labels", {}).get(poolmodel.FABRIC_LABEL) != want:
+                await self.kube.patch(
+                    f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FABRIC_LABEL: want}}}
+                )
+                logger.info("labelled node %s %s=%s", node, poolmodel.FABRIC_LABEL, want)

@@ -1,0 +1,145 @@
+"""From the fabric's inventory to the pool ResourceSlices we publish: pure decisions.
+
+One pool per fabric. A device's slice entry is named from its fabric id and never changes name,
+so one physical GPU is one device for the scheduler whether free or attached:
+- free: node selector on the fabric label (and not on nodes that are full), `bindsToNode`,
+  binding and failure conditions — the scheduler pins it to a node and waits for us;
+- attached to a node and healthy: `nodeName`, no conditions — usable at once;
+- attaching for a claim: kept exactly as it was offered (the claim's allocation refers to it);
+- anything else in transition, failed, or withheld for scale-down: not offered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from agent.model.fabric import DeviceState, Inventory, PoolDevice, dns_label
+
+READY: Final = "FabricDeviceReady"
+FAILED: Final = "FabricDeviceFailed"
+FABRIC_LABEL: Final = "cohdi.io/fabric"
+FULL_LABEL: Final = "cohdi.io/gpu-full"  # the node is at its device maximum
+MAX_DEVICES_PER_SLICE: Final = 128
+DEVICE_ID_ATTRIBUTE: Final = "fabricDeviceId"
+
+
+def device_name(device_id: str) -> str:
+    return dns_label(device_id)
+
+
+def model_label(model: str) -> str:
+    """`cohdi.io/<model>-full`: per-model maximum reached on a node (label name part <= 63)."""
+    return f"cohdi.io/{dns_label(model, limit=58)}-full"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSpec:
+    """One slice we want: name, pool, and the exact spec (devices in a stable order)."""
+
+    name: str
+    pool: str
+    spec: dict[str, Any]
+
+
+def device_entry(dev: PoolDevice, *, node: str | None, offered_free: bool) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "productName": {"string": dev.model[:64]},
+        "fabric": {"string": str(dev.fabric)[:64]},
+        DEVICE_ID_ATTRIBUTE: {"string": str(dev.id)[:64]},
+    }
+    if dev.vendor:
+        attrs["vendor"] = {"string": dev.vendor[:64]}
+    if dev.serial:
+        attrs["uuid"] = {"string": dev.serial[:64]}
+    entry: dict[str, Any] = {"name": device_name(dev.id), "attributes": attrs}
+    if dev.memory:
+        entry["capacity"] = {"memory": {"value": str(dev.memory)}}
+    if offered_free:
+        entry["bindsToNode"] = True
+        entry["bindingConditions"] = [READY]
+        entry["bindingFailureConditions"] = [FAILED]
+        entry["nodeSelector"] = {
+            "nodeSelectorTerms": [
+                {
+                    "matchExpressions": [
+                        {"key": FABRIC_LABEL, "operator": "In", "values": [str(dev.fabric)]},
+                        {"key": FULL_LABEL, "operator": "DoesNotExist"},
+                        {"key": model_label(dev.model), "operator": "DoesNotExist"},
+                    ]
+                }
+            ]
+        }
+    else:
+        assert node is not None
+        entry["nodeName"] = node
+    return entry
+
+
+def desired_slices(
+    *,
+    driver: str,
+    inventory: Inventory,
+    node_of_machine: Mapping[str, str],
+    withheld: frozenset[str] = frozenset(),
+    pinned: frozenset[str] = frozenset(),
+) -> dict[str, list[SliceSpec]]:
+    """pool -> slices. `pinned`: devices allocated to a claim while they attach (kept as free
+    entries); `withheld`: devices not to offer (scale-down in progress, failed claims)."""
+    # A device's slice is fixed by its position among *all* the pool's devices, offered or not,
+    # so withholding or failing one device rewrites one slice and never moves the others.
+    by_pool: dict[str, list[list[dict[str, Any]]]] = {}
+    position: dict[str, int] = {}
+    for dev in sorted(inventory.devices, key=lambda d: d.id):
+        pool = str(dev.fabric)
+        slot = position.get(pool, 0)
+        position[pool] = slot + 1
+        chunks = by_pool.setdefault(pool, [])
+        while len(chunks) <= slot // MAX_DEVICES_PER_SLICE:
+            chunks.append([])
+        if dev.id in withheld or (dev.anonymous and dev.state != DeviceState.FREE):
+            continue
+        node = node_of_machine.get(dev.machine or "")
+        entry: dict[str, Any] | None = None
+        attaching_for_claim = dev.id in pinned and dev.state == DeviceState.ATTACHING
+        if dev.state == DeviceState.FREE or attaching_for_claim:
+            entry = device_entry(dev, node=None, offered_free=True)
+        elif dev.state == DeviceState.ATTACHED and node:
+            entry = device_entry(dev, node=node, offered_free=False)
+        if entry is not None:
+            chunks[slot // MAX_DEVICES_PER_SLICE].append(entry)
+    for machine_fabric in {m.fabric for m in inventory.machines}:
+        by_pool.setdefault(str(machine_fabric), [[]])  # an empty pool is still a pool
+    out: dict[str, list[SliceSpec]] = {}
+    for pool, chunks in sorted(by_pool.items()):
+        out[pool] = [
+            SliceSpec(
+                name=slice_name(driver, pool, i),
+                pool=pool,
+                spec={
+                    "driver": driver,
+                    "pool": {"name": pool, "generation": 0, "resourceSliceCount": len(chunks)},
+                    "perDeviceNodeSelection": True,
+                    "devices": chunk,
+                },
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+    return out
+
+
+def slice_name(driver: str, pool: str, index: int) -> str:
+    base = dns_label(f"{driver}-{pool}", limit=240)
+    digest = hashlib.sha256(f"{driver}/{pool}".encode()).hexdigest()[:6]
+    return f"{base}-{digest}-{index}"
+
+
+def same_content(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Slice specs equal apart from the pool generation (which we set when writing)."""
+
+    def strip(s: Mapping[str, Any]) -> dict[str, Any]:
+        return {**s, "pool": {**s.get("pool", {}), "generation": 0}}
+
+    return strip(a) == strip(b)
