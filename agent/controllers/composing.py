@@ -63,7 +63,10 @@ class Composer:
         self.queue.enqueue(event.obj["metadata"]["name"])
 
     async def run(self) -> None:
+        # Act only with the whole picture: resources listed, and the fabric read and published
+        # (a new leader must not judge a node "not on the fabric" before it has asked the fabric).
         await self.resources.synced.wait()
+        await self.publisher.synced.wait()
         await self.queue.run()
 
     async def _status(self, name: str, **fields: Any) -> None:

@@ -52,6 +52,7 @@ class Requester:
     async def run(self) -> None:
         await self.requests.synced.wait()
         await self.resources.synced.wait()
+        await self.publisher.synced.wait()
         await self.queue.run()
 
     def _owned(self, name: str) -> list[Obj]:

@@ -136,6 +136,7 @@ class Scaler:
 
         await self.claims.synced.wait()
         await self.resources.synced.wait()
+        await self.publisher.synced.wait()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.queue.run())
             tg.create_task(self.idle.run())

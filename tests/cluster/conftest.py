@@ -1,0 +1,293 @@
+"""A whole cluster-level world per test, on the session's real control plane: unique nodes, a
+unique driver name (so tests never see each other's slices), the fabric emulator wired to those
+nodes, the cluster role, and a stand-in for the node role that reports NodeReady/NodeReleased
+(the node issue replaces it with the real node agent)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import settings
+from agent.controllers import running
+from agent.controllers.resources import (
+    NODE_READY,
+    NODE_RELEASED,
+    RESOURCES,
+    condition,
+    deleting,
+    state,
+)
+from agent.devcluster.controlplane import ControlPlane
+from agent.fabric.credentials import Secret
+from agent.fabric.emulator import config as emuconfig
+from agent.fabric.emulator.server import EmulatorServer
+from agent.fabric.redfish import RedfishFabric
+from agent.fabric.transport import FabricHttp
+from agent.kube.client import MERGE_PATCH, Kube, Obj, path_of
+from agent.kube.watching import Event, Informer
+from agent.manifests import installing
+
+PASSWORD = "cluster-test-pass-1"
+A100 = "NVIDIA-A100-PCIE-40GB"
+NS = "default"
+CLAIMS = path_of(group="resource.k8s.io", version="v1", plural="resourceclaims", namespace=NS)
+PODS = path_of(group="", version="v1", plural="pods", namespace=NS)
+NODES = path_of(group="", version="v1", plural="nodes")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def make_node(kube: Kube, name: str, labels: dict[str, str] | None = None) -> None:
+    await kube.create(
+        NODES,
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels or {}}},
+    )
+    await kube.patch(
+        f"{NODES}/{name}", {"spec": {"taints": None}}
+    )  # see README: TaintNodesByCondition
+    cap = {"pods": "110", "cpu": "64", "memory": "256Gi"}
+    await kube.patch(
+        f"{NODES}/{name}/status",
+        {
+            "status": {
+                "capacity": cap,
+                "allocatable": cap,
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "test",
+                        "lastHeartbeatTime": now(),
+                        "lastTransitionTime": now(),
+                    }
+                ],
+            }
+        },
+    )
+
+
+class NodeDouble:
+    """Stands in for the node role: when a resource is Online on one of our nodes, report
+    NodeReady (with the PCI address the fabric gave); when it is being deleted, NodeReleased."""
+
+    def __init__(self, kube: Kube, nodes: set[str], delay: float = 0.0) -> None:
+        self.kube = kube
+        self.nodes = nodes
+        self.delay = delay
+        self.informer = Informer(kube, RESOURCES, name="node-double")
+        self.informer.add_handler(self._on)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _on(self, event: Event) -> None:
+        obj = event.obj
+        if event.type == "DELETED" or obj.get("spec", {}).get("target_node") not in self.nodes:
+            return
+        ready, released = condition(obj, NODE_READY), condition(obj, NODE_RELEASED)
+        if deleting(obj) and ready and not released:
+            self._spawn(obj, NODE_RELEASED)
+        elif not deleting(obj) and state(obj) == "Online" and not ready:
+            self._spawn(obj, NODE_READY)
+
+    def _spawn(self, obj: Obj, ctype: str) -> None:
+        t = asyncio.get_running_loop().create_task(self._report(obj, ctype))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _report(self, obj: Obj, ctype: str) -> None:
+        await asyncio.sleep(self.delay)
+        conds = [c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] != ctype]
+        conds.append(
+            {
+                "type": ctype,
+                "status": "True",
+                "reason": "NodeDouble",
+                "message": "test",
+                "lastTransitionTime": now(),
+            }
+        )
+        with contextlib.suppress(Exception):
+            await self.kube.patch(
+                f"{RESOURCES}/{obj['metadata']['name']}/status",
+                {"status": {"conditions": conds}},
+                content_type=MERGE_PATCH,
+            )
+
+    async def run(self) -> None:
+        await self.informer.run()
+
+
+@dataclass
+class World:
+    kube: Kube
+    emulator: EmulatorServer
+    cfg: settings.Settings
+    driver: str
+    nodes: list[str]
+    suffix: str
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    role: running.ClusterRole | None = None
+
+    @property
+    def device_class(self) -> str:
+        return f"gpu.{self.driver}"
+
+    def machine_of(self, node: str) -> str:
+        return f"m-{node}"
+
+    async def start_role(self) -> running.ClusterRole:
+        http = FabricHttp(base_url=self.emulator.url, ca_bundle=str(self.emulator.ca_file))
+        fabric = RedfishFabric(http, user="admin", password=Secret(PASSWORD), poll_interval=0.5)
+        self.role = running.build(self.kube, fabric, self.cfg, identity=f"test-{self.suffix}")
+        self.tasks.append(asyncio.create_task(self.role.run()))
+        return self.role
+
+    async def claim_and_pod(self, name: str, model: str = A100) -> None:
+        expr = f'device.attributes["{self.driver}"].productName == "{model}"'
+        await self.kube.create(
+            CLAIMS,
+            {
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "ResourceClaim",
+                "metadata": {"name": name},
+                "spec": {
+                    "devices": {
+                        "requests": [
+                            {
+                                "name": "gpu",
+                                "exactly": {
+                                    "deviceClassName": self.device_class,
+                                    "selectors": [{"cel": {"expression": expr}}],
+                                },
+                            }
+                        ]
+                    }
+                },
+            },
+        )
+        await self.kube.create(
+            PODS,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "busybox",
+                            "resources": {"claims": [{"name": "gpu"}]},
+                        }
+                    ],
+                    "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
+                    "nodeSelector": {"test-world": self.suffix},
+                },
+            },
+        )
+
+
+async def finish(kube: Kube, name: str) -> None:
+    """A pod is done and gone: what kubelet and kube-controller-manager (neither runs here) would
+    do — delete the pod at once, drop it from the claim's reservedFor, deallocate and delete the
+    claim."""
+    with contextlib.suppress(Exception):
+        await kube.request("DELETE", f"{PODS}/{name}", body={"gracePeriodSeconds": 0})
+    claim = await kube.get(f"{CLAIMS}/{name}")
+    claim["status"] = {
+        **(claim.get("status") or {}),
+        "reservedFor": None,
+        "allocation": None,
+        "devices": None,
+    }
+    await kube.replace(f"{CLAIMS}/{name}/status", claim)
+    await kube.patch(f"{CLAIMS}/{name}", {"metadata": {"finalizers": None}})
+    with contextlib.suppress(Exception):
+        await kube.delete(f"{CLAIMS}/{name}")
+
+
+def world_config(driver: str, suffix: str, **cluster: Any) -> settings.Settings:
+    return settings.Settings(
+        cluster=settings.ClusterSettings(driver=driver, **cluster),
+        leader=settings.LeaderSettings(name=f"lease-{suffix}"),
+    )
+
+
+@pytest.fixture
+async def world(
+    control_plane: ControlPlane, kube: Kube, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[World]:
+    params: dict[str, Any] = getattr(request, "param", {})
+    suffix = uuid.uuid4().hex[:6]
+    driver = f"t{suffix}.cohdi.io"
+    nodes = [f"n{suffix}-{i}" for i in range(params.get("nodes", 4))]
+    await installing.install(kube, driver)
+    for node in nodes:
+        await make_node(kube, node, {"test-world": suffix, **params.get("node_labels", {})})
+    conf = emuconfig.parse(
+        {
+            "machines": [{"id": f"m-{n}", "name": n, "fabric": f"fab-{suffix}"} for n in nodes],
+            "devices": [
+                {
+                    "model": A100,
+                    "count": params.get("gpus", 24),
+                    "fabric": f"fab-{suffix}",
+                    "memory": 40 * 2**30,
+                    "attach_latency": params.get("latency", 0.0),
+                }
+            ],
+            "users": [{"name": "admin", "password": PASSWORD}],
+        }
+    )
+    emulator = EmulatorServer(conf, tls_dir=tmp_path / "tls", state_file=tmp_path / "fabric.json")
+    await emulator.start()
+    cfg = world_config(
+        driver,
+        suffix,
+        idle_grace=params.get("idle_grace", 300.0),
+        claim_deadline=params.get("claim_deadline", 60.0),
+    )
+    w = World(kube, emulator, cfg, driver, nodes, suffix)
+    double = NodeDouble(kube, set(nodes))
+    w.tasks.append(asyncio.create_task(double.run()))
+    try:
+        yield w
+    finally:
+        for t in w.tasks:
+            t.cancel()
+        await asyncio.gather(*w.tasks, return_exceptions=True)
+        if w.role is not None:
+            await w.role.fabric.close()
+        await emulator.stop()
+        await _cleanup(kube, w)
+
+
+async def _cleanup(kube: Kube, w: World) -> None:
+    with contextlib.suppress(Exception):
+        for claim in (await kube.get(CLAIMS))["items"]:
+            if w.suffix in claim["metadata"]["name"]:
+                await kube.delete(f"{CLAIMS}/{claim['metadata']['name']}")
+    with contextlib.suppress(Exception):
+        for pod in (await kube.get(PODS, labelSelector=""))["items"]:
+            if pod["spec"].get("nodeSelector", {}).get("test-world") == w.suffix:
+                await kube.delete(f"{PODS}/{pod['metadata']['name']}")
+    with contextlib.suppress(Exception):
+        for obj in (await kube.get(RESOURCES))["items"]:
+            name = obj["metadata"]["name"]
+            if obj["spec"].get("target_node") in w.nodes:
+                await kube.patch(f"{RESOURCES}/{name}", {"metadata": {"finalizers": None}})
+                with contextlib.suppress(Exception):
+                    await kube.delete(f"{RESOURCES}/{name}")
+    for node in w.nodes:
+        with contextlib.suppress(Exception):
+            await kube.delete(f"{NODES}/{node}")
