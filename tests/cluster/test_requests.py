@@ -87,7 +87,8 @@ async def test_cohdi_request_is_reconciled_and_cleaned_up(world: World) -> None:
     [
         (
             {"size": -1},
-            "spec.resource.size: Invalid value: -1: spec.resource.size in body should be greater than or equal to 0",
+            "spec.resource.size: Invalid value: -1: "
+            "spec.resource.size in body should be greater than or equal to 0",
         ),
         (
             {"type": "fpga"},
@@ -95,7 +96,8 @@ async def test_cohdi_request_is_reconciled_and_cleaned_up(world: World) -> None:
         ),
         (
             {"model": ""},
-            'spec.resource.model: Invalid value: "": spec.resource.model in body should be at least 1 chars long',
+            'spec.resource.model: Invalid value: "": '
+            "spec.resource.model in body should be at least 1 chars long",
         ),
         ({"allocation_policy": "anywhere"}, "spec.resource.allocation_policy: Unsupported value"),
     ],

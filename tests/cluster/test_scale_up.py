@@ -93,7 +93,8 @@ async def test_twenty_pods_bind_in_one_cycle_with_devices_on_their_nodes(world: 
         assert entry.get("nodeName") == placed[claim_name]
         assert "bindingConditions" not in entry
     free = [e for e in by_name.values() if "nodeName" not in e]
-    assert len(free) == 4 and all(e["bindsToNode"] for e in free)
+    assert len(free) == 4
+    assert all(e["bindsToNode"] for e in free)
     pools = {s["spec"]["pool"]["name"] for s in slices}
     assert pools == {f"fab-{world.suffix}"}
     for node in world.nodes:
