@@ -221,21 +221,25 @@ class Publisher:
             "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "cohdi-agent"}},
             "spec": spec,
         }
-        if existing is None:
-            stored = await self.kube.create(SLICES, body)
-            metrics.SLICE_WRITES.labels("create").inc()
-        else:
-            body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-            stored = await self.kube.replace(f"{SLICES}/{name}", body)
-            metrics.SLICE_WRITES.labels("update").inc()
+        try:
+            if existing is None:
+                stored = await self.kube.create(SLICES, body)
+                metrics.SLICE_WRITES.labels("create").inc()
+            else:
+                body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+                stored = await self.kube.replace(f"{SLICES}/{name}", body)
+                metrics.SLICE_WRITES.labels("update").inc()
+        except errors.KubeInvalid as exc:
+            # With DRAPartitionableDevices off, perDeviceNodeSelection is dropped before
+            # validation, which then finds no node selection at all.
+            if "perDeviceNodeSelection" in str(exc):
+                raise FeatureGateOff(
+                    _gates_message(name, ["perDeviceNodeSelection"], str(exc))
+                ) from exc
+            raise
         missing = dropped_fields(spec, stored.get("spec", {}))
         if missing:
-            raise FeatureGateOff(
-                f"the API server dropped {', '.join(missing[:5])} from ResourceSlice {name}: "
-                "the DRADeviceBindingConditions / DRAPartitionableDevices feature gates are off. "
-                "Turn them on in kube-apiserver and kube-scheduler (default on from Kubernetes "
-                "1.36); without them the scheduler would bind pods to GPUs never attached"
-            )
+            raise FeatureGateOff(_gates_message(name, missing, ""))
         self._sent[name] = (stored["metadata"]["resourceVersion"], spec)
         # keep the informer's view current so the next sync does not rewrite from a stale copy
         self.slices.store[("", name)] = stored
@@ -253,3 +257,13 @@ class Publisher:
                     f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FABRIC_LABEL: want}}}
                 )
                 logger.info("labelled node %s %s=%s", node, poolmodel.FABRIC_LABEL, want)
+
+
+def _gates_message(name: str, missing: list[str], server: str) -> str:
+    said = f" (the API server said: {server})" if server else ""
+    return (
+        f"the API server dropped {', '.join(missing[:5])} from ResourceSlice {name}{said}: the "
+        "DRADeviceBindingConditions / DRAPartitionableDevices feature gates are off. Turn them on "
+        "in kube-apiserver and kube-scheduler (default on from Kubernetes 1.36); without them the "
+        "scheduler would bind pods to GPUs that were never attached"
+    )

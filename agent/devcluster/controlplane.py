@@ -107,6 +107,8 @@ class ControlPlane:
     binding_timeout_s: float = 600.0
     die_with_parent: bool = True
     apiserver_extra_args: list[str] = field(default_factory=list)
+    #: Start kube-scheduler too (tests of the API server alone may leave it out).
+    with_scheduler: bool = True
     progress: Callable[[str], None] = lambda _msg: None
 
     etcd_port: int = 0
@@ -149,8 +151,9 @@ class ControlPlane:
             self._wait(self._etcd_ready, "etcd", deadline)
             self._start_apiserver(pki)
             self._wait(lambda: self._readyz(self.apiserver_port), "kube-apiserver", deadline)
-            self._start_scheduler(scheduler_serving)
-            self._wait(lambda: self._readyz(self.scheduler_port), "kube-scheduler", deadline)
+            if self.with_scheduler:
+                self._start_scheduler(scheduler_serving)
+                self._wait(lambda: self._readyz(self.scheduler_port), "kube-scheduler", deadline)
         except BaseException:
             self.stop()
             raise
