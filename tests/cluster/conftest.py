@@ -18,23 +18,16 @@ import pytest
 
 from agent import settings
 from agent.controllers import running
-from agent.controllers.resources import (
-    NODE_READY,
-    NODE_RELEASED,
-    RESOURCES,
-    condition,
-    deleting,
-    state,
-)
+from agent.controllers.resources import RESOURCES
 from agent.devcluster.controlplane import ControlPlane
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator import config as emuconfig
 from agent.fabric.emulator.server import EmulatorServer
 from agent.fabric.redfish import RedfishFabric
 from agent.fabric.transport import FabricHttp
-from agent.kube.client import MERGE_PATCH, Kube, Obj, path_of
-from agent.kube.watching import Event, Informer
+from agent.kube.client import Kube, path_of
 from agent.manifests import installing
+from agent.testing.nodereport import NodeDouble
 
 PASSWORD = "cluster-test-pass-1"
 A100 = "NVIDIA-A100-PCIE-40GB"
@@ -76,56 +69,6 @@ async def make_node(kube: Kube, name: str, labels: dict[str, str] | None = None)
             }
         },
     )
-
-
-class NodeDouble:
-    """Stands in for the node role: when a resource is Online on one of our nodes, report
-    NodeReady (with the PCI address the fabric gave); when it is being deleted, NodeReleased."""
-
-    def __init__(self, kube: Kube, nodes: set[str], delay: float = 0.0) -> None:
-        self.kube = kube
-        self.nodes = nodes
-        self.delay = delay
-        self.informer = Informer(kube, RESOURCES, name="node-double")
-        self.informer.add_handler(self._on)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def _on(self, event: Event) -> None:
-        obj = event.obj
-        if event.type == "DELETED" or obj.get("spec", {}).get("target_node") not in self.nodes:
-            return
-        ready, released = condition(obj, NODE_READY), condition(obj, NODE_RELEASED)
-        if deleting(obj) and ready and not released:
-            self._spawn(obj, NODE_RELEASED)
-        elif not deleting(obj) and state(obj) == "Online" and not ready:
-            self._spawn(obj, NODE_READY)
-
-    def _spawn(self, obj: Obj, ctype: str) -> None:
-        t = asyncio.get_running_loop().create_task(self._report(obj, ctype))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    async def _report(self, obj: Obj, ctype: str) -> None:
-        await asyncio.sleep(self.delay)
-        conds = [c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] != ctype]
-        conds.append(
-            {
-                "type": ctype,
-                "status": "True",
-                "reason": "NodeDouble",
-                "message": "test",
-                "lastTransitionTime": now(),
-            }
-        )
-        with contextlib.suppress(Exception):
-            await self.kube.patch(
-                f"{RESOURCES}/{obj['metadata']['name']}/status",
-                {"status": {"conditions": conds}},
-                content_type=MERGE_PATCH,
-            )
-
-    async def run(self) -> None:
-        await self.informer.run()
 
 
 @dataclass

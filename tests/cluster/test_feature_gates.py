@@ -5,7 +5,6 @@ real kube-apiserver started with the gates off."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
