@@ -12,6 +12,7 @@ from the PCI tree) unless `force_detach` is set.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -97,16 +98,29 @@ class Composer:
             await self._attach(cr)
 
     async def _attach(self, cr: Obj) -> None:
+        marking: asyncio.Task[None] | None = None
+        if state(cr) == "":
+            # Record "Attaching" while the fabric works: the write and the attach overlap, and
+            # every later status write waits for it, so the states land in order.
+            marking = asyncio.create_task(
+                self._status(cr["metadata"]["name"], state="Attaching", error="")
+            )
+        try:
+            await self._attach_device(cr, marking)
+        finally:
+            if marking is not None and not marking.done():
+                await marking
+
+    async def _attach_device(self, cr: Obj, marking: asyncio.Task[None] | None) -> None:
         name = cr["metadata"]["name"]
         s = spec(cr)
-        if state(cr) == "":
-            await self._status(name, state="Attaching", error="")
         machine = self.publisher.machine_of_node(s["target_node"])
         if machine is None:
             await self._fail(
                 cr,
                 "NodeNotOnFabric",
                 f"node {s['target_node']} is not wired to any fabric this agent manages",
+                marking,
             )
             return
         device = s.get("fabric_device") or (cr.get("status") or {}).get("cdi_device_id") or ""
@@ -116,7 +130,10 @@ class Composer:
             device = self._choose(s["model"], machine)
             if device is None:
                 await self._fail(
-                    cr, "NoFreeDevice", f"no free {s['model']} on the fabric of {s['target_node']}"
+                    cr,
+                    "NoFreeDevice",
+                    f"no free {s['model']} on the fabric of {s['target_node']}",
+                    marking,
                 )
                 return
             await self._status(name, cdi_device_id=device)
@@ -130,10 +147,12 @@ class Composer:
             errors.DeviceNotFound,
             errors.FabricRejected,
         ) as exc:
-            await self._fail(cr, type(exc).__name__, str(exc))
+            await self._fail(cr, type(exc).__name__, str(exc), marking)
             return
         if not s.get("fabric_device"):
             self.publisher.release(device)
+        if marking is not None:
+            await marking
         metrics.ATTACH_SECONDS.observe(time.monotonic() - started)
         metrics.DECISIONS.labels("attached").inc()
         self.publisher.device_changed(dev)
@@ -178,7 +197,11 @@ class Composer:
                 return dev.id
         return None
 
-    async def _fail(self, cr: Obj, reason: str, message: str) -> None:
+    async def _fail(
+        self, cr: Obj, reason: str, message: str, marking: asyncio.Task[None] | None = None
+    ) -> None:
+        if marking is not None:
+            await marking  # "Failed" must land after "Attaching"
         metrics.FAILURES.labels(reason).inc()
         logger.warning("composable resource %s failed: %s", cr["metadata"]["name"], message)
         await self._status(

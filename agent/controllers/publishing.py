@@ -18,7 +18,6 @@ from typing import Any
 from agent import errors
 from agent.controllers import metrics
 from agent.kube.client import Kube, Obj, path_of
-from agent.kube.objects import dropped_fields
 from agent.kube.watching import Informer
 from agent.model import pool as poolmodel
 from agent.model.fabric import DeviceState, Inventory, PoolDevice
@@ -46,6 +45,8 @@ class Publisher:
         #: slice name -> (resourceVersion we wrote, spec we sent): compare against our own writes,
         #: not the server's normalised copy.
         self._sent: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._entries: poolmodel.EntryCache = {}
+        self._writes = asyncio.Semaphore(8)
         self.synced = asyncio.Event()
         self._synced_once = asyncio.Event()
         self.syncs = 0
@@ -162,6 +163,7 @@ class Publisher:
             node_of_machine=self.node_of_machine(),
             withheld=frozenset(self.withheld),
             pinned=frozenset(self.pinned),
+            cache=self._entries,
         )
         current: dict[str, dict[str, Obj]] = {}
         for obj in self.slices.store.values():
@@ -210,9 +212,15 @@ class Publisher:
                 metrics.SLICE_WRITES.labels("delete").inc()
             except errors.KubeNotFound:
                 pass
-        for w in changed:
+
+        async def write(w: poolmodel.SliceSpec) -> None:
             spec = {**w.spec, "pool": {**w.spec["pool"], "generation": generation}}
-            await self._write(w.name, spec, have.get(w.name))
+            async with self._writes:
+                await self._write(w.name, spec, have.get(w.name))
+
+        async with asyncio.TaskGroup() as tg:
+            for w in changed:
+                tg.create_task(write(w))
 
     async def _write(self, name: str, spec: dict[str, Any], existing: Obj | None) -> None:
         body: dict[str, Any] = {
@@ -237,7 +245,7 @@ class Publisher:
                     _gates_message(name, ["perDeviceNodeSelection"], str(exc))
                 ) from exc
             raise
-        missing = dropped_fields(spec, stored.get("spec", {}))
+        missing = gated_fields_dropped(spec, stored.get("spec", {}))
         if missing:
             raise FeatureGateOff(_gates_message(name, missing, ""))
         self._sent[name] = (stored["metadata"]["resourceVersion"], spec)
@@ -267,3 +275,28 @@ def _gates_message(name: str, missing: list[str], server: str) -> str:
         "in kube-apiserver and kube-scheduler (default on from Kubernetes 1.36); without them the "
         "scheduler would bind pods to GPUs that were never attached"
     )
+
+
+_GATED_DEVICE_FIELDS = (
+    "bindsToNode",
+    "bindingConditions",
+    "bindingFailureConditions",
+    "nodeSelector",
+)
+
+
+def gated_fields_dropped(sent: dict[str, Any], stored: dict[str, Any]) -> list[str]:
+    """The feature-gated fields we sent that the server did not store (a cheap, targeted form of
+    `agent.kube.objects.dropped_fields` for slices with thousands of devices)."""
+    missing = []
+    if sent.get("perDeviceNodeSelection") and not stored.get("perDeviceNodeSelection"):
+        missing.append("perDeviceNodeSelection")
+    stored_devices = stored.get("devices") or []
+    for i, dev in enumerate(sent.get("devices") or []):
+        got = stored_devices[i] if i < len(stored_devices) else {}
+        missing.extend(
+            f"devices[{i}].{k}" for k in _GATED_DEVICE_FIELDS if k in dev and k not in got
+        )
+        if missing:
+            break  # one device says it all
+    return missing

@@ -78,6 +78,9 @@ def device_entry(dev: PoolDevice, *, node: str | None, offered_free: bool) -> di
     return entry
 
 
+EntryCache = dict[tuple[PoolDevice, str | None, bool], dict[str, Any]]
+
+
 def desired_slices(
     *,
     driver: str,
@@ -85,9 +88,13 @@ def desired_slices(
     node_of_machine: Mapping[str, str],
     withheld: frozenset[str] = frozenset(),
     pinned: frozenset[str] = frozenset(),
+    cache: EntryCache | None = None,
 ) -> dict[str, list[SliceSpec]]:
     """pool -> slices. `pinned`: devices allocated to a claim while they attach (kept as free
-    entries); `withheld`: devices not to offer (scale-down in progress, failed claims)."""
+    entries); `withheld`: devices not to offer (scale-down in progress, failed claims). `cache`
+    (kept by the caller between calls) reuses the entry of a device that did not change, so a
+    sync of thousands of unchanged devices costs dictionary lookups, not rebuilds."""
+    fresh: EntryCache = {}
     # A device's slice is fixed by its position among *all* the pool's devices, offered or not,
     # so withholding or failing one device rewrites one slice and never moves the others.
     by_pool: dict[str, list[list[dict[str, Any]]]] = {}
@@ -102,16 +109,24 @@ def desired_slices(
         if dev.id in withheld or (dev.anonymous and dev.state != DeviceState.FREE):
             continue
         node = node_of_machine.get(dev.machine or "")
-        entry: dict[str, Any] | None = None
         attaching_for_claim = dev.id in pinned and dev.state == DeviceState.ATTACHING
         if dev.state == DeviceState.FREE or attaching_for_claim:
-            entry = device_entry(dev, node=None, offered_free=True)
+            key: tuple[PoolDevice, str | None, bool] | None = (dev, None, True)
         elif dev.state == DeviceState.ATTACHED and node:
-            entry = device_entry(dev, node=node, offered_free=False)
+            key = (dev, node, False)
+        else:
+            key = None
+        entry: dict[str, Any] | None = None
+        if key is not None:
+            entry = (cache or {}).get(key) or device_entry(dev, node=key[1], offered_free=key[2])
+            fresh[key] = entry
         if entry is not None:
             chunks[slot // MAX_DEVICES_PER_SLICE].append(entry)
     for machine_fabric in {m.fabric for m in inventory.machines}:
         by_pool.setdefault(str(machine_fabric), [[]])  # an empty pool is still a pool
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     out: dict[str, list[SliceSpec]] = {}
     for pool, chunks in sorted(by_pool.items()):
         out[pool] = [
