@@ -1,1 +1,1 @@
-from setuptools import setup; setup()  # noqa: E702 -- cffi_modules are wired in by the node role
+from setuptools import setup; setup(cffi_modules=["agent/native/_build_scan.py:ffibuilder"])  # noqa: E702
