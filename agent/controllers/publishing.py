@@ -218,9 +218,11 @@ class Publisher:
             async with self._writes:
                 await self._write(w.name, spec, have.get(w.name))
 
-        async with asyncio.TaskGroup() as tg:
-            for w in changed:
-                tg.create_task(write(w))
+        # All writes run to their end; the first error is the pool's error (not a group of them).
+        results = await asyncio.gather(*(write(w) for w in changed), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _write(self, name: str, spec: dict[str, Any], existing: Obj | None) -> None:
         body: dict[str, Any] = {

@@ -114,11 +114,11 @@ async def test_appear_hook_writes_and_removes_the_pci_function(tmp_path: Path) -
             fn = tmp_path / "node-1" / "sys" / "bus" / "pci" / "devices" / dev.pci_address
             assert (fn / "vendor").read_text().strip() == "0x10de"
             assert (fn / "class").read_text().strip() == "0x030200"
-            gpus = json.loads((tmp_path / "node-1" / "nvml-gpus.json").read_text())
-            assert [g["uuid"] for g in gpus] == [dev.serial]
+            lines = (tmp_path / "node-1" / "nvml-gpus").read_text().splitlines()
+            assert [line.split("\t")[:3] for line in lines] == [[dev.serial, A100, dev.pci_address]]
             await fabric.detach(dev.id)
             assert not fn.exists()
-            assert json.loads((tmp_path / "node-1" / "nvml-gpus.json").read_text()) == []
+            assert (tmp_path / "node-1" / "nvml-gpus").read_text() == ""
         finally:
             await fabric.close()
     finally:

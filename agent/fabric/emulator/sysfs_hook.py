@@ -6,7 +6,7 @@ removes both. Writes are atomic (temp + rename), the directory appears last.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import tempfile
@@ -15,13 +15,15 @@ from pathlib import Path
 
 from agent.fabric.emulator.config import MachineSpec
 from agent.fabric.emulator.state import Device
+from agent.testing.stubnvml import StubGpu
 
 PCI_CLASS_3D_CONTROLLER = "0x030200"
 
 
 class SysfsHook:
     """`roots(machine)` gives the node directory of a machine, or None for machines that are not
-    simulated here. Under it: `sys/bus/pci/devices/<bdf>/...` and `nvml-gpus.json`."""
+    simulated here. Under it: `sys/bus/pci/devices/<bdf>/...` and `nvml-gpus` (the GPU list the
+    stub NVML library reads)."""
 
     def __init__(self, roots: Callable[[MachineSpec], Path | None]) -> None:
         self.roots = roots
@@ -52,15 +54,8 @@ class SysfsHook:
         os.rename(tmp, final)
         self._update_nvml(
             root,
-            lambda gpus: [
-                *(g for g in gpus if g["uuid"] != s.serial),
-                {
-                    "uuid": s.serial,
-                    "name": s.model,
-                    "pci_bus_id": dev.pci_address,
-                    "memory_total": s.memory,
-                },
-            ],
+            s.serial,
+            StubGpu(s.serial, s.model, dev.pci_address, s.memory, _minor(dev.pci_address)),
         )
 
     def disappear(self, dev: Device, machine: MachineSpec) -> None:
@@ -70,17 +65,27 @@ class SysfsHook:
         shutil.rmtree(
             root / "sys" / "bus" / "pci" / "devices" / dev.pci_address, ignore_errors=True
         )
-        self._update_nvml(root, lambda gpus: [g for g in gpus if g["uuid"] != dev.spec.serial])
+        self._update_nvml(root, dev.spec.serial, None)
 
-    def _update_nvml(
-        self, root: Path, change: Callable[[list[dict[str, object]]], list[dict[str, object]]]
-    ) -> None:
-        path = root / "nvml-gpus.json"
-        try:
-            gpus = json.loads(path.read_text())
-        except (OSError, ValueError):
-            gpus = []
+    def _update_nvml(self, root: Path, uuid: str, gpu: StubGpu | None) -> None:
+        """The node's stub-NVML GPU list (`nvml-gpus`, the stub library's format): drop `uuid`,
+        then add `gpu` if given; replaced atomically."""
+        path = root / "nvml-gpus"
+        keep: list[str] = []
+        with contextlib.suppress(OSError):
+            keep = [
+                line
+                for line in path.read_text().splitlines(keepends=True)
+                if not line.startswith(uuid + "\t")
+            ]
+        if gpu is not None:
+            keep.append(gpu.line())
         fd, tmp = tempfile.mkstemp(dir=root, prefix=".nvml-")
         with os.fdopen(fd, "w") as fh:
-            json.dump(change(gpus), fh, indent=1)
+            fh.write("".join(keep))
         os.replace(tmp, path)
+
+
+def _minor(pci_address: str) -> int:
+    """A stable /dev/nvidia<minor> for a simulated GPU: its bus number."""
+    return int(pci_address.split(":")[1], 16)

@@ -1,0 +1,55 @@
+"""Build the stub NVML library (a C file beside this one) with the machine's C compiler, into a
+cache directory, for tests, benchmarks and the demo's simulated nodes. Never part of a package
+build; the real path dlopens it exactly like libnvidia-ml.so.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("stub_nvml.c")
+
+
+def build(cache_dir: Path) -> Path:
+    """Compile (once per source version) and return the path of the stub libnvidia-ml.so.1."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    out = cache_dir / f"stub-nvml-{digest}" / "libnvidia-ml.so.1"
+    if out.exists():
+        return out
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) to build the stub NVML library")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent)) / "libnvidia-ml.so.1"
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)], check=True
+    )
+    os.replace(tmp, out)
+    shutil.rmtree(tmp.parent, ignore_errors=True)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class StubGpu:
+    uuid: str
+    name: str
+    bus_id: str  # sysfs form, 0000:41:00.0
+    memory: int
+    minor: int
+    processes: tuple[tuple[int, int], ...] = ()
+
+    def line(self) -> str:
+        procs = ",".join(f"{pid}:{mem}" for pid, mem in self.processes) or "-"
+        return f"{self.uuid}\t{self.name}\t{self.bus_id}\t{self.memory}\t{self.minor}\t{procs}\n"
+
+
+def write_gpus(path: Path, gpus: list[StubGpu]) -> None:
+    """The GPU list the stub reads at init (atomically replaced)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(g.line() for g in gpus))
+    os.replace(tmp, path)
