@@ -36,6 +36,7 @@ def _settings_parent() -> argparse.ArgumentParser:
                 "kube": "Kubernetes API",
                 "leader": "leader election (cluster role)",
                 "cluster": "roles and the cluster role",
+                "node": "node role",
                 "fabric": "fabric manager",
                 "emulator": "fabric emulator",
                 "dev": "local control plane (tests, demo, benchmarks)",

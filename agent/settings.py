@@ -160,6 +160,45 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """The node role (`--roles node`, on every GPU server). Flags: --node-*."""
+
+    PREFIX: ClassVar[str] = "node-"
+    name: str = setting(
+        "",
+        "This node's Kubernetes name. Empty: $NODE_NAME (downward API), else the host name.",
+    )
+    sysfs_root: str = setting(
+        "/sys",
+        "Where the PCI tree is read. Another path runs the same code over a synthetic tree "
+        "(tests, the demo's simulated nodes): hot-plug then comes from inotify, not netlink.",
+    )
+    nvml_path: str = setting(
+        "libnvidia-ml.so.1",
+        "NVML library to dlopen. Missing: the node runs without NVML (no UUIDs, no process "
+        "checks before a detach).",
+    )
+    rescan: str = setting(
+        "auto",
+        "Write bus/pci/rescan after the fabric reports an attach: 'always', 'never', or 'auto' "
+        "(when the device has not appeared by itself within --node-rescan-after).",
+        choices=("auto", "always", "never"),
+    )
+    rescan_after: float = setting(
+        0.5,
+        "How long 'auto' waits for a hot-plug interrupt before rescanning.",
+        unit="s",
+        minimum=0,
+    )
+    resync: float = setting(
+        300.0,
+        "Safety interval of a full rescan of the PCI tree (events are the normal path).",
+        unit="s",
+        minimum=1,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class FabricSettings:
     """How the agent reaches the fabric manager. Flags: --fabric-*. Secrets never go on the
     command line: the password comes from --fabric-password-file or $COHDI_FABRIC_PASSWORD (and
@@ -298,6 +337,7 @@ class Settings:
     kube: KubeSettings = field(default_factory=KubeSettings)
     leader: LeaderSettings = field(default_factory=LeaderSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    node: NodeSettings = field(default_factory=NodeSettings)
     fabric: FabricSettings = field(default_factory=FabricSettings)
     emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
     dev: DevClusterSettings = field(default_factory=DevClusterSettings)
@@ -427,6 +467,7 @@ _GROUPS: Final[dict[str, Any]] = {
     "kube": KubeSettings,
     "leader": LeaderSettings,
     "cluster": ClusterSettings,
+    "node": NodeSettings,
     "fabric": FabricSettings,
     "emulator": EmulatorSettings,
     "dev": DevClusterSettings,

@@ -170,7 +170,7 @@ async def scale_up(kube: Kube, claims: int, tmp: Path) -> dict[str, Any]:
     await installing.install(kube, driver)
     # NB: the first object of a freshly established CRD takes the API server ~2 s (its storage is
     # set up lazily); a real cluster pays that once at install time, so warm it up here.
-    from agent.controllers.resources import RESOURCES
+    from agent.kube.resources import RESOURCES
 
     await kube.create(
         RESOURCES,

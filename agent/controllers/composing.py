@@ -21,7 +21,10 @@ from agent import errors
 from agent.controllers import metrics
 from agent.controllers.publishing import Publisher
 from agent.controllers.queueing import KeyedQueue
-from agent.controllers.resources import (
+from agent.fabric.protocol import FabricManager
+from agent.kube.client import MERGE_PATCH, Kube, Obj
+from agent.kube.eventing import Recorder
+from agent.kube.resources import (
     NODE_READY,
     NODE_RELEASED,
     RESOURCES,
@@ -30,9 +33,6 @@ from agent.controllers.resources import (
     spec,
     state,
 )
-from agent.fabric.protocol import FabricManager
-from agent.kube.client import MERGE_PATCH, Kube, Obj
-from agent.kube.eventing import Recorder
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model.fabric import DeviceId, DeviceState, MachineId

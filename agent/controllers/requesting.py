@@ -14,9 +14,9 @@ from typing import Any
 from agent import errors
 from agent.controllers.publishing import Publisher
 from agent.controllers.queueing import KeyedQueue
-from agent.controllers.resources import REQUESTS, RESOURCES, deleting, spec, state
 from agent.kube.client import MERGE_PATCH, Kube, Obj
 from agent.kube.eventing import Recorder
+from agent.kube.resources import REQUESTS, RESOURCES, deleting, spec, state
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 

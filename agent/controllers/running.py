@@ -12,11 +12,11 @@ from agent import settings
 from agent.controllers.composing import Composer
 from agent.controllers.publishing import NODES, SLICES, Publisher
 from agent.controllers.requesting import Requester
-from agent.controllers.resources import REQUESTS, RESOURCES
 from agent.controllers.scaling import Scaler
 from agent.fabric.protocol import FabricManager
 from agent.kube.client import Kube
 from agent.kube.eventing import Recorder
+from agent.kube.resources import REQUESTS, RESOURCES
 from agent.kube.watching import Informer
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,9 @@ from agent import errors
 from agent.controllers import metrics
 from agent.controllers.publishing import NODES, Publisher
 from agent.controllers.queueing import KeyedQueue
-from agent.controllers.resources import (
+from agent.kube.client import Kube, Obj, path_of
+from agent.kube.eventing import Recorder
+from agent.kube.resources import (
     CLAIM_ANNOTATION,
     NODE_READY,
     RESOURCES,
@@ -37,8 +39,6 @@ from agent.controllers.resources import (
     spec,
     state,
 )
-from agent.kube.client import Kube, Obj, path_of
-from agent.kube.eventing import Recorder
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import claims as claimmodel

@@ -51,8 +51,22 @@ def _conditions() -> dict[str, Any]:
 
 
 def _crd(
-    kind: str, plural: str, schema: dict[str, Any], columns: list[dict[str, Any]]
+    kind: str,
+    plural: str,
+    schema: dict[str, Any],
+    columns: list[dict[str, Any]],
+    selectable: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    version: dict[str, Any] = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": columns,
+        "schema": {"openAPIV3Schema": schema},
+    }
+    if selectable:  # a node agent watches only its own resources: fieldSelector on these
+        version["selectableFields"] = [{"jsonPath": j} for j in selectable]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -67,16 +81,7 @@ def _crd(
                 "singular": kind.lower(),
                 "categories": ["cohdi"],
             },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
-                    "schema": {"openAPIV3Schema": schema},
-                }
-            ],
+            "versions": [version],
         },
     }
 
@@ -122,7 +127,9 @@ def composable_resource() -> dict[str, Any]:
         "required": ["spec"],
         "properties": {"spec": spec, "status": status},
     }
-    return _crd("ComposableResource", "composableresources", schema, columns)
+    return _crd(
+        "ComposableResource", "composableresources", schema, columns, (".spec.target_node",)
+    )
 
 
 def composability_request() -> dict[str, Any]:

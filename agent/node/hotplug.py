@@ -75,8 +75,12 @@ class KernelPciMonitor:
             if device is None:
                 return
             self.on_event(
-                PciEvent(device.action or "", PciAddress(device.sys_name),
-                         dict(device.properties), time.monotonic())
+                PciEvent(
+                    device.action or "",
+                    PciAddress(device.sys_name),
+                    dict(device.properties),
+                    time.monotonic(),
+                )
             )
 
     def stop(self) -> None:

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import datetime as dt
 
-from agent.controllers.resources import (
+from agent.kube.client import MERGE_PATCH, Kube, Obj
+from agent.kube.resources import (
     NODE_READY,
     NODE_RELEASED,
     RESOURCES,
@@ -17,7 +18,6 @@ from agent.controllers.resources import (
     deleting,
     state,
 )
-from agent.kube.client import MERGE_PATCH, Kube, Obj
 from agent.kube.watching import Event, Informer
 
 

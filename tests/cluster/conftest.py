@@ -18,7 +18,6 @@ import pytest
 
 from agent import settings
 from agent.controllers import running
-from agent.controllers.resources import RESOURCES
 from agent.devcluster.controlplane import ControlPlane
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator import config as emuconfig
@@ -26,6 +25,7 @@ from agent.fabric.emulator.server import EmulatorServer
 from agent.fabric.redfish import RedfishFabric
 from agent.fabric.transport import FabricHttp
 from agent.kube.client import Kube, path_of
+from agent.kube.resources import RESOURCES
 from agent.manifests import installing
 from agent.testing.nodereport import NodeDouble
 

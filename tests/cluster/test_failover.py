@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.controllers.resources import RESOURCES
 from agent.devcluster.controlplane import ControlPlane
+from agent.kube.resources import RESOURCES
 from agent.model import claims as claimmodel
 from agent.model.fabric import DeviceState
 from agent.model.pool import device_name

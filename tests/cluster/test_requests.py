@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from agent import errors
-from agent.controllers.resources import REQUESTS, RESOURCES
+from agent.kube.resources import REQUESTS, RESOURCES
 from agent.model.fabric import DeviceState
 from tests.cluster.conftest import A100, World
 from tests.waiting import until

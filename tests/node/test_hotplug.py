@@ -43,7 +43,7 @@ async def test_real_kernel_uevent_reaches_the_monitor() -> None:
     monitor.start()
     try:
         sent = time.monotonic()
-        Path(f"/sys/bus/pci/devices/{BDF}/uevent").write_text("change")
+        Path(f"/sys/bus/pci/devices/{BDF}/uevent").write_text("change")  # noqa: ASYNC240
         await asyncio.wait_for(arrived.wait(), 5)
     finally:
         monitor.stop()
@@ -78,4 +78,7 @@ async def test_synthetic_tree_add_and_remove(tmp_path: Path) -> None:
         await asyncio.wait_for(two.wait(), 5)
     finally:
         watcher.stop()
-    assert [(e.action, e.address) for e in events] == [("add", "0000:41:00.0"), ("remove", "0000:41:00.0")]
+    assert [(e.action, e.address) for e in events] == [
+        ("add", "0000:41:00.0"),
+        ("remove", "0000:41:00.0"),
+    ]

@@ -1,0 +1,323 @@
+"""The node role's link to the cluster role: it watches the ComposableResources targeting this
+node, sees their GPUs arrive in the PCI tree (hot-plug events, then a scan), identifies them
+(PCI address the fabric reported, UUID from NVML), and writes what it saw into the resource's
+status — `NodeReady` with the PCI address and UUID — which the scaler waits for. Before a detach
+it removes the device safely (no compute process, no open handle, then `remove` in sysfs, off the
+loop) and writes `NodeReleased`, which the composer waits for; a busy device is refused with the
+reason (`NodeReleased=False, reason=Busy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from agent import errors, settings
+from agent.errors import NvmlError
+from agent.kube.client import MERGE_PATCH, Kube, Obj
+from agent.kube.resources import (
+    NODE_READY,
+    NODE_RELEASED,
+    RESOURCES,
+    condition,
+    deleting,
+    spec,
+    state,
+)
+from agent.kube.watching import Event, Informer
+from agent.model.pci import PciFunction
+from agent.native import scanning
+from agent.native.nvml import AsyncNvml, Nvml
+from agent.node.hotplug import KernelPciMonitor, PciEvent, TreePciWatcher
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class NodeReporter:
+    def __init__(self, kube: Kube, cfg: settings.NodeSettings, *, node: str) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self.node = node
+        self.functions: dict[str, PciFunction] = {}
+        self.resources = Informer(
+            kube, RESOURCES, name=f"resources@{node}", field_selector=f"spec.target_node={node}"
+        )
+        self.resources.add_handler(self._on_resource)
+        self.nvml = AsyncNvml(Nvml(cfg.nvml_path))
+        self._sysfs = ThreadPoolExecutor(1, thread_name_prefix="sysfs")  # blocking sysfs I/O
+        self._pending: set[str] = set()
+        self.synthetic = os.path.realpath(cfg.sysfs_root) != "/sys"
+        self.synthetic = os.path.realpath(cfg.sysfs_root) != "/sys"
+        self._wake = asyncio.Event()
+        #: (resource name -> monotonic time its function was first seen), for benchmarks
+        self.reported: dict[str, float] = {}
+        self.events_seen: dict[str, float] = {}
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def _on_resource(self, event: Event) -> None:
+        if event.type != "DELETED":
+            self._pending.add(event.obj["metadata"]["name"])
+            self._wake.set()
+
+    def _on_pci(self, ev: PciEvent) -> None:
+        if ev.address:
+            self.events_seen.setdefault(ev.address, ev.received)
+        self._rescan_wanted = True
+        self._pending.update(n for _, n in self.resources.store)
+        self._wake.set()
+
+    _rescan_wanted = True
+
+    async def _scan(self) -> None:
+        fns = await asyncio.get_running_loop().run_in_executor(
+            self._sysfs, scanning.scan, self.cfg.sysfs_root
+        )
+        self.functions = {f.address: f for f in fns}
+        self._rescan_wanted = False
+
+    # --- main loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        source: TreePciWatcher | KernelPciMonitor = (
+            TreePciWatcher(self.cfg.sysfs_root, self._on_pci)
+            if self.synthetic
+            else KernelPciMonitor(self._on_pci)
+        )
+        source.start()
+        has_nvml = await self.nvml.start()
+        logger.info(
+            "node role on %s: sysfs %s, NVML %s",
+            self.node,
+            self.cfg.sysfs_root,
+            "loaded" if has_nvml else "absent",
+        )
+        informer = asyncio.create_task(self.resources.run())
+        try:
+            await self._scan()
+            await self.resources.synced.wait()
+            self._pending.update(n for _, n in self.resources.store)
+            next_resync = time.monotonic() + self.cfg.resync
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_resync - time.monotonic())):
+                        await self._wake.wait()
+                self._wake.clear()
+                if time.monotonic() >= next_resync:
+                    self._rescan_wanted = True
+                    self._pending.update(n for _, n in self.resources.store)
+                    next_resync = time.monotonic() + self.cfg.resync
+                if self._rescan_wanted:
+                    await self._scan()
+                pending, self._pending = self._pending, set()
+                await asyncio.gather(*(self._handle(n) for n in pending))
+        finally:
+            source.stop()
+            informer.cancel()
+            await asyncio.gather(informer, return_exceptions=True)
+            await self.nvml.close()
+            self._sysfs.shutdown(wait=False)
+
+    async def _handle(self, name: str) -> None:
+        obj = self.resources.get("", name)
+        if obj is None:
+            return
+        try:
+            if deleting(obj):
+                if condition(obj, NODE_READY) and not condition(obj, NODE_RELEASED):
+                    await self._release(obj)
+            elif state(obj) == "Online" and not condition(obj, NODE_READY):
+                await self._identify(obj)
+        except errors.AgentError as exc:
+            logger.warning("node %s: resource %s: %s", self.node, name, exc)
+            asyncio.get_running_loop().call_later(1.0, self._retry, name)
+
+    def _retry(self, name: str) -> None:
+        self._pending.add(name)
+        self._wake.set()
+
+    # --- arrival ---------------------------------------------------------------------------------
+
+    async def _identify(self, obj: Obj) -> None:
+        st = obj.get("status") or {}
+        bdf = st.get("pci_address") or ""
+        fn = self.functions.get(bdf)
+        if fn is None:
+            await self._maybe_rescan(obj)
+            return
+        uuid = st.get("device_id") or ""
+        if self.nvml.available:
+            uuid = await self._nvml_uuid(bdf) or uuid
+        self.reported[obj["metadata"]["name"]] = time.monotonic()
+        await self._conditions(
+            obj,
+            NODE_READY,
+            "True",
+            "Seen",
+            f"{bdf} ({fn.vendor:04x}:{fn.device:04x}, driver {fn.driver or 'none'}) "
+            f"is present{', UUID ' + uuid if uuid else ''}",
+            extra={"pci_address": bdf, "device_id": uuid},
+        )
+
+    async def _nvml_uuid(self, bdf: str) -> str:
+        n = self.nvml.nvml
+
+        def lookup() -> str:
+            try:
+                return n.uuid(n.handle_by_bus_id(bdf))
+            except NvmlError:
+                n.reinit()  # NVML snapshots GPUs at init: a hot-added one needs a re-init
+                try:
+                    return n.uuid(n.handle_by_bus_id(bdf))
+                except NvmlError:
+                    return ""
+
+        return str(await self.nvml.call(lookup))
+
+    async def _maybe_rescan(self, obj: Obj) -> None:
+        if self.cfg.rescan == "never":
+            return
+        if self.cfg.rescan == "auto":
+            await asyncio.sleep(self.cfg.rescan_after)
+            await self._scan()
+            if (obj.get("status") or {}).get("pci_address") in self.functions:
+                self._retry(obj["metadata"]["name"])
+                return
+        path = os.path.join(self.cfg.sysfs_root, "bus", "pci", "rescan")
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(self._sysfs, _write_if_exists, path, "1"):
+            logger.info("node %s: wrote %s (no hot-plug interrupt seen)", self.node, path)
+            self._retry(obj["metadata"]["name"])
+
+    # --- departure -------------------------------------------------------------------------------
+
+    async def _release(self, obj: Obj) -> None:
+        st = obj.get("status") or {}
+        bdf = st.get("pci_address") or ""
+        if not spec(obj).get("force_detach"):
+            busy = await self._busy(bdf)
+            if busy:
+                await self._conditions(obj, NODE_RELEASED, "False", "Busy", busy)
+                asyncio.get_running_loop().call_later(5.0, self._retry, obj["metadata"]["name"])
+                return
+        if bdf in self.functions:
+            await asyncio.get_running_loop().run_in_executor(self._sysfs, self._remove, bdf)
+            await self._scan()
+        await self._conditions(
+            obj,
+            NODE_RELEASED,
+            "True",
+            "Removed",
+            f"{bdf or 'the device'} removed from the PCI tree; safe to detach",
+        )
+
+    async def _busy(self, bdf: str) -> str:
+        """Why the device cannot go now, or "" when it can."""
+        if not bdf or not self.nvml.available:
+            return ""
+        n = self.nvml.nvml
+
+        def check() -> tuple[list[tuple[int, int]], int]:
+            try:
+                h = n.handle_by_bus_id(bdf)
+            except NvmlError:
+                return [], -1
+            return n.compute_processes(h), n.minor(h)
+
+        procs, minor = await self.nvml.call(check)
+        if procs:
+            pids = ", ".join(str(p) for p, _ in procs)
+            return f"{len(procs)} compute process(es) use {bdf}: pids {pids}"
+        if minor >= 0:
+            holders = await asyncio.get_running_loop().run_in_executor(
+                self._sysfs, open_handles, f"/dev/nvidia{minor}"
+            )
+            if holders:
+                return f"/dev/nvidia{minor} is open in pids {', '.join(map(str, holders))}"
+        return ""
+
+    def _remove(self, bdf: str) -> None:
+        d = os.path.join(self.cfg.sysfs_root, "bus", "pci", "devices", bdf)
+        remove = os.path.join(d, "remove")
+        if os.path.exists(remove):
+            _write(remove, "1")  # the kernel unbinds the driver and drops the function
+        elif self.synthetic:
+            shutil.rmtree(d, ignore_errors=True)  # a synthetic tree: do what the kernel would
+
+    async def _conditions(
+        self,
+        obj: Obj,
+        ctype: str,
+        status: str,
+        reason: str,
+        message: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        conds = [
+            c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") != ctype
+        ]
+        conds.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message[:1000],
+                "lastTransitionTime": _now(),
+            }
+        )
+        body: dict[str, Any] = {"conditions": conds}
+        for key, value in (extra or {}).items():
+            if value:
+                body[key] = value
+        await self.kube.patch(
+            f"{RESOURCES}/{obj['metadata']['name']}/status",
+            {"status": body},
+            content_type=MERGE_PATCH,
+        )
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def _write_if_exists(path: str, text: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    _write(path, text)
+    return True
+
+
+def open_handles(device: str) -> list[int]:
+    """Pids with `device` open, from /proc/*/fd (what fuser does); empty if the node does not
+    exist."""
+    try:
+        target = os.stat(device)
+    except OSError:
+        return []
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    st = os.stat(os.path.join(fd_dir, fd))
+                except OSError:
+                    continue
+                if st.st_rdev == target.st_rdev and st.st_ino == target.st_ino:
+                    pids.append(int(pid))
+                    break
+        except OSError:
+            continue
+    return pids
