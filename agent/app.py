@@ -135,51 +135,69 @@ async def run(cfg: settings.Settings) -> int:
     """`cohdi-agent run`: the roles this process was given, until SIGTERM/Ctrl-C."""
     import signal
 
-    from agent.controllers import running
-    from agent.fabric.backends import open_fabric
     from agent.kube.client import Kube
-    from agent.kube.leasing import LeaderElector
 
     roles = {r.strip() for r in cfg.cluster.roles.split(",") if r.strip()}
     unknown = roles - {"cluster", "node"}
     if unknown or not roles:
         raise errors.ConfigError("--roles", cfg.cluster.roles, "must name cluster and/or node")
-    if "node" in roles:
-        raise errors.ConfigError(
-            "--roles", cfg.cluster.roles, "the node role is not in this build yet"
-        )
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    fabric = open_fabric(cfg.fabric)
     try:
         async with await Kube.connect(
             kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
-        ) as kube:
-            elector = LeaderElector(
-                kube,
-                namespace=cfg.leader.namespace,
-                name=cfg.leader.name,
-                identity=cfg.identity,
-                lease_duration=cfg.leader.duration,
-                renew_deadline=cfg.leader.renew_deadline,
-                retry_period=cfg.leader.retry_period,
-            )
-            metrics_server = await _serve_metrics(cfg.cluster.metrics_port)
-
-            async def lead() -> None:
-                await running.build(kube, fabric, cfg, identity=cfg.identity).run()
-
-            try:
-                await elector.run(lead)
-            finally:
-                if metrics_server is not None:
-                    await metrics_server.cleanup()
+        ) as kube, asyncio.TaskGroup() as tg:
+            if "node" in roles:
+                tg.create_task(_node_role(kube, cfg), name="node-role")
+            if "cluster" in roles:
+                tg.create_task(_cluster_role(kube, cfg), name="cluster-role")
     except asyncio.CancelledError:
         return 0
-    finally:
-        await fabric.close()
+    except ExceptionGroup as group:  # one role failed: report its error, not the group
+        first = group.exceptions[0]
+        while isinstance(first, ExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
     return 0
+
+
+async def _cluster_role(kube: Any, cfg: settings.Settings) -> None:
+    """The cluster role under leader election; only the Lease holder acts."""
+    from agent.controllers import running
+    from agent.fabric.backends import open_fabric
+    from agent.kube.leasing import LeaderElector
+
+    fabric = open_fabric(cfg.fabric)
+    elector = LeaderElector(
+        kube,
+        namespace=cfg.leader.namespace,
+        name=cfg.leader.name,
+        identity=cfg.identity,
+        lease_duration=cfg.leader.duration,
+        renew_deadline=cfg.leader.renew_deadline,
+        retry_period=cfg.leader.retry_period,
+    )
+    metrics_server = await _serve_metrics(cfg.cluster.metrics_port)
+
+    async def lead() -> None:
+        await running.build(kube, fabric, cfg, identity=cfg.identity).run()
+
+    try:
+        await elector.run(lead)
+    finally:
+        if metrics_server is not None:
+            await metrics_server.cleanup()
+        await fabric.close()
+
+
+async def _node_role(kube: Any, cfg: settings.Settings) -> None:
+    import socket
+
+    from agent.node.reporting import NodeReporter
+
+    node = cfg.node.name or os.environ.get("NODE_NAME") or socket.gethostname()
+    await NodeReporter(kube, cfg.node, node=node).run()
 
 
 async def _serve_metrics(port: int) -> Any:

@@ -201,8 +201,9 @@ async def world(
         claim_deadline=params.get("claim_deadline", 60.0),
     )
     w = World(kube, emulator, cfg, driver, nodes, suffix)
-    double = NodeDouble(kube, set(nodes))
-    w.tasks.append(asyncio.create_task(double.run()))
+    if params.get("double", True):
+        double = NodeDouble(kube, set(nodes))
+        w.tasks.append(asyncio.create_task(double.run()))
     try:
         yield w
     finally:
