@@ -145,9 +145,12 @@ async def run(cfg: settings.Settings) -> int:
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
-        async with await Kube.connect(
-            kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
-        ) as kube, asyncio.TaskGroup() as tg:
+        async with (
+            await Kube.connect(
+                kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
+            ) as kube,
+            asyncio.TaskGroup() as tg,
+        ):
             if "node" in roles:
                 tg.create_task(_node_role(kube, cfg), name="node-role")
             if "cluster" in roles:

@@ -196,6 +196,15 @@ class NodeSettings:
         unit="s",
         minimum=1,
     )
+    kubelet_dir: str = setting(
+        "/var/lib/kubelet",
+        "Kubelet's directory: the plugin's sockets go in <dir>/plugins_registry/<driver>-reg.sock "
+        "and <dir>/plugins/<driver>/dra.sock, its checkpoint beside the latter.",
+    )
+    cdi_dir: str = setting(
+        "/var/run/cdi",
+        "Where CDI spec files of prepared claims are written (the runtime's dynamic CDI dir).",
+    )
 
 
 @dataclass(frozen=True, slots=True)
