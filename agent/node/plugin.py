@@ -247,6 +247,12 @@ class KubeletPlugin:
         self.preparer.clean_stale()
 
     async def _serve(self, server: grpc.aio.Server, socket: Path) -> None:
+        if len(str(socket).encode()) > 107:  # sun_path is 108 bytes with its NUL
+            raise errors.ConfigError(
+                "--node-kubelet-dir",
+                str(socket),
+                "gives a socket path over 107 bytes; use a shorter directory",
+            )
         old = os.umask(0o177)  # the socket is created 0600
         try:
             server.add_insecure_port(f"unix://{socket}")
