@@ -4,7 +4,8 @@
  *
  * $STUB_NVML_GPUS names the file; one GPU a line, tab-separated:
  *   uuid  name  bus-id(dddd:bb:dd.f)  memory-bytes  minor  processes("-" or "pid:bytes,pid:bytes")
- * Like real NVML, the list is read at init: a GPU added to the file later is seen after a re-init.
+ * Like real NVML, the list is read at init: a GPU added to the file later is seen after a re-init;
+ * a GPU's processes are read live at every query.
  * $STUB_NVML_XID names a file of "bus-id xid" lines; nvmlEventSetWait_v2 hands them out in order.
  */
 #include <errno.h>
@@ -145,8 +146,32 @@ nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t d, unsigned int *minor) {
     return 0;
 }
 
+/* Processes are live, unlike the GPU list: re-read this GPU's line of the file. */
+static void refresh_procs(struct gpu *d) {
+    const char *path = getenv("STUB_NVML_GPUS");
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f) return;
+    char line[1024];
+    while (fgets(line, sizeof line, f)) {
+        char uuid[96], procs[512] = "-";
+        if (sscanf(line, "%95[^\t]\t%*[^\t]\t%*[^\t]\t%*u\t%*u\t%511[^\n]", uuid, procs) < 1) continue;
+        if (strcmp(uuid, d->uuid) != 0) continue;
+        d->nprocs = 0;
+        if (strcmp(procs, "-") != 0) {
+            char *save = NULL;
+            for (char *tok = strtok_r(procs, ",", &save); tok && d->nprocs < MAX_PROCS; tok = strtok_r(NULL, ",", &save)) {
+                sscanf(tok, "%u:%llu", &d->pids[d->nprocs], &d->mems[d->nprocs]);
+                d->nprocs++;
+            }
+        }
+        break;
+    }
+    fclose(f);
+}
+
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count, nvmlProcessInfo_t *infos) {
     if (!d || !count) return 2;
+    refresh_procs(d);
     if (d->nprocs == 0) { *count = 0; return 0; }
     if (*count < (unsigned int)d->nprocs || !infos) { *count = (unsigned int)d->nprocs; return 7; }
     for (int i = 0; i < d->nprocs; i++) {

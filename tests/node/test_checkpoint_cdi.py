@@ -1,0 +1,98 @@
+"""The plugin's checkpoint (version, checksum, boot id, atomic, locked) and CDI specs (names,
+ids, device nodes, lowest cdiVersion)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent import errors
+from agent.model.pci import PciAddress, PciFunction
+from agent.node import cdi
+from agent.node.checkpoint import COMPLETED, STARTED, Checkpoint, PreparedClaim
+
+
+def claim(uid: str, state: str = COMPLETED) -> PreparedClaim:
+    return PreparedClaim(
+        uid, "ns", f"c-{uid}", state, [{"pool": "p", "device": "d", "cdi_ids": ["x"]}]
+    )
+
+
+def test_round_trip_and_atomic(tmp_path: Path) -> None:
+    cp = Checkpoint(tmp_path / "checkpoint.json", boot="boot-1")
+    with cp.locked():
+        cp.save({"u1": claim("u1"), "u2": claim("u2", STARTED)})
+    loaded = cp.load()
+    assert loaded["u1"] == claim("u1")
+    assert loaded["u2"].state == STARTED
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint-")] == []
+    doc = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert (doc["version"], doc["boot_id"]) == (1, "boot-1")
+    assert len(doc["checksum"]) == 64
+
+
+def test_entries_of_an_earlier_boot_are_stale(tmp_path: Path) -> None:
+    Checkpoint(tmp_path / "c.json", boot="before").save({"u1": claim("u1")})
+    after = Checkpoint(tmp_path / "c.json", boot="after")
+    assert after.load() == {}
+    assert [c.uid for c in after.stale] == ["u1"]
+
+
+def test_corruption_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    Checkpoint(path, boot="b").save({"u1": claim("u1")})
+    doc = json.loads(path.read_text())
+    doc["claims"]["u1"]["state"] = STARTED  # someone edited it
+    path.write_text(json.dumps(doc))
+    with pytest.raises(errors.CheckpointError, match="checksum"):
+        Checkpoint(path, boot="b").load()
+    path.write_text("{half")
+    with pytest.raises(errors.CheckpointError, match="not JSON"):
+        Checkpoint(path, boot="b").load()
+
+
+def fn(driver: str, group: int = 7) -> PciFunction:
+    return PciFunction(
+        PciAddress("0000:41:00.0"),
+        0x10DE,
+        0x20B0,
+        0x030200,
+        0x10DE,
+        0x1533,
+        0xA1,
+        0,
+        "16.0 GT/s PCIe",
+        16,
+        driver,
+        group,
+    )
+
+
+def test_device_nodes_for_nvidia_and_vfio() -> None:
+    assert cdi.device_nodes(fn("nvidia"), minor=3) == [
+        "/dev/nvidia3",
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
+        "/dev/nvidia-uvm-tools",
+    ]
+    assert cdi.device_nodes(fn("vfio-pci", 42), minor=None) == ["/dev/vfio/42", "/dev/vfio/vfio"]
+    with pytest.raises(ValueError, match="no /dev/nvidia<minor>"):
+        cdi.device_nodes(fn("nvidia"), minor=None)
+
+
+def test_spec_names_ids_and_lowest_version(tmp_path: Path) -> None:
+    spec = cdi.build("composable.cohdi.io", "uid-1", [("gpu-0", ["/dev/nvidia0"], {"A": "1"})])
+    assert spec["cdiVersion"] == "0.3.0"
+    assert cdi.qualified_ids(spec) == ["composable.cohdi.io/gpu=uid-1-gpu-0"]
+    path = cdi.write(tmp_path, "composable.cohdi.io", "uid-1", spec)
+    assert path.name == "composable.cohdi.io-gpu_uid-1.json"
+    assert json.loads(path.read_text()) == spec
+    spec["devices"][0]["containerEdits"]["deviceNodes"][0]["hostPath"] = "/dev/nvidia0"
+    assert cdi.minimum_version(spec) == "0.5.0"
+    spec["annotations"] = {"a": "b"}
+    assert cdi.minimum_version(spec) == "0.6.0"
+    cdi.remove(tmp_path, "composable.cohdi.io", "uid-1")
+    cdi.remove(tmp_path, "composable.cohdi.io", "uid-1")  # idempotent
+    assert list(tmp_path.iterdir()) == []
