@@ -35,5 +35,7 @@ class PciFunction:
 
 def normalise_bus_id(bus_id: str) -> PciAddress:
     """NVML's `00000000:3B:00.0` (8-hex domain, upper case) → sysfs's `0000:3b:00.0`."""
+    if len(bus_id) == 16 and bus_id.startswith("0000"):  # the common case, without parsing
+        return PciAddress(bus_id[4:].lower())
     domain, rest = bus_id.strip().lower().split(":", 1)
     return PciAddress(f"{int(domain, 16):04x}:{rest}")

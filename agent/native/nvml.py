@@ -139,6 +139,13 @@ class Nvml:
         self.ffi.cdef(CDEF)
         self._lib: Any = None
         self.initialised = False
+        # Calls are serialised on one thread, so out-parameters are allocated once and reused:
+        # an ffi.new per call costs about as much as the NVML call itself.
+        self._handle = self.ffi.new("nvmlDevice_t *")
+        self._uint = self.ffi.new("unsigned int *")
+        self._text = self.ffi.new("char[]", _BUF)
+        self._mem = self.ffi.new("nvmlMemory_t *")
+        self._pci = self.ffi.new("nvmlPciInfo_t *")
 
     def load(self) -> None:
         if self._lib is not None:
@@ -177,61 +184,65 @@ class Nvml:
         self.init()
 
     def count(self) -> int:
-        n = self.ffi.new("unsigned int *")
-        self._check("nvmlDeviceGetCount_v2", self._lib.nvmlDeviceGetCount_v2(n))
-        return int(n[0])
+        rc = self._lib.nvmlDeviceGetCount_v2(self._uint)
+        if rc:
+            self._check("nvmlDeviceGetCount_v2", rc)
+        return int(self._uint[0])
 
     def handle_by_index(self, index: int) -> Any:
-        h = self.ffi.new("nvmlDevice_t *")
-        self._check(
-            "nvmlDeviceGetHandleByIndex_v2", self._lib.nvmlDeviceGetHandleByIndex_v2(index, h)
-        )
-        return h[0]
+        rc = self._lib.nvmlDeviceGetHandleByIndex_v2(index, self._handle)
+        if rc:
+            self._check("nvmlDeviceGetHandleByIndex_v2", rc)
+        return self._handle[0]
 
     def handle_by_bus_id(self, bus_id: str) -> Any:
-        h = self.ffi.new("nvmlDevice_t *")
-        self._check(
-            f"nvmlDeviceGetHandleByPciBusId_v2({bus_id})",
-            self._lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), h),
-        )
-        return h[0]
+        rc = self._lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), self._handle)
+        if rc:
+            self._check(f"nvmlDeviceGetHandleByPciBusId_v2({bus_id})", rc)
+        return self._handle[0]
 
     def handle_by_uuid(self, uuid: str) -> Any:
-        h = self.ffi.new("nvmlDevice_t *")
-        self._check(
-            f"nvmlDeviceGetHandleByUUID({uuid})",
-            self._lib.nvmlDeviceGetHandleByUUID(uuid.encode(), h),
-        )
-        return h[0]
+        rc = self._lib.nvmlDeviceGetHandleByUUID(uuid.encode(), self._handle)
+        if rc:
+            self._check(f"nvmlDeviceGetHandleByUUID({uuid})", rc)
+        return self._handle[0]
 
     def uuid(self, handle: Any) -> str:
-        buf = self.ffi.new("char[]", _BUF)
-        self._check("nvmlDeviceGetUUID", self._lib.nvmlDeviceGetUUID(handle, buf, _BUF))
-        return str(self.ffi.string(buf).decode())
+        rc = self._lib.nvmlDeviceGetUUID(handle, self._text, _BUF)
+        if rc:
+            self._check("nvmlDeviceGetUUID", rc)
+        return str(self.ffi.string(self._text).decode())
 
     def name(self, handle: Any) -> str:
-        buf = self.ffi.new("char[]", _BUF)
-        self._check("nvmlDeviceGetName", self._lib.nvmlDeviceGetName(handle, buf, _BUF))
-        return str(self.ffi.string(buf).decode())
+        rc = self._lib.nvmlDeviceGetName(handle, self._text, _BUF)
+        if rc:
+            self._check("nvmlDeviceGetName", rc)
+        return str(self.ffi.string(self._text).decode())
 
     def memory(self, handle: Any) -> tuple[int, int, int]:
-        m = self.ffi.new("nvmlMemory_t *")
-        self._check("nvmlDeviceGetMemoryInfo", self._lib.nvmlDeviceGetMemoryInfo(handle, m))
-        return int(m.total), int(m.free), int(m.used)
+        m = self._mem
+        rc = self._lib.nvmlDeviceGetMemoryInfo(handle, m)
+        if rc:
+            self._check("nvmlDeviceGetMemoryInfo", rc)
+        return m.total, m.free, m.used
 
     def pci_info(self, handle: Any) -> tuple[PciAddress, int]:
-        p = self.ffi.new("nvmlPciInfo_t *")
-        self._check("nvmlDeviceGetPciInfo_v3", self._lib.nvmlDeviceGetPciInfo_v3(handle, p))
-        return normalise_bus_id(self.ffi.string(p.busId).decode()), int(p.pciDeviceId)
+        p = self._pci
+        rc = self._lib.nvmlDeviceGetPciInfo_v3(handle, p)
+        if rc:
+            self._check("nvmlDeviceGetPciInfo_v3", rc)
+        return normalise_bus_id(self.ffi.string(p.busId).decode()), p.pciDeviceId
 
     def minor(self, handle: Any) -> int:
-        n = self.ffi.new("unsigned int *")
-        self._check("nvmlDeviceGetMinorNumber", self._lib.nvmlDeviceGetMinorNumber(handle, n))
-        return int(n[0])
+        rc = self._lib.nvmlDeviceGetMinorNumber(handle, self._uint)
+        if rc:
+            self._check("nvmlDeviceGetMinorNumber", rc)
+        return int(self._uint[0])
 
     def compute_processes(self, handle: Any) -> list[tuple[int, int]]:
         """(pid, used GPU memory) of every compute process on the GPU."""
-        count = self.ffi.new("unsigned int *", 0)
+        count = self._uint
+        count[0] = 0
         rc = self._lib.nvmlDeviceGetComputeRunningProcesses_v3(handle, count, self.ffi.NULL)
         if rc == SUCCESS:
             return []

@@ -159,7 +159,6 @@ class NodeReporter:
         uuid = st.get("device_id") or ""
         if self.nvml.available:
             uuid = await self._nvml_uuid(bdf) or uuid
-        self.reported[obj["metadata"]["name"]] = time.monotonic()
         await self._conditions(
             obj,
             NODE_READY,
@@ -169,6 +168,7 @@ class NodeReporter:
             f"is present{', UUID ' + uuid if uuid else ''}",
             extra={"pci_address": bdf, "device_id": uuid},
         )
+        self.reported[obj["metadata"]["name"]] = time.monotonic()
 
     async def _nvml_uuid(self, bdf: str) -> str:
         n = self.nvml.nvml
