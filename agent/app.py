@@ -13,9 +13,6 @@ from typing import Any
 
 from agent import KUBERNETES_VERSION, __version__, errors, settings
 from agent.devcluster import local
-from agent.fabric.emulator import config as emulator_config
-from agent.fabric.emulator.config import EmulatorConfig
-from agent.fabric.emulator.server import EmulatorServer
 
 
 def version() -> int:
@@ -65,7 +62,9 @@ def dev_cluster(cfg: settings.Settings, action: str) -> int:
     return 0 if len(alive) == len(state["processes"]) else 1
 
 
-def _emulator_config(cfg: settings.Settings) -> EmulatorConfig:
+def _emulator_config(cfg: settings.Settings) -> Any:
+    from agent.fabric.emulator import config as emulator_config
+
     """The configured emulator config, or the embedded default with a password from
     $COHDI_FABRIC_PASSWORD or a generated one written to a 0600 file (never printed)."""
     em = cfg.emulator
@@ -86,6 +85,8 @@ def _emulator_config(cfg: settings.Settings) -> EmulatorConfig:
 
 async def fabric_emulator(cfg: settings.Settings) -> int:
     """Run the emulator until cancelled (Ctrl-C)."""
+    from agent.fabric.emulator.server import EmulatorServer
+
     em = cfg.emulator
     server = EmulatorServer(
         _emulator_config(cfg),

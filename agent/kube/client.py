@@ -45,7 +45,7 @@ class Kube:
         server_hostname: str | None = None,
     ) -> None:
         self.host = host.rstrip("/")
-        self._auth = auth  # kubernetes-asyncio Configuration, asked for a fresh token per request
+        self._auth = auth  # -> the Authorization header value, asked per request (tokens rotate)
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._server_hostname = server_hostname
         self._session = aiohttp.ClientSession(
@@ -57,24 +57,32 @@ class Kube:
     @classmethod
     async def connect(cls, *, kubeconfig: str = "", request_timeout: float = 30.0) -> Kube:
         """From `kubeconfig`; if empty: in-cluster service account, else $KUBECONFIG or
-        ~/.kube/config."""
+        ~/.kube/config. Our own loader covers certificates and tokens; kubeconfigs with exec
+        plugins or auth providers go through kubernetes-asyncio's loader."""
+        from agent.kube import config as kubeconfig_loader
+
+        path, access = kubeconfig_loader.find(kubeconfig)  # start-up: a blocking read is fine
+        if access is None:
+            return await cls._connect_with_kubernetes_asyncio(path, request_timeout)
+        return cls(
+            host=access.host,
+            ssl_context=access.ssl,
+            auth=access.auth,
+            request_timeout=request_timeout,
+            server_hostname=access.server_hostname,
+        )
+
+    @classmethod
+    async def _connect_with_kubernetes_asyncio(cls, path: str, request_timeout: float) -> Kube:
         from kubernetes_asyncio import config as kconfig
         from kubernetes_asyncio.client import Configuration
 
         cfg = Configuration()
         try:
-            if kubeconfig:
-                await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-            else:
-                try:
-                    kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-                except kconfig.ConfigException:
-                    await kconfig.load_kube_config(client_configuration=cfg)
+            await kconfig.load_kube_config(config_file=path, client_configuration=cfg)
         except (kconfig.ConfigException, OSError, ValueError) as exc:
-            where = kubeconfig or "in-cluster, $KUBECONFIG or ~/.kube/config"
             raise errors.KubeConfigError(
-                f"cannot load Kubernetes credentials from {where}: {exc}; "
-                "pass --kubeconfig or run inside a pod with a service account"
+                f"cannot load Kubernetes credentials from {path}: {exc}; pass --kubeconfig"
             ) from exc
         ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
         if cfg.cert_file:
@@ -84,10 +92,15 @@ class Kube:
                 "the kubeconfig sets insecure-skip-tls-verify; cohdi-agent always verifies the API "
                 "server: give the cluster's CA (certificate-authority) instead"
             )
+
+        async def auth() -> str | None:
+            token: str | None = await cfg.get_api_key_with_prefix("authorization")
+            return token
+
         return cls(
             host=str(cfg.host),
             ssl_context=ctx,
-            auth=cfg,
+            auth=auth,
             request_timeout=request_timeout,
             server_hostname=cfg.tls_server_name,
         )
@@ -107,7 +120,7 @@ class Kube:
         headers = {"Accept": JSON}
         if content_type:
             headers["Content-Type"] = content_type
-        token = await self._auth.get_api_key_with_prefix("authorization")
+        token = await self._auth()
         if token:
             headers["Authorization"] = token
         return headers

@@ -65,7 +65,8 @@ async def install(kube: Kube, driver: str, *, timeout: float = 60.0) -> None:  #
             while True:
                 obj = await kube.get(f"{CRDS}/{crd['metadata']['name']}")
                 conds = {
-                    c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", [])
+                    c["type"]: c["status"]
+                    for c in (obj.get("status") or {}).get("conditions") or []
                 }
                 if conds.get("Established") == "True":
                     break
