@@ -51,6 +51,22 @@ def _median_per_function(fn: Any, root: str, rounds: int) -> float:
     return statistics.median(times)
 
 
+def _c_call_only() -> Any:
+    """The C scan itself, into a preallocated array, without building Python objects: what the
+    scan costs beside the syscalls, separated from what materialising results costs."""
+    from agent.native import _scan  # type: ignore[attr-defined]
+
+    out = _scan.ffi.new("pci_function[]", 4096)
+    count = _scan.ffi.new("int *")
+    err = _scan.ffi.new("char[]", 512)
+
+    def call(root: str) -> list[int]:
+        _scan.lib.pci_scan(root.encode(), out, 4096, count, err, 512)
+        return [0] * count[0]
+
+    return call
+
+
 def scan_bench(tmp: Path, rounds: int) -> dict[str, Any]:
     floor_bin = tmp / "floor"
     subprocess.run(["cc", "-O2", "-o", str(floor_bin), str(HERE / "floor.c")], check=True)
@@ -64,11 +80,14 @@ def scan_bench(tmp: Path, rounds: int) -> dict[str, Any]:
             ).stdout
         )
         c = _median_per_function(scanning.scan_c, root, rounds)
+        c_call = _median_per_function(_c_call_only(), root, rounds)
         py = _median_per_function(scanning.scan_python, root, rounds)
         out[label] = {
             "functions": functions,
             "floor_us": round(floor / 1e3, 2),
             "c_us": round(c / 1e3, 2),
+            "c_call_only_us": round(c_call / 1e3, 2),
+            "c_call_only_over_floor": round(c_call / floor, 2),
             "python_us": round(py / 1e3, 2),
             "c_over_floor": round(c / floor, 2),
             "python_over_floor": round(py / floor, 2),
@@ -270,7 +289,8 @@ def main() -> None:
     for label, r in doc["scan"].items():
         print(
             f"scan {label} ({r['functions']} functions): floor {r['floor_us']} us, "
-            f"C {r['c_us']} us ({r['c_over_floor']}x), "
+            f"C {r['c_us']} us ({r['c_over_floor']}x; the C call alone "
+            f"{r['c_call_only_us']} us, {r['c_call_only_over_floor']}x), "
             f"Python {r['python_us']} us ({r['python_over_floor']}x) per function"
         )
     print(f"NVML query: {doc['nvml']['us_per_query']} us ({doc['nvml']['speedup']}x)")
