@@ -196,12 +196,26 @@ async def _cluster_role(kube: Any, cfg: settings.Settings) -> None:
 
 
 async def _node_role(kube: Any, cfg: settings.Settings) -> None:
+    """The node reporter (hot-plug, report, safe removal) and the DRA kubelet plugin."""
     import socket
 
+    from agent.node.plugin import KubeletPlugin
     from agent.node.reporting import NodeReporter
 
     node = cfg.node.name or os.environ.get("NODE_NAME") or socket.gethostname()
-    await NodeReporter(kube, cfg.node, node=node).run()
+    reporter = NodeReporter(kube, cfg.node, node=node)
+    plugin = KubeletPlugin(
+        kube,
+        driver=cfg.cluster.driver,
+        kubelet_dir=Path(cfg.node.kubelet_dir),
+        cdi_dir=Path(cfg.node.cdi_dir),
+        reporter=reporter,
+    )
+    await plugin.start()
+    try:
+        await reporter.run()
+    finally:
+        await plugin.stop()
 
 
 async def _serve_metrics(port: int) -> Any:
