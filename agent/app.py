@@ -239,7 +239,18 @@ async def _serve_metrics(port: int) -> Any:
     return runner
 
 
-async def demo(cfg: settings.Settings, *, keep: bool) -> int:
-    from agent import demoing
+async def demo(
+    cfg: settings.Settings,
+    *,
+    keep: bool,
+    pods: int,
+    duration: float,
+    nodes: int,
+    gpus: int,
+    latency: float,
+) -> int:
+    from agent.demo import running
 
-    return await demoing.run(cfg, keep=keep)
+    return await running.run(
+        cfg, pods=pods, duration=duration, nodes=nodes, gpus=gpus, attach_latency=latency, keep=keep
+    )

@@ -77,14 +77,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the main job on the embedded default (local control plane, emulated fabric)",
         description=textwrap.dedent(
             """\
-            Builds (first run only) and starts a local etcd + kube-apiserver + kube-scheduler,
-            checks that the DRA APIs the agent relies on are served with binding conditions and
-            per-device node selection, reports what it found, and stops everything.
+            Builds (first run only) and starts a local etcd + kube-apiserver + kube-scheduler
+            (or uses --kubeconfig), the built-in fabric emulator with a pool of GPUs of two
+            models, N simulated GPU servers each running the real node role (its own synthetic
+            sysfs tree and stub NVML, fed by the emulator's hot-plug hook) and the cluster role.
+            Then it submits pods with ResourceClaims in three bursts, shows pods and GPUs live,
+            plays kubelet (NodePrepareResources over each server's plugin socket), lets pods
+            finish, waits for idle GPUs to go back to the pool, prints per-pod latencies and
+            writes a timeline plot. Ctrl-C stops every process.
             """
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--keep", action="store_true", help="keep the cluster running until Ctrl-C")
+    demo.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
+    demo.add_argument("--pods", type=int, default=24, help="pods in the workload (default 24)")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="seconds over which the bursts arrive; pods live 15-35%% of it (default 30)",
+    )
+    demo.add_argument("--nodes", type=int, default=4, help="simulated GPU servers (default 4)")
+    demo.add_argument("--gpus", type=int, default=16, help="pooled GPUs, two models (default 16)")
+    demo.add_argument(
+        "--latency",
+        type=float,
+        default=0.2,
+        help="the emulated fabric's attach/detach time in seconds (default 0.2)",
+    )
 
     sub.add_parser(
         "run",
@@ -186,7 +206,17 @@ def main(argv: list[str], *, run_async: RunAsync) -> int:
         if args.command == "fabric-emulator":
             return run_async(lambda: app.fabric_emulator(cfg))
         if args.command == "demo":
-            return run_async(lambda: app.demo(cfg, keep=args.keep))
+            return run_async(
+                lambda: app.demo(
+                    cfg,
+                    keep=args.keep,
+                    pods=args.pods,
+                    duration=args.duration,
+                    nodes=args.nodes,
+                    gpus=args.gpus,
+                    latency=args.latency,
+                )
+            )
     except errors.AgentError as exc:
         print(f"cohdi-agent: {exc.fault} error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, errors.ConfigError) else 1

@@ -1,0 +1,85 @@
+"""Do the three places that know about a GPU agree? The fabric (emulator), the API server
+(ComposableResources, pool slices) and each node's plugin checkpoint. Returns one row per device
+and the disagreements found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agent.controllers.publishing import SLICES
+from agent.demo.world import World
+from agent.kube.resources import RESOURCES, deleting, state
+from agent.model.fabric import DeviceState, dns_label
+from agent.node.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    device: str
+    fabric: str  # free / attached:<node> / ...
+    api: str  # the ComposableResource's state on a node, or "-"
+    slice: str  # free / node:<n> / absent
+    prepared: str  # claim uid(s) in a node checkpoint, or "-"
+
+
+async def check(world: World) -> tuple[list[Row], list[str]]:
+    machine_node = {f"m-{n}": n for n in world.nodes}
+    crs = [
+        o
+        for o in (await world.kube.get(RESOURCES))["items"]
+        if o["spec"]["target_node"] in world.nodes
+    ]
+    cr_of: dict[str, Any] = {}
+    for o in crs:
+        dev = (o.get("status") or {}).get("cdi_device_id") or o["spec"].get("fabric_device")
+        if dev:
+            cr_of[dev] = o
+    entries: dict[str, dict[str, Any]] = {}
+    for s in (await world.kube.get(SLICES))["items"]:
+        if s["spec"]["driver"] == world.driver:
+            for d in s["spec"]["devices"]:
+                entries[d["attributes"]["fabricDeviceId"]["string"]] = d
+    prepared: dict[str, list[str]] = {}
+    for node in world.nodes:
+        path = world.checkpoint(node)
+        if path.exists():
+            for uid, c in Checkpoint(path).load().items():
+                for d in c.devices:
+                    prepared.setdefault(f"{node}/{d['device']}", []).append(uid)
+    rows, problems = [], []
+    for dev in sorted(world.emulator.state.devices.values(), key=lambda d: d.spec.id):
+        did = dev.spec.id
+        node = machine_node.get(dev.machine or "", "")
+        fabric = dev.state.value + (f":{node}" if node else "")
+        cr = cr_of.get(did)
+        api = f"{state(cr) or 'new'}:{cr['spec']['target_node']}" if cr is not None else "-"
+        entry = entries.get(did)
+        slice_view = (
+            "absent"
+            if entry is None
+            else (f"node:{entry['nodeName']}" if "nodeName" in entry else "free")
+        )
+        uids = prepared.get(f"{node}/{dns_label(did)}", []) if node else []
+        rows.append(Row(did, fabric, api, slice_view, ",".join(uids) or "-"))
+        if dev.state == DeviceState.ATTACHED:
+            if cr is None or deleting(cr) or cr["spec"]["target_node"] != node:
+                problems.append(
+                    f"{did}: attached to {node} on the fabric, but no live resource for it"
+                )
+            if slice_view != f"node:{node}":
+                problems.append(f"{did}: attached to {node}, the slice says {slice_view}")
+        elif dev.state == DeviceState.FREE:
+            if cr is not None and not deleting(cr) and state(cr) == "Online":
+                problems.append(f"{did}: free on the fabric, but its resource is Online")
+            if uids:
+                problems.append(f"{did}: free on the fabric, but prepared for claims {uids}")
+            if slice_view not in ("free", "absent"):
+                problems.append(f"{did}: free on the fabric, the slice says {slice_view}")
+    return rows, problems
+
+
+def table(rows: list[Row]) -> str:
+    out = [f"{'device':<18} {'fabric':<26} {'api server':<26} {'slice':<22} prepared"]
+    out += [f"{r.device:<18} {r.fabric:<26} {r.api:<26} {r.slice:<22} {r.prepared}" for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,197 @@
+"""The demo's workload and the kubelet's part: pods with ResourceClaims arrive in bursts; when the
+scheduler binds one, its node's DRA plugin is asked to prepare it (as kubelet would, over the
+plugin's socket), the pod runs for its lifetime, then is unprepared and finishes (what kubelet and
+kube-controller-manager would do: pod gone, claim deallocated and deleted). Every instant is
+recorded for the summary and the plot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from agent._proto.dra.v1 import api_pb2, api_pb2_grpc
+from agent.demo.world import World
+from agent.kube.client import Obj, path_of
+from agent.kube.watching import Event, Informer
+from agent.model import claims as claimmodel
+
+NS = "default"
+CLAIMS = path_of(group="resource.k8s.io", version="v1", plural="resourceclaims", namespace=NS)
+PODS = path_of(group="", version="v1", plural="pods", namespace=NS)
+
+
+@dataclass
+class PodRecord:
+    name: str
+    model: str
+    submitted: float
+    allocated: float = 0.0
+    ready: float = 0.0
+    bound: float = 0.0
+    prepared: float = 0.0
+    finished: float = 0.0
+    node: str = ""
+    device: str = ""
+    cdi_ids: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def phase(self) -> str:
+        if self.finished:
+            return "done"
+        if self.prepared:
+            return "running"
+        if self.bound:
+            return "bound"
+        if self.allocated:
+            return "attaching"
+        return "pending"
+
+
+class Workload:
+    def __init__(self, world: World, *, lifetime: tuple[float, float], seed: int = 7) -> None:
+        self.world = world
+        self.lifetime = lifetime
+        self.rng = random.Random(seed)  # noqa: S311 -- a demo's arrival pattern
+        self.records: dict[str, PodRecord] = {}
+        self.claims = Informer(world.kube, CLAIMS, name="demo-claims")
+        self.pods = Informer(world.kube, PODS, name="demo-pods")
+        self.claims.add_handler(self._on_claim)
+        self.pods.add_handler(self._on_pod)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.t0 = time.monotonic()
+
+    def _on_claim(self, e: Event) -> None:
+        rec = self.records.get(e.obj["metadata"]["name"])
+        if rec is None or e.type == "DELETED":
+            return
+        for b in claimmodel.bindings(e.obj, self.world.driver):
+            if not rec.allocated:
+                rec.allocated = time.monotonic()
+                rec.device = b.device
+            if b.ready and not rec.ready:
+                rec.ready = time.monotonic()
+
+    def _on_pod(self, e: Event) -> None:
+        rec = self.records.get(e.obj["metadata"]["name"])
+        node = e.obj.get("spec", {}).get("nodeName")
+        if rec is None or e.type == "DELETED" or not node or rec.bound:
+            return
+        rec.bound, rec.node = time.monotonic(), node
+        self._spawn(self._run(rec))
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        self._spawn(self.claims.run())
+        self._spawn(self.pods.run())
+        await self.claims.synced.wait()
+        await self.pods.synced.wait()
+
+    async def submit(self, name: str, model: str) -> None:
+        self.records[name] = PodRecord(name, model, time.monotonic())
+        expr = f'device.attributes["{self.world.driver}"].productName == "{model}"'
+        await self.world.kube.create(
+            CLAIMS,
+            {
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "ResourceClaim",
+                "metadata": {"name": name},
+                "spec": {
+                    "devices": {
+                        "requests": [
+                            {
+                                "name": "gpu",
+                                "exactly": {
+                                    "deviceClassName": f"gpu.{self.world.driver}",
+                                    "selectors": [{"cel": {"expression": expr}}],
+                                },
+                            }
+                        ]
+                    }
+                },
+            },
+        )
+        await self.world.kube.create(
+            PODS,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "cuda",
+                            "image": "nvidia/cuda",
+                            "resources": {"claims": [{"name": "gpu"}]},
+                        }
+                    ],
+                    "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
+                    "nodeSelector": {"cohdi.io/demo": "true"},
+                },
+            },
+        )
+
+    async def _run(self, rec: PodRecord) -> None:
+        claim = await self.world.kube.get(f"{CLAIMS}/{rec.name}")
+        uid = claim["metadata"]["uid"]
+        ref = api_pb2.Claim(namespace=NS, name=rec.name, uid=uid)
+        socket = self.world.plugin_socket(rec.node)
+        async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+            stub = api_pb2_grpc.DRAPluginStub(channel)
+            answer = await stub.NodePrepareResources(
+                api_pb2.NodePrepareResourcesRequest(claims=[ref]), timeout=45
+            )
+            result = answer.claims[uid]
+            if result.error:
+                rec.error = result.error
+                return
+            rec.cdi_ids = [i for d in result.devices for i in d.cdi_device_ids]
+            rec.prepared = time.monotonic()
+            await self.world.kube.patch(
+                f"{PODS}/{rec.name}/status", {"status": {"phase": "Running"}}
+            )
+            await asyncio.sleep(self.rng.uniform(*self.lifetime))
+            await stub.NodeUnprepareResources(
+                api_pb2.NodeUnprepareResourcesRequest(claims=[ref]), timeout=45
+            )
+        await finish(self.world, rec.name, claim)
+        rec.finished = time.monotonic()
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def finish(world: World, name: str, claim: Obj | None = None) -> None:
+    """The pod is done: delete it at once, drop it from the claim, deallocate and delete the claim
+    (kubelet's and kube-controller-manager's work; neither runs in the demo)."""
+    kube = world.kube
+    with contextlib.suppress(Exception):
+        await kube.request("DELETE", f"{PODS}/{name}", body={"gracePeriodSeconds": 0})
+    for _ in range(5):
+        claim = await kube.get(f"{CLAIMS}/{name}")
+        claim["status"] = {
+            **(claim.get("status") or {}),
+            "reservedFor": None,
+            "allocation": None,
+            "devices": None,
+        }
+        try:
+            await kube.replace(f"{CLAIMS}/{name}/status", claim)
+            break
+        except Exception:  # a conflict with the scaler's write: read again
+            await asyncio.sleep(0.05)
+    await kube.patch(f"{CLAIMS}/{name}", {"metadata": {"finalizers": None}})
+    with contextlib.suppress(Exception):
+        await kube.delete(f"{CLAIMS}/{name}")

@@ -1,0 +1,254 @@
+"""Start and stop everything the demo (and the full-stack test) runs, as real processes where the
+product runs as processes: the cluster role and every simulated node are `cohdi-agent run`
+subprocesses; the emulator and the control plane are started by the same code the tests use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import settings
+from agent.devcluster import local
+from agent.devcluster.controlplane import ControlPlane
+from agent.fabric.emulator import config as emuconfig
+from agent.fabric.emulator.server import EmulatorServer
+from agent.fabric.emulator.sysfs_hook import SysfsHook
+from agent.kube.client import Kube, path_of
+from agent.manifests import installing
+from agent.testing import stubnvml
+
+NODES = path_of(group="", version="v1", plural="nodes")
+MODELS = ("NVIDIA-A100-PCIE-40GB", "NVIDIA-H100-PCIE-80GB")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class World:
+    workdir: Path
+    nodes: list[str]
+    driver: str
+    kubeconfig: Path
+    kube: Kube
+    emulator: EmulatorServer
+    control_plane: ControlPlane | None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def node_dir(self, node: str) -> Path:
+        return self.workdir / "nodes" / node
+
+    def plugin_socket(self, node: str) -> Path:
+        return self.node_dir(node) / "kubelet" / "plugins" / self.driver / "dra.sock"
+
+    def cdi_dir(self, node: str) -> Path:
+        return self.node_dir(node) / "cdi"
+
+    def checkpoint(self, node: str) -> Path:
+        return self.node_dir(node) / "kubelet" / "plugins" / self.driver / "checkpoint.json"
+
+
+async def make_node(kube: Kube, name: str, labels: dict[str, str]) -> None:
+    """A Node object as a kubelet would register it, Ready (no kubelet runs: the demo plays it)."""
+    with contextlib.suppress(Exception):
+        await kube.create(
+            NODES,
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}},
+        )
+    await kube.patch(f"{NODES}/{name}", {"spec": {"taints": None}})
+    cap = {"pods": "110", "cpu": "64", "memory": "512Gi"}
+    await kube.patch(
+        f"{NODES}/{name}/status",
+        {
+            "status": {
+                "capacity": cap,
+                "allocatable": cap,
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "simulated by cohdi-agent demo",
+                        "lastHeartbeatTime": _now(),
+                        "lastTransitionTime": _now(),
+                    }
+                ],
+            }
+        },
+    )
+
+
+async def start(
+    cfg: settings.Settings,
+    *,
+    workdir: Path,
+    nodes: int,
+    gpus: int,
+    attach_latency: float,
+    idle_grace: float,
+    kubeconfig: str = "",
+    progress: Any = print,
+) -> World:
+    await asyncio.to_thread(_fresh, workdir)
+    cp: ControlPlane | None = None
+    if kubeconfig:
+        kubeconfig_path = Path(kubeconfig)
+    else:
+        binaries = await asyncio.to_thread(local.binaries, cfg.cache_dir)
+        cp = ControlPlane(
+            binaries=binaries,
+            state_dir=workdir / "control-plane",
+            binding_timeout_s=cfg.dev.binding_timeout,
+            progress=local.progress,
+        )
+        await asyncio.to_thread(cp.start)
+        kubeconfig_path = cp.kubeconfig
+    kube = await Kube.connect(kubeconfig=str(kubeconfig_path))
+    driver = cfg.cluster.driver
+    await installing.install(kube, driver)
+    names = [f"gpu-server-{i}" for i in range(nodes)]
+    for n in names:
+        await make_node(kube, n, {"cohdi.io/demo": "true"})
+    password = secrets.token_urlsafe(18)
+    half = gpus // 2
+    conf = emuconfig.parse(
+        {
+            "machines": [{"id": f"m-{n}", "name": n, "fabric": "fabric0"} for n in names],
+            "devices": [
+                {
+                    "model": MODELS[0],
+                    "count": half,
+                    "memory": 40 * 2**30,
+                    "pci_device": "0x20f1",
+                    "attach_latency": attach_latency,
+                    "detach_latency": attach_latency,
+                },
+                {
+                    "model": MODELS[1],
+                    "count": gpus - half,
+                    "memory": 80 * 2**30,
+                    "pci_device": "0x2331",
+                    "attach_latency": attach_latency,
+                    "detach_latency": attach_latency,
+                },
+            ],
+            "users": [{"name": "admin", "password": password}],
+        }
+    )
+    emulator = EmulatorServer(
+        conf, tls_dir=workdir / "fabric-tls", state_file=workdir / "fabric-state.json"
+    )
+    world = World(workdir, names, driver, kubeconfig_path, kube, emulator, cp)
+    hook = SysfsHook(lambda m: world.node_dir(m.name) if m.name in names else None)
+    emulator.state.on_appear.append(hook.appear)
+    emulator.state.on_disappear.append(hook.disappear)
+    await emulator.start()
+    stub = await asyncio.to_thread(stubnvml.build, cfg.cache_dir)
+    common = [
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        "--kubeconfig",
+        str(kubeconfig_path),
+        "--driver",
+        driver,
+        "--log-format",
+        "json",
+    ]
+    env = {**os.environ, "COHDI_FABRIC_PASSWORD": password}
+    logs = workdir / "logs"
+    logs.mkdir()
+    for n in names:
+        d = world.node_dir(n)
+        (d / "sys" / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
+        (d / "nvml-gpus").touch()
+        world.processes[n] = _spawn(
+            [
+                *common,
+                "--roles",
+                "node",
+                "--node-name",
+                n,
+                "--node-sysfs-root",
+                str(d / "sys"),
+                "--node-nvml-path",
+                str(stub),
+                "--node-kubelet-dir",
+                str(d / "kubelet"),
+                "--node-cdi-dir",
+                str(d / "cdi"),
+                "--node-rescan",
+                "never",
+            ],
+            {**env, "STUB_NVML_GPUS": str(d / "nvml-gpus")},
+            logs / f"{n}.log",
+        )
+    world.processes["cluster"] = _spawn(
+        [
+            *common,
+            "--roles",
+            "cluster",
+            "--fabric-url",
+            emulator.url,
+            "--fabric-user",
+            "admin",
+            "--fabric-ca-bundle",
+            str(emulator.ca_file),
+            "--fabric-poll-interval",
+            "1",
+            "--idle-grace",
+            str(idle_grace),
+            "--lease-name",
+            "cohdi-demo",
+            "--lease-duration",
+            "4",
+            "--lease-renew-deadline",
+            "3",
+            "--lease-retry-period",
+            "0.5",
+        ],
+        env,
+        logs / "cluster.log",
+    )
+    progress(f"started {nodes} simulated GPU servers and the cluster role (logs in {logs})")
+    return world
+
+
+def _fresh(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+async def stop(world: World) -> None:
+    for proc in world.processes.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in world.processes.values():
+        try:
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+    await world.emulator.stop()
+    await world.kube.close()
+    if world.control_plane is not None:
+        await asyncio.to_thread(world.control_plane.stop)
