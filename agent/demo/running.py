@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from agent import settings
+from agent.demo import consistency
 from agent.demo import world as worlds
 from agent.demo.workload import PodRecord, Workload
 from agent.model.fabric import DeviceState
@@ -196,6 +197,12 @@ async def run(
         view.draw()
         records = list(workload.records.values())
         _say("\n" + summary(records))
+        rows, problems = await consistency.check(world)
+        if problems:
+            _say("\nfabric, API server and node checkpoints DISAGREE:\n  " + "\n  ".join(problems))
+            _say(consistency.table(rows))
+        else:
+            _say(f"fabric, API server and node checkpoints agree on all {len(rows)} devices")
         png = workdir / "timeline.png"
         await asyncio.to_thread(
             plot,
@@ -208,7 +215,7 @@ async def run(
         if keep:
             _say(f"running until Ctrl-C; export KUBECONFIG={world.kubeconfig}")
             await asyncio.Event().wait()
-        ok = all(r.bound and not r.error for r in records)
+        ok = all(r.bound and not r.error for r in records) and not problems
         return 0 if ok else 1
     finally:
         await workload.close()
