@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import tempfile
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import settings
+from agent import errors, settings
 from agent.controllers import running
 from agent.controllers.publishing import NODES, SLICES, Publisher
 from agent.devcluster import local
@@ -105,11 +106,13 @@ def _fabric(em: EmulatorServer) -> RedfishFabric:
 
 
 async def publication(kube: Kube, devices: int, tmp: Path) -> dict[str, Any]:
-    driver = "pub.bench.cohdi.io"
-    nodes = [f"pub-node-{i}" for i in range(8)]
+    tag = f"pub{devices}"
+    driver = f"{tag}.bench.cohdi.io"
+    nodes = [f"{tag}-node-{i}" for i in range(8)]
     for n in nodes:
         await _node(kube, n)
-    em = _emulator("pub", nodes, devices, tmp)
+    await installing.install(kube, driver)
+    em = _emulator(tag, nodes, devices, tmp)
     await em.start()
     fabric = _fabric(em)
     slices = Informer(kube, SLICES, field_selector=f"spec.driver={driver}")
@@ -163,8 +166,9 @@ async def publication(kube: Kube, devices: int, tmp: Path) -> dict[str, Any]:
 
 
 async def scale_up(kube: Kube, claims: int, tmp: Path) -> dict[str, Any]:
-    driver = "up.bench.cohdi.io"
-    nodes = [f"up-node-{i}" for i in range(4)]
+    tag = f"up{claims}"
+    driver = f"{tag}.bench.cohdi.io"
+    nodes = [f"{tag}-node-{i}" for i in range(4)]
     for n in nodes:
         await _node(kube, n)
     await installing.install(kube, driver)
@@ -172,17 +176,18 @@ async def scale_up(kube: Kube, claims: int, tmp: Path) -> dict[str, Any]:
     # set up lazily); a real cluster pays that once at install time, so warm it up here.
     from agent.kube.resources import RESOURCES
 
-    await kube.create(
-        RESOURCES,
-        {
-            "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
-            "kind": "ComposableResource",
-            "metadata": {"name": "warm-up"},
-            "spec": {"type": "gpu", "model": "x", "target_node": "none"},
-        },
-    )
+    with contextlib.suppress(errors.KubeAlreadyExists):
+        await kube.create(
+            RESOURCES,
+            {
+                "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                "kind": "ComposableResource",
+                "metadata": {"name": "warm-up"},
+                "spec": {"type": "gpu", "model": "x", "target_node": "none"},
+            },
+        )
     await kube.delete(f"{RESOURCES}/warm-up")
-    em = _emulator("up", nodes, claims + 8, tmp)
+    em = _emulator(tag, nodes, claims + 8, tmp)
     await em.start()
     attach_started: dict[str, float] = {}
     attach_time: dict[str, float] = {}
@@ -220,7 +225,7 @@ async def scale_up(kube: Kube, claims: int, tmp: Path) -> dict[str, Any]:
     try:
         await asyncio.wait_for(role.publisher.synced.wait(), 60)
         await watch.synced.wait()
-        names = [f"burst-{i:03d}" for i in range(claims)]
+        names = [f"{tag}-burst-{i:03d}" for i in range(claims)]
         expr = f'device.attributes["{driver}"].productName == "{MODEL}"'
         limit = asyncio.Semaphore(32)
 
@@ -296,86 +301,61 @@ async def scale_up(kube: Kube, claims: int, tmp: Path) -> dict[str, Any]:
         await em.stop()
 
 
-def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    samples = sorted(doc["scale_up"]["samples_ms"])
-    a.plot(samples, [i / len(samples) for i in range(1, len(samples) + 1)])
-    a.axvline(50, color="g", ls="--", label="target p50 50 ms")
-    a.axvline(250, color="r", ls="--", label="target p99 250 ms")
-    a.set_xscale("log")
-    a.set_xlabel("agent overhead per claim (ms): allocated → FabricDeviceReady minus fabric attach")
-    a.set_ylabel("fraction of claims")
-    a.set_title(f"burst of {doc['scale_up']['claims']} claims")
-    a.legend()
-    p = doc["publication"]
-    labels = ["fabric read", "publish all", "1 device changed", "no change"]
-    values = [p["fabric_read_ms"], p["publish_ms"], p["one_device_changed_ms"], p["no_change_ms"]]
-    b.bar(labels, values)
-    b.axhline(1000, color="r", ls="--", label="target 1 s end to end")
-    b.set_ylabel("ms")
-    b.set_title(f"pool publication, {p['devices']} devices, {p['slices']} slices")
-    b.legend()
-    fig.suptitle(
-        f"cohdi-agent cluster role — {doc['machine']['cpu']}, {doc['machine']['cores']} cores"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-async def measure(claims: int, devices: int) -> dict[str, Any]:
+async def measure(bursts: list[int], sizes: list[int]) -> dict[str, Any]:
     binaries = await asyncio.to_thread(local.binaries, settings.Settings().cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         cp = ControlPlane(binaries=binaries, state_dir=Path(tmp) / "cp", progress=local.progress)
         await asyncio.to_thread(cp.start)
         try:
             async with await Kube.connect(kubeconfig=str(cp.kubeconfig)) as kube:
-                await installing.install(kube, "pub.bench.cohdi.io")
-                pub = await publication(kube, devices, Path(tmp))
-                up = await scale_up(kube, claims, Path(tmp))
+                pubs = {str(n): await publication(kube, n, Path(tmp)) for n in sizes}
+                ups = {str(n): await scale_up(kube, n, Path(tmp)) for n in bursts}
         finally:
             await asyncio.to_thread(cp.stop)
     return {
         "benchmark": "cluster",
         "machine": describe(),
         "kubernetes": "v1.36.3",
-        "publication": pub,
-        "scale_up": up,
+        "publication": pubs,
+        "scale_up": ups,
     }
 
 
 def main() -> None:
     import uvloop
 
+    from bench import report
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--claims", type=int, default=200)
-    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument(
+        "--bursts", default="1,50,200", help="claim bursts to measure (default 1,50,200)"
+    )
+    parser.add_argument(
+        "--devices", default="200,2000,8000", help="pool sizes to publish (default 200,2000,8000)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/cluster.json"))
-    parser.add_argument("--plot", type=Path, default=Path("bench/results/cluster.png"))
     args = parser.parse_args()
+    bursts = [int(x) for x in args.bursts.split(",") if x]
+    sizes = [int(x) for x in args.devices.split(",") if x]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        doc = runner.run(measure(args.claims, args.devices))
+        doc = runner.run(measure(bursts, sizes))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    plot(doc, args.plot)
-    up, pub = doc["scale_up"], doc["publication"]
-    print(
-        f"scale-up overhead, {up['claims']} claims: p50 {up['overhead']['p50_ms']} ms, "
-        f"p99 {up['overhead']['p99_ms']} ms "
-        f"(allocated→ready p50 {up['allocated_to_ready']['p50_ms']} ms)"
-    )
-    print(
-        f"publication of {pub['devices']} devices: {pub['end_to_end_ms']} ms end to end "
-        f"({pub['slices']} slices); one device changed: {pub['one_device_changed_ms']} ms, "
-        f"{pub['one_device_changed_slices_rewritten']} slice rewritten"
-    )
-    print(f"wrote {args.out} and {args.plot}")
+    for n, up in doc["scale_up"].items():
+        print(
+            f"scale-up overhead, burst of {n}: p50 {up['overhead']['p50_ms']} ms, "
+            f"p99 {up['overhead']['p99_ms']} ms "
+            f"(allocated→ready p50 {up['allocated_to_ready']['p50_ms']} ms)"
+        )
+    for n, pub in doc["publication"].items():
+        print(
+            f"publication of {n} devices: {pub['end_to_end_ms']} ms end to end "
+            f"({pub['slices']} slices); one device changed: {pub['one_device_changed_ms']} ms, "
+            f"{pub['one_device_changed_slices_rewritten']} slice rewritten"
+        )
+    print(f"wrote {args.out}; plots: {', '.join(str(p) for p in report.draw(args.out.parent))}")
 
 
 if __name__ == "__main__":
