@@ -26,6 +26,7 @@ from typing import Any
 from agent import errors, settings
 from agent.controllers import running
 from agent.controllers.publishing import NODES, SLICES, Publisher
+from agent.demo import objects
 from agent.devcluster import local
 from agent.devcluster.controlplane import ControlPlane
 from agent.fabric.credentials import Secret
@@ -62,29 +63,7 @@ def _pct(samples: list[float]) -> dict[str, float]:
 
 
 async def _node(kube: Kube, name: str) -> None:
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    await kube.create(NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
-    await kube.patch(f"{NODES}/{name}", {"spec": {"taints": None}})
-    cap = {"pods": "250", "cpu": "256", "memory": "1Ti"}
-    await kube.patch(
-        f"{NODES}/{name}/status",
-        {
-            "status": {
-                "capacity": cap,
-                "allocatable": cap,
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True",
-                        "reason": "KubeletReady",
-                        "message": "bench",
-                        "lastHeartbeatTime": now,
-                        "lastTransitionTime": now,
-                    }
-                ],
-            }
-        },
-    )
+    await objects.make_node(kube, name, pods=250)
 
 
 def _emulator(prefix: str, nodes: list[str], devices: int, tmp: Path) -> EmulatorServer:
@@ -226,50 +205,11 @@ async def scale_up(kube: Kube, claims: int, tmp: Path) -> dict[str, Any]:
         await asyncio.wait_for(role.publisher.synced.wait(), 60)
         await watch.synced.wait()
         names = [f"{tag}-burst-{i:03d}" for i in range(claims)]
-        expr = f'device.attributes["{driver}"].productName == "{MODEL}"'
         limit = asyncio.Semaphore(32)
 
         async def submit(name: str) -> None:
             async with limit:
-                await kube.create(
-                    CLAIMS,
-                    {
-                        "apiVersion": "resource.k8s.io/v1",
-                        "kind": "ResourceClaim",
-                        "metadata": {"name": name},
-                        "spec": {
-                            "devices": {
-                                "requests": [
-                                    {
-                                        "name": "gpu",
-                                        "exactly": {
-                                            "deviceClassName": f"gpu.{driver}",
-                                            "selectors": [{"cel": {"expression": expr}}],
-                                        },
-                                    }
-                                ]
-                            }
-                        },
-                    },
-                )
-                await kube.create(
-                    PODS,
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "metadata": {"name": name},
-                        "spec": {
-                            "containers": [
-                                {
-                                    "name": "c",
-                                    "image": "x",
-                                    "resources": {"claims": [{"name": "gpu"}]},
-                                }
-                            ],
-                            "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
-                        },
-                    },
-                )
+                await objects.submit(kube, name, driver, MODEL)
 
         t0 = time.monotonic()
         await asyncio.gather(*(submit(n) for n in names))
@@ -308,8 +248,10 @@ async def measure(bursts: list[int], sizes: list[int]) -> dict[str, Any]:
         await asyncio.to_thread(cp.start)
         try:
             async with await Kube.connect(kubeconfig=str(cp.kubeconfig)) as kube:
-                pubs = {str(n): await publication(kube, n, Path(tmp)) for n in sizes}
+                # Bursts first: the scheduler evaluates every published device for every claim,
+                # so thousands of leftover publication devices would slow its allocations.
                 ups = {str(n): await scale_up(kube, n, Path(tmp)) for n in bursts}
+                pubs = {str(n): await publication(kube, n, Path(tmp)) for n in sizes}
         finally:
             await asyncio.to_thread(cp.stop)
     return {

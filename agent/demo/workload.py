@@ -7,7 +7,6 @@ recorded for the summary and the plot."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,14 +15,12 @@ from typing import Any
 import grpc
 
 from agent._proto.dra.v1 import api_pb2, api_pb2_grpc
+from agent.demo import objects
 from agent.demo.world import World
-from agent.kube.client import Obj, path_of
 from agent.kube.watching import Event, Informer
 from agent.model import claims as claimmodel
 
-NS = "default"
-CLAIMS = path_of(group="resource.k8s.io", version="v1", plural="resourceclaims", namespace=NS)
-PODS = path_of(group="", version="v1", plural="pods", namespace=NS)
+NS, CLAIMS, PODS = objects.NS, objects.CLAIMS, objects.PODS
 
 
 @dataclass
@@ -99,46 +96,8 @@ class Workload:
 
     async def submit(self, name: str, model: str) -> None:
         self.records[name] = PodRecord(name, model, time.monotonic())
-        expr = f'device.attributes["{self.world.driver}"].productName == "{model}"'
-        await self.world.kube.create(
-            CLAIMS,
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "ResourceClaim",
-                "metadata": {"name": name},
-                "spec": {
-                    "devices": {
-                        "requests": [
-                            {
-                                "name": "gpu",
-                                "exactly": {
-                                    "deviceClassName": f"gpu.{self.world.driver}",
-                                    "selectors": [{"cel": {"expression": expr}}],
-                                },
-                            }
-                        ]
-                    }
-                },
-            },
-        )
-        await self.world.kube.create(
-            PODS,
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "cuda",
-                            "image": "nvidia/cuda",
-                            "resources": {"claims": [{"name": "gpu"}]},
-                        }
-                    ],
-                    "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
-                    "nodeSelector": {"cohdi.io/demo": "true"},
-                },
-            },
+        await objects.submit(
+            self.world.kube, name, self.world.driver, model, {"cohdi.io/demo": "true"}
         )
 
     async def _run(self, rec: PodRecord) -> None:
@@ -164,34 +123,10 @@ class Workload:
             await stub.NodeUnprepareResources(
                 api_pb2.NodeUnprepareResourcesRequest(claims=[ref]), timeout=45
             )
-        await finish(self.world, rec.name, claim)
+        await objects.finish(self.world.kube, rec.name)
         rec.finished = time.monotonic()
 
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def finish(world: World, name: str, claim: Obj | None = None) -> None:
-    """The pod is done: delete it at once, drop it from the claim, deallocate and delete the claim
-    (kubelet's and kube-controller-manager's work; neither runs in the demo)."""
-    kube = world.kube
-    with contextlib.suppress(Exception):
-        await kube.request("DELETE", f"{PODS}/{name}", body={"gracePeriodSeconds": 0})
-    for _ in range(5):
-        claim = await kube.get(f"{CLAIMS}/{name}")
-        claim["status"] = {
-            **(claim.get("status") or {}),
-            "reservedFor": None,
-            "allocation": None,
-            "devices": None,
-        }
-        try:
-            await kube.replace(f"{CLAIMS}/{name}/status", claim)
-            break
-        except Exception:  # a conflict with the scaler's write: read again
-            await asyncio.sleep(0.05)
-    await kube.patch(f"{CLAIMS}/{name}", {"metadata": {"finalizers": None}})
-    with contextlib.suppress(Exception):
-        await kube.delete(f"{CLAIMS}/{name}")

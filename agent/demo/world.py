@@ -5,8 +5,6 @@ subprocesses; the emulator and the control plane are started by the same code th
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime as dt
 import os
 import secrets
 import shutil
@@ -18,21 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from agent import settings
+from agent.demo.objects import make_node
 from agent.devcluster import local
 from agent.devcluster.controlplane import ControlPlane
 from agent.fabric.emulator import config as emuconfig
 from agent.fabric.emulator.server import EmulatorServer
 from agent.fabric.emulator.sysfs_hook import SysfsHook
-from agent.kube.client import Kube, path_of
+from agent.kube.client import Kube
 from agent.manifests import installing
 from agent.testing import stubnvml
 
-NODES = path_of(group="", version="v1", plural="nodes")
 MODELS = ("NVIDIA-A100-PCIE-40GB", "NVIDIA-H100-PCIE-80GB")
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -57,36 +51,6 @@ class World:
 
     def checkpoint(self, node: str) -> Path:
         return self.node_dir(node) / "kubelet" / "plugins" / self.driver / "checkpoint.json"
-
-
-async def make_node(kube: Kube, name: str, labels: dict[str, str]) -> None:
-    """A Node object as a kubelet would register it, Ready (no kubelet runs: the demo plays it)."""
-    with contextlib.suppress(Exception):
-        await kube.create(
-            NODES,
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}},
-        )
-    await kube.patch(f"{NODES}/{name}", {"spec": {"taints": None}})
-    cap = {"pods": "110", "cpu": "64", "memory": "512Gi"}
-    await kube.patch(
-        f"{NODES}/{name}/status",
-        {
-            "status": {
-                "capacity": cap,
-                "allocatable": cap,
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True",
-                        "reason": "KubeletReady",
-                        "message": "simulated by cohdi-agent demo",
-                        "lastHeartbeatTime": _now(),
-                        "lastTransitionTime": _now(),
-                    }
-                ],
-            }
-        },
-    )
 
 
 async def start(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pytest
 
 from agent import settings
 from agent.controllers import running
+from agent.demo import objects
 from agent.devcluster.controlplane import ControlPlane
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator import config as emuconfig
@@ -37,38 +37,8 @@ PODS = path_of(group="", version="v1", plural="pods", namespace=NS)
 NODES = path_of(group="", version="v1", plural="nodes")
 
 
-def now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-async def make_node(kube: Kube, name: str, labels: dict[str, str] | None = None) -> None:
-    await kube.create(
-        NODES,
-        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels or {}}},
-    )
-    await kube.patch(
-        f"{NODES}/{name}", {"spec": {"taints": None}}
-    )  # see README: TaintNodesByCondition
-    cap = {"pods": "110", "cpu": "64", "memory": "256Gi"}
-    await kube.patch(
-        f"{NODES}/{name}/status",
-        {
-            "status": {
-                "capacity": cap,
-                "allocatable": cap,
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True",
-                        "reason": "KubeletReady",
-                        "message": "test",
-                        "lastHeartbeatTime": now(),
-                        "lastTransitionTime": now(),
-                    }
-                ],
-            }
-        },
-    )
+make_node = objects.make_node
+finish = objects.finish
 
 
 @dataclass
@@ -97,66 +67,7 @@ class World:
         return self.role
 
     async def claim_and_pod(self, name: str, model: str = A100) -> None:
-        expr = f'device.attributes["{self.driver}"].productName == "{model}"'
-        await self.kube.create(
-            CLAIMS,
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "ResourceClaim",
-                "metadata": {"name": name},
-                "spec": {
-                    "devices": {
-                        "requests": [
-                            {
-                                "name": "gpu",
-                                "exactly": {
-                                    "deviceClassName": self.device_class,
-                                    "selectors": [{"cel": {"expression": expr}}],
-                                },
-                            }
-                        ]
-                    }
-                },
-            },
-        )
-        await self.kube.create(
-            PODS,
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "c",
-                            "image": "busybox",
-                            "resources": {"claims": [{"name": "gpu"}]},
-                        }
-                    ],
-                    "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
-                    "nodeSelector": {"test-world": self.suffix},
-                },
-            },
-        )
-
-
-async def finish(kube: Kube, name: str) -> None:
-    """A pod is done and gone: what kubelet and kube-controller-manager (neither runs here) would
-    do — delete the pod at once, drop it from the claim's reservedFor, deallocate and delete the
-    claim."""
-    with contextlib.suppress(Exception):
-        await kube.request("DELETE", f"{PODS}/{name}", body={"gracePeriodSeconds": 0})
-    claim = await kube.get(f"{CLAIMS}/{name}")
-    claim["status"] = {
-        **(claim.get("status") or {}),
-        "reservedFor": None,
-        "allocation": None,
-        "devices": None,
-    }
-    await kube.replace(f"{CLAIMS}/{name}/status", claim)
-    await kube.patch(f"{CLAIMS}/{name}", {"metadata": {"finalizers": None}})
-    with contextlib.suppress(Exception):
-        await kube.delete(f"{CLAIMS}/{name}")
+        await objects.submit(self.kube, name, self.driver, model, {"test-world": self.suffix})
 
 
 def world_config(driver: str, suffix: str, **cluster: Any) -> settings.Settings:
