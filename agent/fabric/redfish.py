@@ -313,9 +313,10 @@ class RedfishFabric:
         )
         block_uri = block["@odata.id"]
         if action and action.get("target"):
+            # The action is atomic on the service, so only the block's ETag is sent: it fails the
+            # add if the block changed since we read it free. The system's ETag would make every
+            # concurrent add to one server fail all but one (412) for no benefit.
             body: dict[str, Any] = {"ResourceBlock": {"@odata.id": block_uri}}
-            if sys_etag:
-                body["ComputerSystemETag"] = sys_etag
             if block.get("@odata.etag"):
                 body["ResourceBlockETag"] = block["@odata.etag"]
             return await self._request("POST", action["target"], json=body)
