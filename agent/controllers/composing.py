@@ -58,6 +58,9 @@ class Composer:
         self.recorder = recorder
         self.queue: KeyedQueue[str] = KeyedQueue("composer", self.handle, workers=workers)
         self._chosen: set[str] = set()
+        #: uids of resources this leader attached: the events of our own status writes
+        #: ("Attaching" arriving after the attach finished) must not start a second attach.
+        self._attached: set[str] = set()
         resources.add_handler(self._on_event)
 
     def _on_event(self, event: Event) -> None:
@@ -94,7 +97,7 @@ class Composer:
                 },
             )
             return  # the update event brings us back
-        if state(cr) in ("", "Attaching"):
+        if state(cr) in ("", "Attaching") and cr["metadata"].get("uid") not in self._attached:
             await self._attach(cr)
 
     async def _attach(self, cr: Obj) -> None:
@@ -153,6 +156,7 @@ class Composer:
             self.publisher.release(device)
         if marking is not None:
             await marking
+        self._attached.add(cr["metadata"].get("uid", ""))
         metrics.ATTACH_SECONDS.observe(time.monotonic() - started)
         metrics.DECISIONS.labels("attached").inc()
         self.publisher.device_changed(dev)
@@ -211,6 +215,7 @@ class Composer:
 
     async def _remove(self, cr: Obj) -> None:
         name = cr["metadata"]["name"]
+        self._attached.discard(cr["metadata"].get("uid", ""))
         finalizers = cr["metadata"].get("finalizers") or []
         if crds.FINALIZER not in finalizers:
             return
