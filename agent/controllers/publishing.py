@@ -28,6 +28,10 @@ SLICES = path_of(group="resource.k8s.io", version="v1", plural="resourceslices")
 NODES = path_of(group="", version="v1", plural="nodes")
 
 
+#: Seconds the publisher waits after a change before writing, to fold a burst into one write.
+COALESCE = 0.05
+
+
 class FeatureGateOff(errors.PermanentError):
     fault = "kube"
 
@@ -144,6 +148,10 @@ class Publisher:
         await self.nodes.synced.wait()
         while True:
             await self._dirty.wait()
+            # Coalesce: a burst of attaches changes many devices within milliseconds; one
+            # slice write for all of them beats one write each (a 128-device slice PUT is the
+            # API server's most expensive request we make).
+            await asyncio.sleep(COALESCE)
             self._dirty.clear()
             if self.inventory is None:
                 continue
