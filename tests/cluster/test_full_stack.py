@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -88,3 +89,4 @@ async def test_full_stack(control_plane: ControlPlane, tmp_path: Path) -> None:
     finally:
         await workload.close()
         await worlds.stop(world)
+        shutil.rmtree(world.workdir, ignore_errors=True)
