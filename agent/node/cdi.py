@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from agent.files import write_atomic
 from agent.model.pci import PciFunction
 
 CLASS = "gpu"
@@ -77,18 +76,7 @@ def qualified_ids(spec: dict[str, Any]) -> list[str]:
 def write(cdi_dir: Path, driver: str, claim_uid: str, spec: dict[str, Any]) -> Path:
     cdi_dir.mkdir(parents=True, exist_ok=True)
     path = cdi_dir / file_name(driver, claim_uid)
-    fd, tmp = tempfile.mkstemp(dir=cdi_dir, prefix=".cdi-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(spec, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(spec, indent=1).encode(), mode=0o644)
     return path
 
 

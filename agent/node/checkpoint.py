@@ -15,14 +15,13 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from agent import errors
+from agent.files import write_atomic
 
 VERSION: Final = 1
 STARTED: Final = "PrepareStarted"
@@ -104,14 +103,4 @@ class Checkpoint:
             "checksum": _checksum(body),
             "claims": body,
         }
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".checkpoint-")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(doc, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())

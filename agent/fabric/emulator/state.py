@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import orjson
 
 from agent.fabric.emulator.config import DeviceSpec, EmulatorConfig, MachineSpec
+from agent.files import write_atomic
 from agent.model.fabric import DeviceState
 
 logger = logging.getLogger(__name__)
@@ -343,17 +342,7 @@ class EmulatorState:
                 if d.state != DeviceState.FREE or d.revision > 1
             },
         }
-        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".state-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.state_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.state_file, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
     def _load(self, path: Path) -> None:
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent.fabric.emulator.config import MachineSpec
 from agent.fabric.emulator.state import Device
+from agent.files import write_atomic
 from agent.testing.stubnvml import StubGpu
 
 PCI_CLASS_3D_CONTROLLER = "0x030200"
@@ -80,10 +81,7 @@ class SysfsHook:
             ]
         if gpu is not None:
             keep.append(gpu.line())
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=".nvml-")
-        with os.fdopen(fd, "w") as fh:
-            fh.write("".join(keep))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(keep).encode(), mode=0o644, sync=False)
 
 
 def _minor(pci_address: str) -> int:

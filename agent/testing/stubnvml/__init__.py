@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.files import write_atomic
+
 SOURCE = Path(__file__).with_name("stub_nvml.c")
 
 
@@ -50,6 +52,4 @@ class StubGpu:
 
 def write_gpus(path: Path, gpus: list[StubGpu]) -> None:
     """The GPU list the stub reads at init (atomically replaced)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(g.line() for g in gpus))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(g.line() for g in gpus).encode(), mode=0o644, sync=False)
