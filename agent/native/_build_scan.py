@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from cffi import FFI
 
-CDEF = """
+STRUCT = """
 typedef struct {
     char address[16];
     unsigned int vendor, device, class_code, subsystem_vendor, subsystem_device, revision;
@@ -19,12 +19,14 @@ typedef struct {
     int error;              /* errno of the first failed read, 0 when all were read */
     char error_attr[32];    /* the attribute that failed */
 } pci_function;
+"""
 
+CDEF = STRUCT + """
 int pci_scan(const char *sysfs_root, pci_function *out, int capacity, int *count,
              char *err, int errlen);
 """
 
-SOURCE = r"""
+SOURCE_HEAD = r"""
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -32,19 +34,9 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+"""
 
-typedef struct {
-    char address[16];
-    unsigned int vendor, device, class_code, subsystem_vendor, subsystem_device, revision;
-    int numa_node;
-    char link_speed[32];
-    int link_width;
-    char driver[64];
-    int iommu_group;
-    int error;
-    char error_attr[32];
-} pci_function;
-
+SOURCE = SOURCE_HEAD + STRUCT + r"""
 /* Read a small sysfs attribute into buf (NUL-terminated, trailing newline cut). 0 or errno. */
 static int read_attr(int dirfd, const char *name, char *buf, size_t len) {
     int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
@@ -134,14 +126,12 @@ int pci_scan(const char *sysfs_root, pci_function *out, int capacity, int *count
         f->iommu_group = group[0] ? atoi(group) : -1;
         close(fd);
     }
-    int e = errno;
     closedir(dir);
     *count = n;
     if (n > capacity) {
         snprintf(err, errlen, "%d functions, room for %d", n, capacity);
         return -ENOSPC;
     }
-    (void)e;
     return 0;
 }
 """
