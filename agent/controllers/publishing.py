@@ -50,6 +50,8 @@ class Publisher:
         #: not the server's normalised copy.
         self._sent: dict[str, tuple[str, dict[str, Any]]] = {}
         self._entries: poolmodel.EntryCache = {}
+        self._names: dict[tuple[str, str], str] = {}
+        self._names_of: Inventory | None = None
         self._writes = asyncio.Semaphore(8)
         self.synced = asyncio.Event()
         self._synced_once = asyncio.Event()
@@ -97,17 +99,16 @@ class Publisher:
         return self.inventory.device(device_id) if self.inventory else None
 
     def device_id_of(self, pool: str, name: str) -> str | None:
-        """The fabric device behind a slice entry (pool, device name)."""
+        """The fabric device behind a slice entry (pool, device name). Called for every claim
+        event, so answered from an index rebuilt only when the inventory object changes."""
         if self.inventory is None:
             return None
-        return next(
-            (
-                d.id
-                for d in self.inventory.devices
-                if str(d.fabric) == pool and poolmodel.device_name(d.id) == name
-            ),
-            None,
-        )
+        if self._names_of is not self.inventory:
+            self._names = {
+                (str(d.fabric), poolmodel.device_name(d.id)): d.id for d in self.inventory.devices
+            }
+            self._names_of = self.inventory
+        return self._names.get((pool, name))
 
     def withhold(self, device_id: str) -> None:
         self.withheld.add(device_id)

@@ -18,6 +18,7 @@ devices' node selectors exclude, so a claim is never pinned to a node that canno
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -132,8 +133,6 @@ class Scaler:
         self._update_full_labels(spec(obj).get("target_node", ""))
 
     async def run(self) -> None:
-        import asyncio
-
         await self.claims.synced.wait()
         await self.resources.synced.wait()
         await self.publisher.synced.wait()
@@ -211,7 +210,7 @@ class Scaler:
             )
             return
         if cr is None:
-            if not self._room_on(b.node, self.publisher.device(device)):
+            if not self._room_on(b.node):
                 await self._fail(
                     claim, b, device, "NodeDeviceLimit", f"node {b.node} is at its device maximum"
                 )
@@ -328,7 +327,7 @@ class Scaler:
         except ValueError:
             return None
 
-    def _room_on(self, node: str, dev: object) -> bool:
+    def _room_on(self, node: str) -> bool:
         cap = self._limit(node, MAX_LABEL)
         return cap is None or len(self._on_node(node)) < cap
 
@@ -342,8 +341,6 @@ class Scaler:
             poolmodel.FULL_LABEL
         ) == "true"
         if obj is not None and full != labelled:
-            import asyncio
-
             asyncio.get_running_loop().create_task(self._label(node, "true" if full else None))
 
     async def _label(self, node: str, value: str | None) -> None:

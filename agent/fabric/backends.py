@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent import settings
+from agent import errors, settings
 from agent.fabric.credentials import load_secret
 from agent.fabric.fti import FtiFabric
 from agent.fabric.protocol import FabricManager
@@ -12,7 +12,7 @@ from agent.fabric.transport import FabricHttp
 
 def open_fabric(cfg: settings.FabricSettings) -> FabricManager:
     if not cfg.url:
-        raise settings_error("--fabric-url", cfg.url, "is required to reach a fabric manager")
+        raise errors.ConfigError("--fabric-url", cfg.url, "is required to reach a fabric manager")
     http = FabricHttp(
         base_url=cfg.url,
         ca_bundle=cfg.ca_bundle,
@@ -47,9 +47,3 @@ def open_fabric(cfg: settings.FabricSettings) -> FabricManager:
         operation_timeout=cfg.operation_timeout,
         poll_interval=cfg.poll_interval,
     )
-
-
-def settings_error(setting: str, value: object, allowed: str) -> Exception:
-    from agent import errors
-
-    return errors.ConfigError(setting, value, allowed)

@@ -21,10 +21,13 @@ typedef struct {
 } pci_function;
 """
 
-CDEF = STRUCT + """
+CDEF = (
+    STRUCT
+    + """
 int pci_scan(const char *sysfs_root, pci_function *out, int capacity, int *count,
              char *err, int errlen);
 """
+)
 
 SOURCE_HEAD = r"""
 #include <dirent.h>
@@ -36,7 +39,10 @@ SOURCE_HEAD = r"""
 #include <unistd.h>
 """
 
-SOURCE = SOURCE_HEAD + STRUCT + r"""
+SOURCE = (
+    SOURCE_HEAD
+    + STRUCT
+    + r"""
 /* Read a small sysfs attribute into buf (NUL-terminated, trailing newline cut). 0 or errno. */
 static int read_attr(int dirfd, const char *name, char *buf, size_t len) {
     int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
@@ -82,8 +88,9 @@ int pci_scan(const char *sysfs_root, pci_function *out, int capacity, int *count
     snprintf(path, sizeof path, "%s/bus/pci/devices", sysfs_root);
     int root = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (root < 0) {
-        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
-        return -errno;
+        int e = errno;
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(e));
+        return -e;
     }
     DIR *dir = fdopendir(root);
     if (!dir) {
@@ -135,6 +142,7 @@ int pci_scan(const char *sysfs_root, pci_function *out, int capacity, int *count
     return 0;
 }
 """
+)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
