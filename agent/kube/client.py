@@ -9,7 +9,6 @@ and fast JSON rather than generated model objects. All HTTP failures are mapped 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -241,21 +240,3 @@ def path_of(
     if name:
         base += f"/{quote(name, safe='')}"
     return base
-
-
-async def retrying(
-    op: Any, *, attempts: int = 5, first_delay: float = 0.1, max_delay: float = 5.0
-) -> Any:
-    """Await `op()` again after transient errors with exponential backoff; permanent errors and the
-    last transient one propagate."""
-    delay = first_delay
-    for attempt in range(attempts):
-        try:
-            return await op()
-        except errors.AgentError as exc:
-            if not exc.transient or attempt == attempts - 1:
-                raise
-            logger.debug("transient error, retrying in %.2f s: %s", delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
-    raise AssertionError("unreachable")
