@@ -242,6 +242,7 @@ class KubeletPlugin:
     def _prepare_dirs(self) -> None:
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
         self.reg_socket.parent.mkdir(parents=True, exist_ok=True)
+        self.preparer.cdi_dir.mkdir(parents=True, exist_ok=True)
         for socket in (self.dra_socket, self.reg_socket):
             socket.unlink(missing_ok=True)  # a stale socket of an earlier run
         self.preparer.clean_stale()

@@ -78,6 +78,12 @@ async def test_full_stack(control_plane: ControlPlane, tmp_path: Path) -> None:
             )
 
         await until(all_done_and_detached, what="pods finished and devices detached", timeout=90)
+
+        async def offered_again() -> bool:  # the publisher re-offers detached devices (coalesced)
+            rows, _ = await consistency.check(world)
+            return all(r.slice == "free" for r in rows)
+
+        await until(offered_again, what="detached devices offered free again", timeout=10)
         rows, problems = await consistency.check(world)
         assert problems == [], consistency.table(rows)
         assert all(r.fabric == "free" and r.prepared == "-" and r.slice == "free" for r in rows), (
