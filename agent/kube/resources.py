@@ -5,11 +5,17 @@ from __future__ import annotations
 from typing import Any, Final
 
 from agent.kube.client import Obj, path_of
-from agent.manifests import crds
 from agent.model.fabric import dns_label
 
-RESOURCES: Final = path_of(group=crds.GROUP, version=crds.VERSION, plural="composableresources")
-REQUESTS: Final = path_of(group=crds.GROUP, version=crds.VERSION, plural="composabilityrequests")
+#: CoHDI's API group and version for ComposableResource / ComposabilityRequest (kept unchanged on
+#: the wire so CoHDI's manifests apply); `agent.manifests.crds` builds the CRDs from these.
+GROUP: Final = "cro.hpsys.ibm.ie.com"
+VERSION: Final = "v1alpha1"
+FINALIZER: Final = "com.ie.ibm.hpsys/finalizer"
+MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+
+RESOURCES: Final = path_of(group=GROUP, version=VERSION, plural="composableresources")
+REQUESTS: Final = path_of(group=GROUP, version=VERSION, plural="composabilityrequests")
 CLAIM_ANNOTATION: Final = "cohdi.io/claim"  # <namespace>/<name> of the claim the attach is for
 NODE_READY: Final = "NodeReady"  # written by the node role: the device is seen and usable
 NODE_RELEASED: Final = "NodeReleased"  # written by the node role: safe to detach

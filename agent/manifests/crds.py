@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-GROUP: Final = "cro.hpsys.ibm.ie.com"
-VERSION: Final = "v1alpha1"
-FINALIZER: Final = "com.ie.ibm.hpsys/finalizer"
-MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+from agent.kube.resources import FINALIZER, GROUP, MANAGED_BY, VERSION
+
+__all__ = ["FINALIZER", "GROUP", "MANAGED_BY", "VERSION"]
 
 RESOURCE_STATES: Final = ("", "Attaching", "Online", "Detaching", "Deleting", "Failed")
 REQUEST_STATES: Final = (
