@@ -34,8 +34,8 @@ from agent.kube.resources import NODE_READY, RESOURCES, condition
 from agent.manifests import installing
 from agent.native import scanning
 from agent.node.reporting import NodeReporter
-from agent.testing import stubnvml
-from agent.testing.sysfs import add_function, tree
+from agent.simulated import stubnvml
+from agent.simulated.sysfs import add_function, tree
 from bench.machine import describe
 
 HERE = Path(__file__).resolve().parent

@@ -24,7 +24,7 @@ from agent.fabric.emulator.server import EmulatorServer
 from agent.fabric.emulator.sysfs_hook import SysfsHook
 from agent.kube.client import Kube
 from agent.manifests import installing
-from agent.testing import stubnvml
+from agent.simulated import stubnvml
 
 MODELS = ("NVIDIA-A100-PCIE-40GB", "NVIDIA-H100-PCIE-80GB")
 

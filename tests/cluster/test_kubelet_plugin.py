@@ -21,7 +21,7 @@ from agent.fabric.emulator.sysfs_hook import SysfsHook
 from agent.node.checkpoint import STARTED, Checkpoint
 from agent.node.plugin import KubeletPlugin
 from agent.node.reporting import NodeReporter
-from agent.testing import stubnvml
+from agent.simulated import stubnvml
 from tests import kubelet
 from tests.cluster.conftest import CLAIMS, World
 from tests.cluster.test_scale_up import bound_pods

@@ -14,7 +14,7 @@ from agent.fabric.emulator.sysfs_hook import SysfsHook
 from agent.kube.resources import NODE_RELEASED, RESOURCES
 from agent.model.fabric import DeviceState
 from agent.node.reporting import NodeReporter
-from agent.testing import stubnvml
+from agent.simulated import stubnvml
 from tests.cluster.conftest import World, finish
 from tests.cluster.test_scale_up import bound_pods
 from tests.waiting import until

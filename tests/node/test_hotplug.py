@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.node.hotplug import KernelPciMonitor, PciEvent, TreePciWatcher
-from agent.testing.sysfs import add_function
+from agent.simulated.sysfs import add_function
 
 
 def _writable_pci_uevent() -> str | None:

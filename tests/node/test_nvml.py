@@ -15,8 +15,8 @@ import pytest
 from agent import settings
 from agent.native import nvml as nvmlmod
 from agent.native.nvml import AsyncNvml, Nvml, NvmlLibraryNotFound, NvmlNotFound, XidEvent
-from agent.testing import stubnvml
-from agent.testing.stubnvml import StubGpu, write_gpus
+from agent.simulated import stubnvml
+from agent.simulated.stubnvml import StubGpu, write_gpus
 
 A = StubGpu(
     "GPU-aaaaaaaa-0000-0000-0000-000000000001",

@@ -10,7 +10,7 @@ import pytest
 
 from agent import errors
 from agent.native import scanning
-from agent.testing.sysfs import add_function, tree
+from agent.simulated.sysfs import add_function, tree
 
 
 def by_address(fns: list) -> dict:  # type: ignore[type-arg]

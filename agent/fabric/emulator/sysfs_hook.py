@@ -16,7 +16,7 @@ from pathlib import Path
 from agent.fabric.emulator.config import MachineSpec
 from agent.fabric.emulator.state import Device
 from agent.files import write_atomic
-from agent.testing.stubnvml import StubGpu
+from agent.simulated.stubnvml import StubGpu
 
 PCI_CLASS_3D_CONTROLLER = "0x030200"
 

@@ -1,6 +1,7 @@
-"""Build the stub NVML library (a C file beside this one) with the machine's C compiler, into a
-cache directory, for tests, benchmarks and the demo's simulated nodes. Never part of a package
-build; the real path dlopens it exactly like libnvidia-ml.so.1."""
+"""The stub NVML library of simulated GPU servers: `stub_nvml.c` (beside this file, shipped as
+package data) compiled with the machine's C compiler on first use into a cache directory (the
+settings' cache dir, never the package directory, which may be read-only), for the demo, tests and
+benchmarks. The node role dlopens it exactly like libnvidia-ml.so.1."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-/* A stub libnvidia-ml.so.1 for tests and demos: the NVML functions cohdi-agent binds, over GPUs
- * described in a text file, so the real cffi path runs without a GPU. Compiled by the test suite
- * (agent/testing/stubnvml/__init__.py), never shipped in a package build.
+/* A stub libnvidia-ml.so.1 for simulated GPU servers (the demo, tests, benchmarks): the NVML
+ * functions cohdi-agent binds, over GPUs described in a text file, so the real cffi path runs
+ * without a GPU. Shipped as source in the package and compiled on first use into the cache
+ * directory by agent/simulated/stubnvml/__init__.py (never into the package directory).
  *
  * $STUB_NVML_GPUS names the file; one GPU a line, tab-separated:
  *   uuid  name  bus-id(dddd:bb:dd.f)  memory-bytes  minor  processes("-" or "pid:bytes,pid:bytes")

@@ -1,4 +1,4 @@
-"""Synthetic sysfs trees for tests, benchmarks and simulated nodes: `bus/pci/devices/<bdf>/` with
+"""Synthetic sysfs trees for simulated nodes, tests and benchmarks: `bus/pci/devices/<bdf>/` with
 the attribute files a real function has, and `driver` / `iommu_group` symlinks."""
 
 from __future__ import annotations
