@@ -1,7 +1,8 @@
 """A whole cluster-level world per test, on the session's real control plane: unique nodes, a
 unique driver name (so tests never see each other's slices), the fabric emulator wired to those
 nodes, the cluster role, and a stand-in for the node role that reports NodeReady/NodeReleased
-(the node issue replaces it with the real node agent)."""
+(`agent.testing.nodereport`; the node-role, kubelet-plugin and full-stack tests run the real
+node role instead)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from tests.waiting import until
 
 pytestmark = pytest.mark.controlplane
 
-# As a CoHDI user writes it (reference/cohdi.md section 3), nothing of ours in it.
+# As a CoHDI user writes it (CoHDI's own ComposabilityRequest fields), nothing of ours in it.
 MANIFEST = """
 apiVersion: cro.hpsys.ibm.ie.com/v1alpha1
 kind: ComposabilityRequest
