@@ -148,6 +148,21 @@ class ClusterSettings:
         unit="s",
         minimum=0,
     )
+    scale_down_settle: float = setting(
+        5.0,
+        "Before an idle device is detached it is withheld from the slices for this long, and "
+        "only detached if no claim took it meanwhile (the scheduler's view of the slices and its "
+        "in-flight allocations lag our writes by this much at most).",
+        unit="s",
+        minimum=0,
+    )
+    node_gone_grace: float = setting(
+        60.0,
+        "A resource whose Node object is gone is detached without the node's NodeReleased after "
+        "this long, with a Warning Event (the node cannot answer any more).",
+        unit="s",
+        minimum=0,
+    )
     metrics_port: int = setting(
         0,
         "Serve Prometheus metrics on 127.0.0.1:<port>/metrics; 0 turns it off.",
