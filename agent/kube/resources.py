@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
-from agent.kube.client import Obj, path_of
+from agent.kube.client import path_of
 from agent.model.fabric import dns_label
+from agent.model.objects import (
+    CLAIM_ANNOTATION,
+    NODE_READY,
+    NODE_RELEASED,
+    condition,
+    deleting,
+    spec,
+    state,
+)
 
 #: CoHDI's API group and version for ComposableResource / ComposabilityRequest (kept unchanged on
 #: the wire so CoHDI's manifests apply); `agent.manifests.crds` builds the CRDs from these.
@@ -16,9 +25,6 @@ MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 
 RESOURCES: Final = path_of(group=GROUP, version=VERSION, plural="composableresources")
 REQUESTS: Final = path_of(group=GROUP, version=VERSION, plural="composabilityrequests")
-CLAIM_ANNOTATION: Final = "cohdi.io/claim"  # <namespace>/<name> of the claim the attach is for
-NODE_READY: Final = "NodeReady"  # written by the node role: the device is seen and usable
-NODE_RELEASED: Final = "NodeReleased"  # written by the node role: safe to detach
 
 
 def resource_name(device_id: str) -> str:
@@ -27,20 +33,19 @@ def resource_name(device_id: str) -> str:
     return dns_label(f"gpu-{device_id}", limit=253)
 
 
-def condition(obj: Obj, ctype: str) -> bool:
-    return any(
-        c.get("type") == ctype and c.get("status") == "True"
-        for c in (obj.get("status") or {}).get("conditions") or []
-    )
-
-
-def state(obj: Obj) -> str:
-    return str((obj.get("status") or {}).get("state") or "")
-
-
-def spec(obj: Obj) -> dict[str, Any]:
-    return dict(obj.get("spec") or {})
-
-
-def deleting(obj: Obj) -> bool:
-    return bool(obj["metadata"].get("deletionTimestamp"))
+__all__ = [
+    "CLAIM_ANNOTATION",
+    "FINALIZER",
+    "GROUP",
+    "MANAGED_BY",
+    "NODE_READY",
+    "NODE_RELEASED",
+    "REQUESTS",
+    "RESOURCES",
+    "VERSION",
+    "condition",
+    "deleting",
+    "resource_name",
+    "spec",
+    "state",
+]

@@ -1,0 +1,71 @@
+"""Reading ComposableResources (raw JSON, CoHDI's wire field names) without I/O: the accessors
+and condition names the decisions, the controllers and the node role share.
+
+Wire facts (CoHDI's Composable Resource Operator CRD, `cro.hpsys.ibm.ie.com/v1alpha1`):
+`spec.type`, `spec.model`, `spec.target_node`, `spec.force_detach`; `status.state`,
+`status.cdi_device_id` (the *fabric's* id of the device — "CDI" there is CoHDI's composable
+device id, not the Container Device Interface), `status.device_id` (the GPU's own UUID),
+`status.error`. Our optional additions: `spec.fabric_device`, `status.reason`, `status.message`,
+`status.machine`, `status.pci_address`, `status.conditions`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Final
+
+Obj = dict[str, Any]
+
+CLAIM_ANNOTATION: Final = "cohdi.io/claim"  # <namespace>/<name> of the claim the attach is for
+NODE_READY: Final = "NodeReady"  # written by the node role: the device is seen and usable
+NODE_RELEASED: Final = "NodeReleased"  # written by the node role: safe to detach
+
+
+def condition(obj: Obj, ctype: str) -> bool:
+    """True when `status.conditions[type=ctype].status == "True"`."""
+    return any(
+        c.get("type") == ctype and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or []
+    )
+
+
+def state(obj: Obj) -> str:
+    """`status.state` ("" when the composer has not written one yet)."""
+    return str((obj.get("status") or {}).get("state") or "")
+
+
+def spec(obj: Obj) -> dict[str, Any]:
+    return dict(obj.get("spec") or {})
+
+
+def deleting(obj: Obj) -> bool:
+    return bool(obj["metadata"].get("deletionTimestamp"))
+
+
+def name_of(obj: Obj) -> str:
+    return str(obj["metadata"]["name"])
+
+
+def fabric_device(obj: Obj) -> str:
+    """The fabric device a resource names: the one it was created for (`spec.fabric_device`) or,
+    for a resource that named only a model, the one the composer chose (`status.cdi_device_id`).
+    "" while none is chosen."""
+    chosen = (obj.get("status") or {}).get("cdi_device_id")
+    return str(spec(obj).get("fabric_device") or chosen or "")
+
+
+def target_node(obj: Obj) -> str:
+    return str(spec(obj).get("target_node") or "")
+
+
+def created_at(obj: Obj) -> float:
+    """`metadata.creationTimestamp` as epoch seconds (0 when absent)."""
+    ts = obj["metadata"].get("creationTimestamp")
+    if not ts:
+        return 0.0
+    return dt.datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp()
+
+
+def age_key(obj: Obj) -> tuple[float, str]:
+    """Order of precedence between resources naming one device: the older one (then the name)."""
+    return (created_at(obj), name_of(obj))
