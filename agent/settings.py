@@ -172,6 +172,14 @@ class ClusterSettings:
     workers: int = setting(
         64, "Claims (and resources) worked on in parallel.", minimum=1, maximum=4096
     )
+    request_max_size: int = setting(
+        64,
+        "Largest spec.resource.size a ComposabilityRequest may ask for. A larger request is "
+        "refused (condition Refused=True reason TooLarge, a Warning Event) and nothing is "
+        "created for it. The CRD itself rejects sizes above 1024.",
+        minimum=0,
+        maximum=1024,
+    )
 
 
 @dataclass(frozen=True, slots=True)
