@@ -170,3 +170,22 @@ class DevClusterError(PermanentError):
     """Building or starting the local etcd / kube-apiserver / kube-scheduler failed."""
 
     fault = "devcluster"
+
+
+# --- installation --------------------------------------------------------------------------------
+
+
+class MissingExtra(PermanentError):
+    """A command needs an optional dependency that is not installed (`pip install cohdi-agent`
+    installs only what `cohdi-agent run` needs). The message names the module, what needs it and
+    the extra that installs it; `extra` is the name in pyproject.toml's optional-dependencies."""
+
+    fault = "install"
+
+    def __init__(self, module: str, *, extra: str, needed_for: str) -> None:
+        self.module = module
+        self.extra = extra
+        super().__init__(
+            f"the Python package {module!r} is not installed (needed by {needed_for}); "
+            f"install it with: pip install 'cohdi-agent[{extra}]'"
+        )

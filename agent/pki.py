@@ -3,6 +3,8 @@ local control plane (CA, apiserver serving cert, client certs per user, SA signi
 fabric emulator (its HTTPS CA). Files are PEM; private keys are written 0600.
 
 Every key is fresh per cluster or emulator and lives only in its (temporary) directory.
+`cryptography` is optional (the `demo` extra): importing this module without it raises
+`errors.MissingExtra`, which the command line prints as one line naming the extra.
 """
 
 from __future__ import annotations
@@ -12,10 +14,19 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from agent import errors
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ModuleNotFoundError as exc:  # optional: the `demo` extra installs it
+    raise errors.MissingExtra(
+        "cryptography",
+        extra="demo",
+        needed_for="the fabric emulator and the local control plane",
+    ) from exc
 
 
 @dataclass(frozen=True, slots=True)

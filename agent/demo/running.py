@@ -1,5 +1,6 @@
 """`cohdi-agent demo`: start the embedded default, run a workload in bursts, show it live, and
-end with a latency summary and a timeline plot. Ctrl-C stops every process cleanly."""
+end with a latency summary and a timeline plot (with the `plot` extra; without matplotlib the demo
+says so in one line and does everything else). Ctrl-C stops every process cleanly."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent import settings
+from agent import errors, settings
 from agent.demo import consistency
 from agent.demo import world as worlds
 from agent.demo.workload import PodRecord, Workload
@@ -93,7 +94,14 @@ def summary(records: list[PodRecord]) -> str:
 
 
 def plot(records: list[PodRecord], t0: float, path: Path, title: str) -> None:
-    import matplotlib
+    """Write the per-pod timeline (PNG) to `path`. matplotlib is optional (the `plot` extra):
+    without it, raises errors.MissingExtra and writes nothing."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise errors.MissingExtra(
+            "matplotlib", extra="plot", needed_for="the timeline plot"
+        ) from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -204,14 +212,17 @@ async def run(
         else:
             _say(f"fabric, API server and node checkpoints agree on all {len(rows)} devices")
         png = workdir / "timeline.png"
-        await asyncio.to_thread(
-            plot,
-            records,
-            workload.t0,
-            png,
-            f"cohdi-agent demo: {pods} pods, {nodes} servers, {gpus} GPUs",
-        )
-        _say(f"\ntimeline plot: {png}")
+        try:
+            await asyncio.to_thread(
+                plot,
+                records,
+                workload.t0,
+                png,
+                f"cohdi-agent demo: {pods} pods, {nodes} servers, {gpus} GPUs",
+            )
+            _say(f"\ntimeline plot: {png}")
+        except errors.MissingExtra:
+            _say("\nno matplotlib: install cohdi-agent[plot] for the timeline plot")
         if keep:
             _say(f"running until Ctrl-C; export KUBECONFIG={world.kubeconfig}")
             await asyncio.Event().wait()

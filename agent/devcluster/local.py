@@ -11,11 +11,13 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import ETCD_VERSION, KUBERNETES_VERSION, errors
 from agent.devcluster import building
-from agent.devcluster.controlplane import ControlPlane
+
+if TYPE_CHECKING:  # imported in up(): it needs the `demo` extra, `cohdi-agent run` imports us
+    from agent.devcluster.controlplane import ControlPlane
 
 
 def progress(message: str) -> None:
@@ -60,6 +62,8 @@ def running(state: dict[str, Any]) -> dict[str, int]:
 
 
 def up(cache_dir: Path, state_dir: Path, *, binding_timeout: float) -> ControlPlane:
+    from agent.devcluster.controlplane import ControlPlane  # before any build: MissingExtra first
+
     state = read_state(state_dir)
     if state and running(state):
         raise errors.DevClusterError(
