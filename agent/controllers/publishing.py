@@ -105,7 +105,8 @@ class Publisher:
             return None
         if self._names_of is not self.inventory:
             self._names = {
-                (str(d.fabric), poolmodel.device_name(d.id)): d.id for d in self.inventory.devices
+                (poolmodel.pool_name(d.fabric), poolmodel.device_name(d.id)): d.id
+                for d in self.inventory.devices
             }
             self._names_of = self.inventory
         return self._names.get((pool, name))
@@ -265,7 +266,9 @@ class Publisher:
 
     async def _label_nodes(self) -> None:
         assert self.inventory is not None
-        fabric_of: dict[str, str] = {m.id: str(m.fabric) for m in self.inventory.machines}
+        fabric_of: dict[str, str] = {
+            m.id: poolmodel.fabric_label(m.fabric) for m in self.inventory.machines if m.fabric
+        }
         for machine, node in self.node_of_machine().items():
             obj = self.nodes.get("", node)
             want = fabric_of.get(machine, "")

@@ -228,7 +228,9 @@ class Scaler:
             "metadata": {
                 "name": name,
                 "annotations": {CLAIM_ANNOTATION: f"{b.namespace}/{b.claim}"},
-                "labels": {"cohdi.io/fabric": b.pool},
+                "labels": {
+                    poolmodel.FABRIC_LABEL: poolmodel.fabric_label(dev.fabric if dev else b.pool)
+                },
                 # born with the composer's finalizer: one write (and one event round trip) less
                 "finalizers": [crds.FINALIZER],
             },

@@ -10,7 +10,8 @@ from typing import Any
 from agent.controllers.publishing import SLICES
 from agent.demo.world import World
 from agent.kube.resources import RESOURCES, deleting, state
-from agent.model.fabric import DeviceState, dns_label
+from agent.model.fabric import DeviceState
+from agent.model.pool import device_name
 from agent.node.checkpoint import Checkpoint
 
 
@@ -60,7 +61,7 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
             if entry is None
             else (f"node:{entry['nodeName']}" if "nodeName" in entry else "free")
         )
-        uids = prepared.get(f"{node}/{dns_label(did)}", []) if node else []
+        uids = prepared.get(f"{node}/{device_name(did)}", []) if node else []
         rows.append(Row(did, fabric, api, slice_view, ",".join(uids) or "-"))
         if dev.state == DeviceState.ATTACHED:
             if cr is None or deleting(cr) or cr["spec"]["target_node"] != node:

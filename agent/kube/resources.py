@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Final
 
 from agent.kube.client import path_of
-from agent.model.fabric import dns_label
+from agent.model import names
 from agent.model.objects import (
     CLAIM_ANNOTATION,
     NODE_READY,
@@ -29,8 +29,9 @@ REQUESTS: Final = path_of(group=GROUP, version=VERSION, plural="composabilityreq
 
 def resource_name(device_id: str) -> str:
     """One ComposableResource per pool device, named from it: two scaler passes (or two leaders
-    one after the other) can never create two attachments for one device."""
-    return dns_label(f"gpu-{device_id}", limit=253)
+    one after the other) can never create two attachments for one device. A DNS subdomain:
+    `gpu-<id>` when that is one, else `<stem>-<hash>` (`names.dns_subdomain`)."""
+    return names.dns_subdomain(f"gpu-{device_id}")
 
 
 __all__ = [

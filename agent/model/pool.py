@@ -11,12 +11,12 @@ so one physical GPU is one device for the scheduler whether free or attached:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from agent.model.fabric import DeviceState, Inventory, PoolDevice, dns_label
+from agent.model import names
+from agent.model.fabric import DeviceState, Inventory, PoolDevice
 
 READY: Final = "FabricDeviceReady"
 FAILED: Final = "FabricDeviceFailed"
@@ -27,12 +27,24 @@ DEVICE_ID_ATTRIBUTE: Final = "fabricDeviceId"
 
 
 def device_name(device_id: str) -> str:
-    return dns_label(device_id)
+    """The DRA device name of a fabric device: a DNS-1123 label (`names.dns_label`)."""
+    return names.dns_label(device_id)
+
+
+def pool_name(fabric: str) -> str:
+    """The DRA pool of a fabric: its id when that is a valid pool name (`names.pool_name`)."""
+    return names.pool_name(fabric)
+
+
+def fabric_label(fabric: str) -> str:
+    """The value of the `cohdi.io/fabric` label for a fabric id (`names.label_value`)."""
+    return names.label_value(fabric)
 
 
 def model_label(model: str) -> str:
-    """`cohdi.io/<model>-full`: per-model maximum reached on a node (label name part <= 63)."""
-    return f"cohdi.io/{dns_label(model, limit=58)}-full"
+    """`cohdi.io/<model>-full`: per-model maximum reached on a node. The name part is
+    `names.qualified_name_part(model, limit=58)` + `-full` (<= 63)."""
+    return f"cohdi.io/{names.qualified_name_part(model, limit=58)}-full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +77,11 @@ def device_entry(dev: PoolDevice, *, node: str | None, offered_free: bool) -> di
             "nodeSelectorTerms": [
                 {
                     "matchExpressions": [
-                        {"key": FABRIC_LABEL, "operator": "In", "values": [str(dev.fabric)]},
+                        {
+                            "key": FABRIC_LABEL,
+                            "operator": "In",
+                            "values": [fabric_label(dev.fabric)],
+                        },
                         {"key": FULL_LABEL, "operator": "DoesNotExist"},
                         {"key": model_label(dev.model), "operator": "DoesNotExist"},
                     ]
@@ -100,7 +116,7 @@ def desired_slices(
     by_pool: dict[str, list[list[dict[str, Any]]]] = {}
     position: dict[str, int] = {}
     for dev in sorted(inventory.devices, key=lambda d: d.id):
-        pool = str(dev.fabric)
+        pool = pool_name(dev.fabric)
         slot = position.get(pool, 0)
         position[pool] = slot + 1
         chunks = by_pool.setdefault(pool, [])
@@ -123,7 +139,7 @@ def desired_slices(
         if entry is not None:
             chunks[slot // MAX_DEVICES_PER_SLICE].append(entry)
     for machine_fabric in {m.fabric for m in inventory.machines}:
-        by_pool.setdefault(str(machine_fabric), [[]])  # an empty pool is still a pool
+        by_pool.setdefault(pool_name(machine_fabric), [[]])  # an empty pool is still a pool
     if cache is not None:
         cache.clear()
         cache.update(fresh)
@@ -146,9 +162,17 @@ def desired_slices(
 
 
 def slice_name(driver: str, pool: str, index: int) -> str:
-    base = dns_label(f"{driver}-{pool}", limit=240)
-    digest = hashlib.sha256(f"{driver}/{pool}".encode()).hexdigest()[:6]
-    return f"{base}-{digest}-{index}"
+    """`<driver>-<pool>-<hash of driver/pool>-<index>`, a DNS subdomain: always hashed, so two
+    (driver, pool) pairs that read alike never share a slice (`names.hashed_subdomain`)."""
+    suffix = f"-{index}"
+    return (
+        names.hashed_subdomain(
+            f"{driver}/{pool}",
+            readable=f"{driver}-{pool}",
+            limit=names.DNS_SUBDOMAIN_MAX - len(suffix),
+        )
+        + suffix
+    )
 
 
 def same_content(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -28,7 +28,7 @@ from agent._proto.pluginregistration.v1 import api_pb2 as reg
 from agent._proto.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from agent.kube.client import Kube, path_of
 from agent.kube.resources import spec
-from agent.model.fabric import dns_label
+from agent.model.pool import device_name
 from agent.node import cdi
 from agent.node.checkpoint import COMPLETED, STARTED, Checkpoint, PreparedClaim
 from agent.node.reporting import NodeReporter
@@ -134,7 +134,7 @@ class Preparer:
         for obj in self.reporter.resources.store.values():
             st = obj.get("status") or {}
             fabric_id = st.get("cdi_device_id") or spec(obj).get("fabric_device") or ""
-            if fabric_id and dns_label(fabric_id) == device:
+            if fabric_id and device_name(fabric_id) == device:
                 bdf = st.get("pci_address") or ""
                 return bdf, st.get("device_id") or "", await self._minor(bdf)
         raise errors.PrepareError(f"no attached device {pool}/{device} on this node")
