@@ -5,7 +5,6 @@ first line that receives it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NewType
@@ -65,18 +64,3 @@ class Inventory:
 
     def device(self, device_id: str) -> PoolDevice | None:
         return next((d for d in self.devices if d.id == device_id), None)
-
-
-_DNS_LABEL_BAD = re.compile(r"[^a-z0-9-]+")
-
-
-def dns_label(text: str, *, limit: int = 63) -> str:
-    """A DNS label (Kubernetes object and device names) made from a fabric id: lower case, other
-    characters as '-', trimmed to `limit` with a stable hash suffix when it had to be cut."""
-    label = _DNS_LABEL_BAD.sub("-", text.lower()).strip("-") or "x"
-    if len(label) <= limit:
-        return label
-    import hashlib
-
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return label[: limit - 9].rstrip("-") + "-" + digest

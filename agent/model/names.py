@@ -54,6 +54,7 @@ DNS_SUBDOMAIN_MAX: Final = 253
 POOL_NAME_MAX: Final = 253
 LABEL_VALUE_MAX: Final = 63
 QUALIFIED_NAME_PART_MAX: Final = 63
+ATTRIBUTE_STRING_MAX: Final = 64  # bytes
 
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _SUBDOMAIN = rf"{_LABEL}(\.{_LABEL})*"
@@ -141,6 +142,16 @@ def pool_name(raw: str) -> str:
     if is_pool_name(raw):
         return raw
     return dns_subdomain(raw)
+
+
+def attribute_string(raw: str) -> str:
+    """`raw` cut to the 64 bytes a DRA device attribute's string may hold (`validateDeviceAttribute`
+    counts UTF-8 bytes, Go's `len`), never inside a character. The raw id stays findable through
+    the publisher's index; the attribute is for people and CEL selectors."""
+    data = raw.encode("utf-8", "surrogatepass")
+    if len(data) <= ATTRIBUTE_STRING_MAX:
+        return raw
+    return data[:ATTRIBUTE_STRING_MAX].decode("utf-8", "ignore")
 
 
 def _mixed(raw: str, limit: int, *, empty_ok: bool) -> str:

@@ -58,14 +58,14 @@ class SliceSpec:
 
 def device_entry(dev: PoolDevice, *, node: str | None, offered_free: bool) -> dict[str, Any]:
     attrs: dict[str, Any] = {
-        "productName": {"string": dev.model[:64]},
-        "fabric": {"string": str(dev.fabric)[:64]},
-        DEVICE_ID_ATTRIBUTE: {"string": str(dev.id)[:64]},
+        "productName": {"string": names.attribute_string(dev.model)},
+        "fabric": {"string": names.attribute_string(dev.fabric)},
+        DEVICE_ID_ATTRIBUTE: {"string": names.attribute_string(dev.id)},
     }
     if dev.vendor:
-        attrs["vendor"] = {"string": dev.vendor[:64]}
+        attrs["vendor"] = {"string": names.attribute_string(dev.vendor)}
     if dev.serial:
-        attrs["uuid"] = {"string": dev.serial[:64]}
+        attrs["uuid"] = {"string": names.attribute_string(dev.serial)}
     entry: dict[str, Any] = {"name": device_name(dev.id), "attributes": attrs}
     if dev.memory:
         entry["capacity"] = {"memory": {"value": str(dev.memory)}}

@@ -9,6 +9,7 @@ import yaml
 
 from agent.manifests import installing
 from agent.model import claims as claimmodel
+from agent.model import names
 from agent.model import pool as poolmodel
 from agent.model.fabric import (
     DeviceId,
@@ -18,7 +19,6 @@ from agent.model.fabric import (
     Machine,
     MachineId,
     PoolDevice,
-    dns_label,
 )
 
 F = FabricId("fab0")
@@ -100,12 +100,27 @@ def test_empty_pool_is_still_published() -> None:
     assert [s.spec["devices"] for s in out["fab0"]] == [[]]
 
 
-def test_device_names_are_dns_labels_and_stable() -> None:
-    assert dns_label("Fabric0/GPU_07") == "fabric0-gpu-07"
+def test_device_pool_and_slice_names_are_kubernetes_names_and_stable() -> None:
+    """Names from ids the API server would refuse: lower-cased, cut, and suffixed with a hash of
+    the raw id (the rules and the collisions are in test_names.py)."""
+    name = poolmodel.device_name("Fabric0/GPU_07")
+    assert name == "fabric0-gpu-07-" + names.id_hash("Fabric0/GPU_07")
     long = "x" * 100
-    assert len(dns_label(long)) == 63
-    assert dns_label(long) == dns_label(long)
-    assert dns_label(long) != dns_label(long + "y")
+    assert len(poolmodel.device_name(long)) == 63
+    assert poolmodel.device_name(long) == poolmodel.device_name(long)
+    assert poolmodel.device_name(long) != poolmodel.device_name(long + "y")
+    out = poolmodel.desired_slices(
+        driver="d",
+        inventory=Inventory(
+            (Machine(MachineId("m0"), "node-0", FabricId("Fabric_1"), "node-0"),),
+            (PoolDevice(DeviceId("GPU_0"), FabricId("Fabric_1"), "A100", DeviceState.FREE),),
+        ),
+        node_of_machine={},
+    )
+    (pool,) = out
+    assert pool == poolmodel.pool_name("Fabric_1") != "Fabric_1"
+    assert out[pool][0].spec["pool"]["name"] == pool
+    assert out[pool][0].name == poolmodel.slice_name("d", pool, 0)
 
 
 def claim(devices: list[dict] | None = None) -> dict:  # type: ignore[type-arg]
@@ -165,6 +180,7 @@ def test_with_condition_touches_only_our_entry() -> None:
         ctype="FabricDeviceReady",
         reason="Attached",
         message="ok",
+        now=1_700_000_000.0,
     )
     assert updated is not None
     entries = updated["status"]["devices"]
@@ -180,9 +196,13 @@ def test_with_condition_touches_only_our_entry() -> None:
         ctype="FabricDeviceReady",
         reason="Attached",
         message="ok",
+        now=1_700_000_000.0,
     )
     assert again is not None
     assert len(again["status"]["devices"][1]["conditions"]) == 1  # replaced, not appended
+    assert again["status"]["devices"][1]["conditions"][0]["lastTransitionTime"] == (
+        "2023-11-14T22:13:20Z"
+    )
     gone = claimmodel.with_condition(
         claim(),
         driver="ours",
@@ -191,6 +211,7 @@ def test_with_condition_touches_only_our_entry() -> None:
         ctype="FabricDeviceReady",
         reason="x",
         message="y",
+        now=1_700_000_000.0,
     )
     assert gone is None
 
