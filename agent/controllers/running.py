@@ -82,6 +82,7 @@ def build(
         recorder=recorder,
         deadline=c.claim_deadline,
         idle_grace=c.idle_grace,
+        settle=c.scale_down_settle,
         workers=c.workers,
     )
     composer = Composer(
@@ -91,6 +92,7 @@ def build(
         publisher=publisher,
         recorder=recorder,
         workers=c.workers,
+        node_gone_grace=c.node_gone_grace,
     )
     requester = Requester(
         kube,
