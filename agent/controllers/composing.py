@@ -2,12 +2,19 @@
 ComposableResource through none → Attaching → Online → (deleted: Detaching → gone), or Failed,
 by calling the fabric. Parallel across resources, serial per resource (keyed queue); every step is
 idempotent and starts from the fabric's truth (the fabric clients read before they write), so a
-restart in any state converges without attaching twice.
+restart in any state converges without attaching twice. The decisions are
+`agent.model.composing`'s; this module observes and acts.
+
+One owner per GPU: before attaching, the resource must own its device (`check_owner`): a second
+resource naming a device another live resource owns is `Failed` with reason `DeviceOwned` and a
+Warning Event, and deleting it never touches the fabric (the fabric clients take "already attached
+to this machine" as success, so the check must be here).
 
 Attach confirmation on the node side is the node role's job: it writes `NodeReady` into the
 resource's conditions, which the scaler waits for. Before a detach of a device the node has
 reported, the composer waits for the node's `NodeReleased` (no process, no open handle, removed
-from the PCI tree) unless `force_detach` is set.
+from the PCI tree) unless `force_detach` is set — or the Node object has been gone for
+`--node-gone-grace` (it cannot answer any more: detached with a Warning Event).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent import errors
@@ -24,18 +32,12 @@ from agent.controllers.queueing import KeyedQueue
 from agent.fabric.protocol import FabricManager
 from agent.kube.client import MERGE_PATCH, Kube, Obj
 from agent.kube.eventing import Recorder
-from agent.kube.resources import (
-    NODE_READY,
-    NODE_RELEASED,
-    RESOURCES,
-    condition,
-    deleting,
-    spec,
-    state,
-)
+from agent.kube.resources import RESOURCES, deleting, spec, state
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
-from agent.model.fabric import DeviceId, DeviceState, MachineId
+from agent.model import composing as decide
+from agent.model.fabric import DeviceId, Inventory, MachineId
+from agent.model.objects import deleted_at, fabric_device, name_of, target_node
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +52,50 @@ class Composer:
         publisher: Publisher,
         recorder: Recorder,
         workers: int = 64,
+        node_gone_grace: float = 60.0,
+        mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.kube = kube
         self.fabric = fabric
         self.resources = resources
         self.publisher = publisher
         self.recorder = recorder
+        self.node_gone_grace = node_gone_grace
+        self.mono = mono
+        self.wall = wall
         self.queue: KeyedQueue[str] = KeyedQueue("composer", self.handle, workers=workers)
-        self._chosen: set[str] = set()
-        #: uids of resources this leader attached: the events of our own status writes
-        #: ("Attaching" arriving after the attach finished) must not start a second attach.
+        #: resource name -> device chosen for it and not yet seen in its status by our informer
+        self._choosing: dict[str, str] = {}
+        #: uids of resources this leader attached and recorded Online: the events of our own
+        #: earlier status writes ("Attaching" arriving after Online was written) must not start a
+        #: second attach. Added only after the Online write succeeded.
         self._attached: set[str] = set()
+        #: node name -> monotonic time we first saw its Node object missing
+        self._node_missing: dict[str, float] = {}
         resources.add_handler(self._on_event)
+        publisher.on_inventory.append(self._on_inventory)
 
     def _on_event(self, event: Event) -> None:
-        self.queue.enqueue(event.obj["metadata"]["name"])
+        obj = event.obj
+        name = name_of(obj)
+        device = fabric_device(obj)
+        if event.type == "DELETED" or (device and self._choosing.get(name) == device):
+            self._choosing.pop(name, None)
+        if event.type == "DELETED":
+            self._attached.discard(obj["metadata"].get("uid", ""))
+        self.queue.enqueue(name)
+        if device:  # the others naming the same device may now own it, or be refused
+            for other in self.resources.store.values():
+                if fabric_device(other) == device and name_of(other) != name:
+                    self.queue.enqueue(name_of(other))
+
+    def _on_inventory(self, _inventory: Inventory) -> None:
+        # Capacity may have freed up: retry the resources that found no free device.
+        for obj in self.resources.store.values():
+            st = obj.get("status") or {}
+            if state(obj) == "Failed" and st.get("reason") == decide.NO_FREE_DEVICE:
+                self.queue.enqueue(name_of(obj))
 
     async def run(self) -> None:
         # Act only with the whole picture: resources listed, and the fabric read and published
@@ -97,17 +128,52 @@ class Composer:
                 },
             )
             return  # the update event brings us back
+        if state(cr) == "Failed" and (cr.get("status") or {}).get("reason") == (
+            decide.NO_FREE_DEVICE
+        ):
+            await self._retry_no_free_device(cr)
+            return
         if state(cr) in ("", "Attaching") and cr["metadata"].get("uid") not in self._attached:
             await self._attach(cr)
 
+    async def _retry_no_free_device(self, cr: Obj) -> None:
+        s = spec(cr)
+        machine = self.publisher.machine_of_node(s.get("target_node", ""))
+        if machine is None:
+            return
+        taken = self._taken()
+        if decide.free_count(
+            self.publisher.inventory, model=s.get("model", ""), machine=machine, taken=taken
+        ):
+            logger.info("%s: a free %s is available now; attaching", name_of(cr), s.get("model"))
+            await self._attach(cr)
+
+    def _taken(self) -> set[str]:
+        return decide.taken_devices(
+            self.resources.store.values(),
+            also=set(self._choosing.values()) | self.publisher.pinned | self.publisher.withheld,
+        )
+
     async def _attach(self, cr: Obj) -> None:
+        name = name_of(cr)
+        verdict, owner = decide.check_owner(cr, self.resources.store.values())
+        if verdict == decide.OwnerCheck.WAIT:
+            self.queue.enqueue_after(name, 0.5)  # the owner is detaching it; then it is ours
+            return
+        if verdict == decide.OwnerCheck.REFUSE:
+            assert owner is not None
+            await self._fail(
+                cr,
+                decide.DEVICE_OWNED,
+                f"{fabric_device(cr)} is owned by ComposableResource {name_of(owner)} "
+                f"(on {target_node(owner)}); this resource will not attach or detach it",
+            )
+            return
         marking: asyncio.Task[None] | None = None
-        if state(cr) == "":
+        if state(cr) != "Attaching":
             # Record "Attaching" while the fabric works: the write and the attach overlap, and
             # every later status write waits for it, so the states land in order.
-            marking = asyncio.create_task(
-                self._status(cr["metadata"]["name"], state="Attaching", error="")
-            )
+            marking = asyncio.create_task(self._status(name, state="Attaching", error=""))
         try:
             await self._attach_device(cr, marking)
         finally:
@@ -115,7 +181,7 @@ class Composer:
                 await marking
 
     async def _attach_device(self, cr: Obj, marking: asyncio.Task[None] | None) -> None:
-        name = cr["metadata"]["name"]
+        name = name_of(cr)
         s = spec(cr)
         machine = self.publisher.machine_of_node(s["target_node"])
         if machine is None:
@@ -126,22 +192,45 @@ class Composer:
                 marking,
             )
             return
-        device = s.get("fabric_device") or (cr.get("status") or {}).get("cdi_device_id") or ""
+        device = fabric_device(cr)
+        chosen = ""
         if not device:
             # A request-made resource names only a model: choose a free device, and record the
             # choice before attaching, so a restart attaches that same device, not another one.
-            device = self._choose(s["model"], machine)
-            if device is None:
+            found = decide.choose_device(
+                self.publisher.inventory, model=s["model"], machine=machine, taken=self._taken()
+            )
+            if found is None:
                 await self._fail(
                     cr,
-                    "NoFreeDevice",
+                    decide.NO_FREE_DEVICE,
                     f"no free {s['model']} on the fabric of {s['target_node']}",
                     marking,
                 )
                 return
-            await self._status(name, cdi_device_id=device)
-            self.publisher.withhold(device)  # not offered to the scheduler while it attaches
-        started = time.monotonic()
+            device = chosen = found
+            self._choosing[name] = device
+            self.publisher.withhold(device, reason="choosing")  # not offered while it attaches
+        try:
+            if chosen:
+                await self._status(name, cdi_device_id=device)
+            await self._attach_and_record(cr, device, machine, marking)
+        except BaseException:
+            if chosen and self._choosing.get(name) == chosen:
+                # the choice was not recorded (or the attach failed before anything happened):
+                # free it for others; a recorded one is found again from the status
+                self._choosing.pop(name, None)
+            raise
+        finally:
+            if chosen:
+                self.publisher.release(device, reason="choosing")
+
+    async def _attach_and_record(
+        self, cr: Obj, device: str, machine: str, marking: asyncio.Task[None] | None
+    ) -> None:
+        name = name_of(cr)
+        s = spec(cr)
+        started = self.mono()
         try:
             dev = await self.fabric.attach(DeviceId(device), MachineId(machine), model=s["model"])
         except (
@@ -152,54 +241,32 @@ class Composer:
         ) as exc:
             await self._fail(cr, type(exc).__name__, str(exc), marking)
             return
-        if not s.get("fabric_device"):
-            self.publisher.release(device)
         if marking is not None:
             await marking
-        self._attached.add(cr["metadata"].get("uid", ""))
-        metrics.ATTACH_SECONDS.observe(time.monotonic() - started)
-        metrics.DECISIONS.labels("attached").inc()
+        took = self.mono() - started
         self.publisher.device_changed(dev)
         await self._status(
             name,
             state="Online",
             error="",
+            reason="",
+            message="",
             cdi_device_id=dev.id,
             device_id=dev.serial,
             machine=machine,
             pci_address=dev.pci_address,
         )
+        self._attached.add(cr["metadata"].get("uid", ""))  # only once Online is recorded
+        metrics.ATTACH_SECONDS.observe(took)
+        metrics.DECISIONS.labels("attached").inc()
+        logger.info(
+            "%s: %s attached to %s (%s) in %.3f s", name, dev.id, s["target_node"], machine, took
+        )
         self.recorder.emit(
             cr,
             "Attached",
-            f"{dev.id} attached to {s['target_node']} ({machine}) "
-            f"in {time.monotonic() - started:.3f} s",
+            f"{dev.id} attached to {s['target_node']} ({machine}) in {took:.3f} s",
         )
-
-    def _choose(self, model: str, machine: str) -> str | None:
-        inv = self.publisher.inventory
-        if inv is None:
-            return None
-        fabric = next((m.fabric for m in inv.machines if m.id == machine), None)
-        taken = (
-            self._chosen
-            | {
-                (o.get("status") or {}).get("cdi_device_id") or spec(o).get("fabric_device")
-                for o in self.resources.store.values()
-            }
-            | self.publisher.pinned
-            | self.publisher.withheld
-        )
-        for dev in sorted(inv.devices, key=lambda d: d.id):
-            if (
-                dev.model == model
-                and dev.fabric == fabric
-                and dev.state == DeviceState.FREE
-                and dev.id not in taken
-            ):
-                self._chosen.add(dev.id)
-                return dev.id
-        return None
 
     async def _fail(
         self, cr: Obj, reason: str, message: str, marking: asyncio.Task[None] | None = None
@@ -207,35 +274,53 @@ class Composer:
         if marking is not None:
             await marking  # "Failed" must land after "Attaching"
         metrics.FAILURES.labels(reason).inc()
-        logger.warning("composable resource %s failed: %s", cr["metadata"]["name"], message)
+        logger.warning("composable resource %s failed: %s", name_of(cr), message)
         await self._status(
-            cr["metadata"]["name"], state="Failed", reason=reason, message=message, error=message
+            name_of(cr), state="Failed", reason=reason, message=message, error=message
         )
         self.recorder.emit(cr, reason, message, warning=True)
 
     async def _remove(self, cr: Obj) -> None:
-        name = cr["metadata"]["name"]
-        self._attached.discard(cr["metadata"].get("uid", ""))
+        name = name_of(cr)
         finalizers = cr["metadata"].get("finalizers") or []
         if crds.FINALIZER not in finalizers:
             return
-        s, st = spec(cr), cr.get("status") or {}
-        if state(cr) != "Detaching":
-            await self._status(name, state="Detaching")
-        device = st.get("cdi_device_id") or s.get("fabric_device") or ""
-        if (
-            condition(cr, NODE_READY)
-            and not condition(cr, NODE_RELEASED)
-            and not s.get("force_detach")
-        ):
-            logger.info(
-                "waiting for node %s to release %s before detaching", s.get("target_node"), device
-            )
-            return  # the node's NodeReleased update brings us back
-        if device:
+        node = target_node(cr)
+        node_exists = self.publisher.nodes.get("", node) is not None
+        if node_exists:
+            self._node_missing.pop(node, None)
+        else:
+            self._node_missing.setdefault(node, self.mono())
+        d = decide.decide_remove(
+            cr,
+            self.resources.store.values(),
+            node_exists=node_exists,
+            node_missing_since=self._node_missing.get(node),
+            now=self.mono(),
+            node_gone_grace=self.node_gone_grace,
+            deleting_for=self.wall() - deleted_at(cr),
+        )
+        device = fabric_device(cr)
+        if d.step == decide.RemoveStep.DROP:
+            logger.info("%s: removed without touching the fabric: %s", name, d.why)
+        else:
+            if state(cr) != "Detaching":
+                await self._status(name, state="Detaching")
+            if d.step == decide.RemoveStep.WAIT_RELEASE:
+                logger.info("waiting for node %s to release %s before detaching", node, device)
+                if d.after:  # and if its agent stays silent, we look again after the grace
+                    self.queue.enqueue_after(name, d.after)
+                return  # the node's NodeReleased update brings us back
+            if d.step == decide.RemoveStep.WAIT_NODE_GONE:
+                self.queue.enqueue_after(name, d.after)
+                return
+            if d.why:  # detaching without the node's release
+                metrics.FAILURES.labels("NodeGone").inc()
+                logger.warning("%s: %s", name, d.why)
+                self.recorder.emit(cr, "NodeGone", f"{device}: {d.why}", warning=True)
             dev = await self.fabric.detach(DeviceId(device))
             self.publisher.device_changed(dev)
-            self.recorder.emit(cr, "Detached", f"{device} detached from {s.get('target_node')}")
+            self.recorder.emit(cr, "Detached", f"{device} detached from {node}")
             metrics.DECISIONS.labels("detached").inc()
         await self.kube.patch(
             f"{RESOURCES}/{name}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from agent import errors
@@ -43,13 +44,22 @@ class Publisher:
         self.slices = slices
         self.nodes = nodes
         self.inventory: Inventory | None = None
-        self.withheld: set[str] = set()
+        #: device id -> why it is not offered ("scale-down", "failed", "choosing"): each user of
+        #: withholding releases only its own reason, so one cannot undo another's.
+        self._withheld: dict[str, set[str]] = {}
         self.pinned: set[str] = set()
+        #: called with the new inventory after every fabric read (the composer retries
+        #: NoFreeDevice resources from here)
+        self.on_inventory: list[Callable[[Inventory], None]] = []
+        #: the last error of a sync, "" when the last sync succeeded (for readiness and tests)
+        self.error = ""
         self._dirty = asyncio.Event()
         #: slice name -> (resourceVersion we wrote, spec we sent): compare against our own writes,
         #: not the server's normalised copy.
         self._sent: dict[str, tuple[str, dict[str, Any]]] = {}
         self._entries: poolmodel.EntryCache = {}
+        #: slice name -> the object our last write returned, until the informer shows it
+        self._stored: dict[str, Obj] = {}
         self._names: dict[tuple[str, str], str] = {}
         self._names_of: Inventory | None = None
         self._writes = asyncio.Semaphore(8)
@@ -63,10 +73,15 @@ class Publisher:
 
     def update_inventory(self, inventory: Inventory) -> None:
         self.inventory = inventory
-        # A withheld device that came back free (detached) is offered again. A failed one stays
-        # out because the fabric reports it failed, until an operator repairs it.
-        self.withheld -= {d.id for d in inventory.devices if d.state == DeviceState.FREE}
+        # A device withheld for a failed claim or a scale-down that came back free (detached) is
+        # offered again. A failed one stays out because the fabric reports it failed, until an
+        # operator repairs it. A device the composer is choosing stays out until it says so.
+        for d in inventory.devices:
+            if d.state == DeviceState.FREE and d.id in self._withheld:
+                self._release_reasons(d.id, {"failed", "scale-down"})
         self.changed()
+        for callback in self.on_inventory:
+            callback(inventory)
 
     async def flush(self) -> None:
         """Return once a sync that started after this call has finished."""
@@ -91,7 +106,7 @@ class Publisher:
         devices = [d for d in self.inventory.devices if d.id != dev.id]
         devices.append(dev)
         if dev.state == DeviceState.FREE:
-            self.withheld.discard(dev.id)
+            self._release_reasons(dev.id, {"failed", "scale-down"})
         self.inventory = Inventory(self.inventory.machines, tuple(devices), version="local")
         self.changed()
 
@@ -111,12 +126,31 @@ class Publisher:
             self._names_of = self.inventory
         return self._names.get((pool, name))
 
-    def withhold(self, device_id: str) -> None:
-        self.withheld.add(device_id)
+    def device_index(self) -> dict[tuple[str, str], str]:
+        """(pool name, device name) -> fabric device id, for every device in the inventory."""
+        self.device_id_of("", "")  # rebuilds the index if the inventory changed
+        return self._names
+
+    @property
+    def withheld(self) -> frozenset[str]:
+        """Devices not offered to the scheduler, for whatever reason."""
+        return frozenset(self._withheld)
+
+    def withhold(self, device_id: str, *, reason: str) -> None:
+        """Stop offering `device_id` for `reason` until `release(device_id, reason=reason)`."""
+        self._withheld.setdefault(device_id, set()).add(reason)
         self.changed()
 
-    def release(self, device_id: str) -> None:
-        self.withheld.discard(device_id)
+    def release(self, device_id: str, *, reason: str) -> None:
+        self._release_reasons(device_id, {reason})
+
+    def _release_reasons(self, device_id: str, reasons: set[str]) -> None:
+        held = self._withheld.get(device_id)
+        if held is None:
+            return
+        held -= reasons
+        if not held:
+            del self._withheld[device_id]
         self.changed()
 
     def pin(self, device_id: str) -> None:
@@ -160,9 +194,34 @@ class Publisher:
             self._syncing = True
             try:
                 await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except errors.AgentError as exc:
+                self._sync_failed(exc)
+            else:
+                if self.error:
+                    logger.info("publishing works again (after: %s)", self.error)
+                self.error = ""
+                self._failures = 0
             finally:
                 self._syncing = False
                 self._synced_once.set()
+
+    _failures = 0
+
+    def _sync_failed(self, exc: errors.AgentError) -> None:
+        """A sync that failed is retried with backoff (the desired state is recomputed then, so
+        nothing is lost); a permanent error (the DRA gates off, RBAC) is retried slowly, since an
+        operator may fix it while we run. One log line per new error, not one per retry."""
+        self._failures += 1
+        cap = 30.0 if exc.transient else 60.0
+        delay = min(0.2 * 2 ** (self._failures - 1), cap)
+        message = str(exc)
+        if message != self.error:
+            level = logging.WARNING if exc.transient else logging.ERROR
+            logger.log(level, "publishing failed: %s; retrying in %.1f s", message, delay)
+        self.error = message
+        asyncio.get_running_loop().call_later(delay, self.changed)
 
     async def sync(self) -> None:
         assert self.inventory is not None
@@ -176,7 +235,7 @@ class Publisher:
             cache=self._entries,
         )
         current: dict[str, dict[str, Obj]] = {}
-        for obj in self.slices.store.values():
+        for obj in self._current_slices():
             spec = obj.get("spec", {})
             if spec.get("driver") == self.driver and not spec.get("nodeName"):
                 current.setdefault(spec["pool"]["name"], {})[obj["metadata"]["name"]] = obj
@@ -184,6 +243,18 @@ class Publisher:
             await self._sync_pool(pool, desired.get(pool, []), current.get(pool, {}))
         self.syncs += 1
         self.synced.set()
+
+    def _current_slices(self) -> list[Obj]:
+        """Our slices as the informer shows them, or as our own last write returned them when
+        that is newer (the informer lags our writes; we never write into its store)."""
+        out = {key[1]: obj for key, obj in self.slices.store.items()}
+        for name, mine in list(self._stored.items()):
+            seen = out.get(name)
+            if seen is None or _newer(mine, seen):
+                out[name] = mine
+            else:
+                del self._stored[name]  # the informer has caught up (or someone wrote after us)
+        return list(out.values())
 
     def _differs(self, want: poolmodel.SliceSpec, have: Obj | None) -> bool:
         if have is None:
@@ -217,6 +288,7 @@ class Publisher:
             generation += 1
             changed = want
         for name in obsolete:
+            self._stored.pop(name, None)
             try:
                 await self.kube.delete(f"{SLICES}/{name}")
                 metrics.SLICE_WRITES.labels("delete").inc()
@@ -249,6 +321,9 @@ class Publisher:
                 body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
                 stored = await self.kube.replace(f"{SLICES}/{name}", body)
                 metrics.SLICE_WRITES.labels("update").inc()
+        except (errors.KubeConflict, errors.KubeNotFound, errors.KubeAlreadyExists):
+            self._stored.pop(name, None)  # stale: the next sync starts from the server's copy
+            raise
         except errors.KubeInvalid as exc:
             # With DRAPartitionableDevices off, perDeviceNodeSelection is dropped before
             # validation, which then finds no node selection at all.
@@ -261,8 +336,7 @@ class Publisher:
         if missing:
             raise FeatureGateOff(_gates_message(name, missing, ""))
         self._sent[name] = (stored["metadata"]["resourceVersion"], spec)
-        # keep the informer's view current so the next sync does not rewrite from a stale copy
-        self.slices.store[("", name)] = stored
+        self._stored[name] = stored
 
     async def _label_nodes(self) -> None:
         assert self.inventory is not None
@@ -279,6 +353,13 @@ class Publisher:
                     f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FABRIC_LABEL: want}}}
                 )
                 logger.info("labelled node %s %s=%s", node, poolmodel.FABRIC_LABEL, want)
+
+
+def _newer(a: Obj, b: Obj) -> bool:
+    """`a` is a later version of the object than `b` (resourceVersions are etcd revisions: the
+    API server compares them as integers for watches; anything else counts as not newer)."""
+    ra, rb = a["metadata"].get("resourceVersion", ""), b["metadata"].get("resourceVersion", "")
+    return bool(ra.isdigit() and rb.isdigit() and int(ra) > int(rb))
 
 
 def _gates_message(name: str, missing: list[str], server: str) -> str:

@@ -1,4 +1,5 @@
-"""The scaler (CoHDI's Dynamic Device Scaler, event-driven and on the happy path).
+"""The scaler (CoHDI's Dynamic Device Scaler, event-driven): a thin loop that observes claims,
+ComposableResources, Nodes and the fabric, asks `agent.model.scaling` what to do, and does it.
 
 Scale up: a claim allocated to one of our pool devices whose binding conditions are unmet → the
 node from `allocation.nodeSelector` → the device pinned in the slices → a ComposableResource for
@@ -7,13 +8,24 @@ node from `allocation.nodeSelector` → the device pinned in the slices → a Co
 resourceVersion (other drivers' entries untouched). The scheduler then binds in the same cycle.
 
 Failure: the resource failed, or the claim's deadline (well before the scheduler's binding timeout)
-passed → `FabricDeviceFailed=True`, the device withheld from the slices, the resource deleted (the
-composer detaches whatever was half-attached). The scheduler deallocates and tries another device.
+passed → `FabricDeviceFailed=True`, the device withheld from the slices, the resource deleted if
+it was made for this claim (the composer detaches whatever was half-attached). The scheduler
+deallocates and tries another device.
 
-Scale down: an attached device no claim holds, for longer than the idle grace, on a node above its
-minimum, is withheld from the slices, re-checked against the claims, then its resource deleted (the
-composer detaches it). Per-node maxima are enforced by labelling full nodes, which the free
-devices' node selectors exclude, so a claim is never pinned to a node that cannot take it.
+Scale down, and why it cannot take a GPU from a pod: an attached device no claim holds, idle for
+longer than the grace, on a node above its minimum, is (1) withheld from the slices and the write
+acknowledged by the API server; (2) left to settle for `--scale-down-settle` seconds, during which
+any claim event naming it aborts the scale-down — this covers the scheduler's lag: it allocates
+from its own informer's copy of the slices and writes the claim's allocation in its binding cycle,
+so an allocation made from the old slices reaches the API server within that window; (3) checked
+against a fresh LIST of claims from the API server (not our informer, which may lag), and only
+then (4) its resource is deleted; the composer then waits for the node's safe removal
+(`NodeReleased`: no process, no open handle) before the fabric detach. Should an allocation still
+slip past all of that, the device's claim is found holding a device not on its node and the device
+is attached again (`model.scaling.stranded`), so the pod starts late instead of never.
+
+Per-node maxima are enforced by labelling full nodes, which the free devices' node selectors
+exclude, so a claim is never pinned to a node that cannot take it.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Final
+from collections.abc import Callable
 
 from agent import errors
 from agent.controllers import metrics
@@ -30,27 +42,26 @@ from agent.controllers.publishing import NODES, Publisher
 from agent.controllers.queueing import KeyedQueue
 from agent.kube.client import Kube, Obj, path_of
 from agent.kube.eventing import Recorder
-from agent.kube.resources import (
-    CLAIM_ANNOTATION,
-    NODE_READY,
-    RESOURCES,
-    condition,
-    deleting,
-    resource_name,
-    spec,
-    state,
-)
+from agent.kube.resources import CLAIM_ANNOTATION, RESOURCES, deleting, resource_name
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import claims as claimmodel
 from agent.model import pool as poolmodel
+from agent.model import scaling as decide
+from agent.model.objects import fabric_device, target_node
 
 logger = logging.getLogger(__name__)
 
-MAX_LABEL: Final = "cohdi.io/max-devices"
-MIN_LABEL: Final = "cohdi.io/min-devices"
+MAX_LABEL = decide.MAX_LABEL
+MIN_LABEL = decide.MIN_LABEL
 
 ClaimKey = tuple[str, str]
+
+ALL_CLAIMS = "/apis/resource.k8s.io/v1/resourceclaims"
+
+#: The longest a scale-down waits for its withholding to be written before it gives up (and
+#: retries later): without that write the scheduler may still be offering the device.
+FLUSH_TIMEOUT = 30.0
 
 
 def claims_path(namespace: str) -> str:
@@ -72,7 +83,10 @@ class Scaler:
         recorder: Recorder,
         deadline: float,
         idle_grace: float,
+        settle: float = 5.0,
         workers: int = 64,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
         self.driver = driver
@@ -83,11 +97,23 @@ class Scaler:
         self.recorder = recorder
         self.deadline = deadline
         self.idle_grace = idle_grace
+        self.settle = settle
+        self.wall = wall
+        self.mono = mono
         self.queue: KeyedQueue[ClaimKey] = KeyedQueue("scaler", self.handle, workers=workers)
         self.idle: KeyedQueue[str] = KeyedQueue("scale-down", self.check_idle, workers=8)
+        self.labels: KeyedQueue[str] = KeyedQueue("node-labels", self._sync_full_label, workers=4)
         #: device id -> monotonic time it was last held by a claim
         self.last_used: dict[str, float] = {}
         self._held: dict[ClaimKey, set[tuple[str, str]]] = {}
+        #: resources we created that our informer has not shown yet: name -> node
+        self._created: dict[str, str] = {}
+        #: devices being scaled down -> set when a claim names one meanwhile (abort)
+        self._draining: dict[str, asyncio.Event] = {}
+        #: (claim key, device) pairs we warned about (a held device attached elsewhere)
+        self._warned: set[tuple[ClaimKey, str]] = set()
+        self._list_lock = asyncio.Lock()
+        self._listed: tuple[float, list[Obj]] = (float("-inf"), [])
         claims.add_handler(self._on_claim)
         resources.add_handler(self._on_resource)
 
@@ -102,35 +128,51 @@ class Scaler:
             else claimmodel.allocated_devices(event.obj, self.driver)
         )
         before = self._held.get(key, set())
+        now = self.mono()
         for pool, name in before - now_held:  # released: start the idle clock
             device = self.publisher.device_id_of(pool, name)
             if device:
-                self.last_used[device] = time.monotonic()
+                self.last_used[device] = now
                 self.idle.enqueue_after(device, self.idle_grace)
         for pool, name in now_held:
             device = self.publisher.device_id_of(pool, name)
             if device:
-                self.last_used[device] = time.monotonic()
+                self.last_used[device] = now
+                if device in self._draining:
+                    self._draining[device].set()  # the scheduler took it: abort the scale-down
         if now_held:
             self._held[key] = now_held
         else:
             self._held.pop(key, None)
         if event.type != "DELETED":
             self.queue.enqueue(key)
+        else:
+            self._warned = {w for w in self._warned if w[0] != key}
 
     def _on_resource(self, event: Event) -> None:
         obj = event.obj
+        name = obj["metadata"]["name"]
+        self._created.pop(name, None)
         ref = (obj["metadata"].get("annotations") or {}).get(CLAIM_ANNOTATION, "")
         if "/" in ref:
-            ns, name = ref.split("/", 1)
-            self.queue.enqueue((ns, name))
-        if event.type != "DELETED" and state(obj) == "Online" and not deleting(obj):
-            device = (obj.get("status") or {}).get("cdi_device_id") or spec(obj).get(
-                "fabric_device"
-            )
-            if device and not obj["metadata"].get("labels", {}).get(crds.MANAGED_BY):
-                self.idle.enqueue_after(device, self.idle_grace)
-        self._update_full_labels(spec(obj).get("target_node", ""))
+            ns, claim = ref.split("/", 1)
+            self.queue.enqueue((ns, claim))
+        device = fabric_device(obj)
+        if event.type == "DELETED" and device:
+            # A claim may hold it still (a scale-down that lost a race): look at those claims.
+            for key in self._holders(device):
+                self.queue.enqueue(key)
+        elif device and not obj["metadata"].get("labels", {}).get(crds.MANAGED_BY):
+            self.idle.enqueue_after(device, self.idle_grace)
+        if target_node(obj):
+            self.labels.enqueue(target_node(obj))
+
+    def _holders(self, device: str) -> list[ClaimKey]:
+        return [
+            key
+            for key, held in self._held.items()
+            if any(self.publisher.device_id_of(p, n) == device for p, n in held)
+        ]
 
     async def run(self) -> None:
         await self.claims.synced.wait()
@@ -139,6 +181,7 @@ class Scaler:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.queue.run())
             tg.create_task(self.idle.run())
+            tg.create_task(self.labels.run())
 
     # --- scale up --------------------------------------------------------------------------------
 
@@ -150,86 +193,46 @@ class Scaler:
             if b.ready or b.failed:
                 continue
             await self._bind(claim, b)
+        await self._check_held(key, claim)
 
     async def _bind(self, claim: Obj, b: claimmodel.Binding) -> None:
+        key = (b.namespace, b.claim)
         device = self.publisher.device_id_of(b.pool, b.device)
-        if device is None:
-            if self.publisher.inventory is None:
-                self.queue.enqueue_after(
-                    (b.namespace, b.claim), 0.2
-                )  # not synced with the fabric yet
-                return
-            await self._fail(
-                claim,
-                b,
-                None,
-                "UnknownDevice",
-                f"device {b.pool}/{b.device} is not in the fabric's inventory any more",
-            )
-            return
-        self.publisher.pin(device)
-        name = resource_name(device)
-        cr = self.resources.get("", name)
-        remaining = (
-            b.allocated_at + self.deadline - time.time() if b.allocated_at else self.deadline
+        if device is not None:
+            self.publisher.pin(device)
+        resource = self.resources.get("", resource_name(device)) if device else None
+        d = decide.decide_bind(
+            b,
+            device=device,
+            inventory_known=self.publisher.inventory is not None,
+            resource=resource,
+            room_on_node=self._room_on(b.node),
+            now=self.wall(),
+            deadline=self.deadline,
         )
-        if cr is not None and deleting(cr):
-            self.queue.enqueue_after((b.namespace, b.claim), 0.2)
-            return
-        if cr is not None and spec(cr).get("target_node") != b.node:
-            await self._fail(
-                claim,
-                b,
-                device,
-                "DeviceOnOtherNode",
-                f"{device} is composed to {spec(cr).get('target_node')}, not {b.node}",
-            )
-            return
-        if cr is not None and state(cr) == "Failed":
-            st = cr.get("status") or {}
-            await self._fail(
-                claim,
-                b,
-                device,
-                st.get("reason") or "AttachFailed",
-                st.get("message") or "the fabric could not attach the device",
-                cr=cr,
-            )
-            return
-        if cr is not None and state(cr) == "Online" and condition(cr, NODE_READY):
+        if d.step == decide.BindStep.WAIT:
+            self.queue.enqueue_after(key, d.after)
+        elif d.step == decide.BindStep.CREATE:
+            assert device is not None
+            await self._create_resource(claim, device, b.node, decide.claim_ref(b))
+            self.queue.enqueue_after(key, d.after)  # the deadline check
+        elif d.step == decide.BindStep.READY:
+            assert device is not None
             await self._ready(claim, b, device)
-            return
-        if remaining <= 0:
-            await self._fail(
-                claim,
-                b,
-                device,
-                "AttachDeadline",
-                f"{device} was not ready on {b.node} within {self.deadline:.0f} s of allocation",
-                cr=cr,
-            )
-            return
-        if cr is None:
-            if not self._room_on(b.node):
-                await self._fail(
-                    claim, b, device, "NodeDeviceLimit", f"node {b.node} is at its device maximum"
-                )
-                return
-            await self._create_resource(claim, b, device, name)
-        self.queue.enqueue_after((b.namespace, b.claim), remaining)  # the deadline check
+        else:
+            await self._fail(claim, b, device, d)
 
-    async def _create_resource(
-        self, claim: Obj, b: claimmodel.Binding, device: str, name: str
-    ) -> None:
+    async def _create_resource(self, claim: Obj, device: str, node: str, ref: str) -> None:
         dev = self.publisher.device(device)
+        name = resource_name(device)
         body = {
             "apiVersion": f"{crds.GROUP}/{crds.VERSION}",
             "kind": "ComposableResource",
             "metadata": {
                 "name": name,
-                "annotations": {CLAIM_ANNOTATION: f"{b.namespace}/{b.claim}"},
+                "annotations": {CLAIM_ANNOTATION: ref},
                 "labels": {
-                    poolmodel.FABRIC_LABEL: poolmodel.fabric_label(dev.fabric if dev else b.pool)
+                    poolmodel.FABRIC_LABEL: poolmodel.fabric_label(dev.fabric if dev else ""),
                 },
                 # born with the composer's finalizer: one write (and one event round trip) less
                 "finalizers": [crds.FINALIZER],
@@ -237,19 +240,18 @@ class Scaler:
             "spec": {
                 "type": "gpu",
                 "model": dev.model if dev else "",
-                "target_node": b.node,
+                "target_node": node,
                 "fabric_device": device,
             },
         }
         try:
-            created = await self.kube.create(RESOURCES, body)
+            await self.kube.create(RESOURCES, body)
         except errors.KubeAlreadyExists:
             return
-        self.resources.store[("", name)] = created
+        if self.resources.get("", name) is None:
+            self._created[name] = node  # counted against the node's maximum until we see it
         metrics.DECISIONS.labels("attach-requested").inc()
-        self.recorder.emit(
-            claim, "AttachRequested", f"attaching {device} to {b.node} for this claim"
-        )
+        self.recorder.emit(claim, "AttachRequested", f"attaching {device} to {node} for this claim")
 
     async def _ready(self, claim: Obj, b: claimmodel.Binding, device: str) -> None:
         if await self._set_condition(
@@ -258,31 +260,25 @@ class Scaler:
             self.publisher.unpin(device)
             metrics.DECISIONS.labels("ready").inc()
             if b.allocated_at:
-                metrics.READY_SECONDS.observe(max(0.0, time.time() - b.allocated_at))
+                metrics.READY_SECONDS.observe(max(0.0, self.wall() - b.allocated_at))
             self.recorder.emit(
                 claim, "DeviceReady", f"{device} ready on {b.node}: FabricDeviceReady=True"
             )
 
     async def _fail(
-        self,
-        claim: Obj,
-        b: claimmodel.Binding,
-        device: str | None,
-        reason: str,
-        message: str,
-        *,
-        cr: Obj | None = None,
+        self, claim: Obj, b: claimmodel.Binding, device: str | None, d: decide.BindDecision
     ) -> None:
-        metrics.FAILURES.labels(reason).inc()
-        logger.warning("claim %s/%s: %s: %s", b.namespace, b.claim, reason, message)
+        metrics.FAILURES.labels(d.reason).inc()
+        logger.warning("claim %s/%s: %s: %s", b.namespace, b.claim, d.reason, d.message)
         if device:
             self.publisher.unpin(device)
-            self.publisher.withhold(device)
-        await self._set_condition(b, poolmodel.FAILED, reason, message)
-        self.recorder.emit(claim, reason, message + "; FabricDeviceFailed=True", warning=True)
-        if cr is not None or device is not None:
+            self.publisher.withhold(device, reason="failed")
+        if not await self._set_condition(b, poolmodel.FAILED, d.reason, d.message):
+            return  # the allocation is gone already
+        self.recorder.emit(claim, d.reason, d.message + "; FabricDeviceFailed=True", warning=True)
+        if d.delete_resource and device:
             with contextlib.suppress(errors.KubeNotFound):
-                await self.kube.delete(f"{RESOURCES}/{resource_name(device or '')}")
+                await self.kube.delete(f"{RESOURCES}/{resource_name(device)}")
 
     async def _set_condition(
         self, b: claimmodel.Binding, ctype: str, reason: str, message: str
@@ -302,6 +298,7 @@ class Scaler:
                 ctype=ctype,
                 reason=reason,
                 message=message,
+                now=self.wall(),
             )
             if updated is None:
                 return False  # deallocated meanwhile
@@ -312,83 +309,156 @@ class Scaler:
                 continue
         raise errors.KubeConflict(f"claim {b.namespace}/{b.claim}: status kept changing under us")
 
+    # --- claims holding a device that is not on their node ---------------------------------------
+
+    async def _check_held(self, key: ClaimKey, claim: Obj) -> None:
+        inventory = self.publisher.inventory
+        if inventory is None:
+            return
+        by_device: dict[str, Obj] = {}
+        for o in self.resources.store.values():
+            dev = fabric_device(o)
+            if dev:
+                by_device[dev] = o
+        found = decide.stranded(
+            claim,
+            driver=self.driver,
+            device_of=self.publisher.device_index(),
+            inventory=inventory,
+            machine_of_node={n: m for m, n in self.publisher.node_of_machine().items()},
+            resources=by_device,
+        )
+        for s in found:
+            if resource_name(s.device) in self._created:
+                continue
+            if s.elsewhere:
+                if (key, s.device) not in self._warned:
+                    self._warned.add((key, s.device))
+                    self.recorder.emit(
+                        claim,
+                        "DeviceOnOtherNode",
+                        f"this claim holds {s.device} on {s.node}, but the fabric has it "
+                        "attached to another machine; the pod cannot start there",
+                        warning=True,
+                    )
+                continue
+            logger.warning(
+                "claim %s/%s holds %s on %s, which is not attached there: attaching it again",
+                *key,
+                s.device,
+                s.node,
+            )
+            metrics.DECISIONS.labels("reattach").inc()
+            self.recorder.emit(
+                claim,
+                "Reattach",
+                f"{s.device} is not attached to {s.node} although this claim holds it: "
+                "attaching it again",
+                warning=True,
+            )
+            await self._create_resource(claim, s.device, s.node, f"{key[0]}/{key[1]}")
+
     # --- limits ----------------------------------------------------------------------------------
 
-    def _on_node(self, node: str) -> list[Obj]:
-        return [
-            o
+    def _on_node(self, node: str) -> int:
+        live = {
+            o["metadata"]["name"]
             for o in self.resources.store.values()
-            if spec(o).get("target_node") == node and not deleting(o)
-        ]
-
-    def _limit(self, node: str, label: str) -> int | None:
-        obj = self.nodes.get("", node)
-        raw = (obj or {}).get("metadata", {}).get("labels", {}).get(label)
-        try:
-            return int(raw) if raw is not None else None
-        except ValueError:
-            return None
+            if target_node(o) == node and not deleting(o)
+        }
+        return len(live | {n for n, target in self._created.items() if target == node})
 
     def _room_on(self, node: str) -> bool:
-        cap = self._limit(node, MAX_LABEL)
-        return cap is None or len(self._on_node(node)) < cap
+        cap = decide.node_limit(self.nodes.get("", node), MAX_LABEL)
+        return cap is None or self._on_node(node) < cap
 
-    def _update_full_labels(self, node: str) -> None:
-        if not node:
-            return
-        cap = self._limit(node, MAX_LABEL)
-        full = cap is not None and len(self._on_node(node)) >= cap
+    async def _sync_full_label(self, node: str) -> None:
         obj = self.nodes.get("", node)
-        labelled = (obj or {}).get("metadata", {}).get("labels", {}).get(
-            poolmodel.FULL_LABEL
-        ) == "true"
-        if obj is not None and full != labelled:
-            asyncio.get_running_loop().create_task(self._label(node, "true" if full else None))
-
-    async def _label(self, node: str, value: str | None) -> None:
-        try:
-            await self.kube.patch(
-                f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FULL_LABEL: value}}}
-            )
-        except errors.AgentError as exc:
-            logger.warning("could not label node %s: %s", node, exc)
+        value = decide.full_label(obj, self._on_node(node), poolmodel.FULL_LABEL)
+        if value is False:
+            return
+        await self.kube.patch(
+            f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FULL_LABEL: value}}}
+        )
+        logger.info("node %s: %s=%s", node, poolmodel.FULL_LABEL, value)
 
     # --- scale down ------------------------------------------------------------------------------
 
-    def _held_devices(self) -> set[str]:
-        held = set()
-        for claim in self.claims.store.values():
-            for pool, name in claimmodel.allocated_devices(claim, self.driver):
-                device = self.publisher.device_id_of(pool, name)
-                if device:
-                    held.add(device)
-        return held
+    def _held_devices(self, claims: list[Obj] | None = None) -> set[str]:
+        return decide.held_devices(
+            self.claims.store.values() if claims is None else claims,
+            self.driver,
+            self.publisher.device_index(),
+        )
 
     async def check_idle(self, device: str) -> None:
         cr = self.resources.get("", resource_name(device))
-        if cr is None or deleting(cr) or state(cr) != "Online":
-            return
-        if cr["metadata"].get("labels", {}).get(crds.MANAGED_BY):
-            return  # kept by a ComposabilityRequest
-        if device in self._held_devices():
-            return
-        idle_for = time.monotonic() - self.last_used.get(device, time.monotonic() - self.idle_grace)
-        if idle_for < self.idle_grace:
-            self.idle.enqueue_after(device, self.idle_grace - idle_for)
-            return
-        node = spec(cr).get("target_node", "")
-        floor = self._limit(node, MIN_LABEL) or 0
-        if len(self._on_node(node)) <= floor:
-            return
-        self.publisher.withhold(device)
-        await self.publisher.flush()
-        if device in self._held_devices():  # the scheduler took it while we decided
-            self.publisher.release(device)
-            return
-        logger.info("scale-down: %s idle for %.0f s on %s", device, idle_for, node)
-        metrics.DECISIONS.labels("scale-down").inc()
-        self.recorder.emit(
-            cr, "ScaleDown", f"{device} idle for {idle_for:.0f} s on {node}: detaching"
+        node = target_node(cr) if cr else ""
+        d = decide.decide_idle(
+            cr,
+            held=device in self._held_devices(),
+            request_owned=bool(cr and cr["metadata"].get("labels", {}).get(crds.MANAGED_BY)),
+            idle_since=self.last_used.get(device),
+            now=self.mono(),
+            grace=self.idle_grace,
+            on_node=self._on_node(node) if node else 0,
+            floor=decide.node_limit(self.nodes.get("", node), MIN_LABEL) or 0,
         )
-        with contextlib.suppress(errors.KubeNotFound):
-            await self.kube.delete(f"{RESOURCES}/{resource_name(device)}")
+        if d.step == decide.IdleStep.LATER:
+            self.idle.enqueue_after(device, d.after)
+        elif d.step == decide.IdleStep.DRAIN:
+            assert cr is not None
+            await self._drain(device, cr, d.idle_for)
+
+    async def _drain(self, device: str, cr: Obj, idle_for: float) -> None:
+        node = target_node(cr)
+        abort = self._draining[device] = asyncio.Event()
+        deleted = False
+        self.publisher.withhold(device, reason="scale-down")
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                await self.publisher.flush()  # (1) the slices no longer offer it
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settle):
+                    await abort.wait()  # (2) a claim named it while the scheduler caught up
+            if abort.is_set():
+                return
+            started = self.mono()
+            fresh = await self._fresh_claims(started)
+            if device in self._held_devices(fresh):  # (3) the API server says it is taken
+                return
+            logger.info("scale-down: %s idle for %.0f s on %s", device, idle_for, node)
+            metrics.DECISIONS.labels("scale-down").inc()
+            self.recorder.emit(
+                cr, "ScaleDown", f"{device} idle for {idle_for:.0f} s on {node}: detaching"
+            )
+            with contextlib.suppress(errors.KubeNotFound):
+                await self.kube.delete(f"{RESOURCES}/{resource_name(device)}")  # (4)
+            deleted = True
+        finally:
+            self._draining.pop(device, None)
+            if not deleted:
+                self.publisher.release(device, reason="scale-down")
+
+    async def _fresh_claims(self, not_before: float) -> list[Obj]:
+        """Every ResourceClaim, from a LIST that started at or after `not_before` (monotonic):
+        concurrent scale-downs share one LIST instead of each making their own."""
+        async with self._list_lock:
+            started, items = self._listed
+            if started >= not_before:
+                return items
+            started = self.mono()
+            items = []
+            params: dict[str, str | int] = {"limit": 500}
+            while True:
+                page = await self.kube.get(ALL_CLAIMS, **params)
+                items.extend(page.get("items") or [])
+                cont = (page.get("metadata") or {}).get("continue")
+                if not cont:
+                    break
+                params["continue"] = cont
+            self._listed = (started, items)
+            return items
+
+
+__all__ = ["MAX_LABEL", "MIN_LABEL", "Scaler", "claims_path"]

@@ -95,9 +95,11 @@ def with_condition(
     ctype: str,
     reason: str,
     message: str,
+    now: float,
 ) -> dict[str, Any] | None:
     """The claim with `ctype=True` set in exactly our (driver, pool, device) entry of
-    status.devices, other drivers' entries untouched; None if that allocation is gone."""
+    status.devices, other drivers' entries untouched; None if that allocation is gone. `now`:
+    epoch seconds, written as the condition's lastTransitionTime."""
     status = claim.get("status") or {}
     results = ((status.get("allocation") or {}).get("devices") or {}).get("results") or []
     match = next(
@@ -110,13 +112,13 @@ def with_condition(
     )
     if match is None:
         return None
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     condition = {
         "type": ctype,
         "status": "True",
         "reason": reason,
         "message": message[:1000],
-        "lastTransitionTime": now,
+        "lastTransitionTime": stamp,
     }
     devices = [dict(e) for e in status.get("devices") or []]
     for entry in devices:

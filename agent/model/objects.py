@@ -69,3 +69,11 @@ def created_at(obj: Obj) -> float:
 def age_key(obj: Obj) -> tuple[float, str]:
     """Order of precedence between resources naming one device: the older one (then the name)."""
     return (created_at(obj), name_of(obj))
+
+
+def deleted_at(obj: Obj) -> float:
+    """`metadata.deletionTimestamp` as epoch seconds (0 when absent)."""
+    ts = obj["metadata"].get("deletionTimestamp")
+    if not ts:
+        return 0.0
+    return dt.datetime.fromisoformat(str(ts).replace("Z", "+00:00")).timestamp()

@@ -1,0 +1,190 @@
+"""The composer's decisions, as pure functions of the ComposableResources it observes, the fabric's
+inventory and the time: who owns a device, which free device a model-only resource gets, and what
+a resource being deleted must wait for.
+
+The invariant kept here: **one owner per physical GPU**. Of all resources naming one fabric
+device, the oldest (creation time, then name) that was not refused is its owner; any other is
+refused with `DeviceOwned` and, when deleted, never touches the fabric. Claim-made resources are
+named from their device, so two of them can never exist; a second owner can only come from a
+request's model-only choice racing another, or from a person's hand-written resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Set
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from agent.model.fabric import DeviceState, Inventory
+from agent.model.objects import (
+    NODE_READY,
+    NODE_RELEASED,
+    Obj,
+    age_key,
+    condition,
+    deleting,
+    fabric_device,
+    name_of,
+    spec,
+    state,
+)
+
+#: `status.reason` of a resource refused because another resource owns its device.
+DEVICE_OWNED: Final = "DeviceOwned"
+#: `status.reason` of a model-only resource for which no free device existed (retried when one
+#: frees up).
+NO_FREE_DEVICE: Final = "NoFreeDevice"
+
+
+def refused(obj: Obj) -> bool:
+    """The composer refused this resource because another one owns its device."""
+    return state(obj) == "Failed" and (obj.get("status") or {}).get("reason") == DEVICE_OWNED
+
+
+def owner_of(device: str, resources: Iterable[Obj]) -> Obj | None:
+    """The resource that owns `device`: the oldest one naming it that was not refused (being
+    deleted or not: a resource detaching its device still owns it until it is gone)."""
+    named = [o for o in resources if fabric_device(o) == device and not refused(o)]
+    return min(named, key=age_key, default=None)
+
+
+class OwnerCheck(StrEnum):
+    OWNER = "owner"  # this resource owns the device (or names none yet)
+    WAIT = "wait"  # the owner is detaching it: look again once it is gone
+    REFUSE = "refuse"  # another live resource owns it: Failed DeviceOwned
+
+
+def check_owner(obj: Obj, resources: Iterable[Obj]) -> tuple[OwnerCheck, Obj | None]:
+    """May `obj` (not being deleted) attach the device it names? Returns the verdict and the
+    owner when it is another resource."""
+    device = fabric_device(obj)
+    if not device:
+        return OwnerCheck.OWNER, None
+    owner = owner_of(device, resources)
+    if owner is None or name_of(owner) == name_of(obj):
+        return OwnerCheck.OWNER, None
+    if deleting(owner):
+        return OwnerCheck.WAIT, owner
+    return OwnerCheck.REFUSE, owner
+
+
+def taken_devices(resources: Iterable[Obj], *, also: Set[str] = frozenset()) -> set[str]:
+    """Devices no model-only resource may choose: those named by any resource that is not refused
+    (live or detaching), plus `also` (pinned to claims, withheld, chosen but not yet recorded)."""
+    return {d for o in resources if not refused(o) and (d := fabric_device(o))} | set(also)
+
+
+def choose_device(
+    inventory: Inventory | None, *, model: str, machine: str, taken: Set[str]
+) -> str | None:
+    """A free device of `model` on the fabric `machine` is wired to, not in `taken`; the lowest
+    id, so the choice is reproducible. None when there is none (or the fabric is unread)."""
+    if inventory is None:
+        return None
+    fabric = next((m.fabric for m in inventory.machines if m.id == machine), None)
+    if fabric is None:
+        return None
+    for dev in sorted(inventory.devices, key=lambda d: d.id):
+        if (
+            dev.model == model
+            and dev.fabric == fabric
+            and dev.state == DeviceState.FREE
+            and not dev.anonymous
+            and dev.id not in taken
+        ):
+            return str(dev.id)
+    # FTI names no free device: an anonymous slot of the model means the fabric has one to give.
+    for dev in sorted(inventory.devices, key=lambda d: d.id):
+        if (
+            dev.anonymous
+            and dev.model == model
+            and dev.fabric == fabric
+            and dev.state == DeviceState.FREE
+            and dev.id not in taken
+        ):
+            return str(dev.id)
+    return None
+
+
+def free_count(inventory: Inventory | None, *, model: str, machine: str, taken: Set[str]) -> int:
+    """How many devices `choose_device` could still hand out (for retrying NoFreeDevice)."""
+    if inventory is None:
+        return 0
+    fabric = next((m.fabric for m in inventory.machines if m.id == machine), None)
+    return sum(
+        1
+        for d in inventory.devices
+        if d.model == model
+        and d.fabric == fabric
+        and d.state == DeviceState.FREE
+        and d.id not in taken
+    )
+
+
+# --- removal -------------------------------------------------------------------------------------
+
+
+class RemoveStep(StrEnum):
+    DROP = "drop"  # remove our finalizer only: this resource never owned a device
+    WAIT_RELEASE = "wait-release"  # the node must release the device first (NodeReleased)
+    WAIT_NODE_GONE = "wait-node-gone"  # the Node is gone: detach without it after `after` s
+    DETACH = "detach"  # detach through the fabric, then remove the finalizer
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveDecision:
+    step: RemoveStep
+    after: float = 0.0
+    why: str = ""
+
+
+def decide_remove(
+    obj: Obj,
+    resources: Iterable[Obj],
+    *,
+    node_exists: bool,
+    node_missing_since: float | None,
+    now: float,
+    node_gone_grace: float,
+    deleting_for: float = 0.0,
+) -> RemoveDecision:
+    """What a resource being deleted (with our finalizer) must do next.
+
+    `node_missing_since`: monotonic time the composer first saw its Node missing (None when the
+    Node exists); `now`: the same clock; `node_gone_grace`: `--node-gone-grace` in seconds;
+    `deleting_for`: seconds since the resource's deletionTimestamp. A node agent that has not
+    answered at all (no `NodeReleased` condition, True or False) for the grace is taken as gone
+    too; one that answered "busy" (`NodeReleased=False`) is alive and is waited for."""
+    device = fabric_device(obj)
+    if not device or refused(obj):
+        return RemoveDecision(RemoveStep.DROP, why="it never owned a device")
+    owner = owner_of(device, resources)
+    if owner is not None and name_of(owner) != name_of(obj):
+        return RemoveDecision(RemoveStep.DROP, why=f"{device} belongs to {name_of(owner)}")
+    if (
+        not condition(obj, NODE_READY)
+        or condition(obj, NODE_RELEASED)
+        or spec(obj).get("force_detach")
+    ):
+        return RemoveDecision(RemoveStep.DETACH)
+    if node_exists:
+        answered = any(
+            c.get("type") == NODE_RELEASED
+            for c in (obj.get("status") or {}).get("conditions") or []
+        )
+        if answered or deleting_for < node_gone_grace:
+            return RemoveDecision(
+                RemoveStep.WAIT_RELEASE,
+                after=max(0.0, node_gone_grace - deleting_for) if not answered else 0.0,
+            )
+        return RemoveDecision(
+            RemoveStep.DETACH,
+            why=f"its node agent has not answered for {deleting_for:.0f} s: detaching without it",
+        )
+    gone_for = 0.0 if node_missing_since is None else now - node_missing_since
+    if gone_for < node_gone_grace:
+        return RemoveDecision(RemoveStep.WAIT_NODE_GONE, after=node_gone_grace - gone_for)
+    return RemoveDecision(
+        RemoveStep.DETACH, why=f"its node is gone (for {gone_for:.0f} s): detaching without it"
+    )

@@ -1,0 +1,281 @@
+"""The scaler's decisions, as pure functions of what it observed, the limits and the time.
+
+The scaler (`agent.controllers.scaling`) observes claims, ComposableResources, Nodes and the
+fabric's inventory, asks these functions what to do, and does it. Nothing here reads a clock or
+talks to a server, so every branch has a fast test (`tests/unit/test_scaling_decisions.py`).
+
+Times: `now` is epoch seconds where it is compared with a claim's `allocationTimestamp`
+(`decide_bind`), and any monotonic clock where only differences matter (`decide_idle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from agent.model import claims as claimmodel
+from agent.model.fabric import DeviceState, Inventory
+from agent.model.objects import (
+    CLAIM_ANNOTATION,
+    NODE_READY,
+    Obj,
+    condition,
+    deleting,
+    state,
+    target_node,
+)
+
+#: How soon to look again at a claim whose device's resource is being deleted, or before the
+#: first fabric read (seconds).
+RECHECK: Final = 0.2
+
+MAX_LABEL: Final = "cohdi.io/max-devices"
+MIN_LABEL: Final = "cohdi.io/min-devices"
+
+
+class BindStep(StrEnum):
+    WAIT = "wait"  # nothing to do now: look again after `after` seconds
+    CREATE = "create"  # create the device's ComposableResource, then look again after `after`
+    READY = "ready"  # set FabricDeviceReady in the claim's status
+    FAIL = "fail"  # set FabricDeviceFailed, withhold the device (and delete our resource)
+
+
+@dataclass(frozen=True, slots=True)
+class BindDecision:
+    step: BindStep
+    after: float = 0.0
+    reason: str = ""
+    message: str = ""
+    #: FAIL only: the device's resource was made for this claim and is to be deleted (the
+    #: composer detaches whatever was half attached). Never a resource another claim owns.
+    delete_resource: bool = False
+
+
+def claim_ref(b: claimmodel.Binding) -> str:
+    return f"{b.namespace}/{b.claim}"
+
+
+def made_for(resource: Obj, ref: str) -> bool:
+    """The resource was created by the scaler for the claim `<namespace>/<name>`."""
+    return (resource["metadata"].get("annotations") or {}).get(CLAIM_ANNOTATION) == ref
+
+
+def decide_bind(
+    b: claimmodel.Binding,
+    *,
+    device: str | None,
+    inventory_known: bool,
+    resource: Obj | None,
+    room_on_node: bool,
+    now: float,
+    deadline: float,
+) -> BindDecision:
+    """What to do for one allocation waiting for its binding conditions.
+
+    `device`: the fabric device behind (b.pool, b.device), None if unknown; `resource`: the
+    live ComposableResource named from that device, if any; `room_on_node`: the node is below its
+    `cohdi.io/max-devices`; `now`: epoch seconds; `deadline`: the `--claim-deadline` in seconds,
+    counted from the claim's allocationTimestamp.
+    """
+    if device is None:
+        if not inventory_known:
+            return BindDecision(BindStep.WAIT, after=RECHECK)  # not synced with the fabric yet
+        return BindDecision(
+            BindStep.FAIL,
+            reason="UnknownDevice",
+            message=f"device {b.pool}/{b.device} is not in the fabric's inventory any more",
+        )
+    remaining = b.allocated_at + deadline - now if b.allocated_at else deadline
+    ours = resource is not None and made_for(resource, claim_ref(b))
+    if resource is not None and deleting(resource):
+        if remaining <= 0:
+            return _deadline(b, device, deadline, delete=False)
+        return BindDecision(BindStep.WAIT, after=min(RECHECK, remaining))
+    if resource is not None and target_node(resource) != b.node:
+        return BindDecision(
+            BindStep.FAIL,
+            reason="DeviceOnOtherNode",
+            message=f"{device} is composed to {target_node(resource)}, not {b.node}",
+        )
+    if resource is not None and state(resource) == "Failed":
+        st = resource.get("status") or {}
+        return BindDecision(
+            BindStep.FAIL,
+            reason=str(st.get("reason") or "AttachFailed"),
+            message=str(st.get("message") or "the fabric could not attach the device"),
+            delete_resource=ours,
+        )
+    if resource is not None and state(resource) == "Online" and condition(resource, NODE_READY):
+        return BindDecision(BindStep.READY)
+    if remaining <= 0:
+        return _deadline(b, device, deadline, delete=ours)
+    if resource is None:
+        if not room_on_node:
+            return BindDecision(
+                BindStep.FAIL,
+                reason="NodeDeviceLimit",
+                message=f"node {b.node} is at its device maximum",
+            )
+        return BindDecision(BindStep.CREATE, after=remaining)
+    return BindDecision(BindStep.WAIT, after=remaining)  # the deadline check
+
+
+def _deadline(b: claimmodel.Binding, device: str, deadline: float, *, delete: bool) -> BindDecision:
+    return BindDecision(
+        BindStep.FAIL,
+        reason="AttachDeadline",
+        message=f"{device} was not ready on {b.node} within {deadline:.0f} s of allocation",
+        delete_resource=delete,
+    )
+
+
+# --- holding: claims that hold a device that is not on their node ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stranded:
+    """A claim holds `device` on `node` (usable at once, or FabricDeviceReady already set), but the
+    device is neither attached to that node's machine nor being attached there."""
+
+    device: str
+    node: str
+    #: The fabric has the device attached to another machine: it cannot be re-attached here.
+    elsewhere: bool
+
+
+def stranded(
+    claim: Obj,
+    *,
+    driver: str,
+    device_of: Mapping[tuple[str, str], str],
+    inventory: Inventory,
+    machine_of_node: Mapping[str, str],
+    resources: Mapping[str, Obj],
+) -> list[Stranded]:
+    """The devices a claim holds that must be on its node and are not, with no live resource
+    bringing them there. The last line of defence against a scale-down that raced the scheduler:
+    the caller re-attaches them (kubelet retries the prepare until the device is there).
+
+    `device_of`: (pool, device name) → fabric device; `resources`: fabric device → the live
+    ComposableResource naming it. A device whose resource is being deleted is not reported yet
+    (it is reported once the detach is done and the resource gone)."""
+    allocation = (claim.get("status") or {}).get("allocation") or {}
+    node = claimmodel.node_of(allocation)
+    if not node:
+        return []
+    pending = {
+        (b.pool, b.device) for b in claimmodel.bindings(claim, driver) if not b.ready or b.failed
+    }
+    machine = machine_of_node.get(node)
+    out = []
+    for pool, name in sorted(claimmodel.allocated_devices(claim, driver)):
+        if (pool, name) in pending:
+            continue  # still in the scale-up flow (decide_bind's business)
+        device = device_of.get((pool, name))
+        if device is None or device in resources:
+            continue
+        dev = inventory.device(device)
+        if dev is None:
+            continue
+        if dev.state == DeviceState.ATTACHED and dev.machine == machine:
+            continue
+        elsewhere = (
+            dev.machine is not None
+            and dev.machine != machine
+            and dev.state
+            in (
+                DeviceState.ATTACHED,
+                DeviceState.ATTACHING,
+            )
+        )
+        out.append(Stranded(device, node, elsewhere))
+    return out
+
+
+# --- scale down ----------------------------------------------------------------------------------
+
+
+class IdleStep(StrEnum):
+    KEEP = "keep"  # not a candidate (held, owned by a request, not Online, at the node's floor)
+    LATER = "later"  # idle, but not for long enough: look again after `after` seconds
+    DRAIN = "drain"  # withhold it, let it settle, re-check with a fresh read, then detach
+
+
+@dataclass(frozen=True, slots=True)
+class IdleDecision:
+    step: IdleStep
+    after: float = 0.0
+    idle_for: float = 0.0
+    why: str = ""
+
+
+def decide_idle(
+    resource: Obj | None,
+    *,
+    held: bool,
+    request_owned: bool,
+    idle_since: float | None,
+    now: float,
+    grace: float,
+    on_node: int,
+    floor: int,
+) -> IdleDecision:
+    """Whether an attached device is to be scaled down. `idle_since`: when a claim last held it
+    (None: not since this leader started — idle for at least the grace); `on_node`: live
+    resources on its node; `floor`: the node's `cohdi.io/min-devices` (0 when unset)."""
+    if resource is None or deleting(resource) or state(resource) != "Online":
+        return IdleDecision(IdleStep.KEEP, why="not an online resource")
+    if request_owned:
+        return IdleDecision(IdleStep.KEEP, why="kept by a ComposabilityRequest")
+    if held:
+        return IdleDecision(IdleStep.KEEP, why="held by a claim")
+    idle_for = grace if idle_since is None else now - idle_since
+    if idle_for < grace:
+        return IdleDecision(IdleStep.LATER, after=grace - idle_for, idle_for=idle_for)
+    if on_node <= floor:
+        return IdleDecision(IdleStep.KEEP, idle_for=idle_for, why=f"node at its minimum {floor}")
+    return IdleDecision(IdleStep.DRAIN, idle_for=idle_for)
+
+
+def held_devices(
+    claims: Iterable[Obj], driver: str, device_of: Mapping[tuple[str, str], str]
+) -> set[str]:
+    """Fabric devices allocated to any of `claims` (conditions met or not)."""
+    held = set()
+    for claim in claims:
+        for key in claimmodel.allocated_devices(claim, driver):
+            device = device_of.get(key)
+            if device:
+                held.add(device)
+    return held
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+
+def node_limit(node: Obj | None, label: str) -> int | None:
+    """An integer node label (`cohdi.io/max-devices`, `cohdi.io/min-devices`); None when unset or
+    not a non-negative integer."""
+    raw = ((node or {}).get("metadata") or {}).get("labels", {}).get(label)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def full_label(node: Obj | None, on_node: int, full_label_key: str) -> str | bool | None:
+    """The value the node's full label must get: "true" (set it), None (remove it), or False
+    (leave it as it is)."""
+    if node is None:
+        return False
+    cap = node_limit(node, MAX_LABEL)
+    full = cap is not None and on_node >= cap
+    labelled = (node["metadata"].get("labels") or {}).get(full_label_key) == "true"
+    if full == labelled:
+        return False
+    return "true" if full else None
