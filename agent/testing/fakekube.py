@@ -9,47 +9,54 @@ What it models, as kube-apiserver does (facts checked against the integration te
 a real kube-apiserver, and the apiserver's generic registry):
 
 - objects of any resource, stored by REST path: core `/api/v1/...` and
-  `/apis/<group>/<version>/...`, namespaced (`.../namespaces/<ns>/<plural>`) or cluster-scoped;
-  the scope is the one the path names. A collection path without a namespace lists every
-  namespace. Objects are kept per (group, plural): the version in the path only sets `apiVersion`
-  on what is returned;
+  `/apis/<group>/<version>/...`, namespaced (`.../namespaces/<ns>/<plural>`) or cluster-scoped.
+  Well-known plurals have their real scope (`CLUSTER_SCOPED`, `NAMESPACED`: a path of the other
+  scope is 404, a POST to the all-namespace collection 405); others take the scope their path
+  names. A collection path without a namespace lists every namespace. Objects are kept per
+  (group, plural): the version in the path only sets `apiVersion` on what is returned;
 - one global, monotonically increasing resourceVersion (like etcd's revision); `uid`,
   `creationTimestamp`, `generation` (1 on create, +1 when anything but metadata and status
-  changes, and when deletion starts); `generateName`; names must be DNS-1123 subdomains (422);
+  changes, and when deletion starts; kept on every kind); `generateName`; names must be DNS-1123
+  subdomains (422); a create that carries a resourceVersion: 400;
 - create of an existing name: 409 AlreadyExists; PUT with a stale `metadata.resourceVersion`:
-  409 Conflict; PUT without one: unconditional; PUT/PATCH/DELETE of a missing object: 404;
-  a write that changes nothing is a no-op (same resourceVersion, no watch event);
+  409 Conflict; PUT without one: unconditional; a `metadata.uid` other than the stored one: 409;
+  a body whose name (or namespace) is not the URL's: 400; PUT/PATCH/DELETE of a missing object:
+  404; a write that changes nothing is a no-op (same resourceVersion, no watch event);
 - status subresources (`STATUS_SUBRESOURCE`, extendable): PUT/PATCH `<obj>/status` changes only
   `status`; writes to the object itself keep the stored `status`; create drops `status` (except for
   Nodes, which the kubelet registers with a status). Other kinds have no `/status` (404) and their
   writes take `status` as given;
-- JSON merge patch (RFC 7386). A `metadata.resourceVersion` in the patch is a precondition (409 if
-  stale). Strategic merge patch is applied as a merge patch (lists are replaced, `$patch`
-  directives are not understood); JSON patch and server-side apply answer 415;
+- JSON merge patch (RFC 7386); the `metadata.resourceVersion` (and `uid`) a patch carries are
+  preconditions (409 if stale). Strategic merge patch, for built-in kinds only (custom resources
+  answer 415, as they do), is applied as a merge patch: lists are replaced where the real one
+  merges some by key (finalizers, conditions, taints) and `$patch` directives are not understood.
+  JSON patch and server-side apply answer 415;
 - finalizers: DELETE of an object with finalizers sets `deletionTimestamp` (MODIFIED); the write
   that removes the last finalizer deletes it (DELETED, carrying the last stored state, as etcd's
-  watch does). DELETE preconditions (`{"preconditions": {"uid"/"resourceVersion"}}`) give 409;
-- LIST: `fieldSelector` (any dotted path, `=`/`==`/`!=`, comma-separated; the real server only
-  accepts the fields each resource registers — here every path works), `labelSelector` (`=`, `==`,
-  `!=`, `in`, `notin`, `key`, `!key`), `limit`/`continue` over a consistent snapshot (an expired
-  token: 410), `kind: <Kind>List`, `apiVersion`; items of built-in groups come without
-  kind/apiVersion, custom resources with them;
+  watch does); adding a finalizer to an object being deleted: 422. DELETE preconditions
+  (`{"preconditions": {"uid"/"resourceVersion"}}`) give 409;
+- LIST: `fieldSelector` (`=`/`==`/`!=`, comma-separated; on the fields each well-known resource
+  registers, `FIELD_LABELS`, others 400; any dotted path for other plurals, or after
+  `selectable()`), `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, `key`, `!key`),
+  `limit`/`continue` over a consistent snapshot (an expired token: 410), `kind: <Kind>List`,
+  `apiVersion`; items of built-in groups come without kind/apiVersion, custom resources with them;
 - WATCH: events after `resourceVersion` from a bounded history (older: an ERROR event with a 410
   Status, as the watch cache sends); `""`/`"0"` starts with synthetic ADDED events; selectors apply
   with transitions (an object that stops matching is DELETED, one that starts matching ADDED);
   BOOKMARK events every `bookmark_interval` seconds when asked for; `timeoutSeconds` ends it.
 
 Test controls: `fail()`/`hang()` (the next N matching requests fail or stall, before or after the
-write is applied), `down` (every request and open watch fails with KubeUnavailable), `requests`
-and `on_request` (every request seen), `count(verb, resource)`, `admit(plural, hook)` (validation
-or defaulting), `add`/`edit`/`remove` (another writer, such as the scheduler), `compact()` and
-`end_watches()`.
+write is applied), `set_down()` (every request and open watch fails with KubeUnavailable),
+`requests` and `on_request` (every request seen), `count(verb, resource)`, `admit(plural, hook)`
+(validation or defaulting), `add`/`edit`/`remove` (another writer, such as the scheduler or the
+kubelet: no faults, counts or admission), `objects`/`get_obj` (read the store), `compact()`,
+`end_watches()` and `bookmark()`.
 
 Not modeled: namespaces as a precondition of namespaced objects and their cascading deletion,
-garbage collection of ownerReferences, graceful deletion of pods, managedFields and server-side
-apply, OpenAPI/CRD schema validation and defaulting (use `admit`), field selector registration,
-RBAC, `resourceVersionMatch`, `sendInitialEvents`, watches of one object by its path,
-deletecollection.
+garbage collection of ownerReferences, graceful deletion of pods (deleted at once), managedFields
+and server-side apply, OpenAPI/CRD schema validation and defaulting (use `admit`), immutable
+fields, RBAC, `resourceVersionMatch`, `sendInitialEvents`, watches of one object by its path,
+deletecollection, the apiserver's own timeouts and rate limits (inject them with `fail`/`hang`).
 """
 
 from __future__ import annotations
@@ -118,6 +125,91 @@ KINDS: Final = {
     "customresourcedefinitions": "CustomResourceDefinition",
     "deployments": "Deployment",
     "daemonsets": "DaemonSet",
+}
+
+#: Scopes of well-known plurals: a path of the other scope is answered 404 (405 for a POST to an
+#: all-namespace collection), as the server does. Other plurals take the scope their path names.
+CLUSTER_SCOPED: Final = frozenset(
+    {
+        "nodes",
+        "namespaces",
+        "persistentvolumes",
+        "resourceslices",
+        "deviceclasses",
+        "customresourcedefinitions",
+        "composableresources",
+        "composabilityrequests",
+        "clusterroles",
+        "clusterrolebindings",
+        "storageclasses",
+        "priorityclasses",
+    }
+)
+NAMESPACED: Final = frozenset(
+    {
+        "pods",
+        "configmaps",
+        "secrets",
+        "services",
+        "serviceaccounts",
+        "events",
+        "leases",
+        "resourceclaims",
+        "resourceclaimtemplates",
+        "deployments",
+        "daemonsets",
+        "statefulsets",
+        "replicasets",
+        "jobs",
+        "roles",
+        "rolebindings",
+        "persistentvolumeclaims",
+        "endpointslices",
+    }
+)
+
+_META_FIELDS: Final = frozenset({"metadata.name", "metadata.namespace"})
+#: Field selector labels each resource accepts besides metadata.name/namespace (Kubernetes 1.36,
+#: and `selectableFields` of the agent's CRDs); others are refused with 400, as the server does.
+#: Plurals not listed here accept any dotted path (see `FakeKube.selectable`).
+FIELD_LABELS: Final = {
+    "pods": frozenset(
+        {
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.podIPs",
+            "status.nominatedNodeName",
+        }
+    ),
+    "nodes": frozenset({"spec.unschedulable"}),
+    "namespaces": frozenset({"status.phase"}),
+    "secrets": frozenset({"type"}),
+    "events": frozenset(
+        {
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        }
+    ),
+    "resourceslices": frozenset({"spec.driver", "spec.nodeName"}),
+    "resourceclaims": frozenset(),
+    "configmaps": frozenset(),
+    "leases": frozenset(),
+    "composableresources": frozenset({"spec.target_node"}),
+    "composabilityrequests": frozenset(),
 }
 
 _SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -297,14 +389,18 @@ def _field(obj: Obj, dotted: str) -> str:
     return str(cur)
 
 
-def field_matcher(selector: str) -> Callable[[Obj], bool]:
-    """A predicate for a field selector: `a.b=v,c!=w` (also `==`). Raises `ValueError`."""
+def field_matcher(selector: str, allowed: frozenset[str] | None = None) -> Callable[[Obj], bool]:
+    """A predicate for a field selector: `a.b=v,c!=w` (also `==`). Raises `ValueError` for a
+    malformed term or, when `allowed` is given, a field outside it (and metadata.name/namespace)."""
     terms: list[tuple[str, bool, str]] = []
     for raw in filter(None, (t.strip() for t in selector.split(","))):
         m = re.fullmatch(r"([^=!]+?)\s*(==|=|!=)\s*(.*)", raw)
         if m is None:
-            raise ValueError(f"invalid field selector term {raw!r}")
-        terms.append((m[1].strip(), m[2] != "!=", m[3].strip()))
+            raise ValueError(f"invalid field selector: {raw!r}: expected <field>=<value>")
+        field = m[1].strip()
+        if allowed is not None and field not in allowed and field not in _META_FIELDS:
+            raise ValueError(f"field label not supported: {field}")
+        terms.append((field, m[2] != "!=", m[3].strip()))
     return lambda obj: all((_field(obj, f) == v) == eq for f, eq, v in terms)
 
 
@@ -332,7 +428,7 @@ def label_matcher(selector: str) -> Callable[[Obj], bool]:
         elif m := re.fullmatch(r"(!?)\s*([^=!\s()]+)", term):
             reqs.append((m[2], "!" if m[1] else "exists", frozenset()))
         else:
-            raise ValueError(f"invalid label selector term {term!r}")
+            raise ValueError(f"unable to parse requirement: {term!r}")
 
     def holds(labels: dict[str, str], key: str, op: str, values: frozenset[str]) -> bool:
         if op == "exists":
@@ -475,6 +571,7 @@ class FakeKube(Kube):
         self.request_timeout = request_timeout
         self.validate_names = validate_names
         self.status_subresource = set(status_subresource)
+        self._field_labels: dict[str, frozenset[str] | None] = dict(FIELD_LABELS)
         #: While true, every request and open watch fails as if the server were unreachable.
         self.down = False
         #: Every request, in order (bodies as sent).
@@ -538,6 +635,7 @@ class FakeKube(Kube):
         if fault is not None:
             await self._apply_fault(fault, "WATCH", path)
         self._check_up("WATCH", path)
+        self._check_scope(target, "WATCH", path)
         watch = self._open_watch(target, params, path)
         try:
             yield watch
@@ -616,6 +714,11 @@ class FakeKube(Kube):
         """Run `hook` on every CREATE/UPDATE/DELETE of `plural` through the API (not on
         `add`/`edit`/`remove`)."""
         self._admission.setdefault(plural, []).append(hook)
+
+    def selectable(self, plural: str, *fields: str) -> None:
+        """Accept field selectors on `plural` for exactly `fields` (plus metadata.name and
+        metadata.namespace), as a CRD's `selectableFields` does; no fields: accept any path."""
+        self._field_labels[plural] = frozenset(fields) if fields else None
 
     def compact(self) -> None:
         """Forget the watch history: a watch from any resourceVersion older than now gets 410."""
@@ -762,6 +865,7 @@ class FakeKube(Kube):
         body: Any,
         content_type: str,
     ) -> Obj:
+        self._check_scope(target, method, path)
         if verb == "list":
             return self._list(target, params, path)
         if verb == "watch":
@@ -789,9 +893,28 @@ class FakeKube(Kube):
             return self._answer(self._delete(target, body, method, path, admit=True), target)
         _fail(405, f"method {method} not allowed on {path}", method, path)
 
+    def _check_scope(self, target: _Path, method: str, path: str) -> None:
+        """404 for a path of the wrong scope for a well-known plural (405 for a POST to an
+        all-namespace collection of a namespaced one), as the server answers."""
+        if target.plural in CLUSTER_SCOPED and target.namespace:
+            _fail(404, f"the server could not find the requested resource ({path})", method, path)
+        if target.plural in NAMESPACED and not target.namespace and target.name:
+            _fail(404, f"the server could not find the requested resource ({path})", method, path)
+        if target.plural in NAMESPACED and not target.namespace and method == "POST":
+            _fail(
+                405, "the server does not allow this method on the requested resource", method, path
+            )
+
     def _answer(self, result: Obj | None, target: _Path) -> Obj:
+        """A deleted object's answer is a Status (what the server sends for most resources)."""
         if result is None:
-            return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+            return {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "details": {"name": target.name, "group": target.group, "kind": target.plural},
+            }
         return self._present(result, target, listed=False)
 
     def _present(self, obj: Obj, target: _Path, *, listed: bool) -> Obj:
@@ -911,7 +1034,9 @@ class FakeKube(Kube):
                 group=target.group,
                 kind=target.plural,
             )
-        for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
+        if meta.get("resourceVersion"):
+            _fail(400, "resourceVersion should not be set on objects to be created", method, path)
+        for field in ("deletionTimestamp", "deletionGracePeriodSeconds"):
             meta.pop(field, None)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now()
@@ -956,17 +1081,8 @@ class FakeKube(Kube):
 
     def _update(self, target: _Path, body: Obj, method: str, path: str) -> Obj | None:
         old = self._existing(target, method, path)
-        meta = body.get("metadata")
-        if not isinstance(meta, dict) or meta.get("name", target.name) != target.name:
-            _fail(
-                400,
-                "the name of the object does not match the name on the URL",
-                method,
-                path,
-            )
-        rv = meta.get("resourceVersion")
-        if rv and rv != old["metadata"]["resourceVersion"]:
-            self._conflict(target, target.name, method, path)
+        self._check_identity(target, body, method, path)
+        self._preconditions(target, old, body["metadata"], method, path)
         new = self._merge_rules(target, old, body)
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         self._admit(target, "UPDATE", new, _copy(old), method, path)
@@ -975,26 +1091,63 @@ class FakeKube(Kube):
     def _patch(
         self, target: _Path, body: Obj, content_type: str, method: str, path: str
     ) -> Obj | None:
-        if content_type not in (MERGE_PATCH, STRATEGIC_PATCH):
+        accepted = (MERGE_PATCH, STRATEGIC_PATCH) if _builtin(target.group) else (MERGE_PATCH,)
+        if content_type not in accepted:
             _fail(
                 415,
                 f"the body of the request was in an unknown format - accepted media types "
-                f"include: {MERGE_PATCH}, {STRATEGIC_PATCH} (FakeKube; not {content_type})",
+                f"include: {', '.join(accepted)} (FakeKube models these; got {content_type})",
                 method,
                 path,
             )
         old = self._existing(target, method, path)
-        rv = (body.get("metadata") or {}).get("resourceVersion")
-        if rv and rv != old["metadata"]["resourceVersion"]:
-            self._conflict(target, target.name, method, path)
         patched = merge_patch(old, body)
-        patched.setdefault("metadata", {})
-        if patched["metadata"].get("name") != target.name:
-            _fail(422, "metadata.name: the name cannot be changed by a patch", method, path)
+        self._check_identity(target, patched, method, path)
+        self._preconditions(target, old, patched["metadata"], method, path)
         new = self._merge_rules(target, old, patched)
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         self._admit(target, "UPDATE", new, _copy(old), method, path)
         return self._write(target, old, new, method, path)
+
+    def _check_identity(self, target: _Path, body: Obj, method: str, path: str) -> None:
+        """The name (and namespace, if given) in the body must be the URL's: 400 otherwise."""
+        meta = body.get("metadata")
+        if not isinstance(meta, dict):
+            _fail(400, "the object has no metadata", method, path)
+        name = str(meta.get("name") or "")
+        if name != target.name:
+            _fail(
+                400,
+                f"the name of the object ({name}) does not match the name on the URL "
+                f"({target.name})",
+                method,
+                path,
+            )
+        if target.namespace and meta.get("namespace") not in (None, "", target.namespace):
+            _fail(
+                400,
+                "the namespace of the provided object does not match the namespace sent on the "
+                "request",
+                method,
+                path,
+            )
+
+    def _preconditions(
+        self, target: _Path, old: Obj, meta: dict[str, Any], method: str, path: str
+    ) -> None:
+        """A resourceVersion or uid in the written metadata must be the stored one: 409."""
+        if meta.get("uid") and meta["uid"] != old["metadata"]["uid"]:
+            _fail(
+                409,
+                f"Precondition failed: UID in precondition: {meta['uid']}, UID in object meta: "
+                f"{old['metadata']['uid']}",
+                method,
+                path,
+                "Conflict",
+            )
+        rv = meta.get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            self._conflict(target, target.name, method, path)
 
     def _merge_rules(self, target: _Path, old: Obj, body: Obj) -> Obj:
         """The object an update of `target` (object or `/status`) with `body` stores: status
@@ -1036,6 +1189,18 @@ class FakeKube(Kube):
         if new == old:
             return old
         meta = new["metadata"]
+        if old["metadata"].get("deletionTimestamp"):
+            added = set(meta.get("finalizers") or []) - set(old["metadata"].get("finalizers") or [])
+            if added:
+                self._invalid(
+                    target,
+                    str(old.get("kind", "")),
+                    target.name,
+                    "metadata.finalizers: Forbidden: no new finalizers can be added if the object "
+                    f"is being deleted, found new finalizers {sorted(added)}",
+                    method,
+                    path,
+                )
         self._check_name(target, str(new.get("kind", "")), target.name, method, path)
         if _generation_part(new) != _generation_part(old):
             meta["generation"] = int(old["metadata"].get("generation") or 0) + 1
@@ -1104,13 +1269,15 @@ class FakeKube(Kube):
     # --- internals: reads ------------------------------------------------------------------------
 
     def _matcher(
-        self, params: Mapping[str, str | int], method: str, path: str
+        self, target: _Path, params: Mapping[str, str | int], method: str, path: str
     ) -> Callable[[Obj], bool]:
         try:
-            by_field = field_matcher(str(params.get("fieldSelector") or ""))
+            by_field = field_matcher(
+                str(params.get("fieldSelector") or ""), self._field_labels.get(target.plural)
+            )
             by_label = label_matcher(str(params.get("labelSelector") or ""))
         except ValueError as exc:
-            _fail(400, f"unable to parse requirement: {exc}", method, path)
+            _fail(400, str(exc), method, path)
         return lambda obj: by_field(obj) and by_label(obj)
 
     def _matching(self, target: _Path, match: Callable[[Obj], bool]) -> list[Obj]:
@@ -1136,7 +1303,7 @@ class FakeKube(Kube):
                 )
             rv, items = int(token.split(":", 1)[1]), snap
         else:
-            match = self._matcher(params, "GET", path)
+            match = self._matcher(target, params, "GET", path)
             rv, items = (
                 self._rv,
                 [self._present(o, target, listed=True) for o in self._matching(target, match)],
@@ -1177,7 +1344,7 @@ class FakeKube(Kube):
                 "WATCH",
                 path,
             )
-        match = self._matcher(params, "WATCH", path)
+        match = self._matcher(target, params, "WATCH", path)
         timeout = params.get("timeoutSeconds")
         watch = _Watch(
             self,

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 
 from agent import errors
@@ -261,6 +262,9 @@ async def test_field_selectors(fake: FakeKube) -> None:
     assert await names("spec.target_node==n1,metadata.name!=a") == ["c"]
     assert await names("spec.target_node!=n1") == ["b"]
     assert await names("metadata.name=b") == ["b"]
+    with pytest.raises(errors.KubeInvalid, match=r"field label not supported: spec\.missing"):
+        await names("spec.missing=")  # not a selectable field of the CRD: 400, as on a cluster
+    fake.selectable("composableresources")  # any path, from now on
     assert await names("spec.missing=") == ["a", "b", "c"]
     await fake.create("/api/v1/namespaces/other/configmaps", cm("x"))
     await fake.create(CMS, cm("y"))
@@ -595,3 +599,81 @@ async def test_another_writer_emits_events(fake: FakeKube) -> None:
         await _stop(task)
     assert len(fake.objects("resourceclaims")) == 1
     assert fake.objects("composabilityrequests") == []
+
+
+# --- the server's other refusals ------------------------------------------------------------------
+
+
+async def test_wrong_scope_paths_are_refused(fake: FakeKube) -> None:
+    with pytest.raises(errors.KubeInvalid) as exc:  # POST to the all-namespace collection
+        await fake.create("/apis/resource.k8s.io/v1/resourceclaims", {"metadata": {"name": "c"}})
+    assert exc.value.status == 405
+    with pytest.raises(errors.KubeNotFound):
+        await fake.create("/api/v1/namespaces/default/nodes", {"metadata": {"name": "n"}})
+    await fake.create(CLAIMS, {"metadata": {"name": "c"}, "spec": {}})
+    everywhere = await fake.get("/apis/resource.k8s.io/v1/resourceclaims")
+    assert [i["metadata"]["namespace"] for i in everywhere["items"]] == ["default"]
+
+
+async def test_create_with_resource_version_is_bad_request(fake: FakeKube) -> None:
+    with pytest.raises(errors.KubeInvalid, match="resourceVersion should not be set") as exc:
+        await fake.create(CMS, {"metadata": {"name": "a", "resourceVersion": "7"}})
+    assert exc.value.status == 400
+
+
+async def test_put_name_and_uid_must_match(fake: FakeKube) -> None:
+    a = await fake.create(CMS, cm("a"))
+    with pytest.raises(errors.KubeInvalid, match=r"does not match the name on the URL \(a\)"):
+        await fake.replace(f"{CMS}/a", {"metadata": {"name": "b"}, "data": {}})
+    with pytest.raises(errors.KubeInvalid, match="does not match the name on the URL"):
+        await fake.replace(f"{CMS}/a", {"metadata": {}, "data": {}})
+    with pytest.raises(errors.KubeConflict, match="Precondition failed: UID"):
+        await fake.replace(f"{CMS}/a", {"metadata": {"name": "a", "uid": "u"}, "data": {}})
+    with pytest.raises(errors.KubeConflict, match="Precondition failed: UID"):
+        await fake.patch(f"{CMS}/a", {"metadata": {"uid": "u"}})
+    assert fake.get_obj(f"{CMS}/a") == a
+
+
+async def test_strategic_patch_is_refused_for_custom_resources(fake: FakeKube) -> None:
+    await fake.create(RESOURCES, cr("gpu-1"))
+    with pytest.raises(errors.KubeInvalid) as exc:
+        await fake.patch(f"{RESOURCES}/gpu-1", {"spec": {}}, content_type=STRATEGIC_PATCH)
+    assert exc.value.status == 415
+
+
+async def test_no_new_finalizers_while_deleting(fake: FakeKube) -> None:
+    await fake.create(RESOURCES, cr("gpu-1", finalizers=["f/one"]))
+    await fake.delete(f"{RESOURCES}/gpu-1")
+    with pytest.raises(errors.KubeInvalid, match="no new finalizers can be added"):
+        await fake.patch(f"{RESOURCES}/gpu-1", {"metadata": {"finalizers": ["f/one", "f/two"]}})
+
+
+async def test_watch_sees_graceful_deletion(fake: FakeKube) -> None:
+    start = await fake.create(RESOURCES, cr("gpu-1", finalizers=["f/one"]))
+    await fake.delete(f"{RESOURCES}/gpu-1")
+    await fake.patch(f"{RESOURCES}/gpu-1", {"metadata": {"finalizers": []}})
+    params = {"watch": "true", "resourceVersion": start["metadata"]["resourceVersion"]}
+    async with fake.stream(RESOURCES, params=params, read_timeout=5) as body:
+        lines = []
+        async for line in body:
+            lines.append(orjson.loads(line))
+            if len(lines) == 2:
+                break
+    assert [e["type"] for e in lines] == ["MODIFIED", "DELETED"]
+    assert lines[0]["object"]["metadata"]["deletionTimestamp"]
+    # The DELETED event carries the last stored state (finalizers still listed), as etcd's does,
+    # at a resourceVersion of its own.
+    assert lines[1]["object"]["metadata"]["finalizers"] == ["f/one"]
+    assert int(lines[1]["object"]["metadata"]["resourceVersion"]) > int(
+        lines[0]["object"]["metadata"]["resourceVersion"]
+    )
+    assert fake.get_obj(f"{RESOURCES}/gpu-1") is None
+
+
+async def test_lost_reply_after_a_hang(fake: FakeKube) -> None:
+    fake.hang("POST", CMS, seconds=5, after=True)
+    with pytest.raises(errors.KubeUnavailable):
+        await fake.request("POST", CMS, body=cm("a"), timeout=0.05)
+    assert fake.get_obj(f"{CMS}/a") is not None  # the write happened; the answer did not come
+    with pytest.raises(errors.KubeAlreadyExists):  # so a retry meets its own object
+        await fake.create(CMS, cm("a"))
