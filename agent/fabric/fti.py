@@ -31,6 +31,7 @@ import orjson
 
 from agent import errors
 from agent.fabric.credentials import Secret
+from agent.fabric.link import FabricLink, poll
 from agent.fabric.transport import FabricHttp, Reply, check_status
 from agent.model.fabric import (
     DeviceId,
@@ -83,6 +84,8 @@ class FtiFabric:
         self._token: str | None = None
         self._token_exp = 0.0
         self._token_lock = asyncio.Lock()
+        #: Whether the fabric manager answered the watch's last read (readiness, logs).
+        self.link = FabricLink(http.base_url)
 
     # --- token -----------------------------------------------------------------------------------
 
@@ -229,17 +232,22 @@ class FtiFabric:
                 f"GET /machines/{machine}: no single machine in data.machines"
             ) from None
 
-    async def watch(self) -> AsyncIterator[Inventory]:
+    def watch(self) -> AsyncIterator[Inventory]:
+        """The inventory now, then on every change (this API has no ETag: every poll reads the
+        machines and free counts, and a digest of them says whether anything changed). Never
+        raises for an unreachable or refusing fabric manager, the first read included:
+        `self.link` says."""
         last = ""
-        while True:
-            try:
-                inv = await self.inventory()
-                if inv.version != last:
-                    last = inv.version
-                    yield inv
-            except errors.AgentError as exc:
-                logger.warning("FTI poll failed: %s", exc)
-            await asyncio.sleep(self.poll_interval)
+
+        async def read(conditional: bool) -> Inventory | None:
+            nonlocal last
+            inv = await self.inventory()
+            if conditional and inv.version == last:
+                return None
+            last = inv.version
+            return inv
+
+        return poll(read, self.link, self.poll_interval)
 
     # --- writes ----------------------------------------------------------------------------------
 

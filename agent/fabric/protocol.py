@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from agent.fabric.link import FabricLink
 from agent.model.fabric import DeviceId, Inventory, MachineId, PoolDevice
 
 
 class FabricManager(Protocol):
     #: "redfish" or "fti".
     backend: str
+    #: Whether the fabric manager answered the watch's last read (readiness checks read it).
+    link: FabricLink
 
     async def inventory(self) -> Inventory:
         """Machines and pooled devices, read now."""
@@ -39,7 +42,9 @@ class FabricManager(Protocol):
 
     def watch(self) -> AsyncIterator[Inventory]:
         """Yield an inventory now and then every time it changes (push channel if the backend
-        has one, else conditional polling at the configured interval)."""
+        has one, else conditional polling at the configured interval). Never ends and never
+        raises for an unreachable or refusing fabric manager, not even on the first read: it
+        retries, and records the state on `link`."""
         ...
 
     async def close(self) -> None: ...

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent import errors
 from agent.fabric.credentials import Secret
+from agent.fabric.link import FabricLink, poll
 from agent.fabric.transport import FabricHttp, Reply, check_status
 from agent.model.fabric import (
     DeviceId,
@@ -66,15 +67,19 @@ class RedfishFabric:
         self._token: str | None = None
         self._session_uri: str | None = None
         self._login_lock = asyncio.Lock()
+        self._root_links: dict[str, str] = {}
         self._links: dict[str, str] = {}
         self._blocks_etag = ""
         self._last: Inventory | None = None
+        #: Whether the fabric manager answered the watch's last read (readiness, logs).
+        self.link = FabricLink(http.base_url)
 
     # --- session ---------------------------------------------------------------------------------
 
-    async def _discover(self) -> None:
-        if self._links:
-            return
+    async def _discover_root(self) -> dict[str, str]:
+        """The service root's links (no session needed); read once."""
+        if self._root_links:
+            return self._root_links
 
         async def read_root() -> Any:
             reply = await self.http.call("GET", ROOT)
@@ -83,7 +88,7 @@ class RedfishFabric:
 
         root = await self.http.retrying("GET service root", read_root)
         try:
-            self._links = {
+            self._root_links = {
                 "systems": root["Systems"]["@odata.id"],
                 "composition": root["CompositionService"]["@odata.id"],
                 "sessions": (root.get("Links", {}).get("Sessions") or {}).get("@odata.id")
@@ -94,19 +99,33 @@ class RedfishFabric:
                 f"the Redfish service at {self.http.base_url} has no {exc} in its service root: "
                 "it does not offer composition (CompositionService) or systems"
             ) from None
-        comp = await self._get_json(self._links["composition"])
+        return self._root_links
+
+    async def _discover(self) -> None:
+        """Root links, then the composition service's ResourceBlocks link (with a session).
+        Recorded only once complete, so a read that failed half-way is simply read again."""
+        if self._links:
+            return
+        links = await self._discover_root()
+        comp = await self._get_json(links["composition"])
         if comp.get("ServiceEnabled") is False:
-            raise errors.FabricRejected(f"{self._links['composition']}: ServiceEnabled is false")
-        self._links["blocks"] = comp["ResourceBlocks"]["@odata.id"]
+            raise errors.FabricRejected(f"{links['composition']}: ServiceEnabled is false")
+        try:
+            blocks = comp["ResourceBlocks"]["@odata.id"]
+        except (KeyError, TypeError):
+            raise errors.FabricRejected(
+                f"{links['composition']} has no ResourceBlocks collection"
+            ) from None
+        self._links = {**links, "blocks": blocks}
 
     async def _login(self, stale: str | None) -> None:
         async with self._login_lock:
             if self._token is not None and self._token != stale:
                 return  # someone else logged in while we waited
-            await self._discover()
+            links = await self._discover_root()
             reply = await self.http.call(
                 "POST",
-                self._links["sessions"],
+                links["sessions"],
                 json={"UserName": self.user, "Password": self._password.reveal()},
             )
             if reply.status in (400, 401, 403):
@@ -161,11 +180,11 @@ class RedfishFabric:
     # --- reads -----------------------------------------------------------------------------------
 
     async def inventory(self) -> Inventory:
-        inv = await self._read_inventory(conditional=False)
+        inv = await self._read_inventory(False)
         assert inv is not None
         return inv
 
-    async def _read_inventory(self, *, conditional: bool) -> Inventory | None:
+    async def _read_inventory(self, conditional: bool) -> Inventory | None:
         await self._discover()
         path = self._links["blocks"] + "?$expand=.($levels=1)"
 
@@ -211,18 +230,11 @@ class RedfishFabric:
         doc = await self._get_json(f"{self._links['blocks']}/{device}")
         return _device(doc), doc
 
-    async def watch(self) -> AsyncIterator[Inventory]:
-        first = await self.inventory()
-        yield first
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                inv = await self._read_inventory(conditional=True)
-            except errors.AgentError as exc:
-                logger.warning("redfish poll failed: %s", exc)
-                continue
-            if inv is not None:
-                yield inv
+    def watch(self) -> AsyncIterator[Inventory]:
+        """The inventory now, then on every change: a conditional GET of the expanded
+        ResourceBlocks every poll interval (304 while unchanged). Never raises for an
+        unreachable or refusing fabric manager, the first read included: `self.link` says."""
+        return poll(self._read_inventory, self.link, self.poll_interval)
 
     # --- writes ----------------------------------------------------------------------------------
 

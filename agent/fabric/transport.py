@@ -9,12 +9,13 @@ the device before deciding to send again (that is what makes attach idempotent).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import ssl
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,20 @@ from multidict import CIMultiDict
 from agent import errors
 
 logger = logging.getLogger(__name__)
+
+#: Set by the polling watch, which reports reachability itself (one line per change of state):
+#: its retries are logged at debug level instead of one warning each.
+_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("fabric_quiet_retries", default=False)
+
+
+@contextmanager
+def quiet_retries() -> Iterator[None]:
+    """Within this block (this task only), `FabricHttp.retrying` logs its attempts at debug."""
+    token = _quiet.set(True)
+    try:
+        yield
+    finally:
+        _quiet.reset(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +164,8 @@ class FabricHttp:
             except errors.AgentError as exc:
                 if not exc.transient or attempt == self.retries:
                     raise
-                logger.warning(
+                logger.log(
+                    logging.DEBUG if _quiet.get() else logging.WARNING,
                     "%s: %s (attempt %d of %d, next in %.1f s)",
                     what,
                     exc,
