@@ -165,9 +165,15 @@ class ClusterSettings:
     )
     metrics_port: int = setting(
         0,
-        "Serve Prometheus metrics on 127.0.0.1:<port>/metrics; 0 turns it off.",
+        "Serve /metrics (Prometheus), /healthz and /readyz on <--metrics-address>:<port>, for "
+        "every role this process runs; 0 turns them off.",
         minimum=0,
         maximum=65535,
+    )
+    metrics_address: str = setting(
+        "127.0.0.1",
+        "Address the metrics and health endpoints listen on: the pod IP (or 0.0.0.0) lets "
+        "Prometheus and kubelet's probes reach them.",
     )
     workers: int = setting(
         64, "Claims (and resources) worked on in parallel.", minimum=1, maximum=4096
