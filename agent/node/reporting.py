@@ -60,6 +60,8 @@ class NodeReporter:
         self.synthetic = os.path.realpath(cfg.sysfs_root) != "/sys"
         self.synthetic = os.path.realpath(cfg.sysfs_root) != "/sys"
         self._wake = asyncio.Event()
+        #: Set once the first PCI scan has finished (the node role's readiness).
+        self.scanned = asyncio.Event()
         #: (resource name -> monotonic time its function was first seen), for benchmarks
         self.reported: dict[str, float] = {}
         self.events_seen: dict[str, float] = {}
@@ -86,6 +88,7 @@ class NodeReporter:
         )
         self.functions = {f.address: f for f in fns}
         self._rescan_wanted = False
+        self.scanned.set()
 
     # --- main loop -------------------------------------------------------------------------------
 
