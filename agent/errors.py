@@ -9,6 +9,7 @@ fabric, nvml, sysfs, checkpoint, prepare, devcluster). Messages say what was wro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 
@@ -19,6 +20,9 @@ class AgentError(Exception):
     transient: ClassVar[bool] = False
     #: Who is to blame: the operator's configuration, the API server, the fabric manager, ...
     fault: ClassVar[str] = "agent"
+    #: Seconds the server asked us to wait before retrying (HTTP Retry-After on 429/503), if it
+    #: said; retry loops wait at least this long (`agent.backoff.RateLimiter`).
+    retry_after: float | None = None
 
 
 class TransientError(AgentError):
@@ -56,9 +60,21 @@ class KubeError(AgentError):
 
     fault = "kube"
 
-    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 0,
+        reason: str = "",
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
+        #: The answer's HTTP headers (case-insensitive when they came from the server); empty for
+        #: errors without an answer.
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
         super().__init__(message)
 
 
@@ -82,8 +98,15 @@ class KubeAlreadyExists(KubeError, PermanentError):
     """409 on create: the object exists already."""
 
 
+class KubeUnauthorized(KubeError, TransientError):
+    """401: the server did not accept our credentials. Usually a rotated or expired token (a
+    projected service-account token is replaced by the kubelet before it expires): the token is
+    re-read from its file on every request, so a retry sends the new one. If it persists, the
+    kubeconfig's credentials are wrong."""
+
+
 class KubeForbidden(KubeError, PermanentError):
-    """401/403: our credentials or RBAC do not allow this. Fix the ClusterRole or the kubeconfig."""
+    """403: RBAC does not allow this (we are who we say, but may not). Fix the ClusterRole."""
 
 
 class KubeInvalid(KubeError, PermanentError):

@@ -2,27 +2,45 @@
 
 `enqueue(key)` marks a key dirty; a worker takes it, calls `handle(key)`, and if the key was
 marked again meanwhile, handles it again (never two handlers for one key at once, never a lost
-wake-up). A handler that raises a transient error is retried after an exponential per-key
-backoff; a permanent error is logged and dropped until the key is enqueued again by an event.
-Handlers are level-triggered: they read the current state, so coalescing events is safe.
+wake-up). A handler that raises a transient error is retried after the queue's rate limiter says
+so (`agent.backoff.RateLimiter`): the longest of the key's exponential backoff (0.1 s doubling up
+to `backoff_max`, with jitter), the server's Retry-After if the error carries one, and an overall
+token bucket shared by every key of the queue (10 retries a second, bursts of 100, as client-go's
+default controller rate limiter) — so a failure storm over many keys cannot hammer the API server
+or the fabric. A permanent error is logged and dropped until the key is enqueued again by an
+event. Handlers are level-triggered: they read the current state, so coalescing events is safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from agent import errors
+from agent.backoff import Backoff, RateLimiter, TokenBucket, describe, retry_after_of
 
 logger = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 
+#: First retry delay of a key, seconds; it doubles per consecutive failure up to `backoff_max`.
+RETRY_BASE: Final = 0.1
+#: Retries a second over all keys of one queue, and how many may come at once.
+RETRY_RATE: Final = 10.0
+RETRY_BURST: Final = 100
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
 
 class KeyedQueue(Generic[K]):
+    """`enqueue`/`enqueue_after` from event handlers, `await run()` in the component's task group.
+
+    `limiter` replaces the default retry pacing (tests, or a queue that wants its own rate)."""
+
     def __init__(
         self,
         name: str,
@@ -30,17 +48,33 @@ class KeyedQueue(Generic[K]):
         *,
         workers: int = 32,
         backoff_max: float = 30.0,
+        limiter: RateLimiter[K] | None = None,
     ) -> None:
         self.name = name
         self._handle = handle
         self._workers = workers
-        self._backoff_max = backoff_max
+        self._limiter: RateLimiter[K] = limiter or RateLimiter(
+            Backoff(base=min(RETRY_BASE, backoff_max), cap=backoff_max),
+            TokenBucket(rate=RETRY_RATE, burst=RETRY_BURST, clock=_loop_time),
+        )
         self._ready: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
         self._active: set[K] = set()
         self._again: set[K] = set()
-        self._failures: dict[K, int] = {}
         self._timers: dict[K, asyncio.TimerHandle] = {}
+        #: Retries scheduled after transient failures, since the queue was made.
+        self.retries = 0
+
+    @property
+    def depth(self) -> int:
+        """Keys waiting to be handled: queued, marked again while being handled, or waiting on
+        a timer (a retry or `enqueue_after`); each key counted once."""
+        waiting = self._queued | self._again
+        return len(waiting) + sum(1 for key in self._timers if key not in waiting)
+
+    def failures(self, key: K) -> int:
+        """Consecutive transient failures of `key` (0 after a success or `forget`)."""
+        return self._limiter.failures(key)
 
     def enqueue(self, key: K) -> None:
         if key in self._active:
@@ -60,6 +94,15 @@ class KeyedQueue(Generic[K]):
             old.cancel()
         self._timers[key] = loop.call_at(when, self._fire, key)
 
+    def forget(self, key: K) -> None:
+        """Drop what the queue remembers of `key` (its object is gone, say): its failure count,
+        so a next failure starts at the first delay again, and a pending delayed enqueue. A key
+        already queued or being handled still is."""
+        self._limiter.forget(key)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
         self.enqueue(key)
@@ -76,7 +119,7 @@ class KeyedQueue(Generic[K]):
             self._active.add(key)
             try:
                 await self._handle(key)
-                self._failures.pop(key, None)
+                self._limiter.forget(key)
             except asyncio.CancelledError:
                 raise
             except errors.AgentError as exc:
@@ -90,12 +133,19 @@ class KeyedQueue(Generic[K]):
                 self._again.discard(key)
                 self.enqueue(key)
 
-    def _retry(self, key: K, exc: BaseException, *, transient: bool) -> None:
+    def _retry(self, key: K, exc: Exception, *, transient: bool) -> None:
         if not transient:
-            logger.error("%s: %s: %s (not retried until it changes)", self.name, key, exc)
+            self._limiter.forget(key)
+            logger.error("%s: %s: %s (not retried until it changes)", self.name, key, describe(exc))
             return
-        n = self._failures.get(key, 0) + 1
-        self._failures[key] = n
-        delay = min(0.1 * 2 ** (n - 1), self._backoff_max) * random.uniform(0.8, 1.2)  # noqa: S311
-        logger.warning("%s: %s: %s; retry %d in %.1f s", self.name, key, exc, n, delay)
+        delay = self._limiter.when(key, retry_after=retry_after_of(exc))
+        self.retries += 1
+        logger.warning(
+            "%s: %s: %s; retry %d in %.1f s",
+            self.name,
+            key,
+            describe(exc),
+            self._limiter.failures(key),
+            delay,
+        )
         self.enqueue_after(key, delay)
