@@ -47,6 +47,8 @@ a real kube-apiserver, and the apiserver's generic registry):
 
 Test controls: `fail()`/`hang()` (the next N matching requests fail or stall, before or after the
 write is applied), `set_down()` (every request and open watch fails with KubeUnavailable),
+`stalled` (open watches go silent until their read timeout), `client()` (another client of the
+same server, e.g. a second replica, with its own faults and counts),
 `requests` and `on_request` (every request seen), `count(verb, resource)`, `admit(plural, hook)`
 (validation or defaulting), `add`/`edit`/`remove` (another writer, such as the scheduler or the
 kubelet: no faults, counts or admission), `objects`/`get_obj` (read the store), `compact()`,
@@ -468,14 +470,18 @@ class _Watch:
         *,
         bookmarks: bool,
         timeout: float | None,
+        read_timeout: float,
+        path: str,
     ) -> None:
-        self._fake = fake
+        self.owner = fake
         self._target = target
+        self._path = path
+        self._read_timeout = read_timeout
         self._match = match
         self._bookmarks = bookmarks
         self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
-        self._last_bookmark = asyncio.get_running_loop().time()
+        self._last_bookmark = self._last_sent = asyncio.get_running_loop().time()
         self.closed = False
 
     def push_line(self, line: bytes) -> None:
@@ -508,7 +514,7 @@ class _Watch:
                 return None
         elif not now:
             return None
-        obj = self._fake._present(change.obj, self._target, listed=False)
+        obj = self.owner._present(change.obj, self._target, listed=False)
         return orjson.dumps({"type": etype, "object": obj}) + b"\n"
 
     def __aiter__(self) -> _Watch:
@@ -517,33 +523,68 @@ class _Watch:
     async def __anext__(self) -> bytes:
         loop = asyncio.get_running_loop()
         while True:
-            if self.closed:
+            now = loop.time()
+            if self.closed or (self._deadline is not None and now >= self._deadline):
+                self.closed = True
                 raise StopAsyncIteration
-            wait: float | None = None
-            if self._bookmarks:
-                wait = max(0.0, self._last_bookmark + self._fake.bookmark_interval - loop.time())
+            silent_until = self._last_sent + self._read_timeout
+            if now >= silent_until:
+                self.closed = True
+                raise errors.KubeUnavailable(
+                    f"WATCH {self._path}: {self.owner.host} sent nothing for {self._read_timeout} s"
+                )
+            if self.owner.stalled:  # a silent connection: nothing arrives, not even the end
+                await asyncio.sleep(min(0.05, silent_until - now))
+                continue
+            wake = [silent_until]
             if self._deadline is not None:
-                left = max(0.0, self._deadline - loop.time())
-                wait = left if wait is None else min(wait, left)
+                wake.append(self._deadline)
+            if self._bookmarks:
+                wake.append(self._last_bookmark + self.owner.bookmark_interval)
             try:
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(max(0.0, min(wake) - now)):
                     item = await self._queue.get()
             except TimeoutError:
-                if self._deadline is not None and loop.time() >= self._deadline:
-                    self.closed = True
-                    raise StopAsyncIteration from None
-                self._last_bookmark = loop.time()
-                return self._fake._bookmark_line(self._target)
+                now = loop.time()
+                if self._bookmarks and now >= self._last_bookmark + self.owner.bookmark_interval:
+                    self._last_bookmark = self._last_sent = now
+                    return self.owner._bookmark_line(self._target)
+                continue
             if item is None:
                 self.closed = True
                 raise StopAsyncIteration
             if isinstance(item, BaseException):
                 self.closed = True
                 raise item
+            self._last_sent = loop.time()
             return item
 
 
 # --- the fake server -----------------------------------------------------------------------------
+
+
+class _Versions:
+    """The server's resourceVersion counter, shared by every client of one fake server."""
+
+    def __init__(self) -> None:
+        self.rv = 0
+        #: Every change with a resourceVersion above this is in the watch history.
+        self.floor = 0
+
+
+#: FakeKube attributes that make up the server; clients made by `FakeKube.client()` share them.
+_SHARED: Final = (
+    "_server",
+    "status_subresource",
+    "_field_labels",
+    "_admission",
+    "_store",
+    "_kinds",
+    "_history",
+    "_watches",
+    "_snapshots",
+    "_tokens",
+)
 
 
 class FakeKube(Kube):
@@ -574,6 +615,9 @@ class FakeKube(Kube):
         self._field_labels: dict[str, frozenset[str] | None] = dict(FIELD_LABELS)
         #: While true, every request and open watch fails as if the server were unreachable.
         self.down = False
+        #: While true, this client's open watches receive nothing (a silent connection): after
+        #: the stream's `read_timeout` they fail with KubeUnavailable, as the real client's do.
+        self.stalled = False
         #: Every request, in order (bodies as sent).
         self.requests: list[Request] = []
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -582,9 +626,8 @@ class FakeKube(Kube):
         self._admission: dict[str, list[Admission]] = {}
         self._store: dict[ResKey, dict[ObjKey, Obj]] = {}
         self._kinds: dict[ResKey, str] = {}
-        self._rv = 0
+        self._server = _Versions()
         self._history: deque[_Change] = deque(maxlen=max(1, history))
-        self._floor = 0  # every change with rv > floor is in the history
         self._watches: set[_Watch] = set()
         self._snapshots: dict[str, list[Obj]] = {}
         self._tokens = itertools.count(1)
@@ -619,8 +662,7 @@ class FakeKube(Kube):
                 return await self._serve(method, path, verb, target, params, body, content_type)
         except TimeoutError as exc:
             raise errors.KubeUnavailable(
-                f"{method} {path}: cannot reach the API server at {self.host}: TimeoutError: "
-                f"no answer within {limit} s"
+                f"{method} {path}: no answer from the API server at {self.host} within {limit} s"
             ) from exc
 
     @asynccontextmanager
@@ -636,7 +678,7 @@ class FakeKube(Kube):
             await self._apply_fault(fault, "WATCH", path)
         self._check_up("WATCH", path)
         self._check_scope(target, "WATCH", path)
-        watch = self._open_watch(target, params, path)
+        watch = self._open_watch(target, params, path, read_timeout)
         try:
             yield watch
         finally:
@@ -690,11 +732,25 @@ class FakeKube(Kube):
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    def client(self) -> FakeKube:
+        """Another client of the same server, such as a second replica or the scheduler: it has
+        its own faults, `down` switch, request log and counts, and shares the objects, the
+        resourceVersion, the watch history, admission hooks and selectable fields."""
+        other = FakeKube(
+            bookmark_interval=self.bookmark_interval,
+            request_timeout=self.request_timeout,
+            validate_names=self.validate_names,
+        )
+        for name in _SHARED:
+            setattr(other, name, getattr(self, name))
+        return other
+
     def set_down(self, down: bool = True) -> None:
-        """Take the server down (every request fails, open watches break) or bring it back."""
+        """Cut this client off the server (every request fails, its open watches break), or
+        reconnect it. Other clients of the server (`client()`) are not affected."""
         self.down = down
         if down:
-            for watch in list(self._watches):
+            for watch in [w for w in self._watches if w.owner is self]:
                 watch.end(errors.KubeUnavailable(f"WATCH: connection to {self.host} failed: reset"))
 
     def on_request(self, observer: Callable[[Request], None]) -> None:
@@ -723,11 +779,12 @@ class FakeKube(Kube):
     def compact(self) -> None:
         """Forget the watch history: a watch from any resourceVersion older than now gets 410."""
         self._history.clear()
-        self._floor = self._rv
+        self._server.floor = self._server.rv
         self._snapshots.clear()
 
     def end_watches(self) -> None:
-        """End every open watch cleanly, as a server-side timeout or an apiserver restart does."""
+        """End every open watch (of every client) cleanly, as a server-side timeout or an
+        apiserver restart does."""
         for watch in list(self._watches):
             watch.end()
 
@@ -739,7 +796,7 @@ class FakeKube(Kube):
 
     @property
     def resource_version(self) -> str:
-        return str(self._rv)
+        return str(self._server.rv)
 
     @property
     def open_watches(self) -> int:
@@ -955,12 +1012,12 @@ class FakeKube(Kube):
     # --- internals: writes -----------------------------------------------------------------------
 
     def _bump(self) -> int:
-        self._rv += 1
-        return self._rv
+        self._server.rv += 1
+        return self._server.rv
 
     def _record(self, change: _Change) -> None:
         if len(self._history) == self._history.maxlen:
-            self._floor = self._history[0].rv
+            self._server.floor = self._history[0].rv
         self._history.append(change)
         for watch in list(self._watches):
             watch.offer(change)
@@ -1044,7 +1101,7 @@ class FakeKube(Kube):
         meta["resourceVersion"] = str(self._bump())
         self._kinds.setdefault(target.res, str(kind))
         objs[key] = body
-        self._record(_Change(self._rv, "ADDED", target.res, _copy(body), None))
+        self._record(_Change(self._server.rv, "ADDED", target.res, _copy(body), None))
         return body
 
     def _invalid(
@@ -1209,11 +1266,11 @@ class FakeKube(Kube):
             gone = _copy(old)
             gone["metadata"]["resourceVersion"] = str(self._bump())
             del self._store[target.res][key]
-            self._record(_Change(self._rv, "DELETED", target.res, gone, None))
+            self._record(_Change(self._server.rv, "DELETED", target.res, gone, None))
             return gone
         meta["resourceVersion"] = str(self._bump())
         self._store[target.res][key] = new
-        self._record(_Change(self._rv, "MODIFIED", target.res, _copy(new), _copy(old)))
+        self._record(_Change(self._server.rv, "MODIFIED", target.res, _copy(new), _copy(old)))
         return new
 
     def _delete(
@@ -1258,12 +1315,12 @@ class FakeKube(Kube):
             new["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
             new["metadata"]["resourceVersion"] = str(self._bump())
             self._store[target.res][key] = new
-            self._record(_Change(self._rv, "MODIFIED", target.res, _copy(new), _copy(old)))
+            self._record(_Change(self._server.rv, "MODIFIED", target.res, _copy(new), _copy(old)))
             return new
         gone = _copy(old)
         gone["metadata"]["resourceVersion"] = str(self._bump())
         del self._store[target.res][key]
-        self._record(_Change(self._rv, "DELETED", target.res, gone, None))
+        self._record(_Change(self._server.rv, "DELETED", target.res, gone, None))
         return None
 
     # --- internals: reads ------------------------------------------------------------------------
@@ -1305,7 +1362,7 @@ class FakeKube(Kube):
         else:
             match = self._matcher(target, params, "GET", path)
             rv, items = (
-                self._rv,
+                self._server.rv,
                 [self._present(o, target, listed=True) for o in self._matching(target, match)],
             )
         limit = int(params.get("limit") or 0)
@@ -1332,11 +1389,13 @@ class FakeKube(Kube):
         obj = {
             "kind": self._kind(target),
             "apiVersion": target.api_version,
-            "metadata": {"resourceVersion": str(self._rv)},
+            "metadata": {"resourceVersion": str(self._server.rv)},
         }
         return orjson.dumps({"type": "BOOKMARK", "object": obj}) + b"\n"
 
-    def _open_watch(self, target: _Path, params: Mapping[str, str | int], path: str) -> _Watch:
+    def _open_watch(
+        self, target: _Path, params: Mapping[str, str | int], path: str, read_timeout: float
+    ) -> _Watch:
         if target.name:
             _fail(
                 400,
@@ -1352,6 +1411,8 @@ class FakeKube(Kube):
             match,
             bookmarks=str(params.get("allowWatchBookmarks", "")).lower() == "true",
             timeout=float(timeout) if timeout not in (None, "", 0, "0") else None,
+            read_timeout=read_timeout,
+            path=path,
         )
         rv_param = str(params.get("resourceVersion") or "")
         if rv_param in ("", "0"):
@@ -1364,11 +1425,11 @@ class FakeKube(Kube):
                 )
         else:
             since = int(rv_param)
-            if since < self._floor:
+            if since < self._server.floor:
                 status = orjson.loads(
                     _status_body(
                         410,
-                        f"too old resource version: {since} ({self._floor + 1})",
+                        f"too old resource version: {since} ({self._server.floor + 1})",
                         "Expired",
                     )
                 )

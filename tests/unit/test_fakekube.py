@@ -538,7 +538,7 @@ async def test_injected_failures(fake: FakeKube) -> None:
 
 async def test_hang_past_the_timeout_is_unavailable(fake: FakeKube) -> None:
     fake.hang("GET", CMS, seconds=5)
-    with pytest.raises(errors.KubeUnavailable, match="TimeoutError"):
+    with pytest.raises(errors.KubeUnavailable, match="no answer"):
         await fake.request("GET", f"{CMS}/a", timeout=0.05)
 
 
@@ -677,3 +677,81 @@ async def test_lost_reply_after_a_hang(fake: FakeKube) -> None:
     assert fake.get_obj(f"{CMS}/a") is not None  # the write happened; the answer did not come
     with pytest.raises(errors.KubeAlreadyExists):  # so a retry meets its own object
         await fake.create(CMS, cm("a"))
+
+
+# --- several clients of one server ----------------------------------------------------------------
+
+
+async def test_clients_share_the_server_not_the_faults(fake: FakeKube) -> None:
+    other = fake.client()
+    await other.create(CMS, cm("a"))
+    assert fake.get_obj(f"{CMS}/a") is not None
+    fake.set_down()
+    assert (await other.get(f"{CMS}/a"))["metadata"]["name"] == "a"  # only `fake` is cut off
+    with pytest.raises(errors.KubeUnavailable):
+        await fake.get(f"{CMS}/a")
+    fake.set_down(False)
+    other.fail("GET", CMS, status=500)
+    await fake.get(f"{CMS}/a")  # the other's fault is its own
+    assert other.count("create", "configmaps") == 1
+    assert fake.count("create", "configmaps") == 0
+    a_rv = int(fake.get_obj(f"{CMS}/a")["metadata"]["resourceVersion"])  # type: ignore[index]
+    b = await fake.create(CMS, cm("b"))
+    assert int(b["metadata"]["resourceVersion"]) > a_rv  # one resourceVersion sequence
+
+
+async def test_leader_fails_over_when_cut_off(fake: FakeKube) -> None:
+    order: list[str] = []
+
+    def elector(identity: str, kube: FakeKube) -> LeaderElector:
+        return LeaderElector(
+            kube,
+            namespace="kube-system",
+            name="cohdi",
+            identity=identity,
+            lease_duration=1.0,
+            renew_deadline=0.6,
+            retry_period=0.1,
+        )
+
+    def work(identity: str) -> Any:
+        async def lead() -> None:
+            order.append(f"{identity} starts")
+            try:
+                await asyncio.Event().wait()
+            finally:
+                order.append(f"{identity} stops")
+
+        return lead
+
+    a_kube, b_kube = fake, fake.client()
+    a, b = elector("a", a_kube), elector("b", b_kube)
+    a_task = asyncio.create_task(a.run(work("a")))
+    await asyncio.wait_for(a.leading.wait(), 10)
+    b_task = asyncio.create_task(b.run(work("b")))
+    try:
+        await until(lambda: _async(b_kube.count("get", "leases") >= 3), what="b campaigning")
+        assert not b.is_leader
+        a_kube.set_down()  # a can no longer renew; b must wait out the lease before taking it
+        await asyncio.wait_for(b.leading.wait(), 20)
+        assert order == ["a starts", "a stops", "b starts"]
+        lease = fake.get_obj(f"{LEASES}/cohdi")
+        assert lease is not None
+        assert lease["spec"]["holderIdentity"] == "b"
+        assert lease["spec"]["leaseTransitions"] == 1
+    finally:
+        for task in (a_task, b_task):
+            task.cancel()
+        await asyncio.gather(a_task, b_task, return_exceptions=True)
+
+
+async def test_stalled_watch_fails_after_the_read_timeout(fake: FakeKube) -> None:
+    fake.stalled = True
+    await fake.create(CMS, cm("a"))
+
+    async def read_all() -> list[bytes]:
+        async with fake.stream(CMS, params={"watch": "true"}, read_timeout=0.2) as body:
+            return [line async for line in body]
+
+    with pytest.raises(errors.KubeUnavailable, match=r"sent nothing for 0\.2 s"):
+        await read_all()
