@@ -5,10 +5,13 @@ The rules that make "at no instant do two replicas act" hold:
 - A candidate takes a Lease held by someone else only after it has *observed the same record* for
   a full `lease_duration` on its own monotonic clock (wall clocks of different machines never
   meet), or when the holder released it (empty holderIdentity).
-- The leader counts its deadline from the moment it *sent* its last successful renewal, and
-  cancels its work — and waits for the work to finish — once `renew_deadline` has passed without a
-  renewal. Any in-flight renewal is cut off at that deadline too. Since renew_deadline is below
-  lease_duration, the old leader has stopped before a candidate may start.
+- The leader counts its deadline from the moment it *sent* its last successful write of the Lease
+  — every one alike: creating it, taking it over, renewing it, or taking back the Lease that still
+  names us after an outage — and cancels its work (and waits for the work to finish) once
+  `renew_deadline` has passed without another. Any in-flight renewal is cut off at that deadline
+  too, and an acquisition attempt is cut off after `renew_deadline`, so a term never starts with
+  its deadline already behind it. Since renew_deadline is below lease_duration, the old leader has
+  stopped before a candidate may start.
 - Updates carry the resourceVersion they read, so two candidates racing for a free Lease cannot both
   win: the loser gets 409 and tries again later.
 - On shutdown the leader cancels its work, then releases the Lease (empty holder, duration 1 s), so
@@ -25,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from agent import errors
+from agent.backoff import FailureStreak, describe
 from agent.kube.client import Kube, Obj, path_of
 
 logger = logging.getLogger(__name__)
@@ -73,6 +77,12 @@ class LeaderElector:
         self._observed_spec: dict[str, Any] | None = None
         self._observed_at = 0.0
         self._lease: Obj | None = None
+        #: When the last successful write of the Lease (any kind) was sent; the term ends at
+        #: `_written_at + renew_deadline` unless another write succeeds.
+        self._written_at = 0.0
+        #: The last read showed another holder: if we thought we led, we do not any more.
+        self._taken_by_other = False
+        self._outage = FailureStreak(clock)
         self.is_leader = False
         #: Set while leading; tests and health checks read it.
         self.leading = asyncio.Event()
@@ -86,42 +96,65 @@ class LeaderElector:
             await self._lead(lead)
 
     async def _acquire(self) -> None:
+        """Return once we hold the Lease with a term that has not yet run out."""
         while True:
             try:
-                if await self._try_acquire_or_renew():
+                async with asyncio.timeout(self.renew_deadline):
+                    acquired = await self._try_acquire_or_renew()
+            except (TimeoutError, errors.AgentError) as exc:
+                self._campaign_failed(exc)
+            else:
+                took = self._outage.succeed()
+                if took is not None:
+                    logger.info(
+                        "lease %s/%s: the API server answers again after %.1f s",
+                        self.namespace,
+                        self.name,
+                        took,
+                    )
+                if acquired:
                     logger.info(
                         "became leader", extra={"lease": self.name, "identity": self.identity}
                     )
                     return
-            except errors.AgentError as exc:
-                logger.warning("cannot acquire lease %s/%s: %s", self.namespace, self.name, exc)
             await asyncio.sleep(self.retry_period)
 
+    def _campaign_failed(self, exc: BaseException) -> None:
+        """One line when the failures start (or change kind), DEBUG while they repeat."""
+        loud = self._outage.fail(exc)
+        logger.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "cannot acquire lease %s/%s: %s%s",
+            self.namespace,
+            self.name,
+            describe(exc, timeout=self.renew_deadline),
+            f"; retrying every {self.retry_period:g} s" if loud else "",
+        )
+
     async def _lead(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        last_renew_sent = self._acquired_sent_at
         self.is_leader = True
         self.leading.set()
         work = asyncio.create_task(lead(), name=f"leader-work:{self.name}")
         try:
             while True:
-                sleeper = asyncio.create_task(asyncio.sleep(self.retry_period))
+                deadline = self._written_at + self.renew_deadline
+                # Renew every retry period, and never later than the deadline itself.
+                pause = max(0.0, min(self.retry_period, deadline - self._clock()))
+                sleeper = asyncio.create_task(asyncio.sleep(pause))
                 done, _ = await asyncio.wait({work, sleeper}, return_when=asyncio.FIRST_COMPLETED)
                 if work in done:
                     sleeper.cancel()
                     await self._release()
                     work.result()  # propagate the work's exception, if any
                     return
-                deadline = last_renew_sent + self.renew_deadline
-                sent = self._clock()
+                limit = max(0.0, deadline - self._clock())
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - sent)):
+                    async with asyncio.timeout(limit):
                         renewed = await self._try_acquire_or_renew()
                 except (TimeoutError, errors.AgentError) as exc:
-                    logger.warning("lease renewal failed: %s", exc or "timed out")
+                    logger.warning("lease renewal failed: %s", describe(exc, timeout=limit))
                     renewed = False
-                if renewed:
-                    last_renew_sent = sent
-                elif self._taken_by_other or self._clock() >= deadline:
+                if not renewed and (self._taken_by_other or self._clock() >= deadline):
                     logger.error(
                         "lost leadership (%s); stopping the cluster role",
                         "the Lease has another holder"
@@ -141,10 +174,14 @@ class LeaderElector:
             self.leading.clear()
 
     async def _try_acquire_or_renew(self) -> bool:
-        now_sent = self._clock()
+        """One attempt to create, take over or renew the Lease. True when our write succeeded;
+        then `_written_at` is the moment the attempt started (before its first request), which
+        is no later than the renewTime the server stored, whoever held the Lease before."""
+        sent = self._clock()
         try:
             lease = await self.kube.get(f"{self._path}/{self.name}")
         except errors.KubeNotFound:
+            self._taken_by_other = False
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -152,10 +189,9 @@ class LeaderElector:
                 "spec": self._spec(transitions=0, acquire=True),
             }
             try:
-                self._remember(await self.kube.create(self._path, body), now_sent)
+                self._remember(await self.kube.create(self._path, body), sent)
             except errors.KubeAlreadyExists:
                 return False
-            self._acquired_sent_at = now_sent
             return True
         spec = lease.get("spec", {})
         if spec != self._observed_spec:
@@ -170,16 +206,10 @@ class LeaderElector:
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if ours else 1)
         lease["spec"] = {**spec, **self._spec(transitions=transitions, acquire=not ours)}
         try:
-            self._remember(await self.kube.replace(f"{self._path}/{self.name}", lease), now_sent)
+            self._remember(await self.kube.replace(f"{self._path}/{self.name}", lease), sent)
         except errors.KubeConflict:
             return False
-        if not ours:
-            self._acquired_sent_at = now_sent
         return True
-
-    _acquired_sent_at = 0.0
-    #: The last read showed another holder: if we thought we led, we do not any more.
-    _taken_by_other = False
 
     def _spec(self, *, transitions: int, acquire: bool) -> dict[str, Any]:
         now = _micro_time()
@@ -193,29 +223,43 @@ class LeaderElector:
             spec["acquireTime"] = now
         return spec
 
-    def _remember(self, lease: Obj, at: float) -> None:
+    def _remember(self, lease: Obj, sent: float) -> None:
+        """Our write of `lease`, sent at `sent`, succeeded: a new (or longer) term."""
         self._lease = lease
         self._observed_spec = lease.get("spec", {})
-        self._observed_at = at
+        self._observed_at = sent
+        self._written_at = sent
 
     async def _release(self) -> None:
         """Hand the Lease back so a successor need not wait out the lease duration."""
         if self._lease is None:
             return
         try:
-            lease = await self.kube.get(f"{self._path}/{self.name}")
-            if lease.get("spec", {}).get("holderIdentity") != self.identity:
-                return
-            lease["spec"] = {
-                **lease["spec"],
-                "holderIdentity": "",
-                "leaseDurationSeconds": 1,
-                "renewTime": _micro_time(),
-            }
-            await self.kube.replace(f"{self._path}/{self.name}", lease)
-            logger.info("released lease", extra={"lease": self.name, "identity": self.identity})
+            async with asyncio.timeout(self.renew_deadline):
+                await self._hand_back()
+        except TimeoutError:
+            logger.warning(
+                "could not release lease %s: no answer within %.1f s (it expires by itself)",
+                self.name,
+                self.renew_deadline,
+            )
         except errors.AgentError as exc:
-            logger.warning("could not release lease %s: %s (it expires by itself)", self.name, exc)
+            logger.warning(
+                "could not release lease %s: %s (it expires by itself)", self.name, describe(exc)
+            )
+
+    async def _hand_back(self) -> None:
+        lease = await self.kube.get(f"{self._path}/{self.name}")
+        if lease.get("spec", {}).get("holderIdentity") != self.identity:
+            return
+        lease["spec"] = {
+            **lease["spec"],
+            "holderIdentity": "",
+            "leaseDurationSeconds": 1,
+            "renewTime": _micro_time(),
+        }
+        await self.kube.replace(f"{self._path}/{self.name}", lease)
+        logger.info("released lease", extra={"lease": self.name, "identity": self.identity})
 
 
 async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:

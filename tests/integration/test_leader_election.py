@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -141,6 +144,43 @@ async def test_partitioned_leader_stops_before_successor_starts(
             await _stop(ta)
             await proxy.close()
     timeline.assert_no_overlap()
+
+
+async def test_apiserver_stopped_past_the_renew_deadline_costs_one_term(
+    control_plane: ControlPlane, kube: Kube, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kube-apiserver frozen (SIGSTOP) for longer than the renew deadline, then resumed: the
+    leader stops acting once, takes its Lease back once, and then leads quietly. (It used to
+    re-acquire with its first term's timer and lose and regain leadership every retry period.)"""
+    caplog.set_level(logging.INFO, logger="agent.kube.leasing")
+    lease = f"le-{uuid.uuid4().hex[:6]}"
+    timeline = Timeline()
+    task = asyncio.create_task(elector(kube, lease, "a").run(timeline.worker("a")))
+    apiserver = control_plane.pids()["kube-apiserver"]
+    try:
+        await until(lambda: _is(timeline, "a"), what="a to lead")
+        os.kill(apiserver, signal.SIGSTOP)
+        try:
+            await until(lambda: _none(timeline), what="a to stop acting", timeout=DURATION * 3)
+            await asyncio.sleep(DURATION)  # frozen for RENEW + DURATION in all
+        finally:
+            os.kill(apiserver, signal.SIGCONT)
+        await until(lambda: _is(timeline, "a"), what="a to lead again", timeout=60)
+        await asyncio.sleep(4 * DURATION)  # 48 retry periods
+    finally:
+        await _stop(task)
+    records = [r.getMessage() for r in caplog.records]
+    became = [m for m in records if "became leader" in m]
+    lost = [m for m in records if "lost leadership" in m]
+    failed = [m for m in records if "lease renewal failed" in m]
+    print(f"\nbecame leader x{len(became)}, lost leadership x{len(lost)}; failures: {failed}")
+    assert (len(became), len(lost)) == (2, 1)
+    assert len(timeline.intervals) == 2  # the first term, and the second one ended by _stop
+    assert all(m.split("failed:", 1)[1].strip() for m in failed), failed
+
+
+async def _none(timeline: Timeline) -> bool:
+    return not timeline.leaders_now()
 
 
 async def _some(timeline: Timeline) -> bool:
