@@ -3,7 +3,13 @@
 Field names and states follow CoHDI's Composable Resource Operator, so existing manifests apply
 unchanged. Our additions, all optional: ComposableResource `spec.fabric_device` (the exact pool
 device; CoHDI lets the fabric pick by model), `status.state: Failed` with `reason`, `message`,
-`machine`, `pci_address`, `conditions` (NodeReady / NodeReleased written by the node role).
+`machine`, `pci_address`, `conditions` (NodeReady / NodeReleased written by the node role);
+ComposabilityRequest `status.state: Failed` and `status.conditions` (Ready / Refused / Degraded,
+see `agent.model.requests`).
+
+One tightening: ComposabilityRequest `spec.resource.size` has a `maximum` of 1024
+(`agent.model.requests.SIZE_LIMIT`); CoHDI's CRD has none, and `size: 1000000` made its operator
+create ComposableResources without end. The agent's own, lower limit is `--request-max-size`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from agent.kube.resources import FINALIZER, GROUP, MANAGED_BY, VERSION
+from agent.model.requests import SIZE_LIMIT
 
 __all__ = ["FINALIZER", "GROUP", "MANAGED_BY", "VERSION"]
 
@@ -138,7 +145,12 @@ def composability_request() -> dict[str, Any]:
         "properties": {
             "type": _TYPE,
             "model": {"type": "string", "minLength": 1},
-            "size": {**_INT0, "description": "How many devices of the model to keep attached."},
+            "size": {
+                **_INT0,
+                "maximum": SIZE_LIMIT,
+                "description": "How many devices of the model to keep attached (at most "
+                f"{SIZE_LIMIT}; the agent refuses more than its --request-max-size).",
+            },
             "force_detach": {"type": "boolean"},
             "allocation_policy": {
                 "type": "string",
@@ -175,6 +187,7 @@ def composability_request() -> dict[str, Any]:
             "error": {"type": "string"},
             "resources": {"type": "object", "additionalProperties": member},
             "scalarResource": resource,
+            "conditions": _conditions(),
         },
     }
     columns = [
@@ -182,6 +195,11 @@ def composability_request() -> dict[str, Any]:
         {"name": "Size", "type": "integer", "jsonPath": ".spec.resource.size"},
         {"name": "Node", "type": "string", "jsonPath": ".spec.resource.target_node"},
         {"name": "State", "type": "string", "jsonPath": ".status.state"},
+        {
+            "name": "Ready",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     schema = {
