@@ -67,6 +67,7 @@ import asyncio
 import base64
 import dataclasses
 import datetime as dt
+import inspect
 import itertools
 import random
 import re
@@ -74,7 +75,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar, cast
 
 import orjson
 
@@ -342,11 +343,24 @@ def _status_body(status: int, message: str, reason: str = "", **details: Any) ->
 
 
 def _fail(
-    status: int, message: str, method: str, path: str, reason: str = "", **kw: Any
+    status: int,
+    message: str,
+    method: str,
+    path: str,
+    reason: str = "",
+    headers: Mapping[str, str] | None = None,
+    **details: Any,
 ) -> NoReturn:
-    """Raise what the real client raises for this answer (never returns)."""
-    _raise_for(status, _status_body(status, message, reason, **kw), method, path)
+    """Raise what the real client raises for this answer (never returns). `headers` reach
+    `_raise_for` where it takes them (it reads Retry-After from them)."""
+    raw = _status_body(status, message, reason, **details)
+    if headers and _RAISE_TAKES_HEADERS:
+        cast(Any, _raise_for)(status, raw, method, path, headers)
+    _raise_for(status, raw, method, path)
     raise AssertionError("unreachable")  # pragma: no cover -- _raise_for always raises
+
+
+_RAISE_TAKES_HEADERS: Final = len(inspect.signature(_raise_for).parameters) >= 5
 
 
 def _copy(obj: _T) -> _T:
@@ -635,8 +649,9 @@ class FakeKube(Kube):
     # --- Kube interface --------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """End every open watch; the store stays readable."""
-        self.end_watches()
+        """End this client's open watches; the server and its other clients stay usable."""
+        for watch in [w for w in self._watches if w.owner is self]:
+            watch.end()
 
     async def request(
         self,
@@ -701,8 +716,9 @@ class FakeKube(Kube):
     ) -> None:
         """Make the next `times` requests whose method is `method` ("*": any; WATCH for watches)
         and whose path starts with `path` fail with `status`. `after=True`: the write is applied
-        first and only the answer fails (a lost reply). `retry_after` goes into the Status
-        details as the server sends it with 429/503."""
+        first and only the answer fails (a lost reply). `retry_after` (seconds) is sent as the
+        server sends it with 429/503: a Retry-After header and the Status's
+        `details.retryAfterSeconds`."""
         self._faults.append(
             _Fault(
                 method.upper(),
@@ -881,14 +897,17 @@ class FakeKube(Kube):
             await asyncio.sleep(fault.delay)
         if fault.status:
             details: dict[str, Any] = {}
-            if fault.retry_after is not None:
+            headers: dict[str, str] = {}
+            if fault.retry_after is not None:  # the server sends both
                 details["retryAfterSeconds"] = fault.retry_after
+                headers["Retry-After"] = str(fault.retry_after)
             _fail(
                 fault.status,
                 fault.message or f"injected failure ({fault.status})",
                 method,
                 path,
                 fault.reason,
+                headers,
                 **details,
             )
 
