@@ -190,7 +190,8 @@ class PrepareError(AgentError):
 
 
 class DevClusterError(PermanentError):
-    """Building or starting the local etcd / kube-apiserver / kube-scheduler failed."""
+    """Building or starting the local etcd / kube-apiserver / kube-scheduler failed, or building
+    the simulated servers' stub NVML library (no C compiler, a compile error)."""
 
     fault = "devcluster"
 

@@ -13,27 +13,42 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import errors
 from agent.files import write_atomic
 
 SOURCE = Path(__file__).with_name("stub_nvml.c")
 
 
 def build(cache_dir: Path) -> Path:
-    """Compile (once per source version) and return the path of the stub libnvidia-ml.so.1."""
+    """Compile (once per source version) and return the path of the stub libnvidia-ml.so.1:
+    `<cache_dir>/stub-nvml-<sha256 of the source, 12 hex>/libnvidia-ml.so.1`. Concurrent builds
+    are safe (each compiles into its own temporary name, then renames). Raises
+    errors.DevClusterError when there is no C compiler or the compile fails."""
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     out = cache_dir / f"stub-nvml-{digest}" / "libnvidia-ml.so.1"
     if out.exists():
         return out
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise RuntimeError("no C compiler (cc) to build the stub NVML library")
+        raise errors.DevClusterError(
+            "no C compiler (cc or gcc on PATH) to build the simulated servers' stub NVML library"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent)) / "libnvidia-ml.so.1"
-    subprocess.run(
-        [cc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)], check=True
-    )
-    os.replace(tmp, out)
-    shutil.rmtree(tmp.parent, ignore_errors=True)
+    try:
+        done = subprocess.run(
+            [cc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise errors.DevClusterError(
+                f"compiling {SOURCE} with {cc} failed ({done.returncode}): {done.stderr.strip()}"
+            )
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
     return out
 
 
