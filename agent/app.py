@@ -9,10 +9,16 @@ import platform
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from agent import KUBERNETES_VERSION, __version__, errors, settings
+from agent import KUBERNETES_VERSION, __version__, errors, health, settings, supervision
 from agent.devcluster import local
+
+if TYPE_CHECKING:  # imported where used: `version` and `manifests` start without them
+    from agent.controllers.running import ClusterRole
+    from agent.fabric.protocol import FabricManager
+    from agent.kube.client import Kube
+    from agent.node.reporting import NodeReporter
 
 
 def version() -> int:
@@ -133,9 +139,16 @@ def crds_names() -> str:
 
 
 async def run(cfg: settings.Settings) -> int:
-    """`cohdi-agent run`: the roles this process was given, until SIGTERM/Ctrl-C."""
+    """`cohdi-agent run`: the roles this process was given, until SIGTERM/Ctrl-C.
+
+    Each role is a supervised unit (agent.supervision): a role that fails is logged, counted
+    (`cohdi_role_restarts_total{role}`, `cohdi_role_up{role}`), shown in `/readyz` and restarted
+    with backoff, and the other role goes on. Settings that are wrong exit before anything starts
+    (ConfigError, exit status 2). SIGTERM cancels everything: the cluster role releases its Lease,
+    the node role removes its plugin sockets."""
     import signal
 
+    from agent.fabric.backends import open_fabric
     from agent.kube.client import Kube
 
     roles = {r.strip() for r in cfg.cluster.roles.split(",") if r.strip()}
@@ -145,98 +158,170 @@ async def run(cfg: settings.Settings) -> int:
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    fabric = open_fabric(cfg.fabric) if "cluster" in roles else None  # bad settings exit here
+    board = health.Health()
     try:
-        async with (
-            await Kube.connect(
-                kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
-            ) as kube,
-            asyncio.TaskGroup() as tg,
-        ):
+        async with await Kube.connect(
+            kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
+        ) as kube:
+            units: dict[str, _Role] = {}
             if "node" in roles:
-                tg.create_task(_node_role(kube, cfg), name="node-role")
-            if "cluster" in roles:
-                tg.create_task(_cluster_role(kube, cfg), name="cluster-role")
+                units["node"] = _NodeRole(kube, cfg)
+            if fabric is not None:
+                units["cluster"] = _ClusterRole(kube, cfg, fabric)
+            await run_roles(units, board, cfg)
     except asyncio.CancelledError:
         return 0
-    except ExceptionGroup as group:  # one role failed: report its error, not the group
-        first = group.exceptions[0]
-        while isinstance(first, ExceptionGroup):
-            first = first.exceptions[0]
-        raise first from group
+    finally:
+        if fabric is not None:
+            await fabric.close()
     return 0
 
 
-async def _cluster_role(kube: Any, cfg: settings.Settings) -> None:
-    """The cluster role under leader election; only the Lease holder acts."""
-    from agent.controllers import running
-    from agent.fabric.backends import open_fabric
-    from agent.kube.leasing import LeaderElector
+class _Role(Protocol):
+    async def run(self) -> None: ...
 
-    fabric = open_fabric(cfg.fabric)
-    elector = LeaderElector(
-        kube,
-        namespace=cfg.leader.namespace,
-        name=cfg.leader.name,
-        identity=cfg.identity,
-        lease_duration=cfg.leader.duration,
-        renew_deadline=cfg.leader.renew_deadline,
-        retry_period=cfg.leader.retry_period,
-    )
-    metrics_server = await _serve_metrics(cfg.cluster.metrics_port)
+    def not_ready(self) -> list[str]:
+        """Why the role is not ready while it runs, one reason a line; empty when ready."""
+        ...
 
-    async def lead() -> None:
-        await running.build(kube, fabric, cfg, identity=cfg.identity).run()
 
+#: How a failed role is restarted: fast at first (a crash in a role is a bug or an unmapped
+#: error), slowly for a permanent error (a corrupt checkpoint, RBAC) an operator has to fix.
+ROLE_POLICY = supervision.Policy(
+    first=1.0, ceiling=60.0, permanent_first=30.0, permanent_ceiling=300.0, settle=30.0
+)
+
+
+async def run_roles(
+    units: dict[str, _Role],
+    board: health.Health,
+    cfg: settings.Settings,
+    *,
+    policy: supervision.Policy = ROLE_POLICY,
+) -> None:
+    """Run each role as a supervised unit until cancelled, with a readiness check per role on
+    `board` and the health endpoints served when --metrics-port is set. Returns only when
+    cancelled (as CancelledError)."""
+    supervisor = supervision.Supervisor("role", policy=policy)
+
+    def check(name: str, unit: _Role) -> health.Check:
+        def reasons() -> list[str]:
+            problem = supervisor.problems().get(name)
+            if problem is not None:
+                return [problem]
+            state = supervisor.units.get(name)
+            if state is None or not state.running:
+                return ["not started"]
+            return unit.not_ready()
+
+        return reasons
+
+    for name, unit in units.items():
+        board.add(name, check(name, unit))
+    server = None
+    if cfg.cluster.metrics_port:
+        address = cfg.cluster.metrics_address
+        try:
+            server = await health.serve(board, address=address, port=cfg.cluster.metrics_port)
+        except OSError as exc:
+            raise errors.ConfigError(
+                "--metrics-address/--metrics-port",
+                f"{address}:{cfg.cluster.metrics_port}",
+                f"cannot be listened on: {exc}",
+            ) from exc
     try:
-        await elector.run(lead)
+        await supervisor.run({name: unit.run for name, unit in units.items()})
     finally:
-        if metrics_server is not None:
-            await metrics_server.cleanup()
-        await fabric.close()
+        if server is not None:
+            await server.cleanup()
 
 
-async def _node_role(kube: Any, cfg: settings.Settings) -> None:
-    """The node reporter (hot-plug, report, safe removal) and the DRA kubelet plugin."""
-    import socket
+class _ClusterRole:
+    """The cluster role under leader election; only the Lease holder acts. Ready while its
+    campaign runs: a standby replica always, the leader once its informers have synced and the
+    fabric manager answers (and no loop of it is failing)."""
 
-    from agent.node.plugin import KubeletPlugin
-    from agent.node.reporting import NodeReporter
+    def __init__(self, kube: Kube, cfg: settings.Settings, fabric: FabricManager) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self.fabric = fabric
+        self.campaigning = False
+        self.term: ClusterRole | None = None
 
-    node = cfg.node.name or os.environ.get("NODE_NAME") or socket.gethostname()
-    reporter = NodeReporter(kube, cfg.node, node=node)
-    plugin = KubeletPlugin(
-        kube,
-        driver=cfg.cluster.driver,
-        kubelet_dir=Path(cfg.node.kubelet_dir),
-        cdi_dir=Path(cfg.node.cdi_dir),
-        reporter=reporter,
-    )
-    await plugin.start()
-    try:
-        await reporter.run()
-    finally:
-        await plugin.stop()
+    async def run(self) -> None:
+        from agent.controllers import running
+        from agent.kube.leasing import LeaderElector
 
-
-async def _serve_metrics(port: int) -> Any:
-    if not port:
-        return None
-    from aiohttp import web
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from agent.controllers.metrics import REGISTRY
-
-    async def handler(_request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        cfg = self.cfg
+        elector = LeaderElector(
+            self.kube,
+            namespace=cfg.leader.namespace,
+            name=cfg.leader.name,
+            identity=cfg.identity,
+            lease_duration=cfg.leader.duration,
+            renew_deadline=cfg.leader.renew_deadline,
+            retry_period=cfg.leader.retry_period,
         )
 
-    app = web.Application()
-    app.router.add_get("/metrics", handler)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+        async def lead() -> None:
+            self.term = term = running.build(self.kube, self.fabric, cfg, identity=cfg.identity)
+            try:
+                await term.run()
+            finally:
+                self.term = None
+
+        self.campaigning = True
+        try:
+            await elector.run(lead)
+        finally:
+            self.campaigning = False
+
+    def not_ready(self) -> list[str]:
+        if not self.campaigning:
+            return ["Lease campaign not running"]
+        return [] if self.term is None else self.term.not_ready()
+
+
+class _NodeRole:
+    """The node reporter (hot-plug, report, safe removal) and the DRA kubelet plugin. Ready once
+    the plugin serves its sockets and the first PCI scan has finished."""
+
+    def __init__(self, kube: Kube, cfg: settings.Settings) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self.reporter: NodeReporter | None = None
+        self.serving = False
+
+    async def run(self) -> None:
+        import socket
+
+        from agent.node.plugin import KubeletPlugin
+        from agent.node.reporting import NodeReporter
+
+        cfg = self.cfg
+        node = cfg.node.name or os.environ.get("NODE_NAME") or socket.gethostname()
+        self.reporter = reporter = NodeReporter(self.kube, cfg.node, node=node)
+        plugin = KubeletPlugin(
+            self.kube,
+            driver=cfg.cluster.driver,
+            kubelet_dir=Path(cfg.node.kubelet_dir),
+            cdi_dir=Path(cfg.node.cdi_dir),
+            reporter=reporter,
+        )
+        try:
+            await plugin.start()
+            self.serving = True
+            await reporter.run()
+        finally:  # also after a failed start: whatever socket it made goes
+            self.serving = False
+            await plugin.stop()
+
+    def not_ready(self) -> list[str]:
+        reasons = [] if self.serving else ["kubelet plugin not serving"]
+        if self.reporter is None or not self.reporter.scanned.is_set():
+            reasons.append("first PCI scan not done")
+        return reasons
 
 
 async def demo(

@@ -1,10 +1,14 @@
-"""Prometheus metrics of the cluster role: decisions, attach latency, failures, publication."""
+"""Prometheus metrics of the cluster role: decisions, attach latency, failures, publication.
+They live in the process's one registry (`agent.health.REGISTRY`, re-exported here), beside the
+supervision metrics of both roles."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Counter, Histogram
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+from agent.health import REGISTRY
+
+__all__ = ["ATTACH_SECONDS", "DECISIONS", "FAILURES", "READY_SECONDS", "REGISTRY", "SLICE_WRITES"]
 
 DECISIONS = Counter(
     "cohdi_decisions_total", "Decisions taken by the cluster role.", ["kind"], registry=REGISTRY

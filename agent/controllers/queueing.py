@@ -121,6 +121,11 @@ class KeyedQueue(Generic[K]):
                 await self._handle(key)
                 self._limiter.forget(key)
             except asyncio.CancelledError:
+                # Stopped mid-handle (a supervised loop restarting): a later run() handles the
+                # key again instead of losing it until its next event.
+                self._active.discard(key)
+                self._again.discard(key)
+                self.enqueue(key)
                 raise
             except errors.AgentError as exc:
                 self._retry(key, exc, transient=exc.transient)

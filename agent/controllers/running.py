@@ -1,12 +1,14 @@
 """The cluster role, as the leader runs it: informers, the fabric watch, the publisher, the scaler,
-the composer and the event recorder in one TaskGroup. Cancelling it (lost Lease, shutdown) stops
-all of them; any one crashing stops all of them (and the process supervisor restarts us)."""
+the composer, the requester and the event recorder, each a supervised loop (agent.supervision):
+one that fails is logged, counted (`cohdi_loop_restarts_total{loop,error}`) and restarted with
+backoff while the others go on. Only cancelling `run()` — the Lease lost, or shutdown — stops
+them all."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from agent import settings
 from agent.controllers.composing import Composer
@@ -18,6 +20,7 @@ from agent.kube.client import Kube
 from agent.kube.eventing import Recorder
 from agent.kube.resources import REQUESTS, RESOURCES
 from agent.kube.watching import Informer
+from agent.supervision import Policy, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -33,26 +36,63 @@ class ClusterRole:
     recorder: Recorder
     informers: list[Informer]
     fabric: FabricManager
+    supervisor: Supervisor = field(default_factory=lambda: Supervisor("loop"))
+
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """Loop name -> how to (re)start it. Restarting a loop reuses its object: queues, caches
+        and informer stores survive, so a restart resumes rather than starts over."""
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            f"informer:{inf.name}": inf.run for inf in self.informers
+        }
+        loops |= {
+            "fabric-watch": self._watch_fabric,
+            "publisher": self._publish,
+            "scaler": self.scaler.run,
+            "composer": self.composer.run,
+            "requester": self.requester.run,
+            "events": self.recorder.run,
+        }
+        return loops
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for inf in self.informers:
-                tg.create_task(inf.run(), name=f"informer:{inf.name}")
-            tg.create_task(self._watch_fabric(), name="fabric-watch")
-            tg.create_task(self.publisher.run(), name="publisher")
-            tg.create_task(self.scaler.run(), name="scaler")
-            tg.create_task(self.composer.run(), name="composer")
-            tg.create_task(self.requester.run(), name="requester")
-            tg.create_task(self.recorder.run(), name="events")
+        """Run every loop until cancelled; never returns or raises on a loop's behalf."""
+        await self.supervisor.run(self.loops())
+
+    def not_ready(self) -> list[str]:
+        """Why this term is not ready, one reason a line: an informer not synced yet, the fabric
+        manager unreachable, publishing failing (the DRA feature gates off, RBAC, an API server
+        that times out), a loop failed and not settled again. Empty when ready."""
+        reasons = [
+            f"informer {inf.name} not synced" for inf in self.informers if not inf.synced.is_set()
+        ]
+        if (why := self.fabric.link.reason) is not None:
+            reasons.append(why)
+        if self.publisher.error:
+            reasons.append(f"publishing failed: {self.publisher.error}")
+        reasons += [f"loop {name}: {why}" for name, why in self.supervisor.problems().items()]
+        return reasons
 
     async def _watch_fabric(self) -> None:
         async for inventory in self.fabric.watch():
             self.publisher.update_inventory(inventory)
 
+    async def _publish(self) -> None:
+        # A restart after a failed write must write again: the change that failed was already
+        # taken off the publisher's dirty flag.
+        self.publisher.changed()
+        await self.publisher.run()
+
 
 def build(
-    kube: Kube, fabric: FabricManager, cfg: settings.Settings, *, identity: str
+    kube: Kube,
+    fabric: FabricManager,
+    cfg: settings.Settings,
+    *,
+    identity: str,
+    policy: Policy | None = None,
 ) -> ClusterRole:
+    """The parts of one leadership term, wired together; `policy` sets how failed loops are
+    restarted (the default: agent.supervision.Policy)."""
     c, k = cfg.cluster, cfg.kube
 
     def informer(path: str, name: str, field_selector: str = "") -> Informer:
@@ -110,4 +150,5 @@ def build(
         recorder,
         [claims, slices, nodes, resources, requests],
         fabric,
+        Supervisor("loop", policy=policy),
     )

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from agent import errors
+from agent.backoff import FailureStreak
 from agent.fabric.transport import quiet_retries
 from agent.model.fabric import Inventory
 
@@ -32,9 +32,8 @@ class FabricLink:
         self.url = url
         self.up: bool | None = None
         self.error = "not read yet"
-        self.since = time.monotonic()
-        self._kind = ""
         self._transient = True
+        self._streak = FailureStreak()
 
     @property
     def reason(self) -> str | None:
@@ -49,23 +48,16 @@ class FabricLink:
         return "unreachable" if self._transient else "refuses us"
 
     def reached(self) -> None:
-        if self.up is False:
-            logger.info(
-                "fabric manager at %s reachable again after %.0f s",
-                self.url,
-                time.monotonic() - self.since,
-            )
+        down_for = self._streak.succeed()
+        if down_for is not None:
+            logger.info("fabric manager at %s reachable again after %.0f s", self.url, down_for)
         elif self.up is None:
             logger.info("fabric manager at %s reachable", self.url)
-        if not self.up:
-            self.since = time.monotonic()
-        self.up, self.error, self._kind = True, "", ""
+        self.up, self.error = True, ""
 
     def lost(self, exc: errors.AgentError) -> None:
-        kind = type(exc).__name__
-        self.error = str(exc)
-        self._transient = exc.transient
-        if self.up is not False or kind != self._kind:
+        self.up, self.error, self._transient = False, str(exc), exc.transient
+        if self._streak.fail(exc):  # the first failure, or another kind of failure
             logger.warning(
                 "fabric manager at %s %s: %s (retrying %s; logged again only when this changes)",
                 self.url,
@@ -73,9 +65,6 @@ class FabricLink:
                 exc,
                 "every poll" if exc.transient else f"every {PERMANENT_RETRY:.0f} s",
             )
-        if self.up is not False:
-            self.since = time.monotonic()
-        self.up, self._kind = False, kind
 
 
 async def poll(

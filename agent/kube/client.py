@@ -1,25 +1,31 @@
 """A raw-JSON Kubernetes API client over one aiohttp session.
 
-kubernetes-asyncio loads the configuration (kubeconfig with certs, tokens, exec/OIDC providers, or
-the in-cluster service account with token refresh); requests go through our own aiohttp session
-and orjson, because the hot paths (watches of claims and slices, pool publication) want raw dicts
-and fast JSON rather than generated model objects. All HTTP failures are mapped to
-`agent.errors.Kube*` here, and only here (`_raise_for`).
+Our own loader (`agent.kube.config`) reads kubeconfigs with certificates and tokens and the
+in-cluster service account; kubernetes-asyncio loads only kubeconfigs with exec plugins or auth
+providers. Requests go through our own aiohttp session and orjson, because the hot paths (watches
+of claims and slices, pool publication) want raw dicts and fast JSON rather than generated model
+objects. The Authorization header is asked for per request, so a rotated token file is read again
+on the next request (a retry after 401 sends the new token). All HTTP failures are mapped to
+`agent.errors.Kube*` here, and only here (`_raise_for`), keeping the answer's headers and its
+Retry-After.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 
 from agent import errors
+from agent.backoff import parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +48,12 @@ class Kube:
         auth: Any,
         request_timeout: float,
         server_hostname: str | None = None,
+        on_unauthorized: Callable[[], None] | None = None,
     ) -> None:
         self.host = host.rstrip("/")
         self._auth = auth  # -> the Authorization header value, asked per request (tokens rotate)
+        #: Told of every 401, so credentials that are cached (exec plugins) are loaded afresh.
+        self._on_unauthorized = on_unauthorized
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._server_hostname = server_hostname
         self._session = aiohttp.ClientSession(
@@ -77,12 +86,7 @@ class Kube:
         from kubernetes_asyncio.client import Configuration
 
         cfg = Configuration()
-        try:
-            await kconfig.load_kube_config(config_file=path, client_configuration=cfg)
-        except (kconfig.ConfigException, OSError, ValueError) as exc:
-            raise errors.KubeConfigError(
-                f"cannot load Kubernetes credentials from {path}: {exc}; pass --kubeconfig"
-            ) from exc
+        await _load_kubeconfig(kconfig, path, cfg)
         ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
         if cfg.cert_file:
             ctx.load_cert_chain(cfg.cert_file, keyfile=cfg.key_file)
@@ -91,9 +95,16 @@ class Kube:
                 "the kubeconfig sets insecure-skip-tls-verify; cohdi-agent always verifies the API "
                 "server: give the cluster's CA (certificate-authority) instead"
             )
+        # The plugin's credential is loaded once and kept; after a 401 (it expired, or was
+        # revoked) the whole kubeconfig is loaded again, which runs the plugin again.
+        stale = asyncio.Event()
 
         async def auth() -> str | None:
-            token: str | None = await cfg.get_api_key_with_prefix("authorization")
+            if stale.is_set():
+                stale.clear()
+                await _load_kubeconfig(kconfig, path, cfg)
+            # kubernetes-asyncio keeps "Bearer <token>" under the BearerToken key.
+            token: str | None = await cfg.get_api_key_with_prefix("BearerToken")
             return token
 
         return cls(
@@ -102,6 +113,7 @@ class Kube:
             auth=auth,
             request_timeout=request_timeout,
             server_hostname=cfg.tls_server_name,
+            on_unauthorized=stale.set,
         )
 
     async def close(self) -> None:
@@ -150,13 +162,25 @@ class Kube:
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 300:
-                    _raise_for(resp.status, raw, method, path)
+                    self._fail(resp.status, raw, method, path, resp.headers)
                 return orjson.loads(raw) if raw else {}
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except TimeoutError as exc:
+            raise errors.KubeUnavailable(
+                f"{method} {path}: no answer from the API server at {self.host} within "
+                f"{tmo.total} s"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
             raise errors.KubeUnavailable(
                 f"{method} {path}: cannot reach the API server at {self.host}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+    def _fail(
+        self, status: int, raw: bytes, method: str, path: str, headers: Mapping[str, str]
+    ) -> NoReturn:
+        if status == 401 and self._on_unauthorized is not None:
+            self._on_unauthorized()
+        _raise_for(status, raw, method, path, headers)
 
     async def get(self, path: str, **params: str | int) -> Obj:
         return await self.request("GET", path, params=params or None)
@@ -192,41 +216,89 @@ class Kube:
                 server_hostname=self._server_hostname,
             ) as resp:
                 if resp.status >= 300:
-                    _raise_for(resp.status, await resp.read(), "WATCH", path)
+                    self._fail(resp.status, await resp.read(), "WATCH", path, resp.headers)
                 yield resp.content
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except TimeoutError as exc:
+            raise errors.KubeUnavailable(
+                f"WATCH {path}: {self.host} sent nothing for {read_timeout} s (or did not "
+                f"connect within {self._timeout.total} s)"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
             raise errors.KubeUnavailable(
                 f"WATCH {path}: connection to {self.host} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
 
-def _raise_for(status: int, raw: bytes, method: str, path: str) -> None:
+async def _load_kubeconfig(kconfig: Any, path: str, cfg: Any) -> None:
+    """kubernetes-asyncio's loader into `cfg`, its errors mapped to `KubeConfigError`."""
+    try:
+        await kconfig.load_kube_config(config_file=path, client_configuration=cfg)
+    except (kconfig.ConfigException, OSError, ValueError) as exc:
+        raise errors.KubeConfigError(
+            f"cannot load Kubernetes credentials from {path}: {exc}; pass --kubeconfig"
+        ) from exc
+
+
+def _raise_for(
+    status: int,
+    raw: bytes,
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+) -> NoReturn:
     """Map an HTTP error answer to the error tree. The server's Status message is kept verbatim
-    (it names the field and the rule); non-JSON bodies are truncated."""
+    (it names the field and the rule); non-JSON bodies are truncated. The headers travel on the
+    error; on 429 and 5xx the wait the server asks for (the `Retry-After` header, else the
+    Status's `details.retryAfterSeconds`) becomes `retry_after`. 401 is transient (a token that
+    rotated is re-read on the retry), 403 permanent (RBAC)."""
+    details: dict[str, Any] = {}
     try:
         doc = orjson.loads(raw)
         message = str(doc.get("message") or doc)
         reason = str(doc.get("reason") or "")
+        details = doc.get("details") or {}
     except (orjson.JSONDecodeError, AttributeError):
         message = raw[:300].decode(errors="replace")
         reason = ""
     text = f"{method} {path}: {status} {reason or 'error'}: {message}"
+    kept = CIMultiDict(headers) if headers is not None else CIMultiDict()
     cls: type[errors.KubeError]
+    retry_after: float | None = None
     if status == 404:
         cls = errors.KubeNotFound
     elif status == 409:
         cls = errors.KubeAlreadyExists if reason == "AlreadyExists" else errors.KubeConflict
     elif status == 410:
         cls = errors.KubeGone
-    elif status in (401, 403):
+    elif status == 401:
+        cls = errors.KubeUnauthorized
+        text += (
+            " (the token is re-read on the next request; if this persists, check the credentials)"
+        )
+    elif status == 403:
         cls = errors.KubeForbidden
     elif status in (400, 422):
         cls = errors.KubeInvalid
     elif status == 429 or status >= 500:
         cls = errors.KubeUnavailable
+        retry_after = parse_retry_after(kept.get("Retry-After"))
+        if retry_after is None and isinstance(details, dict):
+            retry_after = _seconds(details.get("retryAfterSeconds"))
+        if retry_after is not None:
+            text += f" (the server asks to retry after {retry_after:g} s)"
     else:
         cls = errors.KubeInvalid
-    raise cls(text, status=status, reason=reason)
+    raise cls(
+        text,
+        status=status,
+        reason=reason,
+        retry_after=retry_after,
+        headers=kept,
+    )
+
+
+def _seconds(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and value >= 0 else None
 
 
 def path_of(

@@ -23,6 +23,7 @@ from agent.kube.objects import dropped_fields
         (409, "Conflict", errors.KubeConflict, True),
         (409, "AlreadyExists", errors.KubeAlreadyExists, False),
         (410, "Expired", errors.KubeGone, True),
+        (401, "Unauthorized", errors.KubeUnauthorized, True),
         (403, "Forbidden", errors.KubeForbidden, False),
         (422, "Invalid", errors.KubeInvalid, False),
         (429, "TooManyRequests", errors.KubeUnavailable, True),
@@ -39,6 +40,23 @@ def test_status_codes_map_to_the_error_tree(
     assert info.value.status == status
     assert "spec.x: Invalid value" in str(info.value)
     assert "PUT /apis/x" in str(info.value)
+
+
+def test_retry_after_comes_from_the_header_or_the_status_details() -> None:
+    body = orjson.dumps({"kind": "Status", "reason": "TooManyRequests", "message": "slow down"})
+    with pytest.raises(errors.KubeUnavailable) as info:
+        _raise_for(429, body, "GET", "/api/v1", {"retry-after": "2"})
+    assert info.value.retry_after == 2.0
+    assert info.value.headers["Retry-After"] == "2"  # kept, and case-insensitive
+    details = orjson.dumps(
+        {"kind": "Status", "reason": "TooManyRequests", "details": {"retryAfterSeconds": 4}}
+    )
+    with pytest.raises(errors.KubeUnavailable) as info:
+        _raise_for(429, details, "GET", "/api/v1")
+    assert info.value.retry_after == 4.0
+    with pytest.raises(errors.KubeNotFound) as missing:  # only 429/5xx ask us to wait
+        _raise_for(404, body, "GET", "/api/v1", {"Retry-After": "2"})
+    assert missing.value.retry_after is None
 
 
 def test_non_json_error_bodies_are_truncated() -> None:
