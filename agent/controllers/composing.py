@@ -71,6 +71,8 @@ class Composer:
         #: earlier status writes ("Attaching" arriving after Online was written) must not start a
         #: second attach. Added only after the Online write succeeded.
         self._attached: set[str] = set()
+        #: resource name -> the highest resourceVersion our own writes returned
+        self._written: dict[str, int] = {}
         #: node name -> monotonic time we first saw its Node object missing
         self._node_missing: dict[str, float] = {}
         resources.add_handler(self._on_event)
@@ -84,13 +86,16 @@ class Composer:
             self._choosing.pop(name, None)
         if event.type == "DELETED":
             self._attached.discard(obj["metadata"].get("uid", ""))
+            self._written.pop(name, None)
+            if device:  # its device may be free for a resource that found none
+                self._on_inventory(None)
         self.queue.enqueue(name)
         if device:  # the others naming the same device may now own it, or be refused
             for other in self.resources.store.values():
                 if fabric_device(other) == device and name_of(other) != name:
                     self.queue.enqueue(name_of(other))
 
-    def _on_inventory(self, _inventory: Inventory) -> None:
+    def _on_inventory(self, _inventory: Inventory | None) -> None:
         # Capacity may have freed up: retry the resources that found no free device.
         for obj in self.resources.store.values():
             st = obj.get("status") or {}
@@ -104,28 +109,46 @@ class Composer:
         await self.publisher.synced.wait()
         await self.queue.run()
 
-    async def _status(self, name: str, **fields: Any) -> None:
-        await self.kube.patch(
+    async def _status(self, name: str, **fields: Any) -> Obj:
+        """Merge `fields` into the resource's status; returns the stored object."""
+        written = await self.kube.patch(
             f"{RESOURCES}/{name}/status", {"status": fields}, content_type=MERGE_PATCH
         )
+        self._wrote(written)
+        return written
+
+    def _wrote(self, obj: Obj) -> None:
+        rv = str(obj.get("metadata", {}).get("resourceVersion", ""))
+        if rv.isdigit():
+            name = name_of(obj)
+            self._written[name] = max(self._written.get(name, 0), int(rv))
+
+    def _stale(self, obj: Obj) -> bool:
+        """Our informer's copy is older than a write of ours: act on the newer state, whose
+        event is on its way (acting on the old one would attach or detach a second time)."""
+        rv = str(obj["metadata"].get("resourceVersion", ""))
+        mine = self._written.get(name_of(obj))
+        return mine is not None and rv.isdigit() and int(rv) < mine
 
     async def handle(self, name: str) -> None:
         cr = self.resources.get("", name)
-        if cr is None:
+        if cr is None or self._stale(cr):
             return
         if deleting(cr):
             await self._remove(cr)
             return
         finalizers = cr["metadata"].get("finalizers") or []
         if crds.FINALIZER not in finalizers:
-            await self.kube.patch(
-                f"{RESOURCES}/{name}",
-                {
-                    "metadata": {
-                        "finalizers": [*finalizers, crds.FINALIZER],
-                        "resourceVersion": cr["metadata"]["resourceVersion"],
-                    }
-                },
+            self._wrote(
+                await self.kube.patch(
+                    f"{RESOURCES}/{name}",
+                    {
+                        "metadata": {
+                            "finalizers": [*finalizers, crds.FINALIZER],
+                            "resourceVersion": cr["metadata"]["resourceVersion"],
+                        }
+                    },
+                )
             )
             return  # the update event brings us back
         if state(cr) == "Failed" and (cr.get("status") or {}).get("reason") == (
@@ -301,11 +324,13 @@ class Composer:
             deleting_for=self.wall() - deleted_at(cr),
         )
         device = fabric_device(cr)
+        version = cr["metadata"]["resourceVersion"]
         if d.step == decide.RemoveStep.DROP:
             logger.info("%s: removed without touching the fabric: %s", name, d.why)
         else:
             if state(cr) != "Detaching":
-                await self._status(name, state="Detaching")
+                written = await self._status(name, state="Detaching")
+                version = written["metadata"]["resourceVersion"]  # our own write: not a conflict
             if d.step == decide.RemoveStep.WAIT_RELEASE:
                 logger.info("waiting for node %s to release %s before detaching", node, device)
                 if d.after:  # and if its agent stays silent, we look again after the grace
@@ -322,12 +347,14 @@ class Composer:
             self.publisher.device_changed(dev)
             self.recorder.emit(cr, "Detached", f"{device} detached from {node}")
             metrics.DECISIONS.labels("detached").inc()
-        await self.kube.patch(
-            f"{RESOURCES}/{name}",
-            {
-                "metadata": {
-                    "finalizers": [f for f in finalizers if f != crds.FINALIZER],
-                    "resourceVersion": cr["metadata"]["resourceVersion"],
-                }
-            },
+        self._wrote(
+            await self.kube.patch(
+                f"{RESOURCES}/{name}",
+                {
+                    "metadata": {
+                        "finalizers": [f for f in finalizers if f != crds.FINALIZER],
+                        "resourceVersion": version,
+                    }
+                },
+            )
         )
