@@ -192,7 +192,7 @@ class Composer:
                 f"(on {target_node(owner)}); this resource will not attach or detach it",
             )
             return
-        marking: asyncio.Task[None] | None = None
+        marking: asyncio.Task[Obj] | None = None
         if state(cr) != "Attaching":
             # Record "Attaching" while the fabric works: the write and the attach overlap, and
             # every later status write waits for it, so the states land in order.
@@ -203,7 +203,7 @@ class Composer:
             if marking is not None and not marking.done():
                 await marking
 
-    async def _attach_device(self, cr: Obj, marking: asyncio.Task[None] | None) -> None:
+    async def _attach_device(self, cr: Obj, marking: asyncio.Task[Obj] | None) -> None:
         name = name_of(cr)
         s = spec(cr)
         machine = self.publisher.machine_of_node(s["target_node"])
@@ -249,7 +249,7 @@ class Composer:
                 self.publisher.release(device, reason="choosing")
 
     async def _attach_and_record(
-        self, cr: Obj, device: str, machine: str, marking: asyncio.Task[None] | None
+        self, cr: Obj, device: str, machine: str, marking: asyncio.Task[Obj] | None
     ) -> None:
         name = name_of(cr)
         s = spec(cr)
@@ -292,7 +292,7 @@ class Composer:
         )
 
     async def _fail(
-        self, cr: Obj, reason: str, message: str, marking: asyncio.Task[None] | None = None
+        self, cr: Obj, reason: str, message: str, marking: asyncio.Task[Obj] | None = None
     ) -> None:
         if marking is not None:
             await marking  # "Failed" must land after "Attaching"

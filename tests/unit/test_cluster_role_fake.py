@@ -214,7 +214,7 @@ class World:
     def events(self, reason: str) -> list[Obj]:
         return [e for e in self.kube.objects("events") if e.get("reason") == reason]
 
-    async def wait(self, probe: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    async def wait(self, probe: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:  # noqa: ASYNC109
         async def check() -> Any:
             return probe()
 
@@ -337,7 +337,8 @@ async def test_device_on_other_node_fails_the_claim_but_never_touches_the_other_
         assert failed["reason"] == "DeviceOnOtherNode"
         await asyncio.sleep(0.2)
         cr = w.resource(resource_name("gpu-0"))
-        assert cr is not None and "deletionTimestamp" not in cr["metadata"]
+        assert cr is not None
+        assert "deletionTimestamp" not in cr["metadata"]
         assert w.fabric.attached_to("gpu-0") == "m-node-0"
 
 
@@ -363,9 +364,7 @@ async def test_node_at_its_maximum_refuses_and_is_labelled_full() -> None:
 # --- one owner per GPU ---------------------------------------------------------------------------
 
 
-async def test_second_resource_naming_an_owned_device_is_refused_and_its_delete_detaches_nothing() -> (
-    None
-):
+async def test_second_resource_naming_an_owned_device_is_refused_and_detaches_nothing() -> None:
     async with world() as w:
         await scale_up(w, "c1", "gpu-0", "node-0")
         w.kube.add(
@@ -388,7 +387,8 @@ async def test_second_resource_naming_an_owned_device_is_refused_and_its_delete_
         )
         assert refused
         intruder = w.resource("intruder")
-        assert intruder is not None and intruder["status"]["state"] == "Failed"
+        assert intruder is not None
+        assert intruder["status"]["state"] == "Failed"
         assert not any(
             c["type"] == "NodeReady" and c["status"] == "True"
             for c in intruder["status"].get("conditions") or []
@@ -413,7 +413,8 @@ async def test_idle_device_is_scaled_down_after_the_grace() -> None:
             lambda: "bindsToNode" in w.offered().get(w.device_name("gpu-0"), {}),
             "gpu-0 offered free again",
         )
-        assert w.events("ScaleDown") and w.events("Detached")
+        assert w.events("ScaleDown")
+        assert w.events("Detached")
 
 
 async def test_scale_down_aborts_when_a_claim_takes_the_device_while_it_settles() -> None:
@@ -432,7 +433,8 @@ async def test_scale_down_aborts_when_a_claim_takes_the_device_while_it_settles(
         await asyncio.sleep(2.5)  # past the settle period
         assert w.fabric.detaches == []
         cr = w.resource(resource_name("gpu-0"))
-        assert cr is not None and "deletionTimestamp" not in cr["metadata"]
+        assert cr is not None
+        assert "deletionTimestamp" not in cr["metadata"]
 
 
 async def test_scale_down_trusts_a_fresh_read_over_its_informer() -> None:
@@ -454,7 +456,8 @@ async def test_scale_down_trusts_a_fresh_read_over_its_informer() -> None:
         await scaler.check_idle("gpu-0")
         assert w.fabric.detaches == []
         cr = w.resource(resource_name("gpu-0"))
-        assert cr is not None and "deletionTimestamp" not in cr["metadata"]
+        assert cr is not None
+        assert "deletionTimestamp" not in cr["metadata"]
         assert "gpu-0" not in w.role.publisher.withheld  # released again
 
 
@@ -614,7 +617,7 @@ async def test_failed_model_only_attach_releases_its_withhold() -> None:
         assert "gpu-0" not in w.role.publisher.withheld
 
 
-# --- the publisher rides out the API server --------------------------------------------------------
+# --- the publisher rides out the API server ------------------------------------------------------
 
 
 async def test_publisher_retries_failed_slice_writes() -> None:
