@@ -30,17 +30,6 @@ from tests.tcpproxy import TcpProxy
 from tests.waiting import until
 
 
-class CountingProxy(TcpProxy):
-    """Counts the connections it refused while blocked: proof that the client kept trying."""
-
-    refused = 0
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.blocked:
-            self.refused += 1
-        await super()._handle(reader, writer)
-
-
 def client_via(port: int, server: EmulatorServer, backend: str, password: str) -> FabricManager:
     http = FabricHttp(
         base_url=f"https://127.0.0.1:{port}", ca_bundle=str(server.ca_file), timeout=2, retries=2
@@ -58,9 +47,9 @@ def client_via(port: int, server: EmulatorServer, backend: str, password: str) -
 
 
 @pytest.fixture
-async def proxy(emulator: EmulatorServer) -> AsyncIterator[CountingProxy]:
+async def proxy(emulator: EmulatorServer) -> AsyncIterator[TcpProxy]:
     port = int(emulator.url.rsplit(":", 1)[1])
-    p = CountingProxy(port)
+    p = TcpProxy(port)
     await p.start()
     try:
         yield p
@@ -85,7 +74,7 @@ def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 async def test_watch_started_while_the_fabric_is_down_waits_for_it(
     backend: str,
     emulator: EmulatorServer,
-    proxy: CountingProxy,
+    proxy: TcpProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
@@ -139,7 +128,7 @@ async def test_watch_started_while_the_fabric_is_down_waits_for_it(
 async def test_watch_refused_credentials_retries_slowly_with_the_reason(
     backend: str,
     emulator: EmulatorServer,
-    proxy: CountingProxy,
+    proxy: TcpProxy,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
