@@ -18,6 +18,7 @@ Delays are seconds (float). Clocks are monotonic seconds (`time.monotonic` or a 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email.utils
 import math
@@ -33,6 +34,12 @@ K = TypeVar("K", bound=Hashable)
 Clock = Callable[[], float]
 #: `uniform(a, b)` -> a float in [a, b]; tests pass a fixed one.
 Uniform = Callable[[float, float], float]
+
+
+def loop_time() -> float:
+    """The running event loop's clock (monotonic seconds; virtual in tests that run on one)."""
+    return asyncio.get_running_loop().time()
+
 
 #: A Retry-After longer than this is cut to it: a wrong header must not park a key for days.
 RETRY_AFTER_MAX = 300.0

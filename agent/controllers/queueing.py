@@ -19,7 +19,14 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Final, Generic, TypeVar
 
 from agent import errors
-from agent.backoff import Backoff, RateLimiter, TokenBucket, describe, retry_after_of
+from agent.backoff import (
+    Backoff,
+    RateLimiter,
+    TokenBucket,
+    describe,
+    loop_time,
+    retry_after_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +37,6 @@ RETRY_BASE: Final = 0.1
 #: Retries a second over all keys of one queue, and how many may come at once.
 RETRY_RATE: Final = 10.0
 RETRY_BURST: Final = 100
-
-
-def _loop_time() -> float:
-    return asyncio.get_running_loop().time()
 
 
 class KeyedQueue(Generic[K]):
@@ -55,7 +58,7 @@ class KeyedQueue(Generic[K]):
         self._workers = workers
         self._limiter: RateLimiter[K] = limiter or RateLimiter(
             Backoff(base=min(RETRY_BASE, backoff_max), cap=backoff_max),
-            TokenBucket(rate=RETRY_RATE, burst=RETRY_BURST, clock=_loop_time),
+            TokenBucket(rate=RETRY_RATE, burst=RETRY_BURST, clock=loop_time),
         )
         self._ready: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()

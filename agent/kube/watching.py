@@ -9,7 +9,10 @@ converges to the server's truth, and tells handlers what changed:
 - 410 Gone (the resourceVersion was compacted away or the watch cache restarted): relist, and diff
   the new list against the store, so handlers see ADDED/MODIFIED/DELETED for everything that changed
   while we were away — a relist never loses an object, not even a deletion;
-- any other error: exponential backoff with jitter, capped by a setting, then resume.
+- any other error: exponential backoff with jitter, capped by a setting, then resume; a server's
+  Retry-After (429) is honoured. One log line when the failures start (WARNING; ERROR for a
+  permanent one such as RBAC), DEBUG while they repeat, one INFO line once the server answers
+  again; `healthy` and `last_error` tell readiness checks where it stands.
 
 Handlers are plain callables run on the loop; they must not block (enqueue work, do not do it).
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -26,6 +28,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from agent import errors
+from agent.backoff import Backoff, FailureStreak, RateLimiter, describe, loop_time
 from agent.kube.client import Kube, Obj
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 Key = tuple[str, str]  # (namespace or "", name)
 
 _LIST_PAGE: Final = 500
+#: First retry delay after a failure, seconds (doubling up to `backoff_max`).
+_RETRY_BASE: Final = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +78,13 @@ class Informer:
             if v
         }
         self._watch_timeout = watch_timeout
-        self._backoff_max = backoff_max
+        #: One stream, so one key; no overall bucket (the watch is a single request at a time).
+        self._limiter: RateLimiter[str] = RateLimiter(
+            Backoff(base=min(_RETRY_BASE, backoff_max), cap=backoff_max)
+        )
+        self._streak = FailureStreak(loop_time)
+        #: The latest error of a list or watch (kept after recovery, for the curious).
+        self.last_error: errors.AgentError | None = None
         self.store: dict[Key, Obj] = {}
         self.resource_version = ""
         self.synced = asyncio.Event()
@@ -89,9 +100,14 @@ class Informer:
     def get(self, namespace: str, name: str) -> Obj | None:
         return self.store.get((namespace, name))
 
+    @property
+    def healthy(self) -> bool:
+        """Listed at least once, and the last list or watch request got an answer: the store
+        follows the server. False from the first failure until the server answers again."""
+        return self.synced.is_set() and not self._streak.failing
+
     async def run(self) -> None:
         """Run until cancelled. Never returns on its own; API errors are retried with backoff."""
-        delay = 0.2
         need_list = True
         while True:
             try:
@@ -99,7 +115,7 @@ class Informer:
                     await self._relist()
                     need_list = False
                 await self._watch_once()
-                delay = 0.2
+                self._limiter.forget(self.name)  # a watch that ran its course
             except errors.KubeGone as exc:
                 self.gone += 1
                 logger.info("%s: %s; relisting", self.name, exc)
@@ -107,10 +123,33 @@ class Informer:
             except errors.AgentError as exc:
                 # Permanent errors (RBAC, a missing API) are retried too, more slowly: an operator
                 # may fix the ClusterRole or install the CRD while we run.
-                level = logging.WARNING if exc.transient else logging.ERROR
-                logger.log(level, "%s: %s; retrying in %.1f s", self.name, exc, delay)
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311
-                delay = min(delay * 2, self._backoff_max)
+                await asyncio.sleep(self._failed(exc))
+
+    def _failed(self, exc: errors.AgentError) -> float:
+        """Count a failure, log it if it changes the state; the seconds to wait."""
+        self.last_error = exc
+        delay = self._limiter.when(self.name, retry_after=exc.retry_after)
+        if self._streak.fail(exc):
+            level = logging.WARNING if exc.transient else logging.ERROR
+            logger.log(
+                level,
+                "%s: %s; retrying with backoff (at most every %.0f s; repeats logged at DEBUG)",
+                self.name,
+                describe(exc),
+                self._limiter.backoff.cap,
+            )
+        else:
+            logger.debug("%s: %s; retry in %.1f s", self.name, describe(exc), delay)
+        return delay
+
+    def _answered(self) -> None:
+        """The server answered a list or opened a watch: end a failure streak, if any."""
+        failures = self._streak.failures
+        took = self._streak.succeed()
+        if took is not None:
+            logger.info(
+                "%s: recovered after %.1f s (%d failed attempts)", self.name, took, failures
+            )
 
     async def _relist(self) -> None:
         params: dict[str, str | int] = {"limit": _LIST_PAGE, **self._selectors}
@@ -144,6 +183,7 @@ class Informer:
                 self._emit(Event("DELETED", prev, prev))
         logger.debug("%s: listed %d objects at rv %s", self.name, len(fresh), self.resource_version)
         self.synced.set()
+        self._answered()
 
     async def _watch_once(self) -> None:
         params: dict[str, str | int] = {
@@ -157,9 +197,12 @@ class Informer:
         async with self.kube.stream(
             self.path, params=params, read_timeout=self._watch_timeout + 30
         ) as body:
+            self._answered()
             async for line in body:
                 if line.strip():
                     self._apply(orjson.loads(line))
+                    if self._limiter.failures(self.name):
+                        self._limiter.forget(self.name)  # the watch delivers: start over
 
     def _apply(self, event: dict[str, Any]) -> None:
         etype = event.get("type")
