@@ -36,7 +36,7 @@ from agent.kube.resources import RESOURCES, deleting, spec, state
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import composing as decide
-from agent.model.fabric import DeviceId, Inventory, MachineId
+from agent.model.fabric import DeviceId, DeviceState, Inventory, MachineId
 from agent.model.objects import deleted_at, fabric_device, name_of, target_node
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class Composer:
         #: earlier status writes ("Attaching" arriving after Online was written) must not start a
         #: second attach. Added only after the Online write succeeded.
         self._attached: set[str] = set()
+        #: device -> the resource this term started attaching it for (until that one is gone)
+        self._claimed: dict[str, str] = {}
         #: resource name -> the highest resourceVersion our own writes returned
         self._written: dict[str, int] = {}
         #: node name -> monotonic time we first saw its Node object missing
@@ -87,6 +89,8 @@ class Composer:
         if event.type == "DELETED":
             self._attached.discard(obj["metadata"].get("uid", ""))
             self._written.pop(name, None)
+            if device and self._claimed.get(device) == name:
+                del self._claimed[device]
             if device:  # its device may be free for a resource that found none
                 self._on_inventory(None)
         self.queue.enqueue(name)
@@ -159,6 +163,13 @@ class Composer:
         if state(cr) in ("", "Attaching") and cr["metadata"].get("uid") not in self._attached:
             await self._attach(cr)
 
+    def _fabric_machine(self, device: str) -> str | None:
+        """The machine the fabric (as last read) has `device` attached or attaching to."""
+        dev = self.publisher.device(device) if device else None
+        if dev is None or dev.state == DeviceState.FREE:
+            return None
+        return dev.machine
+
     async def _retry_no_free_device(self, cr: Obj) -> None:
         s = spec(cr)
         machine = self.publisher.machine_of_node(s.get("target_node", ""))
@@ -179,7 +190,9 @@ class Composer:
 
     async def _attach(self, cr: Obj) -> None:
         name = name_of(cr)
-        verdict, owner = decide.check_owner(cr, self.resources.store.values())
+        verdict, owner = decide.check_owner(
+            cr, self.resources.store.values(), claimed=self._claimed
+        )
         if verdict == decide.OwnerCheck.WAIT:
             self.queue.enqueue_after(name, 0.5)  # the owner is detaching it; then it is ours
             return
@@ -253,6 +266,9 @@ class Composer:
     ) -> None:
         name = name_of(cr)
         s = spec(cr)
+        # From here on this resource owns the device, whatever the informer shows yet: a second
+        # resource racing for it is refused (model.composing.owner_of).
+        self._claimed.setdefault(device, name)
         started = self.mono()
         try:
             dev = await self.fabric.attach(DeviceId(device), MachineId(machine), model=s["model"])
@@ -322,6 +338,9 @@ class Composer:
             now=self.mono(),
             node_gone_grace=self.node_gone_grace,
             deleting_for=self.wall() - deleted_at(cr),
+            claimed=self._claimed,
+            fabric_machine=self._fabric_machine(fabric_device(cr)),
+            own_machine=self.publisher.machine_of_node(node),
         )
         device = fabric_device(cr)
         version = cr["metadata"]["resourceVersion"]

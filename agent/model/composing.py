@@ -11,7 +11,7 @@ request's model-only choice racing another, or from a person's hand-written reso
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -42,11 +42,34 @@ def refused(obj: Obj) -> bool:
     return state(obj) == "Failed" and (obj.get("status") or {}).get("reason") == DEVICE_OWNED
 
 
-def owner_of(device: str, resources: Iterable[Obj]) -> Obj | None:
-    """The resource that owns `device`: the oldest one naming it that was not refused (being
-    deleted or not: a resource detaching its device still owns it until it is gone)."""
+#: States in which a resource has (or may have) its device on the fabric.
+ACTIVE_STATES: Final = ("Attaching", "Online", "Detaching")
+
+
+def active(obj: Obj) -> bool:
+    """The resource has started attaching its device (or holds it, or is detaching it)."""
+    return state(obj) in ACTIVE_STATES
+
+
+def owner_of(
+    device: str, resources: Iterable[Obj], *, claimed: Mapping[str, str] | None = None
+) -> Obj | None:
+    """The resource that owns `device`, of those naming it that were not refused (being deleted
+    or not: a resource detaching its device still owns it until it is gone):
+
+    1. the one the composer of this term started attaching it for (`claimed`: device → resource
+       name, kept in memory; it is current where the informer may lag);
+    2. else one that is attaching, holding or detaching it (the state says it acted), the oldest;
+    3. else the oldest (creation second, then name).
+
+    Creation time alone is not enough: it has whole seconds only, so within one second the name
+    would decide, and a resource made later could take a device another one already attached."""
     named = [o for o in resources if fabric_device(o) == device and not refused(o)]
-    return min(named, key=age_key, default=None)
+    by_claim = (claimed or {}).get(device)
+    for o in named:
+        if name_of(o) == by_claim:
+            return o
+    return min(named, key=lambda o: (not active(o), *age_key(o)), default=None)
 
 
 class OwnerCheck(StrEnum):
@@ -55,13 +78,15 @@ class OwnerCheck(StrEnum):
     REFUSE = "refuse"  # another live resource owns it: Failed DeviceOwned
 
 
-def check_owner(obj: Obj, resources: Iterable[Obj]) -> tuple[OwnerCheck, Obj | None]:
+def check_owner(
+    obj: Obj, resources: Iterable[Obj], *, claimed: Mapping[str, str] | None = None
+) -> tuple[OwnerCheck, Obj | None]:
     """May `obj` (not being deleted) attach the device it names? Returns the verdict and the
-    owner when it is another resource."""
+    owner when it is another resource. `claimed`: as for `owner_of`."""
     device = fabric_device(obj)
     if not device:
         return OwnerCheck.OWNER, None
-    owner = owner_of(device, resources)
+    owner = owner_of(device, resources, claimed=claimed)
     if owner is None or name_of(owner) == name_of(obj):
         return OwnerCheck.OWNER, None
     if deleting(owner):
@@ -148,6 +173,9 @@ def decide_remove(
     now: float,
     node_gone_grace: float,
     deleting_for: float = 0.0,
+    claimed: Mapping[str, str] | None = None,
+    fabric_machine: str | None = None,
+    own_machine: str | None = None,
 ) -> RemoveDecision:
     """What a resource being deleted (with our finalizer) must do next.
 
@@ -155,13 +183,22 @@ def decide_remove(
     Node exists); `now`: the same clock; `node_gone_grace`: `--node-gone-grace` in seconds;
     `deleting_for`: seconds since the resource's deletionTimestamp. A node agent that has not
     answered at all (no `NodeReleased` condition, True or False) for the grace is taken as gone
-    too; one that answered "busy" (`NodeReleased=False`) is alive and is waited for."""
+    too; one that answered "busy" (`NodeReleased=False`) is alive and is waited for. `claimed`:
+    as for `owner_of`; `fabric_machine`: the machine the fabric has the device attached to (None:
+    free, or unknown); `own_machine`: the machine of this resource's node — a resource never
+    detaches a device from another machine."""
     device = fabric_device(obj)
     if not device or refused(obj):
         return RemoveDecision(RemoveStep.DROP, why="it never owned a device")
-    owner = owner_of(device, resources)
+    owner = owner_of(device, resources, claimed=claimed)
     if owner is not None and name_of(owner) != name_of(obj):
         return RemoveDecision(RemoveStep.DROP, why=f"{device} belongs to {name_of(owner)}")
+    if fabric_machine and own_machine and fabric_machine != own_machine:
+        return RemoveDecision(
+            RemoveStep.DROP,
+            why=f"the fabric has {device} on {fabric_machine}, not on this resource's "
+            f"{own_machine}",
+        )
     if (
         not condition(obj, NODE_READY)
         or condition(obj, NODE_RELEASED)

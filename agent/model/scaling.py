@@ -258,7 +258,7 @@ def held_devices(
 def node_limit(node: Obj | None, label: str) -> int | None:
     """An integer node label (`cohdi.io/max-devices`, `cohdi.io/min-devices`); None when unset or
     not a non-negative integer."""
-    raw = ((node or {}).get("metadata") or {}).get("labels", {}).get(label)
+    raw = (((node or {}).get("metadata") or {}).get("labels") or {}).get(label)
     if raw is None:
         return None
     try:

@@ -551,22 +551,11 @@ def _same_second_race(*, attach_refused: bool) -> tuple[Obj, Obj]:
     return member, claim_made
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="owner_of breaks same-second creationTimestamp ties by name, so a resource created "
-    "later in the same second owns a device another resource already attached (Online, NodeReady)",
-)
 def test_a_same_second_newcomer_does_not_own_a_device_another_resource_attached() -> None:
     member, claim_made = _same_second_race(attach_refused=False)
     assert composing.check_owner(claim_made, [member, claim_made]) == (OwnerCheck.REFUSE, member)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decide_remove DETACHes for the creation-time owner even when that resource never "
-    "attached and another resource has the device Online with NodeReady: the GPU is pulled from "
-    "under the other resource's workload",
-)
 def test_a_resource_that_never_attached_does_not_detach_another_ones_online_device() -> None:
     member, claim_made = _same_second_race(attach_refused=True)
     d = composing.decide_remove(

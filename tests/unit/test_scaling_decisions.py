@@ -702,12 +702,6 @@ def test_node_limits_of_a_missing_node_are_unset() -> None:
     assert scaling.node_limit(node({scaling.MIN_LABEL: "1"}), scaling.MIN_LABEL) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="node_limit reads metadata.labels with .get('labels', {}), so an explicit "
-    "'labels: null' raises AttributeError (full_label, which calls it, tolerates null itself)",
-)
 def test_node_limits_with_null_labels_are_unset() -> None:
     n = node(None)
     n["metadata"]["labels"] = None
