@@ -20,6 +20,7 @@ from agent.kube.client import Kube
 from agent.kube.eventing import Recorder
 from agent.kube.resources import REQUESTS, RESOURCES
 from agent.kube.watching import Informer
+from agent.model.requests import Limits
 from agent.supervision import Policy, Supervisor
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def build(
         nodes=nodes,
         publisher=publisher,
         recorder=recorder,
+        limits=Limits(max_size=c.request_max_size),
     )
     return ClusterRole(
         publisher,

@@ -27,11 +27,13 @@ class Recorder:
         meta = obj.get("metadata", {})
         namespace = meta.get("namespace") or "default"
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stem = str(meta.get("name") or "x")[:240].rstrip("-.")
         event = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{meta.get('name', 'x')}.{uuid.uuid4().hex[:12]}",
+                # <= 253 whatever the object's name (a 253-character request has Events too)
+                "name": f"{stem}.{uuid.uuid4().hex[:12]}",
                 "namespace": namespace,
             },
             "involvedObject": {

@@ -329,7 +329,10 @@ class Decision:
     force_detach: tuple[str, ...] = ()
     #: The whole status the request should have; None: leave it as it is.
     status: dict[str, Any] | None = None
+    #: Events for the status (conditions that became true), recorded once it is written.
     events: tuple[Note, ...] = ()
+    #: Events for the creates and deletes, recorded once they succeeded.
+    done: tuple[Note, ...] = ()
     #: Look at the request again after this many seconds, event or not.
     recheck_after: float | None = None
     #: Members replaced in this decision (the controller counts them until the request runs).
@@ -371,7 +374,8 @@ def decide(
             adopt=adopt,
             force_detach=_force_detach(matching, want),
             status=status,
-            events=(*_transitions(req.status, status), *_deleted_note(mismatched, "mismatch")),
+            events=tuple(_transitions(req.status, status)),
+            done=tuple(_deleted_note(mismatched, "mismatch")),
             recheck_after=limits.recheck if reason in (NO_NODE, UNKNOWN_MODEL) else None,
         )
     home = _home(want, matching, fabric)
@@ -401,11 +405,10 @@ def decide(
     create = _new_members(req, want, target - len(keep), keep, home, fabric, used)
     gone = [*mismatched, *surplus, *replaced]
     status = _status(req, keep, create, now, degraded=degraded, short=target < want.size)
-    events = [*_transitions(req.status, status), *notes]
-    events += _deleted_note(mismatched, "mismatch") + _deleted_note(surplus, "surplus")
+    done = [*notes, *_deleted_note(mismatched, "mismatch"), *_deleted_note(surplus, "surplus")]
     if create:
         nodes = ", ".join(sorted({c.node for c in create}))
-        events.append(Note("Creating", f"{len(create)} x {want.model} on {nodes}"))
+        done.append(Note("Creating", f"{len(create)} x {want.model} on {nodes}"))
     if shortfall or waiting:
         later = limits.recheck if later is None else min(later, limits.recheck)
     return Decision(
@@ -414,7 +417,8 @@ def decide(
         adopt=adopt,
         force_detach=_force_detach(keep, want),
         status=status,
-        events=tuple(events),
+        events=tuple(_transitions(req.status, status)),
+        done=tuple(done),
         recheck_after=later,
         replaced=len(replaced),
         waiting=waiting,
@@ -434,8 +438,8 @@ def _clean(req: Request, members: Sequence[Member], now: float) -> Decision:
         now,
         req.generation,
     )
-    events = (Note(CLEANING, f"deleting {len(live)} member(s)"),) if live else ()
-    return Decision(delete=live, status=status, events=events)
+    done = (Note(CLEANING, f"deleting {len(live)} member(s)"),) if live else ()
+    return Decision(delete=live, status=status, done=done)
 
 
 def _fits(m: Member, want: Want, fabric: Fabric) -> bool:

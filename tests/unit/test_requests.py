@@ -127,8 +127,13 @@ def condition(d: rq.Decision, ctype: str) -> dict[str, Any]:
     return next(c for c in d.status["conditions"] if c["type"] == ctype)
 
 
+def notes(d: rq.Decision) -> list[rq.Note]:
+    """The Events of a decision: for its status, then for its creates and deletes."""
+    return [*d.events, *d.done]
+
+
 def reasons(d: rq.Decision) -> list[str]:
-    return [n.reason for n in d.events]
+    return [n.reason for n in notes(d)]
 
 
 # --- names and ownership ------------------------------------------------------------------------
@@ -493,7 +498,7 @@ def test_members_of_another_model_are_replaced() -> None:
     d = decide(request(1, model=H100), [member("req-0", model=A100)], fab=fabric(model=H100))
     assert d.delete == ("req-0",)
     assert d.create == (rq.NewMember("req-1", "n1"),)
-    assert "no longer match the spec" in d.events[0].message
+    assert "no longer match the spec" in d.done[0].message
 
 
 def test_cohdi_members_are_adopted_and_counted() -> None:
@@ -545,7 +550,7 @@ def test_a_member_without_a_device_is_replaced_if_a_free_one_stays_unused() -> N
     assert d.delete == ("req-1",)
     assert d.create == (rq.NewMember("req-2", "n1"),)
     assert d.replaced == 1
-    assert [(n.reason, n.warning) for n in d.events if n.reason == "Replacing"] == [
+    assert [(n.reason, n.warning) for n in notes(d) if n.reason == "Replacing"] == [
         ("Replacing", True)
     ]
     # one free device replaces one stuck member, not two
@@ -573,7 +578,7 @@ def test_a_failed_member_is_replaced_after_a_backoff() -> None:
     assert d.delete == ("req-1",)
     assert d.create == (rq.NewMember("req-2", "n1"),)
     assert "1 replaced now" in condition(d, rq.DEGRADED)["message"]
-    assert "DeviceFailed" in next(n.message for n in d.events if n.reason == "Replacing")
+    assert "DeviceFailed" in next(n.message for n in notes(d) if n.reason == "Replacing")
     # after 3 replacements in a row the wait is 5 * 2**3 = 40 s
     d = decide(request(2, replacements=3), [member("req-0"), due], limits=limits)
     assert d.delete == ()
