@@ -45,7 +45,17 @@ def _now() -> str:
 
 
 class NodeReporter:
-    def __init__(self, kube: Kube, cfg: settings.NodeSettings, *, node: str) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        cfg: settings.NodeSettings,
+        *,
+        node: str,
+        dev_root: str = "/dev",
+        proc_root: str = "/proc",
+    ) -> None:
+        """`dev_root` holds the device nodes (`nvidia<minor>`) and `proc_root` the processes whose
+        open files the safe removal checks; other roots are for tests."""
         self.kube = kube
         self.cfg = cfg
         self.node = node
@@ -58,7 +68,8 @@ class NodeReporter:
         self._sysfs = ThreadPoolExecutor(1, thread_name_prefix="sysfs")  # blocking sysfs I/O
         self._pending: set[str] = set()
         self.synthetic = os.path.realpath(cfg.sysfs_root) != "/sys"
-        self.synthetic = os.path.realpath(cfg.sysfs_root) != "/sys"
+        self.dev_root = dev_root
+        self.proc_root = proc_root
         self._wake = asyncio.Event()
         #: Set once the first PCI scan has finished (the node role's readiness).
         self.scanned = asyncio.Event()
@@ -93,44 +104,50 @@ class NodeReporter:
     # --- main loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Until cancelled: the informer of this node's ComposableResources and the reconcile
+        loop, in one TaskGroup (either failing stops both)."""
         source: TreePciWatcher | KernelPciMonitor = (
             TreePciWatcher(self.cfg.sysfs_root, self._on_pci)
             if self.synthetic
             else KernelPciMonitor(self._on_pci)
         )
         source.start()
-        has_nvml = await self.nvml.start()
-        logger.info(
-            "node role on %s: sysfs %s, NVML %s",
-            self.node,
-            self.cfg.sysfs_root,
-            "loaded" if has_nvml else "absent",
-        )
-        informer = asyncio.create_task(self.resources.run())
         try:
-            await self._scan()
-            await self.resources.synced.wait()
-            self._pending.update(n for _, n in self.resources.store)
-            next_resync = time.monotonic() + self.cfg.resync
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, next_resync - time.monotonic())):
-                        await self._wake.wait()
-                self._wake.clear()
-                if time.monotonic() >= next_resync:
-                    self._rescan_wanted = True
-                    self._pending.update(n for _, n in self.resources.store)
-                    next_resync = time.monotonic() + self.cfg.resync
-                if self._rescan_wanted:
-                    await self._scan()
-                pending, self._pending = self._pending, set()
-                await asyncio.gather(*(self._handle(n) for n in pending))
+            has_nvml = await self.nvml.start()
+            logger.info(
+                "node role on %s: sysfs %s, NVML %s",
+                self.node,
+                self.cfg.sysfs_root,
+                "loaded" if has_nvml else "absent",
+            )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.resources.run(), name=f"informer:{self.resources.name}")
+                tg.create_task(self._reconcile(), name=f"node-reporter:{self.node}")
         finally:
             source.stop()
-            informer.cancel()
-            await asyncio.gather(informer, return_exceptions=True)
             await self.nvml.close()
             self._sysfs.shutdown(wait=False)
+
+    async def _reconcile(self) -> None:
+        await self._scan()
+        await self.resources.synced.wait()
+        self._pending.update(n for _, n in self.resources.store)
+        next_resync = time.monotonic() + self.cfg.resync
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_resync - time.monotonic())):
+                    await self._wake.wait()
+            self._wake.clear()
+            if time.monotonic() >= next_resync:
+                self._rescan_wanted = True
+                self._pending.update(n for _, n in self.resources.store)
+                next_resync = time.monotonic() + self.cfg.resync
+            if self._rescan_wanted:
+                await self._scan()
+            pending, self._pending = self._pending, set()
+            async with asyncio.TaskGroup() as tg:
+                for name in pending:
+                    tg.create_task(self._handle(name), name=f"resource:{name}")
 
     async def _handle(self, name: str) -> None:
         obj = self.resources.get("", name)
@@ -243,11 +260,12 @@ class NodeReporter:
             pids = ", ".join(str(p) for p, _ in procs)
             return f"{len(procs)} compute process(es) use {bdf}: pids {pids}"
         if minor >= 0:
+            device = os.path.join(self.dev_root, f"nvidia{minor}")
             holders = await asyncio.get_running_loop().run_in_executor(
-                self._sysfs, open_handles, f"/dev/nvidia{minor}"
+                self._sysfs, open_handles, device, self.proc_root
             )
             if holders:
-                return f"/dev/nvidia{minor} is open in pids {', '.join(map(str, holders))}"
+                return f"{device} is open in pids {', '.join(map(str, holders))}"
         return ""
 
     def _remove(self, bdf: str) -> None:
@@ -302,25 +320,31 @@ def _write_if_exists(path: str, text: str) -> bool:
     return True
 
 
-def open_handles(device: str) -> list[int]:
-    """Pids with `device` open, from /proc/*/fd (what fuser does); empty if the node does not
-    exist."""
+def open_handles(device: str, proc_root: str = "/proc") -> list[int]:
+    """Pids with `device` open, from `<proc_root>/<pid>/fd/*` (what fuser does): an fd whose
+    target has the device's st_rdev and st_ino. Empty if the device does not exist; processes and
+    fds that vanish or are not ours to read while we look are skipped."""
     try:
         target = os.stat(device)
     except OSError:
         return []
+    try:
+        entries = os.listdir(proc_root)
+    except OSError:
+        return []
     pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        fd_dir = f"/proc/{pid}/fd"
+    for pid in filter(str.isdigit, entries):
+        fd_dir = os.path.join(proc_root, pid, "fd")
         try:
-            for fd in os.listdir(fd_dir):
-                try:
-                    st = os.stat(os.path.join(fd_dir, fd))
-                except OSError:
-                    continue
-                if st.st_rdev == target.st_rdev and st.st_ino == target.st_ino:
-                    pids.append(int(pid))
-                    break
+            fds = os.listdir(fd_dir)
         except OSError:
             continue
-    return pids
+        for fd in fds:
+            try:
+                st = os.stat(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if st.st_rdev == target.st_rdev and st.st_ino == target.st_ino:
+                pids.append(int(pid))
+                break
+    return sorted(pids)
