@@ -83,16 +83,17 @@ def test_device_nodes_for_nvidia_and_vfio() -> None:
 
 
 def test_spec_names_ids_and_lowest_version(tmp_path: Path) -> None:
-    spec = cdi.build("composable.cohdi.io", "uid-1", [("gpu-0", ["/dev/nvidia0"], {"A": "1"})])
-    assert spec["cdiVersion"] == "0.3.0"
-    assert cdi.qualified_ids(spec) == ["composable.cohdi.io/gpu=uid-1-gpu-0"]
-    path = cdi.write(tmp_path, "composable.cohdi.io", "uid-1", spec)
-    assert path.name == "composable.cohdi.io-gpu_uid-1.json"
-    assert json.loads(path.read_text()) == spec
-    spec["devices"][0]["containerEdits"]["deviceNodes"][0]["hostPath"] = "/dev/nvidia0"
-    assert cdi.minimum_version(spec) == "0.5.0"
-    spec["annotations"] = {"a": "b"}
-    assert cdi.minimum_version(spec) == "0.6.0"
-    cdi.remove(tmp_path, "composable.cohdi.io", "uid-1")
-    cdi.remove(tmp_path, "composable.cohdi.io", "uid-1")  # idempotent
+    driver = "composable.cohdi.io"
+    for uid, version in (
+        ("0b9e1c2a-4d3f-4a5b-8c7d-123456789abc", "0.5.0"),  # a UUID starting with a digit
+        ("e3b0c442-98fc-4c14-9afb-f4c8996fb924", "0.3.0"),
+    ):
+        spec = cdi.build(driver, uid, [("gpu-0", ["/dev/nvidia0"], {"A": "1"})])
+        assert spec["cdiVersion"] == version
+        assert cdi.qualified_ids(spec) == [f"{driver}/gpu={uid}-gpu-0"]
+        path = cdi.write(tmp_path, driver, uid, spec)
+        assert path.name == f"{driver}-gpu_{uid}.json"
+        assert json.loads(path.read_text()) == spec
+        cdi.remove(tmp_path, driver, uid)
+        cdi.remove(tmp_path, driver, uid)  # idempotent
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,66 @@
+"""Build tests/cdi/main.go (a CDI spec directory loaded by the library container runtimes use)
+into the cache, like tests/kubelet: a wrapper module requiring `LIBRARY` at `VERSION` from the Go
+module proxy, `go mod tidy`, `go build`. `check(dir, names)` runs it and returns its JSON report.
+
+`VERSION` is the newest release the proxy served when this was written
+(`go list -m -versions tags.cncf.io/container-device-interface`: ... v1.1.0 v1.1.1 v1.1.2); its
+go.mod requires `tags.cncf.io/container-device-interface/specs-go` v1.1.1, where the version rules
+live (`specs-go/version.go`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from agent import settings
+
+MAIN = Path(__file__).with_name("main.go")
+LIBRARY = "tags.cncf.io/container-device-interface"
+VERSION = "v1.1.2"
+
+
+def build() -> Path:
+    """The cdi-check binary, built once per main.go content and library version."""
+    cache = settings.Settings().cache_dir
+    digest = hashlib.sha256(MAIN.read_bytes() + VERSION.encode()).hexdigest()[:12]
+    out = cache / "cdi-check" / digest / "cdi-check"
+    if out.exists():
+        return out
+    src = out.parent / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(MAIN, src / "main.go")
+    (src / "go.mod").write_text(
+        f"module cohdi.local/cdi-check\n\ngo 1.26.0\n\nrequire {LIBRARY} {VERSION}\n"
+    )
+    env = {**os.environ, "GOFLAGS": "-mod=mod"}
+    tmp = out.with_name(".cdi-check.tmp")
+    for args in (["go", "mod", "tidy"], ["go", "build", "-o", str(tmp), "."]):
+        done = subprocess.run(args, cwd=src, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed in {src}:\n{done.stderr[-3000:]}")
+    tmp.replace(out)  # lands whole: a concurrent or interrupted build never leaves half a binary
+    return out
+
+
+def check(binary: Path, spec_dir: Path, names: Iterable[str]) -> dict[str, Any]:
+    """Load `spec_dir` with the library's cache and resolve each qualified device name.
+    Returns {"library", "accepted": [path], "rejected": {path: [error]},
+    "resolved": {name: path or ""}, "required": {path: lowest cdiVersion}}."""
+    done = subprocess.run(
+        [str(binary), "-dir", str(spec_dir)],
+        input="".join(f"{n}\n" for n in names),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cdi-check failed: {done.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
