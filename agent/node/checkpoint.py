@@ -7,6 +7,9 @@ name, same content). The file carries a version, a checksum of its content and t
 checksum mismatch is corruption (a clear error, the file is kept for an operator), a different boot
 id means every entry is stale (devices and /var/run/cdi were reset by the reboot) and is dropped.
 Writes are temp file + fsync + rename, under an exclusive file lock shared with any other process.
+
+Every method blocks (flock, read, fsync, rename): callers on an event loop run them on a worker
+thread.
 """
 
 from __future__ import annotations
@@ -55,9 +58,16 @@ def _checksum(claims: dict[str, Any]) -> str:
 class Checkpoint:
     def __init__(self, path: Path, *, boot: str | None = None) -> None:
         self.path = path
-        self.boot = boot or boot_id()
+        self._boot = boot
         #: entries of an earlier boot found by the last load (the caller cleans their CDI files)
         self.stale: list[PreparedClaim] = []
+
+    @property
+    def boot(self) -> str:
+        """This boot's id, read on first use (from /proc unless given)."""
+        if self._boot is None:
+            self._boot = boot_id()
+        return self._boot
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -70,15 +80,23 @@ class Checkpoint:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def load(self) -> dict[str, PreparedClaim]:
+        """uid -> claim of this boot ({} when there is no file yet); entries of an earlier boot
+        go to `stale`. CheckpointError when the file is not a checkpoint this agent can trust:
+        not JSON, another version, a failed checksum, or entries of the wrong shape."""
         self.stale = []
         try:
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except ValueError as exc:  # UnicodeDecodeError too
             raise errors.CheckpointError(
                 f"{self.path} is not JSON ({exc}); move it away to start with no prepared claims"
             ) from exc
+        if not isinstance(doc, dict):
+            raise errors.CheckpointError(
+                f"{self.path} holds a JSON {type(doc).__name__}, not a checkpoint; "
+                "move it away to start with no prepared claims"
+            )
         if doc.get("version") != VERSION:
             raise errors.CheckpointError(
                 f"{self.path} has version {doc.get('version')!r}; this agent reads {VERSION}"
@@ -89,7 +107,13 @@ class Checkpoint:
                 f"{self.path} fails its checksum: it was changed or half-written by someone else; "
                 "move it away to start with no prepared claims"
             )
-        entries = {uid: PreparedClaim(**c) for uid, c in claims.items()}
+        try:
+            entries = {uid: PreparedClaim(**c) for uid, c in claims.items()}
+        except (TypeError, AttributeError) as exc:
+            raise errors.CheckpointError(
+                f"{self.path} has an entry this agent cannot read ({exc}); "
+                "move it away to start with no prepared claims"
+            ) from exc
         if doc.get("boot_id") != self.boot:
             self.stale = list(entries.values())
             return {}

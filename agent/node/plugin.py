@@ -7,6 +7,9 @@ map each (pool, device) to the PCI function the node saw arrive, write the claim
 record PrepareCompleted, and answer the CDI ids. Every claim is in the response; a claim that
 fails carries its error there (a gRPC error is only for a malformed request); an empty request is
 fine. NodeUnprepareResources removes the spec and the record, also for claims long deleted.
+A checkpoint that cannot be read does not stop the plugin: every claim's answer carries its error
+until an operator moves the file away. Checkpoint and CDI file work runs on worker threads.
+Sockets appear whole and private, and a process removes only sockets it bound (`KubeletPlugin`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,12 @@ SUPPORTED = ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
 
 
 class Preparer:
-    """What both DRA service versions call; owns the checkpoint and the CDI files."""
+    """What both DRA service versions call; owns the checkpoint and the CDI files.
+
+    The checkpoint's file lock, reads, fsyncs and renames, and the CDI file writes, run on a
+    worker thread (`asyncio.to_thread`), never on the event loop. One prepare or unprepare runs at
+    a time in this process (`_lock`); the file lock orders them with any other process.
+    """
 
     def __init__(
         self, kube: Kube, *, driver: str, reporter: NodeReporter, plugin_dir: Path, cdi_dir: Path
@@ -49,44 +59,80 @@ class Preparer:
         self.reporter = reporter
         self.cdi_dir = cdi_dir
         self.checkpoint = Checkpoint(plugin_dir / "checkpoint.json")
-        self._lock = asyncio.Lock()  # one prepare/unprepare at a time in this process
+        self._lock = asyncio.Lock()
+
+    # --- on a worker thread ----------------------------------------------------------------------
+
+    def _load(self) -> dict[str, PreparedClaim]:
+        """The checkpoint's claims (the caller holds its lock). Entries of an earlier boot are
+        dropped from the result and their CDI files removed: the reboot reset the devices, and
+        their specs must not outlive them. Raises CheckpointError (unreadable checkpoint)."""
+        claims = self.checkpoint.load()
+        for old in self.checkpoint.stale:
+            cdi.remove(self.cdi_dir, self.driver, old.uid)
+            logger.info(
+                "dropped claim %s/%s prepared before the last reboot", old.namespace, old.name
+            )
+        return claims
 
     def clean_stale(self) -> None:
-        """Entries of an earlier boot: their devices and CDI files are gone or meaningless."""
+        """At start: forget the claims of an earlier boot. An unreadable checkpoint does not stop
+        the plugin: it is logged here, and every prepare and unprepare reports it for its claim
+        until an operator moves the file away (kubelet retries them)."""
         with self.checkpoint.locked():
-            claims = self.checkpoint.load()
-            for old in self.checkpoint.stale:
-                cdi.remove(self.cdi_dir, self.driver, old.uid)
-                logger.info(
-                    "dropped claim %s/%s prepared before the last reboot", old.namespace, old.name
-                )
+            try:
+                claims = self._load()
+            except errors.CheckpointError as exc:
+                logger.error("%s", exc)
+                return
             if self.checkpoint.stale:
                 self.checkpoint.save(claims)
 
+    def _begin(self, namespace: str, uid: str, name: str) -> list[dict[str, Any]] | None:
+        """The devices of a claim already prepared, or None after recording PrepareStarted."""
+        with self.checkpoint.locked():
+            claims = self._load()
+            done = claims.get(uid)
+            if done is not None and done.state == COMPLETED:
+                return done.devices
+            claims[uid] = PreparedClaim(uid, namespace, name, STARTED)
+            self.checkpoint.save(claims)
+            return None
+
+    def _complete(self, claim: PreparedClaim, spec_doc: dict[str, Any]) -> None:
+        """Write the claim's CDI spec, then record PrepareCompleted."""
+        claim.cdi_file = str(cdi.write(self.cdi_dir, self.driver, claim.uid, spec_doc))
+        with self.checkpoint.locked():
+            claims = self._load()
+            claims[claim.uid] = claim
+            self.checkpoint.save(claims)
+
+    def _forget(self, uid: str) -> None:
+        """Remove the claim's CDI spec, then its record (both may be gone already)."""
+        cdi.remove(self.cdi_dir, self.driver, uid)
+        with self.checkpoint.locked():
+            claims = self._load()
+            if claims.pop(uid, None) is not None or self.checkpoint.stale:
+                self.checkpoint.save(claims)
+
+    # --- on the event loop -----------------------------------------------------------------------
+
     async def prepare(self, namespace: str, uid: str, name: str) -> list[dict[str, Any]]:
+        """[{"request_names", "pool", "device", "cdi_ids"}] per device of the claim for this
+        driver. Raises AgentError (PrepareError, CheckpointError, KubeError), ValueError or
+        OSError; a claim whose prepare failed stays PrepareStarted and is done again next time."""
         async with self._lock:
-            with self.checkpoint.locked():
-                claims = self.checkpoint.load()
-                done = claims.get(uid)
-                if done is not None and done.state == COMPLETED:
-                    return done.devices
-                claims[uid] = PreparedClaim(uid, namespace, name, STARTED)
-                self.checkpoint.save(claims)
+            done = await asyncio.to_thread(self._begin, namespace, uid, name)
+            if done is not None:
+                return done
             devices, spec_doc = await self._devices(namespace, uid, name)
-            path = await asyncio.to_thread(cdi.write, self.cdi_dir, self.driver, uid, spec_doc)
-            with self.checkpoint.locked():
-                claims = self.checkpoint.load()
-                claims[uid] = PreparedClaim(uid, namespace, name, COMPLETED, devices, str(path))
-                self.checkpoint.save(claims)
+            claim = PreparedClaim(uid, namespace, name, COMPLETED, devices)
+            await asyncio.to_thread(self._complete, claim, spec_doc)
             return devices
 
     async def unprepare(self, uid: str) -> None:
         async with self._lock:
-            await asyncio.to_thread(cdi.remove, self.cdi_dir, self.driver, uid)
-            with self.checkpoint.locked():
-                claims = self.checkpoint.load()
-                if claims.pop(uid, None) is not None:
-                    self.checkpoint.save(claims)
+            await asyncio.to_thread(self._forget, uid)
 
     async def _devices(
         self, namespace: str, uid: str, name: str
@@ -109,6 +155,10 @@ class Preparer:
         if not allocation:
             raise errors.PrepareError(f"claim {namespace}/{name} is not allocated")
         results = [r for r in allocation["devices"]["results"] if r["driver"] == self.driver]
+        if not results:
+            raise errors.PrepareError(
+                f"claim {namespace}/{name} has no device of driver {self.driver}"
+            )
         out, cdi_devices = [], []
         for r in results:
             bdf, serial, minor = await self._local(r["pool"], r["device"])
@@ -186,6 +236,7 @@ def _servicer(pb: Any, base: Any, preparer: Preparer) -> Any:
                 try:
                     await preparer.unprepare(claim.uid)
                 except (errors.AgentError, OSError) as exc:
+                    logger.warning("unprepare %s/%s failed: %s", claim.namespace, claim.name, exc)
                     entry.error = str(exc)
             return response
 
@@ -212,7 +263,24 @@ class Registration(reg_grpc.RegistrationServicer):  # type: ignore[misc]
         return reg.RegistrationStatusResponse()
 
 
+#: A socket file's identity: (st_dev, st_ino).
+Identity = tuple[int, int]
+#: sun_path is 108 bytes with its NUL.
+MAX_SOCKET_PATH = 107
+
+
 class KubeletPlugin:
+    """The two gRPC servers on their unix sockets.
+
+    A socket is bound under a private name — `<dir>/.<random>/s`, in a directory only we can enter,
+    which kubelet's plugin watcher ignores as it starts with a dot — made 0600, then renamed onto
+    its public name, so it appears whole, already private, and atomically replaces the socket of an
+    earlier process. `stop()` removes a public name only while it is still the socket this process
+    bound (same st_dev/st_ino): a replacement that started before this process stopped keeps its
+    sockets. (gRPC itself unlinks a unix socket's bind path at shutdown; that path is the private
+    one, gone by then.)
+    """
+
     def __init__(
         self, kube: Kube, *, driver: str, kubelet_dir: Path, cdi_dir: Path, reporter: NodeReporter
     ) -> None:
@@ -224,8 +292,19 @@ class KubeletPlugin:
         )
         self.registration = Registration(driver, str(self.dra_socket))
         self._servers: list[grpc.aio.Server] = []
+        #: public socket path -> the identity of the socket this process bound there
+        self._sockets: dict[Path, Identity] = {}
 
     async def start(self) -> None:
+        """Serve the DRA service, then the registration service. On failure, what had started is
+        stopped again before the error is raised."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         await asyncio.to_thread(self._prepare_dirs)
         dra = grpc.aio.server()
         v1_grpc.add_DRAPluginServicer_to_server(
@@ -243,29 +322,51 @@ class KubeletPlugin:
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
         self.reg_socket.parent.mkdir(parents=True, exist_ok=True)
         self.preparer.cdi_dir.mkdir(parents=True, exist_ok=True)
-        for socket in (self.dra_socket, self.reg_socket):
-            socket.unlink(missing_ok=True)  # a stale socket of an earlier run
         self.preparer.clean_stale()
 
     async def _serve(self, server: grpc.aio.Server, socket: Path) -> None:
-        if len(str(socket).encode()) > 107:  # sun_path is 108 bytes with its NUL
-            raise errors.ConfigError(
-                "--node-kubelet-dir",
-                str(socket),
-                "gives a socket path over 107 bytes; use a shorter directory",
-            )
-        old = os.umask(0o177)  # the socket is created 0600
+        private = await asyncio.to_thread(tempfile.mkdtemp, prefix=".", dir=socket.parent)
         try:
-            server.add_insecure_port(f"unix://{socket}")
+            bind = Path(private) / "s"
+            for path in (socket, bind):
+                if len(str(path).encode()) > MAX_SOCKET_PATH:
+                    raise errors.ConfigError(
+                        "--node-kubelet-dir",
+                        str(path),
+                        f"gives a socket path over {MAX_SOCKET_PATH} bytes; "
+                        "use a shorter directory",
+                    )
+            server.add_insecure_port(f"unix://{bind}")
             await server.start()
+            self._servers.append(server)
+            self._sockets[socket] = await asyncio.to_thread(_publish, bind, socket)
         finally:
-            os.umask(old)
-        os.chmod(socket, 0o600)
-        self._servers.append(server)
+            await asyncio.to_thread(shutil.rmtree, private, True)
 
     async def stop(self) -> None:
         for server in reversed(self._servers):
             await server.stop(grace=1.0)
         self._servers.clear()
-        for socket in (self.reg_socket, self.dra_socket):
-            socket.unlink(missing_ok=True)
+        sockets, self._sockets = self._sockets, {}
+        await asyncio.to_thread(_unlink_own, sockets)
+
+
+def _publish(bind: Path, public: Path) -> Identity:
+    """Make the bound socket 0600 and move it onto its public name; its identity."""
+    os.chmod(bind, 0o600)
+    st = os.stat(bind)
+    os.replace(bind, public)
+    return st.st_dev, st.st_ino
+
+
+def _unlink_own(sockets: dict[Path, Identity]) -> None:
+    """Unlink each public socket path that is still the socket we bound there."""
+    for path, identity in sockets.items():
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) != identity:
+            logger.info("%s now belongs to another plugin process; left in place", path)
+            continue
+        path.unlink(missing_ok=True)

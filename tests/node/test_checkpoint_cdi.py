@@ -1,5 +1,6 @@
-"""The plugin's checkpoint (version, checksum, boot id, atomic, locked) and CDI specs (names,
-ids, device nodes, lowest cdiVersion)."""
+"""The plugin's checkpoint (version, checksum, boot id, atomic, locked, every kind of corruption)
+and CDI specs (names, ids, device nodes, lowest cdiVersion; tests/node/test_cdi_library.py checks
+them against the CDI library itself)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import pytest
 from agent import errors
 from agent.model.pci import PciAddress, PciFunction
 from agent.node import cdi
-from agent.node.checkpoint import COMPLETED, STARTED, Checkpoint, PreparedClaim
+from agent.node.checkpoint import (
+    COMPLETED,
+    STARTED,
+    Checkpoint,
+    PreparedClaim,
+    _checksum,
+    boot_id,
+)
 
 
 def claim(uid: str, state: str = COMPLETED) -> PreparedClaim:
@@ -40,6 +48,15 @@ def test_entries_of_an_earlier_boot_are_stale(tmp_path: Path) -> None:
     assert [c.uid for c in after.stale] == ["u1"]
 
 
+CORRUPT = {
+    "half-written": ("{half", "not JSON"),
+    "not UTF-8": (b"\xff\xfe{}", "not JSON"),
+    "a JSON list": ("[]", "holds a JSON list"),
+    "another version": ('{"version": 2, "claims": {}}', "has version 2"),
+    "no version": ('{"claims": {}}', "has version None"),
+}
+
+
 def test_corruption_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     Checkpoint(path, boot="b").save({"u1": claim("u1")})
@@ -48,9 +65,46 @@ def test_corruption_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     with pytest.raises(errors.CheckpointError, match="checksum"):
         Checkpoint(path, boot="b").load()
-    path.write_text("{half")
-    with pytest.raises(errors.CheckpointError, match="not JSON"):
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_every_kind_of_unreadable_file_is_a_checkpoint_error(tmp_path: Path, case: str) -> None:
+    content, message = CORRUPT[case]
+    path = tmp_path / "c.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(errors.CheckpointError, match=message):
         Checkpoint(path, boot="b").load()
+
+
+@pytest.mark.parametrize(
+    "claims", [{"u1": {"uid": "u1", "colour": "red"}}, {"u1": "a string"}, ["u1"]]
+)
+def test_entries_of_the_wrong_shape_are_a_checkpoint_error(tmp_path: Path, claims: object) -> None:
+    """A checksum that matches (written by a program that computes it) over entries this agent
+    cannot read: an error, not a TypeError out of the plugin."""
+    path = tmp_path / "c.json"
+    path.write_text(
+        json.dumps({"version": 1, "boot_id": "b", "checksum": _checksum(claims), "claims": claims})
+    )
+    with pytest.raises(errors.CheckpointError, match="cannot read"):
+        Checkpoint(path, boot="b").load()
+
+
+def test_the_boot_id_is_this_machines(tmp_path: Path) -> None:
+    cp = Checkpoint(tmp_path / "c.json")
+    assert cp.boot == boot_id()
+    assert len(boot_id()) == 36  # a UUID, from /proc/sys/kernel/random/boot_id
+
+
+def test_without_proc_the_boot_id_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreadable(self: Path) -> str:
+        raise PermissionError(13, "denied")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert boot_id() == "unknown"
 
 
 def fn(driver: str, group: int = 7) -> PciFunction:
