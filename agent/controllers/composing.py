@@ -20,6 +20,7 @@ from the PCI tree) unless `force_detach` is set — or the Node object has been 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -79,6 +80,7 @@ class Composer:
         self._node_missing: dict[str, float] = {}
         resources.add_handler(self._on_event)
         publisher.on_inventory.append(self._on_inventory)
+        publisher.nodes.add_handler(self._on_node)
 
     def _on_event(self, event: Event) -> None:
         obj = event.obj
@@ -98,6 +100,14 @@ class Composer:
             for other in self.resources.store.values():
                 if fabric_device(other) == device and name_of(other) != name:
                     self.queue.enqueue(name_of(other))
+
+    def _on_node(self, event: Event) -> None:
+        if event.type != "DELETED":
+            return
+        node = event.obj["metadata"]["name"]
+        for obj in self.resources.store.values():
+            if target_node(obj) == node:
+                self.queue.enqueue(name_of(obj))
 
     def _on_inventory(self, _inventory: Inventory | None) -> None:
         # Capacity may have freed up: retry the resources that found no free device.
@@ -155,6 +165,8 @@ class Composer:
                 )
             )
             return  # the update event brings us back
+        if await self._node_gone(cr):
+            return
         if state(cr) == "Failed" and (cr.get("status") or {}).get("reason") == (
             decide.NO_FREE_DEVICE
         ):
@@ -162,6 +174,30 @@ class Composer:
             return
         if state(cr) in ("", "Attaching") and cr["metadata"].get("uid") not in self._attached:
             await self._attach(cr)
+
+    async def _node_gone(self, cr: Obj) -> bool:
+        """A live resource whose Node has been gone for `--node-gone-grace` is deleted (with a
+        Warning Event): nothing can use its device there any more, and the removal path detaches
+        it without waiting for a node that cannot answer."""
+        node = target_node(cr)
+        if not node or self.publisher.nodes.get("", node) is not None:
+            self._node_missing.pop(node, None)
+            return False
+        if not self.publisher.nodes.synced.is_set():
+            return False
+        since = self._node_missing.setdefault(node, self.mono())
+        gone_for = self.mono() - since
+        if gone_for < self.node_gone_grace:
+            self.queue.enqueue_after(name_of(cr), self.node_gone_grace - gone_for)
+            return False
+        device = fabric_device(cr) or "its device"
+        message = f"node {node} is gone (for {gone_for:.0f} s): releasing {device}"
+        logger.warning("%s: %s", name_of(cr), message)
+        metrics.FAILURES.labels("NodeGone").inc()
+        self.recorder.emit(cr, "NodeGone", message, warning=True)
+        with contextlib.suppress(errors.KubeNotFound):
+            await self.kube.delete(f"{RESOURCES}/{name_of(cr)}")
+        return True
 
     def _fabric_machine(self, device: str) -> str | None:
         """The machine the fabric (as last read) has `device` attached or attaching to."""

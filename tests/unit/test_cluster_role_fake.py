@@ -507,6 +507,17 @@ async def test_resource_of_a_deleted_node_is_detached_after_the_grace() -> None:
         assert w.events("NodeGone")
 
 
+async def test_a_live_resource_of_a_deleted_node_is_released_after_the_grace() -> None:
+    """A pre-warmed GPU (no claim, no scale-down) on a node that was deleted."""
+    async with world(node_gone_grace=0.5, double=False) as w:
+        model_only(w, "warm-0", "node-1")
+        await w.wait(lambda: w.fabric.attached_to("gpu-0") == "m-node-1", "attached")
+        w.kube.remove(f"{NODES}/node-1")
+        await w.wait(lambda: w.resource("warm-0") is None, "warm-0 gone", timeout=10)
+        assert w.fabric.attached_to("gpu-0") is None
+        assert w.events("NodeGone")
+
+
 async def test_a_silent_node_agent_does_not_hold_a_detach_forever() -> None:
     async with world(node_gone_grace=0.5, double=False) as w:
         w.new_claim("c1")
@@ -626,7 +637,7 @@ async def test_publisher_retries_failed_slice_writes() -> None:
         w.kube.fail("PUT", SLICES, status=409, times=1)
         w.fabric.set("gpu-1", DeviceState.FAILED)  # a change to publish
         await w.wait(lambda: w.device_name("gpu-1") not in w.offered(), "the change published")
-        assert w.role.publisher.error == ""
+        await w.wait(lambda: w.role.publisher.error == "", "publishing healthy again")
 
 
 async def test_publisher_rides_out_a_stalled_api_server() -> None:
