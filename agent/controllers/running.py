@@ -60,11 +60,16 @@ class ClusterRole:
         await self.supervisor.run(self.loops())
 
     def not_ready(self) -> list[str]:
-        """Why this term is not ready, one reason a line: an informer not synced yet, the fabric
-        manager unreachable, publishing failing (the DRA feature gates off, RBAC, an API server
-        that times out), a loop failed and not settled again. Empty when ready."""
+        """Why this term is not ready, one reason a line: an informer not synced yet (or not
+        getting answers from the API server), the fabric manager unreachable, publishing failing
+        (the DRA feature gates off, RBAC, an API server that times out), a loop failed and not
+        settled again. Empty when ready."""
         reasons = [
-            f"informer {inf.name} not synced" for inf in self.informers if not inf.synced.is_set()
+            f"informer {inf.name} not synced"
+            if not inf.synced.is_set()
+            else f"informer {inf.name} gets no answer from the API server"
+            for inf in self.informers
+            if not inf.healthy
         ]
         if (why := self.fabric.link.reason) is not None:
             reasons.append(why)
