@@ -94,11 +94,13 @@ class NodeReporter:
     _rescan_wanted = True
 
     async def _scan(self) -> None:
+        """Read the PCI tree into `functions`. The wish for a rescan is cleared before reading:
+        an event that arrives while the tree is being read asks again."""
+        self._rescan_wanted = False
         fns = await asyncio.get_running_loop().run_in_executor(
             self._sysfs, scanning.scan, self.cfg.sysfs_root
         )
         self.functions = {f.address: f for f in fns}
-        self._rescan_wanted = False
         self.scanned.set()
 
     # --- main loop -------------------------------------------------------------------------------
@@ -144,6 +146,8 @@ class NodeReporter:
                 next_resync = time.monotonic() + self.cfg.resync
             if self._rescan_wanted:
                 await self._scan()
+                if self._rescan_wanted:
+                    continue  # the tree changed while it was read: read it again first
             pending, self._pending = self._pending, set()
             async with asyncio.TaskGroup() as tg:
                 for name in pending:

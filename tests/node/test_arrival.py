@@ -4,7 +4,9 @@ when the function has not appeared, rescans as configured (never / always / auto
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,10 @@ from typing import Any
 import pytest
 
 from agent.kube.resources import NODE_READY, RESOURCES
+from agent.node import reporting
 from agent.simulated.sysfs import add_function
 from tests.node.simnode import SimNode, make_node
+from tests.waiting import until
 
 BDF = "0000:41:00.0"
 
@@ -138,3 +142,55 @@ async def test_no_rescan_file_no_retry(node: SimNode) -> None:
     name = await online(node, on_bus=False)
     await node.reporter._handle(name)
     assert name not in node.reporter._pending
+
+
+async def test_a_function_appearing_during_a_scan_is_not_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hot-plug event that arrives while a scan is under way (after it listed the tree) must
+    lead to another scan before the resources are looked at: otherwise the resource is handled
+    with the stale list and, with no rescan configured, waits for the next resync (minutes).
+    Found as a flaky test_node_role (three GPUs arriving on two nodes at once)."""
+    n = make_node(tmp_path, monkeypatch)
+    name = await online(n, on_bus=False, in_nvml=False)
+    n.reporter.resources.store.clear()
+    real_scan = reporting.scanning.scan
+    listed, release = threading.Event(), threading.Event()
+    hold = threading.Event()  # armed: the next scan lists the tree, then waits for `release`
+
+    def scan(root: str) -> Any:
+        functions = real_scan(root)
+        if hold.is_set():
+            hold.clear()
+            listed.set()
+            release.wait(30)
+        return functions
+
+    monkeypatch.setattr(reporting.scanning, "scan", scan)
+    task = asyncio.create_task(n.reporter.run())
+    try:
+        await until(lambda: _synced(n), what="the reporter's first pass")
+        hold.set()
+        add_function(n.sysfs, "0000:99:00.0")  # an unrelated arrival starts a scan
+        await asyncio.to_thread(listed.wait, 30)
+        add_function(n.sysfs, BDF)  # ours arrives while that scan is under way
+        await until(lambda: _seen(n, BDF), what="the hot-plug event of ours")
+        release.set()
+        cond = await until(lambda: _ready(n, name), what="NodeReady", timeout=15)
+        assert BDF in cond["message"]
+    finally:
+        release.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _synced(n: SimNode) -> bool:
+    return n.reporter.resources.synced.is_set() and not n.reporter._rescan_wanted
+
+
+async def _seen(n: SimNode, bdf: str) -> bool:
+    return bdf in n.reporter.events_seen
+
+
+async def _ready(n: SimNode, name: str) -> dict[str, Any] | None:
+    return ready(n, name)
