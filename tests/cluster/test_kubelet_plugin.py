@@ -1,7 +1,8 @@
 """The DRA kubelet plugin driven by kubelet's own generated gRPC clients (tests/kubelet/main.go,
 built from the Go module proxy) for a claim the real scheduler allocated and the real node role
-saw arrive: registration, NodePrepareResources → CDI ids and a CDI file with the device nodes,
-a crash between PrepareStarted and PrepareCompleted recovered, NodeUnprepareResources."""
+saw arrive: registration, NodePrepareResources → CDI ids and a CDI file with the device nodes
+that the CDI library runtimes use loads and resolves (tests/cdi), a crash between PrepareStarted
+and PrepareCompleted recovered, NodeUnprepareResources."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,7 @@ from agent.node.checkpoint import STARTED, Checkpoint
 from agent.node.plugin import KubeletPlugin
 from agent.node.reporting import NodeReporter
 from agent.simulated import stubnvml
+from tests import cdi as cdicheck
 from tests import kubelet
 from tests.cluster.conftest import CLAIMS, World
 from tests.cluster.test_scale_up import bound_pods
@@ -62,6 +65,7 @@ async def test_kubelet_prepares_through_our_plugin(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     binary = await asyncio.to_thread(kubelet.build)
+    checker = await asyncio.to_thread(cdicheck.build)
     node = world.nodes[0]
     root = tmp_path / "nodes" / node
     hook = SysfsHook(lambda m: root if m.name == node else None)
@@ -110,7 +114,8 @@ async def test_kubelet_prepares_through_our_plugin(
         (spec_file,) = list(cdi_dir.iterdir())
         assert spec_file.name == f"{world.driver}-gpu_{uid}.json"
         spec = json.loads(spec_file.read_text())
-        assert spec["cdiVersion"] == "0.3.0"
+        # a claim UID is a UUID: one starting with a digit needs CDI 0.5.0 for the device name
+        assert spec["cdiVersion"] == ("0.5.0" if uid[0].isdigit() else "0.3.0")
         assert spec["kind"] == f"{world.driver}/gpu"
         (cdev,) = spec["devices"]
         assert cdev["name"] == f"{uid}-{device}"
@@ -128,6 +133,10 @@ async def test_kubelet_prepares_through_our_plugin(
             "/dev/nvidia-uvm-tools",
         ]
         original = spec_file.read_text()
+        # what the container runtime will do with it: load the directory, resolve the id
+        library = await asyncio.to_thread(cdicheck.check, checker, cdi_dir, [expected_id])
+        assert library["rejected"] == {}
+        assert library["resolved"] == {expected_id: str(spec_file)}
 
         # Crash between PrepareStarted and PrepareCompleted: the record says started, the CDI
         # file is half-written; a restarted plugin prepares again to the same result.
@@ -169,9 +178,10 @@ async def test_kubelet_prepares_through_our_plugin(
         twice = await asyncio.to_thread(drive, binary, plugin, world.driver, "unprepare", claim)
         assert not twice["claims"][uid].get("error")
 
-        bogus = {"metadata": {"namespace": "default", "name": "no-such-claim", "uid": "0000"}}
+        ghost = str(uuid.uuid4())
+        bogus = {"metadata": {"namespace": "default", "name": "no-such-claim", "uid": ghost}}
         failed = await asyncio.to_thread(drive, binary, plugin, world.driver, "prepare", bogus)
-        assert "404" in failed["claims"]["0000"]["error"]  # per-claim error, not an RPC failure
+        assert "404" in failed["claims"][ghost]["error"]  # per-claim error, not an RPC failure
     finally:
         await plugin.stop()
         shutil.rmtree(kubelet_dir, ignore_errors=True)
