@@ -211,21 +211,18 @@ class Requester:
             return  # the update event brings us back
         await self._chunked(d.adopt, lambda n: self._adopt(req, owned[n]))
         await self._chunked(d.force_detach, lambda n: self._force_detach(n, req.want))
-        await self._chunked(d.delete, self._delete)
-        memory.deleted |= set(d.delete)
+        await self._chunked(d.delete, lambda n: self._delete(n, memory))
         status, events = d.status, list(d.events)
         refused = await self._create_all(req, d.create, memory)
         self._emit(obj, d.done)  # what was done is done, whatever happens to the status write
+        running = status is not None and status.get("state") == "Running"
+        memory.replacements = 0 if running else memory.replacements + d.replaced
         if refused and status is not None:
             failed, message = refused
             status, note = model.create_failed(req, status, failed, message, self.clock())
             events.append(note)
         if status is not None and status != (obj.get("status") or {}):
             await self._write_status(obj, status, memory)
-        if status is not None and status.get("state") == "Running":
-            memory.replacements = 0
-        else:
-            memory.replacements += d.replaced
         self._emit(obj, events)
         if d.waiting:
             self._waiting.add(req.name)
@@ -308,9 +305,10 @@ class Requester:
             created = existing
         memory.pending[m.name] = (created, time.monotonic())
 
-    async def _delete(self, name: str) -> None:
+    async def _delete(self, name: str, memory: _Memory) -> None:
         with contextlib.suppress(errors.KubeNotFound):
             await self.kube.delete(f"{RESOURCES}/{name}")
+        memory.deleted.add(name)
 
     async def _adopt(self, req: model.Request, obj: Obj) -> None:
         """Give one of CoHDI's members our labels and an ownerReference to its request."""
