@@ -37,8 +37,16 @@ from agent.kube.resources import RESOURCES, deleting, spec, state
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import composing as decide
-from agent.model.fabric import DeviceId, DeviceState, Inventory, MachineId
-from agent.model.objects import deleted_at, fabric_device, name_of, target_node
+from agent.model import slots as slotmodel
+from agent.model.fabric import DeviceId, DeviceState, Inventory, MachineId, PoolDevice
+from agent.model.objects import (
+    attached_device,
+    deleted_at,
+    devices_of,
+    fabric_device,
+    name_of,
+    target_node,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,8 @@ class Composer:
         self._attached: set[str] = set()
         #: device -> the resource this term started attaching it for (until that one is gone)
         self._claimed: dict[str, str] = {}
+        #: (machine, model) -> serialises attaches through anonymous slots
+        self._slot_locks: dict[tuple[str, str], asyncio.Lock] = {}
         #: resource name -> the highest resourceVersion our own writes returned
         self._written: dict[str, int] = {}
         #: node name -> monotonic time we first saw its Node object missing
@@ -91,8 +101,9 @@ class Composer:
         if event.type == "DELETED":
             self._attached.discard(obj["metadata"].get("uid", ""))
             self._written.pop(name, None)
-            if device and self._claimed.get(device) == name:
-                del self._claimed[device]
+            for dev in devices_of(obj):
+                if self._claimed.get(dev) == name:
+                    del self._claimed[dev]
             if device:  # its device may be free for a resource that found none
                 self._on_inventory(None)
         self.queue.enqueue(name)
@@ -199,9 +210,36 @@ class Composer:
             await self.kube.delete(f"{RESOURCES}/{name_of(cr)}")
         return True
 
+    async def _attach_slot(self, name: str, slot: str, machine: str, model: str) -> PoolDevice:
+        """Attach through an anonymous slot (the fabric picks the GPU). Serialised per (machine,
+        model), and preceded by a fresh read of the fabric: a GPU of the model on the machine
+        that no resource names is the one an earlier attach through this slot brought, whose
+        answer was lost — adopt it instead of attaching a second one."""
+        lock = self._slot_locks.setdefault((machine, model), asyncio.Lock())
+        async with lock:
+            inventory = await self.fabric.inventory()
+            owned = decide.taken_devices(self.resources.store.values(), also=set(self._claimed))
+            found = slotmodel.unowned_arrivals(inventory, machine=machine, model=model, owned=owned)
+            if found:
+                dev = found[0]
+                logger.warning(
+                    "%s: %s of %s is on %s and no resource names it (an attach answer was "
+                    "lost?): adopting it for slot %s",
+                    name,
+                    dev.id,
+                    model,
+                    machine,
+                    slot,
+                )
+                metrics.DECISIONS.labels("adopted").inc()
+            else:
+                dev = await self.fabric.attach(DeviceId(slot), MachineId(machine), model=model)
+            self._claimed[dev.id] = name
+            return dev
+
     def _fabric_machine(self, device: str) -> str | None:
         """The machine the fabric (as last read) has `device` attached or attaching to."""
-        dev = self.publisher.device(device) if device else None
+        dev = self.publisher.fabric_device(device) if device else None
         if dev is None or dev.state == DeviceState.FREE:
             return None
         return dev.machine
@@ -307,7 +345,12 @@ class Composer:
         self._claimed.setdefault(device, name)
         started = self.mono()
         try:
-            dev = await self.fabric.attach(DeviceId(device), MachineId(machine), model=s["model"])
+            if slotmodel.is_slot(device):
+                dev = await self._attach_slot(name, device, machine, s["model"])
+            else:
+                dev = await self.fabric.attach(
+                    DeviceId(device), MachineId(machine), model=s["model"]
+                )
         except (
             errors.DeviceBusy,
             errors.DeviceFailed,
@@ -375,10 +418,10 @@ class Composer:
             node_gone_grace=self.node_gone_grace,
             deleting_for=self.wall() - deleted_at(cr),
             claimed=self._claimed,
-            fabric_machine=self._fabric_machine(fabric_device(cr)),
+            fabric_machine=self._fabric_machine(attached_device(cr)),
             own_machine=self.publisher.machine_of_node(node),
         )
-        device = fabric_device(cr)
+        device = attached_device(cr)
         version = cr["metadata"]["resourceVersion"]
         if d.step == decide.RemoveStep.DROP:
             logger.info("%s: removed without touching the fabric: %s", name, d.why)

@@ -20,8 +20,11 @@ from agent import errors
 from agent.controllers import metrics
 from agent.kube.client import Kube, Obj, path_of
 from agent.kube.watching import Informer
+from agent.model import composing as composemodel
 from agent.model import pool as poolmodel
+from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceState, Inventory, PoolDevice
+from agent.model.objects import attached_device, fabric_device
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +40,28 @@ class FeatureGateOff(errors.PermanentError):
     fault = "kube"
 
 
+_ViewCache = tuple[Inventory | None, tuple[tuple[str, str | None], ...], Inventory | None]
+
+
 class Publisher:
-    def __init__(self, kube: Kube, *, driver: str, slices: Informer, nodes: Informer) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        driver: str,
+        slices: Informer,
+        nodes: Informer,
+        resources: Informer | None = None,
+    ) -> None:
         self.kube = kube
         self.driver = driver
         self.slices = slices
         self.nodes = nodes
+        #: the fabric's inventory as the backend reads it
         self.inventory: Inventory | None = None
+        #: ComposableResources: a slot they hold keeps its name (agent.model.slots)
+        self.resources = resources
+        self._view: _ViewCache = (None, (), None)
         #: device id -> why it is not offered ("scale-down", "failed", "choosing"): each user of
         #: withholding releases only its own reason, so one cannot undo another's.
         self._withheld: dict[str, set[str]] = {}
@@ -67,6 +85,8 @@ class Publisher:
         self._synced_once = asyncio.Event()
         self.syncs = 0
         nodes.add_handler(lambda _e: self.changed())
+        if resources is not None:
+            resources.add_handler(self._on_resource)
 
     def changed(self) -> None:
         self._dirty.set()
@@ -110,20 +130,59 @@ class Publisher:
         self.inventory = Inventory(self.inventory.machines, tuple(devices), version="local")
         self.changed()
 
+    def _on_resource(self, event: Any) -> None:
+        if slotmodel.is_slot(fabric_device(event.obj)):
+            self.changed()
+
+    def held_slots(self) -> dict[str, str | None]:
+        """Slot id → the device a live resource attached through it (None until it arrived)."""
+        held: dict[str, str | None] = {}
+        if self.resources is None:
+            return held
+        for obj in self.resources.store.values():
+            slot = fabric_device(obj)
+            if slotmodel.is_slot(slot) and not composemodel.refused(obj):
+                arrived = attached_device(obj)
+                held[slot] = arrived if arrived != slot else None
+        return held
+
+    @property
+    def view(self) -> Inventory | None:
+        """The inventory with anonymous slots given stable names (`agent.model.slots.view`): what
+        is published, and what claims' device names resolve against."""
+        if self.inventory is None:
+            return None
+        held = tuple(sorted(self.held_slots().items()))
+        inv, key, out = self._view
+        if inv is not self.inventory or key != held or out is None:
+            out = slotmodel.view(self.inventory, dict(held))
+            self._view = (self.inventory, held, out)
+        return out
+
     def device(self, device_id: str) -> PoolDevice | None:
+        """A device as published (a held slot with its GPU's state), else as the fabric has it."""
+        view = self.view
+        found = view.device(device_id) if view is not None else None
+        if found is None and self.inventory is not None:
+            found = self.inventory.device(device_id)
+        return found
+
+    def fabric_device(self, device_id: str) -> PoolDevice | None:
+        """A device exactly as the fabric reported it (no slot naming)."""
         return self.inventory.device(device_id) if self.inventory else None
 
     def device_id_of(self, pool: str, name: str) -> str | None:
         """The fabric device behind a slice entry (pool, device name). Called for every claim
         event, so answered from an index rebuilt only when the inventory object changes."""
-        if self.inventory is None:
+        view = self.view
+        if view is None:
             return None
-        if self._names_of is not self.inventory:
+        if self._names_of is not view:
             self._names = {
                 (poolmodel.pool_name(d.fabric), poolmodel.device_name(d.id)): d.id
-                for d in self.inventory.devices
+                for d in view.devices
             }
-            self._names_of = self.inventory
+            self._names_of = view
         return self._names.get((pool, name))
 
     def device_index(self) -> dict[tuple[str, str], str]:
@@ -225,10 +284,12 @@ class Publisher:
 
     async def sync(self) -> None:
         assert self.inventory is not None
+        view = self.view
+        assert view is not None
         await self._label_nodes()
         desired = poolmodel.desired_slices(
             driver=self.driver,
-            inventory=self.inventory,
+            inventory=view,
             node_of_machine=self.node_of_machine(),
             withheld=frozenset(self.withheld),
             pinned=frozenset(self.pinned),

@@ -117,7 +117,7 @@ def build(
     resources = informer(RESOURCES, "composableresources")
     requests = informer(REQUESTS, "composabilityrequests")
     recorder = Recorder(kube, component="cohdi-agent", instance=identity)
-    publisher = Publisher(kube, driver=c.driver, slices=slices, nodes=nodes)
+    publisher = Publisher(kube, driver=c.driver, slices=slices, nodes=nodes, resources=resources)
     scaler = Scaler(
         kube,
         driver=c.driver,

@@ -48,7 +48,8 @@ from agent.manifests import crds
 from agent.model import claims as claimmodel
 from agent.model import pool as poolmodel
 from agent.model import scaling as decide
-from agent.model.objects import fabric_device, target_node
+from agent.model.fabric import Inventory
+from agent.model.objects import devices_of, fabric_device, target_node
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ MIN_LABEL = decide.MIN_LABEL
 ClaimKey = tuple[str, str]
 
 ALL_CLAIMS = "/apis/resource.k8s.io/v1/resourceclaims"
+
+#: On a ComposableResource the scaler made for a GPU it found attached with no owner.
+ADOPTED_ANNOTATION = "cohdi.io/adopted"
 
 #: The longest a scale-down waits for its withholding to be written before it gives up (and
 #: retries later): without that write the scheduler may still be offering the device.
@@ -84,6 +88,7 @@ class Scaler:
         deadline: float,
         idle_grace: float,
         settle: float = 5.0,
+        orphan_grace: float = 10.0,
         workers: int = 64,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
@@ -98,11 +103,15 @@ class Scaler:
         self.deadline = deadline
         self.idle_grace = idle_grace
         self.settle = settle
+        self.orphan_grace = orphan_grace
         self.wall = wall
         self.mono = mono
         self.queue: KeyedQueue[ClaimKey] = KeyedQueue("scaler", self.handle, workers=workers)
         self.idle: KeyedQueue[str] = KeyedQueue("scale-down", self.check_idle, workers=8)
         self.labels: KeyedQueue[str] = KeyedQueue("node-labels", self._sync_full_label, workers=4)
+        self.orphans: KeyedQueue[str] = KeyedQueue("orphans", self._check_orphan, workers=2)
+        #: device -> monotonic time it was first seen attached with no resource naming it
+        self._orphan_since: dict[str, float] = {}
         #: device id -> monotonic time it was last held by a claim
         self.last_used: dict[str, float] = {}
         self._held: dict[ClaimKey, set[tuple[str, str]]] = {}
@@ -116,6 +125,7 @@ class Scaler:
         self._listed: tuple[float, list[Obj]] = (float("-inf"), [])
         claims.add_handler(self._on_claim)
         resources.add_handler(self._on_resource)
+        publisher.on_inventory.append(self._on_inventory)
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -182,6 +192,7 @@ class Scaler:
             tg.create_task(self.queue.run())
             tg.create_task(self.idle.run())
             tg.create_task(self.labels.run())
+            tg.create_task(self.orphans.run())
 
     # --- scale up --------------------------------------------------------------------------------
 
@@ -312,13 +323,12 @@ class Scaler:
     # --- claims holding a device that is not on their node ---------------------------------------
 
     async def _check_held(self, key: ClaimKey, claim: Obj) -> None:
-        inventory = self.publisher.inventory
+        inventory = self.publisher.view
         if inventory is None:
             return
         by_device: dict[str, Obj] = {}
         for o in self.resources.store.values():
-            dev = fabric_device(o)
-            if dev:
+            for dev in devices_of(o):
                 by_device[dev] = o
         found = decide.stranded(
             claim,
@@ -357,6 +367,85 @@ class Scaler:
                 warning=True,
             )
             await self._create_resource(claim, s.device, s.node, f"{key[0]}/{key[1]}")
+
+    # --- orphans: attached GPUs no resource owns -------------------------------------------------
+
+    def _owned(self) -> set[str]:
+        owned = {d for o in self.resources.store.values() for d in devices_of(o)}
+        return owned
+
+    def _on_inventory(self, inventory: Inventory | None) -> None:
+        if inventory is None or not self.resources.synced.is_set():
+            return
+        found = set(decide.orphans(inventory, self._owned()))
+        now = self.mono()
+        for device in found:
+            if device not in self._orphan_since:
+                self._orphan_since[device] = now
+                self.orphans.enqueue_after(device, self.orphan_grace)
+        for device in set(self._orphan_since) - found:
+            del self._orphan_since[device]
+
+    async def _check_orphan(self, device: str) -> None:
+        """A device attached with no resource for `orphan_grace` (long past any write in flight)
+        is adopted: a ComposableResource is made for it on its machine's node, and from then on
+        it is scaled down like any idle device (after the idle grace, if no claim holds it)."""
+        inventory = self.publisher.inventory
+        since = self._orphan_since.get(device)
+        if (
+            inventory is None
+            or since is None
+            or resource_name(device) in self._created
+            or device not in decide.orphans(inventory, self._owned())
+        ):
+            self._orphan_since.pop(device, None)
+            return
+        waited = self.mono() - since
+        if waited < self.orphan_grace:
+            self.orphans.enqueue_after(device, self.orphan_grace - waited)
+            return
+        dev = inventory.device(device)
+        node = self.publisher.node_of_machine().get(str(dev.machine)) if dev else None
+        if dev is None or node is None:
+            logger.warning(
+                "%s is attached to machine %s, which is no node of this cluster: left alone",
+                device,
+                dev.machine if dev else "?",
+            )
+            return
+        name = resource_name(device)
+        body = {
+            "apiVersion": f"{crds.GROUP}/{crds.VERSION}",
+            "kind": "ComposableResource",
+            "metadata": {
+                "name": name,
+                "annotations": {ADOPTED_ANNOTATION: "orphan"},
+                "labels": {poolmodel.FABRIC_LABEL: poolmodel.fabric_label(dev.fabric)},
+                "finalizers": [crds.FINALIZER],
+            },
+            "spec": {
+                "type": "gpu",
+                "model": dev.model,
+                "target_node": node,
+                "fabric_device": device,
+            },
+        }
+        try:
+            created = await self.kube.create(RESOURCES, body)
+        except errors.KubeAlreadyExists:
+            return
+        self._orphan_since.pop(device, None)
+        self._created[name] = node
+        self.last_used[device] = self.mono()  # a full idle grace from now
+        self.idle.enqueue_after(device, self.idle_grace)
+        message = (
+            f"{device} was attached to {node} with no ComposableResource owning it (attached "
+            f"outside the agent, or an answer was lost) for {waited:.0f} s: adopted; it is "
+            f"detached after {self.idle_grace:.0f} s if no claim takes it"
+        )
+        logger.warning(message)
+        metrics.DECISIONS.labels("orphan-adopted").inc()
+        self.recorder.emit(created, "OrphanAdopted", message, warning=True)
 
     # --- limits ----------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from agent.model.objects import (
     age_key,
     condition,
     deleting,
+    devices_of,
     fabric_device,
     name_of,
     spec,
@@ -64,7 +65,7 @@ def owner_of(
 
     Creation time alone is not enough: it has whole seconds only, so within one second the name
     would decide, and a resource made later could take a device another one already attached."""
-    named = [o for o in resources if fabric_device(o) == device and not refused(o)]
+    named = [o for o in resources if device in devices_of(o) and not refused(o)]
     by_claim = (claimed or {}).get(device)
     for o in named:
         if name_of(o) == by_claim:
@@ -97,7 +98,7 @@ def check_owner(
 def taken_devices(resources: Iterable[Obj], *, also: Set[str] = frozenset()) -> set[str]:
     """Devices no model-only resource may choose: those named by any resource that is not refused
     (live or detaching), plus `also` (pinned to claims, withheld, chosen but not yet recorded)."""
-    return {d for o in resources if not refused(o) and (d := fabric_device(o))} | set(also)
+    return {d for o in resources if not refused(o) for d in devices_of(o)} | set(also)
 
 
 def choose_device(

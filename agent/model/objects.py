@@ -54,6 +54,19 @@ def fabric_device(obj: Obj) -> str:
     return str(spec(obj).get("fabric_device") or chosen or "")
 
 
+def attached_device(obj: Obj) -> str:
+    """The fabric device the resource has (or had) attached: the one the fabric answered with
+    (`status.cdi_device_id`), else the one it was made for. They differ for a resource made for an
+    anonymous slot (`agent.model.slots`): the slot is its identity, this is the GPU."""
+    chosen = (obj.get("status") or {}).get("cdi_device_id")
+    return str(chosen or spec(obj).get("fabric_device") or "")
+
+
+def devices_of(obj: Obj) -> set[str]:
+    """Every fabric device id the resource names: its identity and what it attached."""
+    return {d for d in (fabric_device(obj), attached_device(obj)) if d}
+
+
 def target_node(obj: Obj) -> str:
     return str(spec(obj).get("target_node") or "")
 

@@ -279,3 +279,20 @@ def full_label(node: Obj | None, on_node: int, full_label_key: str) -> str | boo
     if full == labelled:
         return False
     return "true" if full else None
+
+
+# --- orphans -------------------------------------------------------------------------------------
+
+
+def orphans(inventory: Inventory, owned: set[str]) -> list[str]:
+    """Devices the fabric has attached (or attaching) to a machine that no ComposableResource
+    names (`owned`: every id any resource names, `objects.devices_of`): attached behind the
+    agent's back, or left by a lost answer. Anonymous placeholders are never orphans."""
+    return sorted(
+        d.id
+        for d in inventory.devices
+        if not d.anonymous
+        and d.machine
+        and d.state in (DeviceState.ATTACHED, DeviceState.ATTACHING)
+        and d.id not in owned
+    )

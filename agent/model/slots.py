@@ -1,0 +1,106 @@
+"""Anonymous slots (fabric managers that name no free device) with stable identities.
+
+The FTI/Fsas fabric-manager API gives, per model, only a *count* of free GPUs; the device that
+arrives is named by the attach's answer. The backend reports the count as placeholders
+`<fabric>.<model>.free-<n>` (`slot_id`). Published as they are, one physical GPU would have two
+allocatable identities once attached — the slot a claim holds and the GPU's own id, offered with
+`nodeName` — and the scheduler could hand it to a second claim. So:
+
+- a slot held by a ComposableResource (`spec.fabric_device` is a slot) keeps its name for as long
+  as that resource lives: while attaching it is the slot (as the claim was allocated it), once the
+  GPU arrived it is the slot with that GPU's state, machine, model and UUID;
+- the GPU that arrived through a held slot is not offered under its own id;
+- the free count is offered as the lowest slot numbers no resource holds, so a held slot's name
+  is never reused while it is held.
+
+`view(inventory, held)` turns the backend's inventory into the one the publisher, the scaler and
+the node see. Backends that name their free devices (Redfish) have no slots: the view is the
+inventory unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Final
+
+from agent.model.fabric import DeviceId, DeviceState, FabricId, Inventory, PoolDevice
+
+_SLOT: Final = re.compile(r"^(?P<fabric>.*)\.(?P<model>[^.]*)\.free-(?P<n>\d+)$")
+
+
+def slot_id(fabric: str, model: str, n: int) -> DeviceId:
+    """The id of free slot `n` of `model` on `fabric` (models contain no '.')."""
+    return DeviceId(f"{fabric}.{model}.free-{n}")
+
+
+def parse_slot(device: str) -> tuple[str, str, int] | None:
+    """(fabric, model, n) of a slot id; None for any other device id."""
+    m = _SLOT.match(device)
+    if m is None:
+        return None
+    return m["fabric"], m["model"], int(m["n"])
+
+
+def is_slot(device: str) -> bool:
+    return parse_slot(device) is not None
+
+
+def view(inventory: Inventory, held: Mapping[str, str | None]) -> Inventory:
+    """The inventory with slot identities kept stable (see the module docstring).
+
+    `held`: slot id → the real device a live resource attached through it (None while it has not
+    arrived). Slots not in `inventory` may be held (their placeholder moved when the count
+    dropped); real devices that no longer exist are ignored."""
+    if not held and not any(d.anonymous for d in inventory.devices):
+        return inventory
+    real = {d.id: d for d in inventory.devices if not d.anonymous}
+    behind = {dev for dev in held.values() if dev}
+    out: list[PoolDevice] = [d for d in real.values() if d.id not in behind]
+    # held slots, under their own names
+    taken: dict[tuple[str, str], set[int]] = {}
+    for slot, device in held.items():
+        parsed = parse_slot(slot)
+        if parsed is None:
+            continue
+        fabric, model, n = parsed
+        taken.setdefault((fabric, model), set()).add(n)
+        arrived = real.get(DeviceId(device)) if device else None
+        if arrived is not None:
+            out.append(replace(arrived, id=DeviceId(slot), anonymous=False))
+        else:
+            out.append(PoolDevice(DeviceId(slot), FabricId(fabric), model, DeviceState.ATTACHING))
+    # the free count, as the lowest numbers no resource holds
+    free: dict[tuple[str, str], list[PoolDevice]] = {}
+    for d in inventory.devices:
+        if d.anonymous and d.state == DeviceState.FREE:
+            free.setdefault((str(d.fabric), d.model), []).append(d)
+    for (fabric, model), placeholders in sorted(free.items()):
+        used = taken.get((fabric, model), set())
+        n = 0
+        for d in placeholders:
+            while n in used:
+                n += 1
+            out.append(replace(d, id=slot_id(fabric, model, n)))
+            n += 1
+    return Inventory(inventory.machines, tuple(out), version=inventory.version)
+
+
+def unowned_arrivals(
+    inventory: Inventory, *, machine: str, model: str, owned: set[str]
+) -> list[PoolDevice]:
+    """Devices of `model` attached to `machine` that no resource names: after an attach through a
+    slot whose answer was lost, the GPU that arrived is one of these (the lowest id first)."""
+    return sorted(
+        (
+            d
+            for d in inventory.devices
+            if not d.anonymous
+            and d.model == model
+            and d.machine == machine
+            and d.state in (DeviceState.ATTACHED, DeviceState.ATTACHING)
+            and d.id not in owned
+        ),
+        key=lambda d: d.id,
+    )
