@@ -32,7 +32,7 @@ from agent._proto.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from agent._proto.pluginregistration.v1 import api_pb2 as reg
 from agent._proto.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from agent.kube.client import Kube, path_of
-from agent.kube.resources import spec
+from agent.model.objects import devices_of
 from agent.model.pool import device_name
 from agent.node import cdi
 from agent.node.checkpoint import COMPLETED, STARTED, Checkpoint, PreparedClaim
@@ -183,8 +183,9 @@ class Preparer:
         reported on."""
         for obj in self.reporter.resources.store.values():
             st = obj.get("status") or {}
-            fabric_id = st.get("cdi_device_id") or spec(obj).get("fabric_device") or ""
-            if fabric_id and device_name(fabric_id) == device:
+            # The claim holds the name the device was published under: the resource's identity
+            # (for an anonymous slot, the slot — not the GPU that arrived through it).
+            if device in {device_name(d) for d in devices_of(obj)}:
                 bdf = st.get("pci_address") or ""
                 return bdf, st.get("device_id") or "", await self._minor(bdf)
         raise errors.PrepareError(f"no attached device {pool}/{device} on this node")
