@@ -71,6 +71,7 @@ class NodeReporter:
         self.dev_root = dev_root
         self.proc_root = proc_root
         self._wake = asyncio.Event()
+        self._timers: set[asyncio.TimerHandle] = set()
         #: Set once the first PCI scan has finished (the node role's readiness).
         self.scanned = asyncio.Event()
         #: (resource name -> monotonic time its function was first seen), for benchmarks
@@ -126,6 +127,9 @@ class NodeReporter:
                 tg.create_task(self.resources.run(), name=f"informer:{self.resources.name}")
                 tg.create_task(self._reconcile(), name=f"node-reporter:{self.node}")
         finally:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
             source.stop()
             await self.nvml.close()
             self._sysfs.shutdown(wait=False)
@@ -165,11 +169,17 @@ class NodeReporter:
                 await self._identify(obj)
         except errors.AgentError as exc:
             logger.warning("node %s: resource %s: %s", self.node, name, exc)
-            asyncio.get_running_loop().call_later(1.0, self._retry, name)
+            self._retry_later(1.0, name)
 
     def _retry(self, name: str) -> None:
         self._pending.add(name)
         self._wake.set()
+
+    def _retry_later(self, delay: float, name: str) -> None:
+        """Look at `name` again in `delay` seconds (a timer run() cancels when it ends)."""
+        loop = asyncio.get_running_loop()
+        self._timers = {t for t in self._timers if t.when() > loop.time()}  # drop those run
+        self._timers.add(loop.call_later(delay, self._retry, name))
 
     # --- arrival ---------------------------------------------------------------------------------
 
@@ -233,7 +243,7 @@ class NodeReporter:
             busy = await self._busy(bdf)
             if busy:
                 await self._conditions(obj, NODE_RELEASED, "False", "Busy", busy)
-                asyncio.get_running_loop().call_later(5.0, self._retry, obj["metadata"]["name"])
+                self._retry_later(5.0, obj["metadata"]["name"])
                 return
         if bdf in self.functions:
             await asyncio.get_running_loop().run_in_executor(self._sysfs, self._remove, bdf)

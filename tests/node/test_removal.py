@@ -265,3 +265,38 @@ async def test_the_reporter_fails_when_its_informer_does(
     assert caught.group_contains(RuntimeError, match="the watch broke")
     left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     assert left == []
+
+
+async def test_retries_pending_when_the_reporter_stops_are_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy GPU is looked at again 5 s later: a timer, which run() cancels when it ends, so
+    nothing of a stopped reporter runs on afterwards."""
+    n = make_node(tmp_path, monkeypatch)
+    await n.attach("gpu-a", BDF, minor=3)
+    n.processes(BDF, [4242])
+    n.reporter.resources.store.clear()
+    task = asyncio.create_task(n.reporter.run())
+    try:
+        await until(lambda: _has_store(n), what="the informer's list")
+        detaching(n)
+        n.kube.edit(
+            f"{RESOURCES}/{name_of(n)}", lambda o: o["metadata"].__setitem__("labels", {"x": "y"})
+        )
+        await until(lambda: _busy(n), what="the busy refusal")
+        timers = set(n.reporter._timers)
+        assert timers
+        assert not any(t.cancelled() for t in timers)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert all(t.cancelled() for t in timers)
+
+
+async def _has_store(node: SimNode) -> bool:
+    return bool(node.reporter.resources.store) and node.reporter.nvml.available
+
+
+async def _busy(node: SimNode) -> bool:
+    cond = released(node)
+    return cond is not None and cond["reason"] == "Busy"
