@@ -23,6 +23,7 @@ from agent.controllers import running
 from agent.fabric.link import FabricLink
 from agent.kube.resources import CLAIM_ANNOTATION, FINALIZER, RESOURCES, resource_name
 from agent.model import pool as poolmodel
+from agent.model import slots as slotmodel
 from agent.model.fabric import (
     DeviceId,
     DeviceState,
@@ -55,7 +56,12 @@ class FakeFabric:
 
     backend = "fake"
 
-    def __init__(self, machines: list[str], gpus: int) -> None:
+    def __init__(self, machines: list[str], gpus: int, *, anonymous: bool = False) -> None:
+        #: like the FTI API: free devices are reported as a count (anonymous slots), an attach
+        #: through a slot takes the lowest free GPU of the model
+        self.anonymous = anonymous
+        #: the next attach is carried out and its answer lost (FabricUnavailable)
+        self.lose_answer = 0
         self.link = FabricLink("fake://fabric")
         self.machines = tuple(Machine(MachineId(f"m-{n}"), n, FabricId(FABRIC)) for n in machines)
         self.devices: dict[str, PoolDevice] = {
@@ -89,10 +95,29 @@ class FakeFabric:
         return dev.machine if dev.state == DeviceState.ATTACHED else None
 
     async def inventory(self) -> Inventory:
-        return Inventory(self.machines, tuple(self.devices.values()), version=str(self._version))
+        devices = list(self.devices.values())
+        if self.anonymous:
+            free = [d for d in devices if d.state == DeviceState.FREE]
+            devices = [d for d in devices if d.state != DeviceState.FREE]
+            devices += [
+                PoolDevice(
+                    slotmodel.slot_id(FABRIC, A100, n),
+                    FabricId(FABRIC),
+                    A100,
+                    DeviceState.FREE,
+                    anonymous=True,
+                )
+                for n in range(len(free))
+            ]
+        return Inventory(self.machines, tuple(devices), version=str(self._version))
 
     async def attach(self, device: DeviceId, machine: MachineId, *, model: str = "") -> PoolDevice:
         self.attaches.append((device, machine))
+        if slotmodel.is_slot(device):
+            free = sorted(d for d, dev in self.devices.items() if dev.state == DeviceState.FREE)
+            if not free:
+                raise errors.FabricRejected(f"no free {model} left")
+            device = DeviceId(free[0])
         if device in self.fail_attach:
             if isinstance(self.fail_attach[device], errors.DeviceFailed):
                 self.set(device, DeviceState.FAILED)  # as a fabric reports a broken device
@@ -102,6 +127,9 @@ class FakeFabric:
             raise errors.DeviceBusy(f"{device} is attached to {dev.machine}")
         if dev.state != DeviceState.ATTACHED:
             self.set(device, DeviceState.ATTACHED, machine)
+        if self.lose_answer:
+            self.lose_answer -= 1
+            raise errors.FabricUnavailable(f"attach of {device}: connection reset (answer lost)")
         return self.devices[device]
 
     async def detach(self, device: DeviceId) -> PoolDevice:
@@ -235,6 +263,7 @@ async def world(
     nodes: int = 2,
     node_labels: dict[str, str] | None = None,
     double: bool = True,
+    anonymous: bool = False,
     **cluster: Any,
 ) -> AsyncIterator[World]:
     kube = FakeKube(bookmark_interval=60)
@@ -242,7 +271,7 @@ async def world(
     names = [f"node-{i}" for i in range(nodes)]
     for n in names:
         make_node(kube, n, node_labels)
-    fabric = FakeFabric(names, gpus)
+    fabric = FakeFabric(names, gpus, anonymous=anonymous)
     cluster.setdefault("idle_grace", 300.0)
     cluster.setdefault("scale_down_settle", 0.05)
     cfg = settings.Settings(cluster=settings.ClusterSettings(driver=DRIVER, **cluster))

@@ -1,0 +1,152 @@
+"""Anonymous slots (fabric managers that give a free *count*, like the FTI API) through the whole
+cluster role on the in-memory API server: one identity per physical GPU at every step, a lost
+attach answer adopted instead of attaching a second GPU, and GPUs attached behind the agent's back
+adopted and scaled down. The same for a fabric that names its devices, where it applies."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from agent.kube.resources import RESOURCES, resource_name
+from agent.model import pool as poolmodel
+from agent.model import slots as slotmodel
+from agent.model.fabric import DeviceState
+from agent.model.objects import attached_device, fabric_device
+from tests.unit.test_cluster_role_fake import A100, FABRIC, World, world
+
+
+def slot(n: int) -> str:
+    return slotmodel.slot_id(FABRIC, A100, n)
+
+
+def physical_of_claims(w: World) -> dict[str, str]:
+    """claim -> the physical GPU behind the device it holds (through its resource, if a slot)."""
+    by_identity = {
+        fabric_device(o): attached_device(o)
+        for o in w.kube.objects("composableresources")
+        if "deletionTimestamp" not in o["metadata"]
+    }
+    names = {w.device_name(d): d for d in [*w.fabric.devices, *map(slot, range(16))]}
+    out = {}
+    for c in w.kube.objects("resourceclaims"):
+        for r in (
+            ((c.get("status") or {}).get("allocation") or {}).get("devices", {}).get("results", [])
+        ):
+            ident = names[r["device"]]
+            out[c["metadata"]["name"]] = by_identity.get(ident, ident)
+    return out
+
+
+def pick(w: World, node: str) -> tuple[str, bool]:
+    """What the scheduler's allocator would give a new claim on `node`: an offered device no
+    claim holds — an attached one on that node first, else a free one (binding conditions)."""
+    held = {
+        r["device"]
+        for c in w.kube.objects("resourceclaims")
+        for r in ((c.get("status") or {}).get("allocation") or {})
+        .get("devices", {})
+        .get("results", [])
+    }
+    offered = w.offered()
+    for name, entry in sorted(offered.items()):
+        if name not in held and entry.get("nodeName") == node:
+            return name, False
+    for name, entry in sorted(offered.items()):
+        if name not in held and entry.get("bindsToNode"):
+            return name, True
+    raise AssertionError(f"nothing offered for {node}: {sorted(offered)}; held {sorted(held)}")
+
+
+def allocate_name(w: World, claim: str, name: str, node: str, conditions: bool) -> None:
+    device = next(d for d in [*w.fabric.devices, *map(slot, range(16))] if w.device_name(d) == name)
+    w.allocate(claim, device, node, conditions=conditions)
+
+
+async def test_a_slot_keeps_its_name_and_the_gpu_is_never_offered_twice() -> None:
+    async with world(anonymous=True, gpus=3) as w:
+        assert sorted(w.offered()) == sorted(w.device_name(slot(n)) for n in range(3))
+        w.new_claim("c1")
+        w.allocate("c1", slot(0), "node-0")
+        await w.wait(lambda: w.condition("c1", poolmodel.READY), "c1 ready")
+        gpu = attached_device(w.resource(resource_name(slot(0))) or {})
+        assert w.fabric.attached_to(gpu) == "m-node-0"
+        offered = await w.wait(
+            lambda: (o := w.offered()).get(w.device_name(slot(0)), {}).get("nodeName") and o,
+            "slot 0 offered as attached",
+        )
+        assert w.device_name(gpu) not in offered  # no second identity
+        # the free count (2) is offered under the numbers nobody holds: 1 and 2
+        free = sorted(n for n, e in offered.items() if e.get("bindsToNode"))
+        assert free == sorted(w.device_name(slot(n)) for n in (1, 2))
+
+
+async def test_pods_one_after_another_on_one_node_never_share_a_gpu() -> None:
+    async with world(anonymous=True, gpus=4, idle_grace=0.3) as w:
+        live: list[str] = []
+        for i in range(16):
+            if len(live) == 3:  # a pod ends; its GPU idles, may go back, may be taken again
+                w.release(live.pop(0))
+            claim = f"c{i}"
+            w.new_claim(claim)
+            name, conditions = await w.wait(lambda: _pick(w, "node-0"), "something offered")
+            allocate_name(w, claim, name, "node-0", conditions)
+            live.append(claim)
+            if conditions:
+                await w.wait(lambda c=claim: w.condition(c, poolmodel.READY), f"{claim} ready")
+            phys = physical_of_claims(w)
+            assert len(set(phys.values())) == len(phys), phys  # no GPU held by two claims
+            await asyncio.sleep(0.1 * (i % 4))  # sometimes past the idle grace, sometimes not
+
+
+def _pick(w: World, node: str) -> tuple[str, bool] | None:
+    try:
+        return pick(w, node)
+    except AssertionError:
+        return None
+
+
+async def test_a_lost_attach_answer_is_adopted_not_attached_twice() -> None:
+    async with world(anonymous=True, gpus=3, idle_grace=0.5) as w:
+        w.fabric.lose_answer = 1
+        w.new_claim("c1")
+        w.allocate("c1", slot(0), "node-0")
+        await w.wait(lambda: w.condition("c1", poolmodel.READY), "c1 ready")
+        attached = [d for d in w.fabric.devices if w.fabric.attached_to(d)]
+        assert len(attached) == 1  # one GPU, not two
+        owner = w.resource(resource_name(slot(0)))
+        assert owner is not None
+        assert attached_device(owner) == attached[0]
+        # and it is scaled down later like any other
+        w.release("c1")
+        await w.wait(lambda: not any(w.fabric.attached_to(d) for d in w.fabric.devices), "idle")
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+async def test_a_gpu_attached_behind_our_back_is_adopted_and_detached(anonymous: bool) -> None:
+    async with world(anonymous=anonymous, gpus=2, idle_grace=0.5) as w:
+        w.role.scaler.orphan_grace = 0.3
+        w.fabric.set("gpu-1", DeviceState.ATTACHED, "m-node-1")
+        await w.wait(lambda: w.fabric.attached_to("gpu-1") is None, "orphan detached", timeout=10)
+        events: list[dict[str, Any]] = w.events("OrphanAdopted")
+        assert events
+        assert w.resource(resource_name("gpu-1")) is None
+
+
+async def test_an_orphan_a_claim_holds_is_kept() -> None:
+    async with world(gpus=2, idle_grace=0.3) as w:
+        w.role.scaler.orphan_grace = 0.2
+        w.fabric.set("gpu-1", DeviceState.ATTACHED, "m-node-1")
+        # the scheduler hands it out as an attached device before the agent adopts it
+        await w.wait(
+            lambda: w.offered().get(w.device_name("gpu-1"), {}).get("nodeName") == "node-1",
+            "gpu-1 offered as attached",
+        )
+        w.new_claim("c1")
+        w.allocate("c1", "gpu-1", "node-1", conditions=False)
+        await w.wait(lambda: w.resource(resource_name("gpu-1")) is not None, "adopted")
+        await asyncio.sleep(1.0)
+        assert w.fabric.attached_to("gpu-1") == "m-node-1"  # held: never scaled down
+        assert w.kube.get_obj(f"{RESOURCES}/{resource_name('gpu-1')}") is not None
