@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent import KUBERNETES_VERSION, __version__, errors, health, settings, supervision
+from agent import KUBERNETES_VERSION, __version__, errors, health, sdnotify, settings, supervision
 from agent.devcluster import local
 
 if TYPE_CHECKING:  # imported where used: `version` and `manifests` start without them
     from agent.controllers.running import ClusterRole
     from agent.fabric.protocol import FabricManager
     from agent.kube.client import Kube
+    from agent.kube.leasing import LeaderElector
     from agent.node.reporting import NodeReporter
 
 
@@ -145,7 +146,11 @@ async def run(cfg: settings.Settings) -> int:
     (`cohdi_role_restarts_total{role}`, `cohdi_role_up{role}`), shown in `/readyz` and restarted
     with backoff, and the other role goes on. Settings that are wrong exit before anything starts
     (ConfigError, exit status 2). SIGTERM cancels everything: the cluster role releases its Lease,
-    the node role removes its plugin sockets."""
+    the node role removes its plugin sockets.
+
+    Under a `Type=notify` systemd unit ($NOTIFY_SOCKET set) it tells systemd READY=1 once every
+    role serves, a STATUS= line as it changes, STOPPING=1 on SIGTERM, and feeds the watchdog
+    ($WATCHDOG_USEC) from the event loop (agent.sdnotify)."""
     import signal
 
     from agent.fabric.backends import open_fabric
@@ -157,7 +162,17 @@ async def run(cfg: settings.Settings) -> int:
         raise errors.ConfigError("--roles", cfg.cluster.roles, "must name cluster and/or node")
     main = asyncio.current_task()
     assert main is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    notifier = sdnotify.Notifier.from_environ()
+
+    def terminate() -> None:
+        if notifier is not None:
+            notifier.stopping()
+        main.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    if cfg.cluster.stall_on_sigusr2:
+        loop.add_signal_handler(signal.SIGUSR2, sdnotify.stall, cfg.cluster.stall_on_sigusr2)
     fabric = open_fabric(cfg.fabric) if "cluster" in roles else None  # bad settings exit here
     board = health.Health()
     try:
@@ -169,12 +184,15 @@ async def run(cfg: settings.Settings) -> int:
                 units["node"] = _NodeRole(kube, cfg)
             if fabric is not None:
                 units["cluster"] = _ClusterRole(kube, cfg, fabric)
-            await run_roles(units, board, cfg)
+            await run_roles(units, board, cfg, notifier=notifier)
     except asyncio.CancelledError:
         return 0
     finally:
         if fabric is not None:
             await fabric.close()
+        if notifier is not None:
+            notifier.stopping()  # also when a setting or Ctrl-C ended the run
+            notifier.close()
     return 0
 
 
@@ -183,6 +201,15 @@ class _Role(Protocol):
 
     def not_ready(self) -> list[str]:
         """Why the role is not ready while it runs, one reason a line; empty when ready."""
+        ...
+
+    def serving(self) -> bool:
+        """Start-up is over (systemd's READY=1): weaker than ready, which also needs what the
+        role depends on (the fabric manager) to answer."""
+        ...
+
+    def status(self) -> str:
+        """What the role is doing, one short line (systemd's STATUS=)."""
         ...
 
 
@@ -199,9 +226,11 @@ async def run_roles(
     cfg: settings.Settings,
     *,
     policy: supervision.Policy = ROLE_POLICY,
+    notifier: sdnotify.Notifier | None = None,
 ) -> None:
     """Run each role as a supervised unit until cancelled, with a readiness check per role on
-    `board` and the health endpoints served when --metrics-port is set. Returns only when
+    `board` and the health endpoints served when --metrics-port is set; with a `notifier`, tell
+    systemd when every role serves and what each does, and feed its watchdog. Returns only when
     cancelled (as CancelledError)."""
     supervisor = supervision.Supervisor("role", policy=policy)
 
@@ -231,10 +260,31 @@ async def run_roles(
                 f"cannot be listened on: {exc}",
             ) from exc
     try:
-        await supervisor.run({name: unit.run for name, unit in units.items()})
+        async with asyncio.TaskGroup() as tg:
+            if notifier is not None:
+                tg.create_task(_keep_systemd(notifier, units, supervisor), name="sd-notify")
+            await supervisor.run({name: unit.run for name, unit in units.items()})
     finally:
         if server is not None:
             await server.cleanup()
+
+
+async def _keep_systemd(
+    notifier: sdnotify.Notifier, units: dict[str, _Role], supervisor: supervision.Supervisor
+) -> None:
+    """READY=1 once every role serves, STATUS= (each role's line, or why it is restarting) and
+    the watchdog's pings, from this event loop until cancelled."""
+
+    def status() -> str:
+        problems = supervisor.problems()
+        return "; ".join(
+            f"{name}: {problems[name]}" if name in problems else unit.status()
+            for name, unit in units.items()
+        )
+
+    await sdnotify.keep_alive(
+        notifier, ready=lambda: all(u.serving() for u in units.values()), status=status
+    )
 
 
 class _ClusterRole:
@@ -248,13 +298,14 @@ class _ClusterRole:
         self.fabric = fabric
         self.campaigning = False
         self.term: ClusterRole | None = None
+        self.elector: LeaderElector | None = None
 
     async def run(self) -> None:
         from agent.controllers import running
         from agent.kube.leasing import LeaderElector
 
         cfg = self.cfg
-        elector = LeaderElector(
+        self.elector = elector = LeaderElector(
             self.kube,
             namespace=cfg.leader.namespace,
             name=cfg.leader.name,
@@ -282,6 +333,32 @@ class _ClusterRole:
             return ["Lease campaign not running"]
         return [] if self.term is None else self.term.not_ready()
 
+    def serving(self) -> bool:
+        """The campaign has had an answer: another replica holds the Lease, or we hold it and
+        the term's informers have synced."""
+        elector = self.elector
+        if not self.campaigning or elector is None or elector.holder is None:
+            return False
+        if not elector.is_leader:
+            return True
+        return self.term is not None and all(i.synced.is_set() for i in self.term.informers)
+
+    def status(self) -> str:
+        elector = self.elector
+        if not self.campaigning or elector is None:
+            return "cluster: starting"
+        if elector.holder is None:
+            return "cluster: campaigning, no answer from the API server yet"
+        if not elector.is_leader:
+            return f"cluster: standby, Lease held by {elector.holder or 'nobody'}"
+        if self.term is None or not self.serving():
+            return "cluster: leader, informers syncing"
+        problems = self.term.not_ready()
+        if not problems:
+            return "cluster: leader, fabric manager reachable"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"cluster: leader, not ready: {problems[0]}{more}"
+
 
 class _NodeRole:
     """The node reporter (hot-plug, report, safe removal) and the DRA kubelet plugin. Ready once
@@ -291,7 +368,7 @@ class _NodeRole:
         self.kube = kube
         self.cfg = cfg
         self.reporter: NodeReporter | None = None
-        self.serving = False
+        self.plugin_serving = False
 
     async def run(self) -> None:
         import socket
@@ -311,17 +388,27 @@ class _NodeRole:
         )
         try:
             await plugin.start()
-            self.serving = True
+            self.plugin_serving = True
             await reporter.run()
         finally:  # also after a failed start: whatever socket it made goes
-            self.serving = False
+            self.plugin_serving = False
             await plugin.stop()
 
     def not_ready(self) -> list[str]:
-        reasons = [] if self.serving else ["kubelet plugin not serving"]
+        reasons = [] if self.plugin_serving else ["kubelet plugin not serving"]
         if self.reporter is None or not self.reporter.scanned.is_set():
             reasons.append("first PCI scan not done")
         return reasons
+
+    def serving(self) -> bool:
+        return not self.not_ready()
+
+    def status(self) -> str:
+        reporter = self.reporter
+        if reporter is None or not self.serving():
+            return "node: starting (" + ", ".join(self.not_ready()) + ")"
+        gpus = sum(1 for f in reporter.functions.values() if f.is_gpu)
+        return f"node {reporter.node}: {gpus} GPU(s), kubelet plugin serving"
 
 
 async def demo(

@@ -186,6 +186,15 @@ class ClusterSettings:
         minimum=0,
         maximum=1024,
     )
+    stall_on_sigusr2: float = setting(
+        0.0,
+        "Testing only: on SIGUSR2, block the event loop for this long (a synchronous sleep), so "
+        "that systemd's watchdog (WatchdogSec=) sees the pings stop and restarts the process. "
+        "0: SIGUSR2 is not handled.",
+        unit="s",
+        minimum=0,
+        maximum=3600,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +248,10 @@ class NodeSettings:
 @dataclass(frozen=True, slots=True)
 class FabricSettings:
     """How the agent reaches the fabric manager. Flags: --fabric-*. Secrets never go on the
-    command line: the password comes from --fabric-password-file or $COHDI_FABRIC_PASSWORD (and
-    the FTI client secret from --fabric-client-secret-file or $COHDI_FABRIC_CLIENT_SECRET)."""
+    command line: the password comes from --fabric-password-file, the systemd credential
+    `fabric-password` ($CREDENTIALS_DIRECTORY, a unit's LoadCredential=) or $COHDI_FABRIC_PASSWORD
+    (and the FTI client secret from --fabric-client-secret-file, the credential
+    `fabric-client-secret` or $COHDI_FABRIC_CLIENT_SECRET)."""
 
     PREFIX: ClassVar[str] = "fabric-"
     backend: str = setting(
@@ -257,7 +268,8 @@ class FabricSettings:
     user: str = setting("", "User name for the fabric manager.")
     password_file: str = setting(
         "",
-        "File holding the fabric manager password (first line). Empty: $COHDI_FABRIC_PASSWORD.",
+        "File holding the fabric manager password (first line). Empty: the systemd credential "
+        "'fabric-password' if the unit passes one, else $COHDI_FABRIC_PASSWORD.",
     )
     ca_bundle: str = setting(
         "",
@@ -302,7 +314,8 @@ class FabricSettings:
     client_id: str = setting("cohdi-agent", "FTI OpenID client_id.")
     client_secret_file: str = setting(
         "",
-        "File holding the FTI OpenID client secret. Empty: $COHDI_FABRIC_CLIENT_SECRET, or none.",
+        "File holding the FTI OpenID client secret. Empty: the systemd credential "
+        "'fabric-client-secret' if the unit passes one, else $COHDI_FABRIC_CLIENT_SECRET, or none.",
     )
     models: str = setting(
         "",

@@ -21,7 +21,10 @@ def open_fabric(cfg: settings.FabricSettings) -> FabricManager:
         concurrency=cfg.concurrency,
     )
     password = load_secret(
-        file=cfg.password_file, env_var="COHDI_FABRIC_PASSWORD", what="--fabric-password-file"
+        file=cfg.password_file,
+        env_var="COHDI_FABRIC_PASSWORD",
+        what="--fabric-password-file",
+        credential="fabric-password",
     )
     if cfg.backend == "redfish":
         return RedfishFabric(
@@ -42,6 +45,7 @@ def open_fabric(cfg: settings.FabricSettings) -> FabricManager:
             file=cfg.client_secret_file,
             env_var="COHDI_FABRIC_CLIENT_SECRET",
             what="--fabric-client-secret-file",
+            credential="fabric-client-secret",
         ),
         models=tuple(m.strip() for m in cfg.models.split(",") if m.strip()),
         operation_timeout=cfg.operation_timeout,

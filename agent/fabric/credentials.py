@@ -1,5 +1,6 @@
-"""Fabric-manager secrets: read from a file or an environment variable, held in a `Secret` whose
-repr and str never show the value, so a stray log line or traceback cannot leak it."""
+"""Fabric-manager secrets: read from a file, a systemd credential or an environment variable,
+held in a `Secret` whose repr and str never show the value, so a stray log line or traceback
+cannot leak it."""
 
 from __future__ import annotations
 
@@ -29,17 +30,34 @@ class Secret:
 
 
 def load_secret(
-    *, file: str, env_var: str, what: str, environ: Mapping[str, str] | None = None
+    *,
+    file: str,
+    env_var: str,
+    what: str,
+    credential: str = "",
+    environ: Mapping[str, str] | None = None,
 ) -> Secret:
-    """The secret from `file` (its first line) if given, else from `$env_var`, else empty."""
+    """The secret from, in this order: `file` (its first line) if given; the systemd credential
+    `$CREDENTIALS_DIRECTORY/<credential>` (a unit's `LoadCredential=<credential>:...`) if
+    systemd passed a credentials directory holding it; `$env_var`; else empty. A file or
+    credential that exists but cannot be read is a ConfigError."""
     env = os.environ if environ is None else environ
     if file:
-        try:
-            text = Path(file).read_text()
-        except OSError as exc:
-            raise errors.ConfigError(
-                f"{what} file", file, f"cannot be read ({exc.strerror}); give a readable file"
-            ) from exc
-        lines = text.splitlines()
-        return Secret(lines[0].strip() if lines else "")
+        return Secret(_first_line(Path(file), f"{what} file"))
+    directory = env.get("CREDENTIALS_DIRECTORY", "")
+    if credential and directory:
+        path = Path(directory) / credential
+        if path.exists():
+            return Secret(_first_line(path, f"systemd credential {credential!r} of {what}"))
     return Secret(env.get(env_var, ""))
+
+
+def _first_line(path: Path, what: str) -> str:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise errors.ConfigError(
+            what, str(path), f"cannot be read ({exc.strerror}); give a readable file"
+        ) from exc
+    lines = text.splitlines()
+    return lines[0].strip() if lines else ""

@@ -84,6 +84,9 @@ class LeaderElector:
         self._taken_by_other = False
         self._outage = FailureStreak(clock)
         self.is_leader = False
+        #: Who the last answer from the API server named as holder ("" for a free Lease); None
+        #: before the first answer. Status lines read it.
+        self.holder: str | None = None
         #: Set while leading; tests and health checks read it.
         self.leading = asyncio.Event()
 
@@ -182,6 +185,7 @@ class LeaderElector:
             lease = await self.kube.get(f"{self._path}/{self.name}")
         except errors.KubeNotFound:
             self._taken_by_other = False
+            self.holder = ""
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -197,7 +201,7 @@ class LeaderElector:
         if spec != self._observed_spec:
             self._observed_spec = spec
             self._observed_at = self._clock()
-        holder = spec.get("holderIdentity") or ""
+        holder = self.holder = spec.get("holderIdentity") or ""
         ours = holder == self.identity
         self._taken_by_other = bool(holder) and not ours
         duration = float(spec.get("leaseDurationSeconds") or self.lease_duration)
@@ -227,6 +231,7 @@ class LeaderElector:
         """Our write of `lease`, sent at `sent`, succeeded: a new (or longer) term."""
         self._lease = lease
         self._observed_spec = lease.get("spec", {})
+        self.holder = self.identity
         self._observed_at = sent
         self._written_at = sent
 
