@@ -275,12 +275,16 @@ async def _keep_systemd(
     """READY=1 once every role serves, STATUS= (each role's line, or why it is restarting) and
     the watchdog's pings, from this event loop until cancelled."""
 
+    def line(name: str, unit: _Role) -> str:
+        state = supervisor.units.get(name)
+        if state is None or state.starts == 0:
+            return f"{name}: starting"
+        if not state.running:  # no countdown in it: STATUS= changes only when the state does
+            return f"{name}: failed {state.restarts}x, restarting: {state.error}"
+        return unit.status() + (f" (restarted {state.restarts}x)" if state.error else "")
+
     def status() -> str:
-        problems = supervisor.problems()
-        return "; ".join(
-            f"{name}: {problems[name]}" if name in problems else unit.status()
-            for name, unit in units.items()
-        )
+        return "; ".join(line(name, unit) for name, unit in units.items())
 
     await sdnotify.keep_alive(
         notifier, ready=lambda: all(u.serving() for u in units.values()), status=status
