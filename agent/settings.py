@@ -322,6 +322,11 @@ class FabricSettings:
         "FTI only: comma-separated models whose free count to ask the fabric for (the FTI API "
         "lists no free device, only counts per model).",
     )
+    processor_types: str = setting(
+        "GPU,Accelerator",
+        "Redfish only: comma-separated DMTF ProcessorTypes (GPU, Accelerator, FPGA, ...) whose "
+        "ResourceBlocks (ResourceBlockType Processor) are pooled; other blocks are not offered.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
