@@ -116,8 +116,8 @@ class Publisher:
     def device_changed(self, dev: PoolDevice) -> None:
         """A device the composer just attached/detached: publish at once, without waiting for the
         next fabric poll (which confirms it)."""
-        if self.inventory is None:
-            return
+        if self.inventory is None or slotmodel.is_slot(dev.id):
+            return  # a slot is a count, not a device: the next read brings the new count
         old = self.inventory.device(dev.id)
         if old is not None and not dev.fabric:  # a partial answer (FTI detach): keep what we know
             dev = PoolDevice(

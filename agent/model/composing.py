@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+from agent.model import slots
 from agent.model.fabric import DeviceState, Inventory
 from agent.model.objects import (
     NODE_READY,
     NODE_RELEASED,
     Obj,
     age_key,
+    attached_device,
     condition,
     deleting,
     devices_of,
@@ -191,6 +193,10 @@ def decide_remove(
     device = fabric_device(obj)
     if not device or refused(obj):
         return RemoveDecision(RemoveStep.DROP, why="it never owned a device")
+    if slots.is_slot(attached_device(obj)):
+        # made for an anonymous slot and nothing arrived: there is nothing to detach (a GPU that
+        # arrived with its answer lost is an orphan, adopted and scaled down by the scaler)
+        return RemoveDecision(RemoveStep.DROP, why="no device arrived through its slot")
     owner = owner_of(device, resources, claimed=claimed)
     if owner is not None and name_of(owner) != name_of(obj):
         return RemoveDecision(RemoveStep.DROP, why=f"{device} belongs to {name_of(owner)}")

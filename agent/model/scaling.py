@@ -293,6 +293,7 @@ def orphans(inventory: Inventory, owned: set[str]) -> list[str]:
         for d in inventory.devices
         if not d.anonymous
         and d.machine
+        and d.model  # a block with no model is no pooled accelerator (e.g. a system's own block)
         and d.state in (DeviceState.ATTACHED, DeviceState.ATTACHING)
         and d.id not in owned
     )

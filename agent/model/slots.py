@@ -55,7 +55,8 @@ def view(inventory: Inventory, held: Mapping[str, str | None]) -> Inventory:
     dropped); real devices that no longer exist are ignored."""
     if not held and not any(d.anonymous for d in inventory.devices):
         return inventory
-    real = {d.id: d for d in inventory.devices if not d.anonymous}
+    # (a backend's echo of a slot id as a device of its own is not a device)
+    real = {d.id: d for d in inventory.devices if not d.anonymous and not is_slot(d.id)}
     behind = {dev for dev in held.values() if dev}
     out: list[PoolDevice] = [d for d in real.values() if d.id not in behind]
     # held slots, under their own names

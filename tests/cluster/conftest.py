@@ -22,7 +22,10 @@ from agent.demo import objects
 from agent.devcluster.controlplane import ControlPlane
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator import config as emuconfig
+from agent.fabric.emulator.config import DEFAULT_TENANT
 from agent.fabric.emulator.server import EmulatorServer
+from agent.fabric.fti import FtiFabric
+from agent.fabric.protocol import FabricManager
 from agent.fabric.redfish import RedfishFabric
 from agent.fabric.transport import FabricHttp
 from agent.kube.client import Kube, path_of
@@ -50,6 +53,7 @@ class World:
     driver: str
     nodes: list[str]
     suffix: str
+    backend: str = "redfish"
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     role: running.ClusterRole | None = None
 
@@ -62,7 +66,18 @@ class World:
 
     async def start_role(self) -> running.ClusterRole:
         http = FabricHttp(base_url=self.emulator.url, ca_bundle=str(self.emulator.ca_file))
-        fabric = RedfishFabric(http, user="admin", password=Secret(PASSWORD), poll_interval=0.5)
+        fabric: FabricManager
+        if self.backend == "fti":
+            fabric = FtiFabric(
+                http,
+                user="admin",
+                password=Secret(PASSWORD),
+                tenant=DEFAULT_TENANT,
+                models=(A100,),
+                poll_interval=0.5,
+            )
+        else:
+            fabric = RedfishFabric(http, user="admin", password=Secret(PASSWORD), poll_interval=0.5)
         self.role = running.build(self.kube, fabric, self.cfg, identity=f"test-{self.suffix}")
         self.tasks.append(asyncio.create_task(self.role.run()))
         return self.role
@@ -78,9 +93,39 @@ def world_config(driver: str, suffix: str, **cluster: Any) -> settings.Settings:
     )
 
 
+#: The fabric backends the cluster tier runs on: a module opts in to both with
+#: `pytest.mark.parametrize("backend", BACKENDS, indirect=True)`.
+BACKENDS = ["redfish", "fti"]
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which fabric-manager protocol the world's cluster role speaks to the emulator (the
+    emulator serves both over one state): "redfish" unless a module asks for both."""
+    return str(getattr(request, "param", "redfish"))
+
+
+def backend_args(backend: str) -> list[str]:
+    """The `cohdi-agent run` flags that select `backend` against the emulator."""
+    if backend == "fti":
+        return [
+            "--fabric-backend",
+            "fti",
+            "--fabric-tenant",
+            DEFAULT_TENANT,
+            "--fabric-models",
+            A100,
+        ]
+    return ["--fabric-backend", "redfish"]
+
+
 @pytest.fixture
 async def world(
-    control_plane: ControlPlane, kube: Kube, tmp_path: Path, request: pytest.FixtureRequest
+    control_plane: ControlPlane,
+    kube: Kube,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
 ) -> AsyncIterator[World]:
     params: dict[str, Any] = getattr(request, "param", {})
     suffix = uuid.uuid4().hex[:6]
@@ -112,7 +157,7 @@ async def world(
         idle_grace=params.get("idle_grace", 300.0),
         claim_deadline=params.get("claim_deadline", 60.0),
     )
-    w = World(kube, emulator, cfg, driver, nodes, suffix)
+    w = World(kube, emulator, cfg, driver, nodes, suffix, backend=backend)
     if params.get("double", True):
         double = NodeDouble(kube, set(nodes))
         w.tasks.append(asyncio.create_task(double.run()))

@@ -23,10 +23,13 @@ from agent.model import claims as claimmodel
 from agent.model import composing as composemodel
 from agent.model.fabric import DeviceState
 from agent.model.objects import deleting, fabric_device
-from tests.cluster.conftest import CLAIMS, PODS, World, finish
+from tests.cluster.conftest import BACKENDS, CLAIMS, PODS, World, finish
 from tests.waiting import until
 
-pytestmark = pytest.mark.controlplane
+pytestmark = [
+    pytest.mark.controlplane,
+    pytest.mark.parametrize("backend", BACKENDS, indirect=True),
+]
 
 CLAIMS_TOTAL = 300
 LIVE_AT_ONCE = 48

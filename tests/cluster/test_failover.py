@@ -17,12 +17,16 @@ from agent.devcluster.controlplane import ControlPlane
 from agent.kube.resources import RESOURCES
 from agent.model import claims as claimmodel
 from agent.model.fabric import DeviceState
+from agent.model.objects import attached_device, fabric_device
 from agent.model.pool import device_name
-from tests.cluster.conftest import CLAIMS, PASSWORD, World
+from tests.cluster.conftest import BACKENDS, CLAIMS, PASSWORD, World, backend_args
 from tests.cluster.test_scale_up import bound_pods
 from tests.waiting import until
 
-pytestmark = pytest.mark.controlplane
+pytestmark = [
+    pytest.mark.controlplane,
+    pytest.mark.parametrize("backend", BACKENDS, indirect=True),
+]
 
 
 def agent(world: World, cp: ControlPlane, log: Path) -> subprocess.Popen[bytes]:
@@ -51,6 +55,7 @@ def agent(world: World, cp: ControlPlane, log: Path) -> subprocess.Popen[bytes]:
         str(world.emulator.ca_file),
         "--fabric-poll-interval",
         "0.5",
+        *backend_args(world.backend),
         "--log-format",
         "json",
     ]
@@ -104,17 +109,22 @@ async def test_leader_killed_mid_burst(
         placed = await until(lambda: bound_pods(world, names), what="all pods bound", timeout=120)
         assert len(placed) == 12
 
+        # the GPU behind each published name (for an anonymous slot: the one that arrived)
+        behind = {
+            device_name(fabric_device(o)): attached_device(o)
+            for o in (await world.kube.get(RESOURCES))["items"]
+            if o["spec"]["target_node"] in world.nodes
+        }
         held = set()
         for n in names:
             (b,) = claimmodel.bindings(await world.kube.get(f"{CLAIMS}/{n}"), world.driver)
             assert b.ready
-            held.add(b.device)
+            held.add(behind[b.device])
         attached = {
-            device_name(d.spec.id)
-            for d in world.emulator.state.devices.values()
-            if d.state != DeviceState.FREE
+            d.spec.id for d in world.emulator.state.devices.values() if d.state != DeviceState.FREE
         }
         assert attached == held, "every attached device is held by a claim, and vice versa"
+        assert len(held) == 12, "no GPU held by two claims"
         assert world.emulator.state.attach_started == 12, "no device was attached twice"
     finally:
         for p in procs:
