@@ -11,6 +11,7 @@ from agent.controllers.publishing import SLICES
 from agent.demo.world import World
 from agent.kube.resources import RESOURCES, deleting, state
 from agent.model.fabric import DeviceState
+from agent.model.objects import attached_device, fabric_device
 from agent.model.pool import device_name
 from agent.node.checkpoint import Checkpoint
 
@@ -31,9 +32,9 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
         for o in (await world.kube.get(RESOURCES))["items"]
         if o["spec"]["target_node"] in world.nodes
     ]
-    cr_of: dict[str, Any] = {}
+    cr_of: dict[str, Any] = {}  # physical GPU -> the resource that attached it
     for o in crs:
-        dev = (o.get("status") or {}).get("cdi_device_id") or o["spec"].get("fabric_device")
+        dev = attached_device(o)
         if dev:
             cr_of[dev] = o
     entries: dict[str, dict[str, Any]] = {}
@@ -55,13 +56,16 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
         fabric = dev.state.value + (f":{node}" if node else "")
         cr = cr_of.get(did)
         api = f"{state(cr) or 'new'}:{cr['spec']['target_node']}" if cr is not None else "-"
-        entry = entries.get(did)
+        # the name it is published and prepared under: its own, or the anonymous slot its
+        # resource was made for (a fabric that names no free device)
+        identity = fabric_device(cr) if cr is not None else did
+        entry = entries.get(identity)
         slice_view = (
             "absent"
             if entry is None
             else (f"node:{entry['nodeName']}" if "nodeName" in entry else "free")
         )
-        uids = prepared.get(f"{node}/{device_name(did)}", []) if node else []
+        uids = prepared.get(f"{node}/{device_name(identity)}", []) if node else []
         rows.append(Row(did, fabric, api, slice_view, ",".join(uids) or "-"))
         if dev.state == DeviceState.ATTACHED:
             if cr is None or deleting(cr) or cr["spec"]["target_node"] != node:

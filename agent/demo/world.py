@@ -172,6 +172,7 @@ async def start(
             str(emulator.ca_file),
             "--fabric-poll-interval",
             "1",
+            *_backend_args(cfg.fabric.backend),
             "--idle-grace",
             str(idle_grace),
             "--lease-name",
@@ -188,6 +189,20 @@ async def start(
     )
     progress(f"started {nodes} simulated GPU servers and the cluster role (logs in {logs})")
     return world
+
+
+def _backend_args(backend: str) -> list[str]:
+    """The emulator serves both protocols over one state: the cluster role speaks `backend`."""
+    if backend == "fti":
+        return [
+            "--fabric-backend",
+            "fti",
+            "--fabric-tenant",
+            emuconfig.DEFAULT_TENANT,
+            "--fabric-models",
+            ",".join(MODELS),
+        ]
+    return ["--fabric-backend", "redfish"]
 
 
 def _fresh(workdir: Path) -> None:

@@ -25,11 +25,13 @@ from tests.waiting import until
 pytestmark = pytest.mark.controlplane
 
 
-async def test_full_stack(control_plane: ControlPlane, tmp_path: Path) -> None:
-    driver = f"fs{int(time.time()) % 100000}.cohdi.io"
+@pytest.mark.parametrize("backend", ["redfish", "fti"])
+async def test_full_stack(control_plane: ControlPlane, tmp_path: Path, backend: str) -> None:
+    driver = f"fs{int(time.time()) % 100000}{backend[0]}.cohdi.io"
     cfg = settings.Settings(
         cluster=settings.ClusterSettings(driver=driver),
         kube=settings.KubeSettings(kubeconfig=str(control_plane.kubeconfig)),
+        fabric=settings.FabricSettings(backend=backend),
     )
     world = await worlds.start(
         cfg,
