@@ -34,9 +34,9 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
     ]
     cr_of: dict[str, Any] = {}  # physical GPU -> the resource that attached it
     for o in crs:
-        dev = attached_device(o)
-        if dev:
-            cr_of[dev] = o
+        gpu = attached_device(o)
+        if gpu:
+            cr_of[gpu] = o
     entries: dict[str, dict[str, Any]] = {}
     for s in (await world.kube.get(SLICES))["items"]:
         if s["spec"]["driver"] == world.driver:
