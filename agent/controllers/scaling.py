@@ -47,6 +47,7 @@ from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import claims as claimmodel
 from agent.model import pool as poolmodel
+from agent.model import requests as requestmodel
 from agent.model import scaling as decide
 from agent.model.fabric import Inventory
 from agent.model.objects import devices_of, fabric_device, target_node
@@ -172,7 +173,7 @@ class Scaler:
             # A claim may hold it still (a scale-down that lost a race): look at those claims.
             for key in self._holders(device):
                 self.queue.enqueue(key)
-        elif device and not obj["metadata"].get("labels", {}).get(crds.MANAGED_BY):
+        elif device and requestmodel.owner_of(obj) is None:
             self.idle.enqueue_after(device, self.idle_grace)
         if target_node(obj):
             self.labels.enqueue(target_node(obj))
@@ -486,7 +487,7 @@ class Scaler:
         d = decide.decide_idle(
             cr,
             held=device in self._held_devices(),
-            request_owned=bool(cr and cr["metadata"].get("labels", {}).get(crds.MANAGED_BY)),
+            request_owned=cr is not None and requestmodel.owner_of(cr) is not None,
             idle_since=self.last_used.get(device),
             now=self.mono(),
             grace=self.idle_grace,
