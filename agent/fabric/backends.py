@@ -33,6 +33,7 @@ def open_fabric(cfg: settings.FabricSettings) -> FabricManager:
             password=password,
             operation_timeout=cfg.operation_timeout,
             poll_interval=cfg.poll_interval,
+            processor_types=cfg.processor_types.split(","),
         )
     return FtiFabric(
         http,

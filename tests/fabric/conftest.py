@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,22 +25,55 @@ from agent.fabric.transport import FabricHttp
 PASSWORD = "s3cret-fabric-pass"
 A100 = "NVIDIA-A100-PCIE-40GB"
 H100 = "NVIDIA-H100-PCIE-80GB"
+#: DMTF's mockups (unmodified copies; read only).
+MOCKUPS = Path(__file__).resolve().parents[2].parent / "shared" / "redfish-mockups"
+
+
+def mockup_config(directory: Path, **options: object) -> config.EmulatorConfig:
+    """The emulator serving the DMTF mockup in `directory`, user admin/PASSWORD."""
+    return config.parse(
+        {
+            "mockup": {"dir": str(directory), **options},
+            "users": [{"name": "admin", "password": PASSWORD}],
+        }
+    )
+
+
+def edited_mockup(
+    tmp_path: Path, name: str, edits: dict[str, Callable[[dict[str, Any]], None]]
+) -> Path:
+    """A copy of DMTF mockup `name` with `edits` (URI below /redfish/v1 -> change in place)."""
+    out = tmp_path / name
+    shutil.copytree(MOCKUPS / name, out)
+    for uri, edit in edits.items():
+        path = out / uri.removeprefix("/redfish/v1").strip("/") / "index.json"
+        doc = json.loads(path.read_text())
+        edit(doc)
+        path.write_text(json.dumps(doc))
+    return out
 
 
 def small_config(latency: float = 0.0) -> config.EmulatorConfig:
     return config.example(password=PASSWORD, nodes=2, gpus=4, latency=latency)
 
 
-@pytest.fixture
-async def emulator(tmp_path: Path) -> AsyncIterator[EmulatorServer]:
+@contextlib.asynccontextmanager
+async def serving(cfg: config.EmulatorConfig, tmp_path: Path) -> AsyncIterator[EmulatorServer]:
+    """The emulator with `cfg`, over HTTPS on loopback, for the block."""
     server = EmulatorServer(
-        small_config(), state_file=tmp_path / "fabric-state.json", tls_dir=tmp_path / "tls"
+        cfg, state_file=tmp_path / "fabric-state.json", tls_dir=tmp_path / "tls"
     )
     await server.start()
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def emulator(tmp_path: Path) -> AsyncIterator[EmulatorServer]:
+    async with serving(small_config(), tmp_path) as server:
+        yield server
 
 
 def make_client(

@@ -10,20 +10,32 @@ Example::
       - {model: NVIDIA-A100-PCIE-40GB, vendor: NVIDIA, memory: 42949672960, count: 8,
          fabric: fabric0, attach_latency: 0.2}
 
+Or, instead of machines and devices, a DMTF mockup directory as the initial state (see
+`agent/fabric/emulator/mockup.py`)::
+
+    users: [{name: admin, password: ...}]
+    mockup: {dir: /path/to/public-composability, attach_latency: 0.2}   # or just `mockup: <dir>`
+    expand: false                       # a Redfish service without $expand (answers 501)
+
 Every problem is reported with its path in the file (``devices[1].count: must be >= 0``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from agent import errors
+
+if TYPE_CHECKING:
+    from agent.fabric.emulator.mockup import Mockup
 
 DEFAULT_TENANT = "00000000-0000-4000-8000-000000000000"
 
@@ -44,6 +56,10 @@ class DeviceSpec:
     pci_device: str
     attach_latency: float
     detach_latency: float
+    #: Every resource zone the block is in (a mockup's `Links.Zones`); empty: just `fabric`.
+    zones: tuple[str, ...] = ()
+    #: The DMTF `ResourceBlockType`s of the block (the embedded default: GPUs, `Processor`).
+    block_types: tuple[str, ...] = ("Processor",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +67,15 @@ class MachineSpec:
     id: str
     name: str
     fabric: str
+    #: Every resource zone the system is in (through its own blocks); empty: just `fabric`.
+    zones: tuple[str, ...] = ()
+
+    def can_reach(self, device: DeviceSpec) -> bool:
+        """Whether `device` can be composed to this machine: a zone in common (or, with no zones
+        given, the same fabric)."""
+        if self.zones and device.zones:
+            return bool(set(self.zones) & set(device.zones))
+        return self.fabric == device.fabric
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +87,11 @@ class EmulatorConfig:
     realm: str = "cdi"
     token_ttl: float = 300.0
     session_timeout: float = 1800.0
+    #: Whether the Redfish side supports `$expand` (else it answers 501 to it, as DSP0266 asks,
+    #: and its service root advertises no `ExpandQuery`).
+    expand: bool = True
+    #: A DMTF mockup served as the Redfish side's initial state (`mockup: <dir>` in the file).
+    mockup: Mockup | None = None
 
     @property
     def fabrics(self) -> list[str]:
@@ -85,10 +115,15 @@ def _str(doc: dict[str, Any], key: str, where: str, default: str | None = None) 
     return value
 
 
-def parse(doc: Any, *, environ: dict[str, str] | None = None) -> EmulatorConfig:
+def parse(doc: Any, *, environ: Mapping[str, str] | None = None) -> EmulatorConfig:
     env = os.environ if environ is None else environ
     if not isinstance(doc, dict):
         raise EmulatorConfigError("the emulator config must be a mapping with machines and devices")
+    expand = doc.get("expand", True)
+    if not isinstance(expand, bool):
+        raise EmulatorConfigError(f"config.expand: must be true or false, got {expand!r}")
+    if doc.get("mockup") is not None:
+        return _with_users(_from_mockup(doc), doc, env, expand=expand)
     machines: list[MachineSpec] = []
     for i, m in enumerate(doc.get("machines") or []):
         where = f"machines[{i}]"
@@ -140,6 +175,36 @@ def parse(doc: Any, *, environ: dict[str, str] | None = None) -> EmulatorConfig:
                 f"device {d.id} is on fabric {d.fabric!r}, which no machine is wired to "
                 f"(fabrics with machines: {sorted(known)})"
             )
+    return _with_users(
+        EmulatorConfig(machines=tuple(machines), devices=tuple(devices)), doc, env, expand=expand
+    )
+
+
+def _from_mockup(doc: dict[str, Any]) -> EmulatorConfig:
+    from agent.fabric.emulator.mockup import Mockup
+
+    if doc.get("machines") or doc.get("devices"):
+        raise EmulatorConfigError("config: give either mockup or machines/devices, not both")
+    spec = doc["mockup"]
+    if isinstance(spec, str):
+        spec = {"dir": spec}
+    if not isinstance(spec, dict):
+        raise EmulatorConfigError(f"config.mockup: a directory or a mapping, got {spec!r}")
+    tree = Mockup.load(Path(_str(spec, "dir", "mockup")))
+    return EmulatorConfig(
+        machines=tree.machines(),
+        devices=tree.devices(
+            attach_latency=_num(spec, "attach_latency", "mockup", 0.0),
+            detach_latency=_num(spec, "detach_latency", "mockup", 0.0),
+        ),
+        mockup=tree,
+    )
+
+
+def _with_users(
+    base: EmulatorConfig, doc: dict[str, Any], env: Mapping[str, str], *, expand: bool
+) -> EmulatorConfig:
+    """`base` with the users, tenant, realm, timeouts and `expand` of the file."""
     users: dict[str, str] = {}
     for i, u in enumerate(doc.get("users") or []):
         where = f"users[{i}]"
@@ -153,14 +218,14 @@ def parse(doc: Any, *, environ: dict[str, str] | None = None) -> EmulatorConfig:
             users[name] = Path(_str(u, "password_file", where)).read_text().strip()
         else:
             users[name] = _str(u, "password", where)
-    return EmulatorConfig(
-        machines=tuple(machines),
-        devices=tuple(devices),
+    return dataclasses.replace(
+        base,
         users=users,
         tenant=str(doc.get("tenant", DEFAULT_TENANT)),
         realm=str(doc.get("realm", "cdi")),
         token_ttl=_num(doc, "token_ttl", "config", 300.0, minimum=1),
         session_timeout=_num(doc, "session_timeout", "config", 1800.0, minimum=1),
+        expand=expand,
     )
 
 

@@ -134,6 +134,7 @@ def fault_middleware(state: EmulatorState) -> Any:
         if not request.path.startswith(API_PREFIXES):
             return await handler(request)
         faults = state.faults
+        state.requests.append((request.method, request.path_qs))
         wanted = request.headers.get(FAULT_HEADER, "")
         delay = faults.delay
         if wanted.startswith("delay="):
@@ -143,8 +144,12 @@ def fault_middleware(state: EmulatorState) -> Any:
         if wanted == "reset" and request.transport is not None:
             request.transport.abort()
             raise ConnectionResetError("injected connection reset")
-        if wanted == "unavailable" or faults.unavailable_next > 0:
-            if wanted != "unavailable":
+        path = request.path.rstrip("/") or "/"
+        path_fault = faults.unavailable_paths.get(path, 0) > 0
+        if wanted == "unavailable" or faults.unavailable_next > 0 or path_fault:
+            if path_fault:
+                faults.unavailable_paths[path] -= 1
+            elif wanted != "unavailable":
                 faults.unavailable_next -= 1
             return json_response(
                 {

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
+import re
 from typing import Any
 
 from aiohttp import web
 
+from agent.fabric.emulator import oem
 from agent.fabric.emulator.http import Account, Credentials, Handler, json_response
+from agent.fabric.emulator.mockup import Mockup, normalise, segment
 from agent.fabric.emulator.state import Device, EmulatorError, EmulatorState, Task
 from agent.model.fabric import DeviceState
 
@@ -44,11 +48,20 @@ PUBLIC = {
     f"{R}/",
     f"{R}/odata",
     f"{R}/$metadata",
+    oem.SCHEMA_URI,
     SESSIONS,
     f"{SESSIONS}/Members",
 }
 #: Query parameters we implement; any other `$...` is answered 501 (DSP0266 "Query parameters").
-SUPPORTED_QUERY = {"$expand"}
+SUPPORTED_QUERY = frozenset({"$expand"})
+#: Deepest `$expand` served (mockup mode; the embedded default expands one level).
+MAX_LEVELS = 3
+_EXPAND = re.compile(r"([.*~])(?:\(\$levels=(\d+)\))?")
+COMPOSE_ACTIONS = ("AddResourceBlock", "RemoveResourceBlock")
+#: Config mode: a system's own block (type ComputerSystem) is `ResourceBlocks/system-<id>`.
+OWN_BLOCK_PREFIX = "system-"
+#: The `@odata.type` of the emulator's OEM extension of a ResourceBlock (`Oem.Cohdi`).
+OEM_BLOCK_TYPE = oem.ODATA_TYPE
 
 _STATE = {
     DeviceState.FREE: "Unused",
@@ -104,6 +117,10 @@ class RedfishApi:
     def __init__(self, state: EmulatorState, creds: Credentials) -> None:
         self.state = state
         self.creds = creds
+        #: The DMTF mockup served as the initial state, if any (see `mockup.py`).
+        self.mockup: Mockup | None = state.config.mockup
+        #: Whether `$expand` is supported (else 501 and no `ExpandQuery` in the service root).
+        self.expand = state.config.expand
 
     # --- wiring ----------------------------------------------------------------------------------
 
@@ -116,21 +133,18 @@ class RedfishApi:
         r.add_route("*", "/redfish/v1/", self.service_root)
         r.add_route("*", f"{R}/odata", self.odata)
         r.add_route("*", f"{R}/$metadata", self.metadata)
-        r.add_route("*", f"{R}/SessionService", self.session_service)
-        r.add_route("*", SESSIONS, self.sessions)
-        r.add_route("*", SESSIONS + "/Members", self.sessions)
-        r.add_route("*", SESSIONS + "/{id}", self.session)
-        r.add_route("*", f"{R}/AccountService", self.account_service)
-        r.add_route("*", ACCOUNTS, self.accounts)
-        r.add_route("*", ACCOUNTS + "/{id}", self.account)
-        r.add_route("*", ROLES, self.roles)
-        r.add_route("*", ROLES + "/{id}", self.role)
+        r.add_route("*", oem.SCHEMA_URI, self.oem_schema)
+        self._common_routes(r)
+        if self.mockup is not None:
+            r.add_route("*", SYSTEMS + "/{id}", self.system)
+            self._action_routes(r)
+            r.add_route("*", BLOCKS, self.blocks)
+            r.add_route("*", BLOCKS + "/{id}", self.block)
+            r.add_route("*", "/redfish/{tail:.*}", self.static)
+            return
         r.add_route("*", SYSTEMS, self.systems)
         r.add_route("*", SYSTEMS + "/{id}", self.system)
-        r.add_route("*", SYSTEMS + "/{id}/Actions/ComputerSystem.AddResourceBlock", self.add_block)
-        r.add_route(
-            "*", SYSTEMS + "/{id}/Actions/ComputerSystem.RemoveResourceBlock", self.remove_block
-        )
+        self._action_routes(r)
         r.add_route("*", f"{R}/CompositionService", self.composition_service)
         r.add_route("*", BLOCKS, self.blocks)
         r.add_route("*", BLOCKS + "/{id}", self.block)
@@ -140,9 +154,28 @@ class RedfishApi:
         r.add_route("*", ZONES + "/{id}", self.zone)
         r.add_route("*", f"{R}/TaskService", self.task_service)
         r.add_route("*", TASKS, self.tasks)
+        r.add_route("*", "/redfish/{tail:.*}", self.not_found)
+
+    def _action_routes(self, r: web.UrlDispatcher) -> None:
+        r.add_route("*", SYSTEMS + "/{id}/Actions/ComputerSystem.AddResourceBlock", self.add_block)
+        r.add_route(
+            "*", SYSTEMS + "/{id}/Actions/ComputerSystem.RemoveResourceBlock", self.remove_block
+        )
+
+    def _common_routes(self, r: web.UrlDispatcher) -> None:
+        """Sessions, accounts and task monitors: live in both modes (a mockup's accounts and
+        sessions are replaced by the emulator's own users)."""
+        r.add_route("*", f"{R}/SessionService", self.session_service)
+        r.add_route("*", SESSIONS, self.sessions)
+        r.add_route("*", SESSIONS + "/Members", self.sessions)
+        r.add_route("*", SESSIONS + "/{id}", self.session)
+        r.add_route("*", f"{R}/AccountService", self.account_service)
+        r.add_route("*", ACCOUNTS, self.accounts)
+        r.add_route("*", ACCOUNTS + "/{id}", self.account)
+        r.add_route("*", ROLES, self.roles)
+        r.add_route("*", ROLES + "/{id}", self.role)
         r.add_route("*", TASKS + "/{id}", self.task)
         r.add_route("*", MONITORS + "/{id}", self.monitor)
-        r.add_route("*", "/redfish/{tail:.*}", self.not_found)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -167,14 +200,17 @@ class RedfishApi:
                 "PreconditionFailed",
                 f"OData-Version {request.headers['OData-Version']} is not supported; use 4.0",
             )
-        unknown = sorted(q for q in request.query if q.startswith("$") and q not in SUPPORTED_QUERY)
+        supported = SUPPORTED_QUERY if self.expand else SUPPORTED_QUERY - {"$expand"}
+        if "$expand" in request.query and self.state.faults.expand_unsupported:
+            supported = supported - {"$expand"}
+        unknown = sorted(q for q in request.query if q.startswith("$") and q not in supported)
         if unknown:
             return error(
                 501, "QueryNotSupported", f"query parameter(s) {', '.join(unknown)} not supported"
             )
         accept = request.headers.get("Accept", "*/*")
         known = request.match_info.handler != self.not_found
-        if known and not path.endswith("$metadata") and not _accepts_json(accept):
+        if known and not path.endswith(("$metadata", ".xml")) and not _accepts_json(accept):
             return error(
                 406, "NotAcceptable", f"only application/json is served here, not {accept}"
             )
@@ -282,8 +318,30 @@ class RedfishApi:
     async def version_doc(self, request: web.Request) -> web.Response:
         return json_response({"v1": "/redfish/v1/"})
 
+    def _features(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`ProtocolFeaturesSupported` as implemented here: `$expand` (`.`, `*`, `~`, with
+        `$levels`) unless switched off; no `$select`, `$filter`, `only` or `excerpt`."""
+        features: dict[str, Any] = dict(base or {})
+        features.update(
+            SelectQuery=False, FilterQuery=False, OnlyMemberQuery=False, ExcerptQuery=False
+        )
+        features.pop("ExpandQuery", None)
+        if self.expand:
+            features["ExpandQuery"] = {
+                "ExpandAll": self.mockup is not None,
+                "Levels": True,
+                "MaxLevels": MAX_LEVELS if self.mockup is not None else 1,
+                "Links": self.mockup is not None,
+                "NoLinks": True,
+            }
+        return features
+
     async def service_root(self, request: web.Request) -> web.Response:
         self._only(request, "GET, HEAD")
+        if self.mockup is not None:
+            doc = copy.deepcopy(self.mockup.get(R) or {})
+            doc["ProtocolFeaturesSupported"] = self._features(doc.get("ProtocolFeaturesSupported"))
+            return self._resource(request, doc)
         doc = {
             "@odata.id": f"{R}/",
             "@odata.type": "#ServiceRoot.v1_17_0.ServiceRoot",
@@ -293,41 +351,39 @@ class RedfishApi:
             "UUID": SERVICE_UUID,
             "Vendor": "cohdi-agent",
             "Product": "cohdi-agent fabric emulator",
-            "ProtocolFeaturesSupported": {
-                "ExpandQuery": {
-                    "ExpandAll": False,
-                    "Levels": True,
-                    "MaxLevels": 1,
-                    "Links": False,
-                    "NoLinks": True,
-                },
-                "SelectQuery": False,
-                "FilterQuery": False,
-                "OnlyMemberQuery": False,
-                "ExcerptQuery": False,
-            },
+            "ProtocolFeaturesSupported": self._features(),
             "Systems": {"@odata.id": SYSTEMS},
             "CompositionService": {"@odata.id": f"{R}/CompositionService"},
             "SessionService": {"@odata.id": f"{R}/SessionService"},
             "AccountService": {"@odata.id": f"{R}/AccountService"},
-            "TaskService": {"@odata.id": f"{R}/TaskService"},
+            # ServiceRoot's property is `Tasks`; its URI segment is `TaskService`.
+            "Tasks": {"@odata.id": f"{R}/TaskService"},
             "Links": {"Sessions": {"@odata.id": SESSIONS}},
         }
         return self._resource(request, doc)
 
     async def odata(self, request: web.Request) -> web.Response:
         self._only(request, "GET, HEAD")
-        names = ["Systems", "CompositionService", "SessionService", "AccountService", "TaskService"]
+        if self.mockup is not None and (doc := self.mockup.get(f"{R}/odata")) is not None:
+            return json_response(doc)
+        names = ["Systems", "CompositionService", "SessionService", "AccountService"]
         return json_response(
             {
                 "@odata.context": f"{R}/$metadata",
                 "value": [{"name": n, "kind": "Singleton", "url": f"{R}/{n}"} for n in names]
-                + [{"name": "Sessions", "kind": "Singleton", "url": SESSIONS}],
+                + [
+                    {"name": "Tasks", "kind": "Singleton", "url": f"{R}/TaskService"},
+                    {"name": "Sessions", "kind": "Singleton", "url": SESSIONS},
+                ],
             }
         )
 
     async def metadata(self, request: web.Request) -> web.Response:
         self._only(request, "GET, HEAD")
+        if self.mockup is not None and self.mockup.metadata:
+            return web.Response(
+                text=self.mockup.metadata, content_type="application/xml", charset="utf-8"
+            )
         namespaces = [
             ("ServiceRoot", "v1_17_0"),
             ("ComputerSystem", "v1_22_0"),
@@ -361,6 +417,12 @@ class RedfishApi:
                 f'  <edmx:Reference Uri="http://redfish.dmtf.org/schemas/v1/{name}_v1.xml">\n'
                 f"{inc}  </edmx:Reference>\n"
             )
+        refs.append(
+            f'  <edmx:Reference Uri="{oem.SCHEMA_URI}">\n'
+            f'    <edmx:Include Namespace="{oem.NAMESPACE}"/>\n'
+            f'    <edmx:Include Namespace="{oem.NAMESPACE}.{oem.VERSION}"/>\n'
+            "  </edmx:Reference>\n"
+        )
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
             '<edmx:Edmx xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx" Version="4.0">\n'
@@ -372,6 +434,11 @@ class RedfishApi:
             "    </Schema>\n  </edmx:DataServices>\n</edmx:Edmx>\n"
         )
         return web.Response(text=body, content_type="application/xml", charset="utf-8")
+
+    async def oem_schema(self, request: web.Request) -> web.Response:
+        """The CSDL of `Oem.Cohdi` (see `oem.py`)."""
+        self._only(request, "GET, HEAD")
+        return web.Response(text=oem.CSDL, content_type="application/xml", charset="utf-8")
 
     # --- sessions and accounts -------------------------------------------------------------------
 
@@ -498,6 +565,7 @@ class RedfishApi:
             "Name": f"Account {user}",
             "UserName": user,
             "RoleId": acct.role,
+            "AccountTypes": ["Redfish"],
             "Enabled": acct.enabled,
             "Locked": False,
             "Password": None,
@@ -597,33 +665,55 @@ class RedfishApi:
             [f"{SYSTEMS}/{m}" for m in self.state.machines],
         )
 
+    def _managed(self, uri: str) -> bool:
+        """Whether a block URI is one the live state composes (not a system's own block, not a
+        mockup's shared block)."""
+        path = normalise(uri)
+        return path.startswith(BLOCKS + "/") and segment(path) in self.state.devices
+
     def _system_doc(self, machine_id: str) -> dict[str, Any]:
+        """The ComputerSystem: in mockup mode the mockup's document, else ours; its
+        `Links.ResourceBlocks` are its own blocks (static) followed by the blocks the live state
+        has on it, and its composition actions point at this service."""
         m = self.state.machine(machine_id)
+        uri = f"{SYSTEMS}/{m.id}"
         blocks = sorted(self.state.attached_to(machine_id), key=lambda d: d.spec.id)
-        doc: dict[str, Any] = {
-            "@odata.id": f"{SYSTEMS}/{m.id}",
-            "@odata.type": "#ComputerSystem.v1_22_0.ComputerSystem",
-            "Id": m.id,
-            "Name": m.name,
-            "HostName": m.name,
-            "SystemType": "Physical",
-            "Composition": {"UseCases": ["ExpandableSystem"]},
-            "Status": {"State": "Enabled", "Health": "OK"},
-            "Links": {
-                "ResourceBlocks": [{"@odata.id": f"{BLOCKS}/{d.spec.id}"} for d in blocks],
-                "ResourceBlocks@odata.count": len(blocks),
-            },
-            "Actions": {
-                "#ComputerSystem.AddResourceBlock": {
-                    "target": f"{SYSTEMS}/{m.id}/Actions/ComputerSystem.AddResourceBlock"
-                },
-                "#ComputerSystem.RemoveResourceBlock": {
-                    "target": f"{SYSTEMS}/{m.id}/Actions/ComputerSystem.RemoveResourceBlock"
-                },
-            },
-            "Oem": {"Cohdi": {"Fabric": m.fabric}},
-        }
-        doc["@odata.etag"] = _etag(m.id, [(d.spec.id, d.revision) for d in blocks])
+        if self.mockup is not None:
+            doc = copy.deepcopy(self.mockup.get(uri) or {})
+            # What the mockup lists, minus the blocks the live state composes (elements that are
+            # not links are kept as recorded: a client must cope with them).
+            own: list[Any] = [
+                ref
+                for ref in (doc.get("Links") or {}).get("ResourceBlocks") or []
+                if not (isinstance(ref, dict) and self._managed(str(ref.get("@odata.id", ""))))
+            ]
+            actions = doc.get("Actions") or {}
+        else:
+            doc = {
+                "@odata.id": uri,
+                "@odata.type": "#ComputerSystem.v1_22_0.ComputerSystem",
+                "Id": m.id,
+                "Name": m.name,
+                "HostName": m.name,
+                "SystemType": "Physical",
+                "Composition": {"UseCases": ["ExpandableSystem"]},
+                "Status": {"State": "Enabled", "Health": "OK"},
+            }
+            own = [{"@odata.id": _own_block(m.id)}]
+            actions = {f"#ComputerSystem.{name}": {} for name in COMPOSE_ACTIONS}
+        links = own + [{"@odata.id": f"{BLOCKS}/{d.spec.id}"} for d in blocks]
+        doc.setdefault("Links", {})
+        doc["Links"]["ResourceBlocks"] = links
+        doc["Links"]["ResourceBlocks@odata.count"] = len(links)
+        # The composition actions the system has (a mockup's may lack them: then only the
+        # Links PATCH composes), with targets at this service.
+        for name in COMPOSE_ACTIONS:
+            if f"#ComputerSystem.{name}" in actions:
+                doc.setdefault("Actions", {})[f"#ComputerSystem.{name}"] = {
+                    **actions[f"#ComputerSystem.{name}"],
+                    "target": f"{uri}/Actions/ComputerSystem.{name}",
+                }
+        doc["@odata.etag"] = _etag(m.id, own, [(d.spec.id, d.revision) for d in blocks])
         return doc
 
     async def system(self, request: web.Request) -> web.Response:
@@ -631,7 +721,7 @@ class RedfishApi:
         doc = self._system_doc(machine_id)
         self._only(request, "GET, HEAD, PATCH")
         if request.method != "PATCH":
-            return self._resource(request, doc, allow="GET, HEAD, PATCH")
+            return self._expanded(request, doc, allow="GET, HEAD, PATCH")
         if (denied := self._require(request, "ConfigureComponents")) is not None:
             return denied
         if (stale := self._precondition(request, doc["@odata.etag"])) is not None:
@@ -647,7 +737,10 @@ class RedfishApi:
                 "PropertyUnknown",
                 "only Links.ResourceBlocks can be patched here (a list, Redfish array rules)",
             )
-        current = [link["@odata.id"] for link in doc["Links"]["ResourceBlocks"]]
+        current = [
+            str(link.get("@odata.id")) if isinstance(link, dict) else str(link)
+            for link in doc["Links"]["ResourceBlocks"]
+        ]
         wanted = _apply_array_patch(current, body["Links"]["ResourceBlocks"])
         if wanted is None:
             return error(
@@ -657,14 +750,36 @@ class RedfishApi:
             )
         adds = [b for b in wanted if b not in current]
         removes = [b for b in current if b not in wanted]
+        if fixed := [b for b in adds + removes if not self._managed(b)]:
+            return self._not_composable(fixed[0])
+        if self._no_effect():
+            return web.Response(status=204)
         tasks: list[Task] = []
         for uri in removes:
-            if (t := self.state.detach(_block_id(uri), machine_id)) is not None:
+            if (t := self.state.detach(segment(uri), machine_id)) is not None:
                 tasks.append(t)
         for uri in adds:
-            if (t := self.state.attach(_block_id(uri), machine_id)) is not None:
+            if (t := self.state.attach(segment(uri), machine_id)) is not None:
                 tasks.append(t)
         return await self._maybe_async(request, tasks, lambda: self._system_doc(machine_id))
+
+    def _not_composable(self, uri: str) -> web.Response:
+        own = uri.startswith(_own_block(""))
+        if own or (self.mockup is not None and self.mockup.get(uri) is not None):
+            return error(
+                409,
+                "ResourceInUse",
+                f"{uri} is a system's own block or shared by several systems: this service "
+                "does not compose it",
+            )
+        return error(404, "ResourceMissingAtURI", f"no resource block at {uri}")
+
+    def _no_effect(self) -> bool:
+        """The `no_effect_next` fault: acknowledge a composition and do nothing."""
+        if self.state.faults.no_effect_next > 0:
+            self.state.faults.no_effect_next -= 1
+            return True
+        return False
 
     async def add_block(self, request: web.Request) -> web.Response:
         return await self._block_action(request, attach=True)
@@ -689,13 +804,17 @@ class RedfishApi:
                 "ActionParameterMissing",
                 f'ResourceBlock must be {{"@odata.id": "{BLOCKS}/<id>"}}',
             )
-        dev = self.state.device(_block_id(uri))
+        if not self._managed(uri):
+            return self._not_composable(uri)
+        dev = self.state.device(segment(uri))
         sys_etag = body.get("ComputerSystemETag") if body else None
         blk_etag = body.get("ResourceBlockETag") if body else None
         if (sys_etag and sys_etag != system["@odata.etag"]) or (
             blk_etag and blk_etag != self._block_doc(dev)["@odata.etag"]
         ):
             return error(412, "PreconditionFailed", "the ETag given does not match the resource")
+        if self._no_effect():
+            return web.Response(status=204)
         task = (
             self.state.attach(dev.spec.id, machine_id)
             if attach
@@ -757,64 +876,181 @@ class RedfishApi:
             },
         )
 
+    def _block_uris(self) -> list[str]:
+        if self.mockup is not None:
+            return self.mockup.members(BLOCKS)
+        return [_own_block(m) for m in self.state.machines] + [
+            f"{BLOCKS}/{d}" for d in self.state.devices
+        ]
+
     async def blocks(self, request: web.Request) -> web.Response:
         self._only(request, "GET, HEAD")
-        expand = request.query.get("$expand", "")
+        base: dict[str, Any] = {}
+        if self.mockup is not None:
+            base = copy.deepcopy(self.mockup.get(BLOCKS) or {})
+        uris = self._block_uris()
         doc: dict[str, Any] = {
+            **base,
             "@odata.id": BLOCKS,
             "@odata.type": "#ResourceBlockCollection.ResourceBlockCollection",
-            "Name": "Resource Blocks",
-            "Members@odata.count": len(self.state.devices),
+            "Name": base.get("Name", "Resource Blocks"),
+            "Members": [{"@odata.id": u} for u in uris],
+            "Members@odata.count": len(uris),
         }
-        if expand in (".", ".($levels=1)", "*", "*($levels=1)"):
-            doc["Members"] = [self._block_doc(d) for d in self.state.devices.values()]
-        else:
-            doc["Members"] = [{"@odata.id": f"{BLOCKS}/{d}"} for d in self.state.devices]
-        # The collection's ETag changes exactly when the fabric changes: clients poll with
-        # If-None-Match and get 304 while nothing happened.
-        return self._resource(request, {**doc, "@odata.etag": f'W/"seq-{self.state.seq}"'})
+        # The collection's ETag changes exactly when a block changes: clients poll the expanded
+        # collection with If-None-Match and get 304 while nothing happened.
+        doc["@odata.etag"] = f'W/"seq-{self.state.seq}"'
+        return self._expanded(request, doc)
 
     def _block_doc(self, dev: Device) -> dict[str, Any]:
+        """A composable block as served now: the mockup's document (or ours) with the live
+        `CompositionStatus`, `Links.ComputerSystems` and health."""
         s = dev.spec
-        links: dict[str, Any] = {
-            "Zones": [{"@odata.id": f"{ZONES}/{s.fabric}"}],
-            "ComputerSystems": [{"@odata.id": f"{SYSTEMS}/{dev.machine}"}] if dev.machine else [],
-        }
+        uri = f"{BLOCKS}/{s.id}"
+        if self.mockup is not None:
+            doc = copy.deepcopy(self.mockup.get(uri) or {})
+        else:
+            doc = {
+                "@odata.id": uri,
+                "@odata.type": "#ResourceBlock.v1_4_2.ResourceBlock",
+                "Id": s.id,
+                "Name": f"{s.model} {s.id}",
+                "ResourceBlockType": list(s.block_types),
+                "CompositionStatus": {"Reserved": False, "SharingCapable": False},
+                "Processors": [{"@odata.id": f"{uri}/Processors/GPU"}],
+                "Links": {"Zones": [{"@odata.id": f"{ZONES}/{s.fabric}"}]},
+                "Oem": {
+                    "Cohdi": {
+                        "@odata.type": OEM_BLOCK_TYPE,
+                        # Not in the standard: it leaves a fabric-attached function's address
+                        # out (PCIeFunction), and the node needs it to find the arrived GPU.
+                        "PciAddress": dev.pci_address or None,
+                    }
+                },
+            }
+        status = doc.setdefault("CompositionStatus", {})
+        attached = dev.machine is not None and dev.state != DeviceState.FREE
+        state = _STATE[dev.state]
+        if dev.state == DeviceState.ATTACHED and status.get("SharingEnabled"):
+            state = "ComposedAndAvailable"
+        status["CompositionState"] = state
+        status["MaxCompositions"] = status.get("MaxCompositions", 1)
+        status["NumberOfCompositions"] = 1 if attached else 0
+        doc.setdefault("Links", {})["ComputerSystems"] = (
+            [{"@odata.id": f"{SYSTEMS}/{dev.machine}"}] if attached else []
+        )
+        health = doc.setdefault("Status", {"State": "Enabled"})
+        health["Health"] = "Critical" if dev.state == DeviceState.FAILED else "OK"
+        if dev.state == DeviceState.FAILED:
+            health["Conditions"] = [
+                {
+                    "MessageId": "Base.1.8.GeneralError",
+                    "Message": dev.reason or "the block has failed",
+                    "Severity": "Critical",
+                }
+            ]
+        else:
+            health.pop("Conditions", None)
+        doc["@odata.etag"] = f'W/"{s.id}-{dev.revision}"'
+        return doc
+
+    def _own_block_doc(self, machine_id: str) -> dict[str, Any]:
+        """The block a system is registered as (DSP2050 expandable system): type
+        `ComputerSystem`, in the zone of the system's fabric. It is how a client learns the
+        system's zone (a ComputerSystem has no `Links.Zones`)."""
+        m = self.state.machine(machine_id)
+        system = {"@odata.id": f"{SYSTEMS}/{m.id}"}
         return {
-            "@odata.id": f"{BLOCKS}/{s.id}",
+            "@odata.id": _own_block(m.id),
             "@odata.type": "#ResourceBlock.v1_4_2.ResourceBlock",
-            "@odata.etag": f'W/"{s.id}-{dev.revision}"',
-            "Id": s.id,
-            "Name": f"{s.model} {s.id}",
-            "ResourceBlockType": ["Processor"],
-            "Status": {
-                "State": "Enabled",
-                "Health": "Critical" if dev.state == DeviceState.FAILED else "OK",
-            },
+            "Id": segment(_own_block(m.id)),
+            "Name": f"System {m.name}",
+            "ResourceBlockType": ["ComputerSystem"],
+            "Status": {"State": "Enabled", "Health": "OK"},
             "CompositionStatus": {
-                "CompositionState": _STATE[dev.state],
+                "CompositionState": "Composed",
                 "Reserved": False,
                 "SharingCapable": False,
+                "MaxCompositions": 1,
+                "NumberOfCompositions": 1,
             },
-            "Processors": [{"@odata.id": f"{BLOCKS}/{s.id}/Processors/GPU"}],
-            "Links": links,
-            "Oem": {
-                "Cohdi": {
-                    "FabricState": dev.state.value,
-                    "PciAddress": dev.pci_address or None,
-                    "Reason": dev.reason or None,
-                    "Model": s.model,
-                    "Manufacturer": s.vendor,
-                    "SerialNumber": s.serial,
-                    "MemoryBytes": s.memory,
-                }
-            },
+            "ComputerSystems": [system],
+            "Links": {"ComputerSystems": [system], "Zones": [{"@odata.id": f"{ZONES}/{m.fabric}"}]},
         }
 
+    def _lookup(self, uri: str) -> dict[str, Any] | None:
+        """The document at `uri` as served now (for `$expand`), or None."""
+        path = normalise(uri)
+        if self._managed(path):
+            return self._block_doc(self.state.devices[segment(path)])
+        if path == f"{SYSTEMS}/{segment(path)}" and segment(path) in self.state.machines:
+            return self._system_doc(segment(path))
+        if self.mockup is not None:
+            doc = self.mockup.get(path)
+            return copy.deepcopy(doc) if doc is not None else None
+        machine = segment(path).removeprefix(OWN_BLOCK_PREFIX)
+        if path == _own_block(machine) and machine in self.state.machines:
+            return self._own_block_doc(machine)
+        return None
+
     async def block(self, request: web.Request) -> web.Response:
-        dev = self.state.device(request.match_info["id"])
+        doc = self._lookup(request.path)
+        if doc is None:
+            return error(404, "ResourceMissingAtURI", f"no resource block at {request.path}")
         self._only(request, "GET, HEAD")
-        return self._resource(request, self._block_doc(dev))
+        return self._expanded(request, doc)
+
+    async def static(self, request: web.Request) -> web.Response:
+        """Mockup mode: any other document of the mockup, as recorded (read-only)."""
+        doc = self._lookup(request.path)
+        if doc is None:
+            return await self.not_found(request)
+        self._only(request, "GET, HEAD")
+        return self._expanded(request, doc)
+
+    def _expanded(
+        self, request: web.Request, doc: dict[str, Any], *, allow: str = "GET, HEAD"
+    ) -> web.Response:
+        """`doc` answered with `$expand` applied: `.` (links outside `Links`), `~` (links in
+        `Links`) or `*` (both), `($levels=n)` deep (1 if not given, at most MAX_LEVELS)."""
+        raw = request.query.get("$expand")
+        if raw is not None:
+            match = _EXPAND.fullmatch(raw)
+            if match is None:
+                return error(
+                    400,
+                    "QueryParameterValueFormatError",
+                    f"$expand={raw!r}: use ., ~ or * with an optional ($levels=n)",
+                )
+            levels = int(match.group(2) or 1)
+            if not 1 <= levels <= MAX_LEVELS:
+                return error(
+                    400,
+                    "QueryParameterOutOfRange",
+                    f"$expand levels {levels}: 1 to {MAX_LEVELS} are supported",
+                )
+            etag = doc.get("@odata.etag")
+            doc = self._expand(doc, match.group(1), levels)
+            if etag:
+                doc["@odata.etag"] = etag
+        return self._resource(request, doc, allow=allow)
+
+    def _expand(self, doc: dict[str, Any], kind: str, levels: int) -> dict[str, Any]:
+        def walk(value: Any, in_links: bool) -> Any:
+            if isinstance(value, dict):
+                ref = value.get("@odata.id")
+                if set(value) == {"@odata.id"} and isinstance(ref, str):
+                    wanted = kind == "*" or (kind == ".") != in_links
+                    target = self._lookup(ref) if wanted else None
+                    return value if target is None else self._expand(target, kind, levels - 1)
+                return {k: walk(v, in_links or k == "Links") for k, v in value.items()}
+            if isinstance(value, list):
+                return [walk(v, in_links) for v in value]
+            return value
+
+        if levels <= 0:
+            return doc
+        return {k: walk(v, k == "Links") for k, v in doc.items()}
 
     async def processors(self, request: web.Request) -> web.Response:
         dev = self.state.device(request.match_info["id"])
@@ -856,7 +1092,10 @@ class RedfishApi:
         if fabric not in self.state.config.fabrics:
             return error(404, "ResourceMissingAtURI", f"no zone {fabric}")
         self._only(request, "GET, HEAD")
-        blocks = [d for d in self.state.devices.values() if d.spec.fabric == fabric]
+        blocks = [_own_block(m.id) for m in self.state.machines.values() if m.fabric == fabric]
+        blocks += [
+            f"{BLOCKS}/{d.spec.id}" for d in self.state.devices.values() if d.spec.fabric == fabric
+        ]
         return self._resource(
             request,
             {
@@ -864,10 +1103,9 @@ class RedfishApi:
                 "@odata.type": "#Zone.v1_6_1.Zone",
                 "Id": fabric,
                 "Name": f"Fabric {fabric}",
+                "ZoneType": "ZoneOfResourceBlocks",
                 "Status": {"State": "Enabled", "Health": "OK"},
-                "Links": {
-                    "ResourceBlocks": [{"@odata.id": f"{BLOCKS}/{d.spec.id}"} for d in blocks],
-                },
+                "Links": {"ResourceBlocks": [{"@odata.id": b} for b in blocks]},
             },
         )
 
@@ -956,8 +1194,9 @@ async def _json_body(request: web.Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _block_id(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
+def _own_block(machine_id: str) -> str:
+    """The URI of the block a system is registered as (config mode)."""
+    return f"{BLOCKS}/{OWN_BLOCK_PREFIX}{machine_id}"
 
 
 def _apply_array_patch(current: list[str], patch: list[Any]) -> list[str] | None:

@@ -13,6 +13,7 @@ in their own error formats.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -84,6 +85,15 @@ class Faults:
     error_rate: float = 0.0
     #: The next N attaches (of any device) fail, leaving the device failed.
     fail_next_attaches: int = 0
+    #: Path (e.g. `/redfish/v1/CompositionService`) -> how many more requests to it answer 503:
+    #: a failure in the middle of a client's discovery.
+    unavailable_paths: dict[str, int] = field(default_factory=dict)
+    #: `$expand` answers 501 although the service root advertises it (a service that changed,
+    #: or a proxy in between).
+    expand_unsupported: bool = False
+    #: The next N Redfish compositions (actions or Links PATCH) answer 204 and change nothing: a
+    #: service that acknowledges a write whose effect never shows.
+    no_effect_next: int = 0
     devices: dict[str, DeviceFaults] = field(default_factory=dict)
 
 
@@ -124,6 +134,12 @@ class EmulatorState:
         #: Counters, for tests that assert "no second attach was ever sent".
         self.attach_requests = 0
         self.attach_started = 0
+        #: (method, path with query) of the latest API requests, oldest first: tests count what a
+        #: client sent.
+        self.requests: collections.deque[tuple[str, str]] = collections.deque(maxlen=100_000)
+        if config.mockup is not None:
+            for dev_id, initial in config.mockup.initial().items():
+                self.preset(dev_id, initial.state, initial.machine, initial.reason)
         if state_file is not None and state_file.exists():
             self._load(state_file)
 
@@ -155,10 +171,11 @@ class EmulatorState:
         self.attach_requests += 1
         dev = self.device(device_id)
         machine = self.machine(machine_id)
-        if dev.spec.fabric != machine.fabric:
+        if not machine.can_reach(dev.spec):
             raise EmulatorError(
-                f"device {device_id} is on fabric {dev.spec.fabric}, machine {machine_id} on "
-                f"{machine.fabric}: they cannot be composed"
+                f"device {device_id} is in zone(s) {list(dev.spec.zones) or [dev.spec.fabric]}, "
+                f"machine {machine_id} in {list(machine.zones) or [machine.fabric]}: no zone in "
+                "common, they cannot be composed"
             )
         if dev.state == DeviceState.FAILED:
             raise Conflict(f"device {device_id} has failed ({dev.reason}) and cannot be attached")
@@ -203,6 +220,16 @@ class EmulatorState:
         task = self._new_task(device_id, "detach")
         self._transitions[device_id] = asyncio.create_task(self._finish_detach(dev, task))
         return task
+
+    def preset(
+        self, device_id: str, state: DeviceState, machine: str | None, reason: str = ""
+    ) -> None:
+        """Set a device's starting state (a mockup's recorded composition) before any client
+        talks to the emulator; the state file, read after, wins."""
+        dev = self.device(device_id)
+        dev.state, dev.machine, dev.reason = state, machine, reason
+        if machine is not None and state in (DeviceState.ATTACHED, DeviceState.FAILED):
+            dev.pci_address = self._pci_address_for(machine)
 
     def heal(self, device_id: str) -> None:
         """An operator repaired a failed device: back to the free pool."""

@@ -1,0 +1,279 @@
+"""The redfish backend against what standard services do and what goes wrong between them and
+us: no `$expand` (501), a failure in the middle of discovery, concurrent first calls, a write
+acknowledged without effect, a malformed `Links.ResourceBlocks`, a URL that leads nowhere. Each
+test names the request counts it relies on, read from the emulator's request log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from agent import errors
+from agent.fabric.credentials import Secret
+from agent.fabric.emulator.server import EmulatorServer
+from agent.fabric.redfish import RedfishFabric
+from agent.fabric.transport import FabricHttp
+from agent.model.fabric import DeviceId, DeviceState, MachineId
+from tests.fabric.conftest import (
+    MOCKUPS,
+    PASSWORD,
+    admin,
+    edited_mockup,
+    make_client,
+    mockup_config,
+    serving,
+    small_config,
+)
+from tests.fabric.test_clients import attached, free_a100
+
+SESSIONS = "/redfish/v1/SessionService/Sessions"
+COMPOSITION = "/redfish/v1/CompositionService"
+needs_mockups = pytest.mark.skipif(not MOCKUPS.is_dir(), reason=f"no DMTF mockups at {MOCKUPS}")
+
+
+def sent(server: EmulatorServer, method: str, fragment: str) -> int:
+    """How many `method` requests whose path (and query) contains `fragment` the emulator got."""
+    return sum(1 for m, p in server.state.requests if m == method and fragment in p)
+
+
+def redfish(server: EmulatorServer, **kw: Any) -> RedfishFabric:
+    client = make_client(server, "redfish", **kw)
+    assert isinstance(client, RedfishFabric)
+    return client
+
+
+# --- $expand -------------------------------------------------------------------------------------
+
+
+async def test_a_service_without_expand_is_read_member_by_member(tmp_path: Path) -> None:
+    """The service root advertises no ExpandQuery (and the service answers 501 to `$expand`):
+    the client never sends it, and reads each block."""
+    async with serving(dataclasses.replace(small_config(), expand=False), tmp_path) as server:
+        fabric = redfish(server)
+        try:
+            inv = await fabric.inventory()
+            assert len(inv.devices) == 4
+            assert {m.id for m in inv.machines} == {"m-node-0", "m-node-1"}
+            assert sent(server, "GET", "expand") == 0
+            blocks = sent(server, "GET", f"{COMPOSITION}/ResourceBlocks/fabric0-gpu-")
+            assert blocks >= 4, "every GPU block read on its own"
+        finally:
+            await fabric.close()
+
+
+async def test_a_501_to_expand_switches_to_member_reads_for_good(emulator: EmulatorServer) -> None:
+    """The root advertises `$expand` but the collections answer 501: per-member reads from the
+    first 501 on, and no `$expand` again (not a transient error retried until the inventory
+    fails)."""
+    await admin(emulator, "PUT", "/faults", {"expand_unsupported": True})
+    fabric = redfish(emulator)
+    try:
+        inv = await fabric.inventory()
+        assert len(inv.devices) == 4
+        refused = sent(emulator, "GET", "expand")
+        assert 1 <= refused <= 3, (
+            "one 501 for each collection read at once (systems, blocks, zones)"
+        )
+        again = await fabric.inventory()
+        assert {d.id for d in again.devices} == {d.id for d in inv.devices}
+        assert sent(emulator, "GET", "expand") == refused
+    finally:
+        await fabric.close()
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [SESSIONS, COMPOSITION])
+async def test_a_503_in_the_middle_of_discovery_then_recovery(
+    emulator: EmulatorServer, path: str
+) -> None:
+    """The service root answers, then login or the CompositionService answers 503 past every
+    retry: the call fails with a transient error, and once the service recovers every call
+    works (nothing half-discovered is kept)."""
+    fabric = redfish(emulator, retries=2)
+    try:
+        await admin(emulator, "PUT", "/faults", {"unavailable_paths": {path: 1000}})
+        with pytest.raises(errors.FabricUnavailable, match="503") as info:
+            await fabric.inventory()
+        assert info.value.transient
+        with pytest.raises(errors.FabricUnavailable):
+            await fabric.attach(DeviceId("fabric0-gpu-0000"), MachineId("m-node-0"))
+        await admin(emulator, "PUT", "/faults", {"unavailable_paths": {}})
+        assert len((await fabric.inventory()).devices) == 4
+        dev = await fabric.attach(DeviceId("fabric0-gpu-0000"), MachineId("m-node-0"))
+        assert dev.state == DeviceState.ATTACHED
+        assert attached(emulator) == {"fabric0-gpu-0000": "m-node-0"}
+    finally:
+        await fabric.close()
+
+
+async def test_concurrent_first_calls_share_one_discovery_and_one_login(
+    emulator: EmulatorServer,
+) -> None:
+    """Eight calls on a fresh client while every request is slow: all succeed, one session."""
+    await admin(emulator, "PUT", "/faults", {"delay": 0.05})
+    fabric = redfish(emulator)
+    try:
+        results = await asyncio.gather(
+            *(fabric.inventory() for _ in range(6)),
+            fabric.attach(DeviceId("fabric0-gpu-0001"), MachineId("m-node-1")),
+            fabric.detach(DeviceId("fabric0-gpu-0002")),
+        )
+        assert sent(emulator, "POST", SESSIONS) == 1
+        assert len(emulator.creds.sessions) == 1
+        assert attached(emulator) == {"fabric0-gpu-0001": "m-node-1"}
+        assert all(len(inv.devices) == 4 for inv in results[:6])
+    finally:
+        await admin(emulator, "PUT", "/faults", {"delay": 0.0})
+        await fabric.close()
+
+
+# --- writes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attach", [True, False])
+async def test_a_write_acknowledged_without_effect_is_reread_then_a_typed_error(
+    emulator: EmulatorServer, attach: bool
+) -> None:
+    """AddResourceBlock/RemoveResourceBlock answer 204 and nothing changes: the client re-reads
+    the block with growing pauses, sends the write once, and gives up with a typed, transient
+    error naming the block — long before the operation timeout, and without a storm of POSTs."""
+    fabric = redfish(emulator, operation_timeout=20.0)
+    try:
+        device = await free_a100(fabric)
+        if not attach:
+            await fabric.attach(device, MachineId("m-node-0"))
+        action = "AddResourceBlock" if attach else "RemoveResourceBlock"
+        await admin(emulator, "PUT", "/faults", {"no_effect_next": 1000})
+        reads_before = sent(emulator, "GET", f"ResourceBlocks/{device}")
+        write = fabric.attach(device, MachineId("m-node-0")) if attach else fabric.detach(device)
+        with pytest.raises(errors.FabricProtocolError, match="no effect") as info:
+            await write
+        assert info.value.transient
+        assert device in str(info.value)
+        assert sent(emulator, "POST", action) == 1
+        reads = sent(emulator, "GET", f"ResourceBlocks/{device}") - reads_before
+        assert 3 <= reads <= 20, f"{reads} reads of the block"
+        assert attached(emulator) == ({} if attach else {device: "m-node-0"})
+    finally:
+        await admin(emulator, "PUT", "/faults", {"no_effect_next": 0})
+        await fabric.close()
+
+
+def _no_actions_and_a_bad_link(doc: dict[str, Any]) -> None:
+    for name in ("#ComputerSystem.AddResourceBlock", "#ComputerSystem.RemoveResourceBlock"):
+        doc["Actions"].pop(name)
+    doc["Links"]["ResourceBlocks"].append({"Name": "a link without @odata.id"})
+
+
+@needs_mockups
+async def test_patch_fallback_with_an_element_without_odata_id(tmp_path: Path) -> None:
+    """A system without the composition actions is composed with a Links PATCH; an element of
+    its `Links.ResourceBlocks` without `@odata.id` is a typed protocol error naming the system
+    and the element, not a KeyError."""
+    tree = edited_mockup(
+        tmp_path,
+        "public-composability",
+        {"/redfish/v1/Systems/ComposedSystem2": _no_actions_and_a_bad_link},
+    )
+    async with serving(mockup_config(tree), tmp_path) as server:
+        fabric = redfish(server)
+        try:
+            with pytest.raises(errors.FabricProtocolError) as info:
+                await fabric.attach(DeviceId("OffloadBlock9"), MachineId("ComposedSystem2"))
+            assert "/redfish/v1/Systems/ComposedSystem2" in str(info.value)
+            assert re.search(r"Links\.ResourceBlocks\[\d+\]\.@odata\.id", str(info.value))
+            assert sent(server, "PATCH", "/Systems/") == 0
+        finally:
+            await fabric.close()
+
+
+@needs_mockups
+async def test_patch_fallback_composes_a_system_without_actions(tmp_path: Path) -> None:
+    def no_actions(doc: dict[str, Any]) -> None:
+        for name in ("#ComputerSystem.AddResourceBlock", "#ComputerSystem.RemoveResourceBlock"):
+            doc["Actions"].pop(name)
+
+    tree = edited_mockup(
+        tmp_path, "public-composability", {"/redfish/v1/Systems/ComposedSystem2": no_actions}
+    )
+    async with serving(mockup_config(tree), tmp_path) as server:
+        fabric = redfish(server)
+        try:
+            dev = await fabric.attach(DeviceId("OffloadBlock9"), MachineId("ComposedSystem2"))
+            assert (dev.state, dev.machine) == (DeviceState.ATTACHED, "ComposedSystem2")
+            assert attached(server)["OffloadBlock9"] == "ComposedSystem2"
+            gone = await fabric.detach(DeviceId("OffloadBlock9"))
+            assert gone.state == DeviceState.FREE
+            assert "OffloadBlock9" not in attached(server)
+            assert sent(server, "PATCH", "/Systems/ComposedSystem2") == 2
+            assert sent(server, "POST", "ResourceBlock") == 0
+        finally:
+            await fabric.close()
+
+
+# --- configuration errors ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def root_only() -> AsyncIterator[str]:
+    """A service that answers its root, with `Links.Sessions`, and 404 to everything else (the
+    root of another product, a proxy's, a copied mockup): plain HTTP on loopback."""
+
+    async def root(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "@odata.id": "/redfish/v1/",
+                "Systems": {"@odata.id": "/redfish/v1/Systems"},
+                "CompositionService": {"@odata.id": "/redfish/v1/CompositionService"},
+                "Links": {"Sessions": {"@odata.id": "/redfish/v1/SessionService/Sessions"}},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_get("/redfish/v1/", root)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_404_at_login_is_a_configuration_error_naming_the_url() -> None:
+    async with root_only() as url:
+        fabric = RedfishFabric(
+            FabricHttp(base_url=url, retries=3), user="admin", password=Secret(PASSWORD)
+        )
+        try:
+            with pytest.raises(errors.ConfigError, match="SessionService/Sessions") as info:
+                await fabric.inventory()
+            assert info.value.setting == "--fabric-url"
+            assert url in str(info.value)
+        finally:
+            await fabric.close()
+
+
+async def test_a_url_without_a_redfish_service_is_a_configuration_error(
+    emulator: EmulatorServer,
+) -> None:
+    fabric = make_client(emulator, "redfish")
+    assert isinstance(fabric, RedfishFabric)
+    fabric.http.base_url += "/not-here"
+    try:
+        with pytest.raises(errors.ConfigError, match="no Redfish service root") as info:
+            await fabric.inventory()
+        assert info.value.setting == "--fabric-url"
+    finally:
+        await fabric.close()
