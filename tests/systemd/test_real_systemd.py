@@ -1,0 +1,233 @@
+"""cohdi-agent-cluster.service under a real systemd (PID 1 of a Debian container booted with
+systemd-nspawn, tests/systemd/nspawn.py), installed the way the README says: the wheel built from
+this tree into a venv at /opt/cohdi-agent/venv, the unit as shipped, the environment file and
+the kubeconfig and fabric password as credentials in /etc/cohdi-agent. Only a drop-in differs:
+WatchdogSec=3s and RestartSec=1s, to keep the test short.
+
+- `systemctl start` returns once the agent said READY=1: the unit is active, running as leader of
+  the test's Lease (STATUS= says so), with every hardening option of the unit in force;
+- SIGUSR2 (with COHDI_STALL_ON_SIGUSR2=60) blocks the agent's event loop: the pings stop, systemd
+  logs a watchdog timeout, kills it (SIGABRT) and starts it again (NRestarts=1), active again;
+- `systemctl stop`: STOPPING=1, exit 0, the unit inactive with Result=success, the Lease released.
+
+Skipped, with the reason, where containers cannot be booted (not root, no util-linux, no Debian
+archive to fetch systemd-nspawn and mmdebstrap from).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent import settings
+from agent.devcluster.controlplane import ControlPlane
+from tests.cluster.conftest import PASSWORD, World
+from tests.systemd import nspawn
+from tests.waiting import until
+
+pytestmark = pytest.mark.controlplane
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = "cohdi-agent-cluster.service"
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
+
+
+def build_wheelhouse(out: Path) -> Path:
+    """The agent's wheel, built from the tracked files of this tree, and the wheels of its
+    dependencies (for this interpreter's Python: 3.11, the rootfs's), in one directory."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    src = out / "src"
+    for rel in {f for f in files.split("\0") if f and (ROOT / f).is_file()}:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, src / rel, follow_symlinks=False)
+    wheels = out / "wheels"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    for argv in (
+        ["wheel", "--no-deps", "-w", str(wheels), str(src)],
+        ["wheel", "-w", str(wheels), "--find-links", str(wheels), "cohdi-agent"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    return wheels
+
+
+def flat_kubeconfig(cp: ControlPlane) -> str:
+    """The admin kubeconfig with its certificates inline (as `kubectl config view --flatten`)."""
+    doc = yaml.safe_load(cp.kubeconfig.read_text())
+    cluster, user = doc["clusters"][0]["cluster"], doc["users"][0]["user"]
+    pairs = [(cluster, "certificate-authority"), (user, "client-certificate"), (user, "client-key")]
+    for entry, key in pairs:
+        entry[f"{key}-data"] = base64.b64encode(Path(entry.pop(key)).read_bytes()).decode()
+    return yaml.safe_dump(doc)
+
+
+def etc_files(world: World, cp: ControlPlane, etc: Path, lease: str, identity: str) -> None:
+    """/etc/cohdi-agent as the README has it, for this test's world."""
+    assert world.emulator.ca_file is not None
+    etc.mkdir()
+    shutil.copy(world.emulator.ca_file, etc / "fabric-ca.pem")
+    (etc / "kubeconfig").write_text(flat_kubeconfig(cp))
+    (etc / "fabric-password").write_text(PASSWORD + "\n")
+    for secret in ("kubeconfig", "fabric-password"):
+        (etc / secret).chmod(0o600)
+    (etc / "cohdi-agent.env").write_text(
+        "\n".join(
+            [
+                f"COHDI_DRIVER={world.driver}",
+                "COHDI_LOG_FORMAT=json",
+                f"COHDI_LEASE_NAME={lease}",
+                f"COHDI_LEASE_IDENTITY={identity}",
+                f"COHDI_FABRIC_URL={world.emulator.url}",
+                "COHDI_FABRIC_USER=admin",
+                "COHDI_FABRIC_CA_BUNDLE=/etc/cohdi-agent/fabric-ca.pem",
+                "COHDI_FABRIC_POLL_INTERVAL=0.5",
+                "COHDI_STALL_ON_SIGUSR2=60",
+                "",
+            ]
+        )
+    )
+    dropin = etc / f"{UNIT}.d"
+    dropin.mkdir()
+    (dropin / "test.conf").write_text("[Service]\nWatchdogSec=3s\nRestartSec=1s\n")
+
+
+@pytest.mark.parametrize("world", [{"nodes": 1, "gpus": 2}], indirect=True)
+async def test_cluster_unit_under_systemd_starts_is_restarted_by_the_watchdog_and_stops(
+    world: World, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    why = nspawn.unavailable()
+    if why:
+        pytest.skip(why)
+    cache = settings.Settings().cache_dir
+    started = time.monotonic()
+    try:
+        tools = await asyncio.to_thread(nspawn.tools, cache)
+        rootfs, built = await asyncio.to_thread(nspawn.rootfs, cache, tools)
+    except RuntimeError as exc:  # no archive reachable, no apt lists, ...
+        pytest.skip(f"cannot make a Debian rootfs with systemd here: {exc}")
+    print(f"\nrootfs {rootfs}: " + (f"built in {built:.0f} s" if built else "cached"))
+
+    wheels = await asyncio.to_thread(build_wheelhouse, tmp_path / "build")
+    opt = tmp_path / "opt"
+    opt.mkdir()
+    lease, identity = f"lease-{world.suffix}", f"systemd-{world.suffix}"
+    etc = tmp_path / "etc"
+    etc_files(world, control_plane, etc, lease, identity)
+    install = [f"--bind={opt}:/opt/cohdi-agent", f"--bind-ro={wheels}:/wheels"]
+    await asyncio.to_thread(
+        nspawn.run_in,
+        tools,
+        rootfs,
+        install,
+        [
+            "/bin/sh",
+            "-c",
+            "python3 -m venv /opt/cohdi-agent/venv && /opt/cohdi-agent/venv/bin/pip install "
+            "--quiet --no-index --find-links /wheels cohdi-agent",
+        ],
+    )
+    print(f"installed into the venv: {time.monotonic() - started:.0f} s since the test began")
+
+    binds = [
+        f"--bind-ro={opt}:/opt/cohdi-agent",
+        f"--bind-ro={etc}:/etc/cohdi-agent",
+        f"--bind-ro={ROOT / 'systemd' / UNIT}:/etc/systemd/system/{UNIT}",
+        f"--bind-ro={etc / (UNIT + '.d')}:/etc/systemd/system/{UNIT}.d",
+    ]
+    with nspawn.Machine(tools, rootfs, binds, tmp_path / "console.log") as machine:
+        state = await asyncio.to_thread(machine.wait_booted)
+        print(f"container booted ({state}): {time.monotonic() - started:.0f} s")
+        try:
+            await _start_stall_stop(world, machine, lease, identity)
+        finally:
+            journal = await asyncio.to_thread(
+                machine.sh, f"journalctl --no-pager -o cat -u {UNIT}", check=False
+            )
+            (tmp_path / "journal.txt").write_text(journal.stdout)
+    print(f"whole test: {time.monotonic() - started:.0f} s")
+
+
+async def _start_stall_stop(
+    world: World, machine: nspawn.Machine, lease: str, identity: str
+) -> None:
+    props = ("ActiveState", "SubState", "Result", "NRestarts", "MainPID", "StatusText")
+
+    # Every call into the container runs on a thread: the fabric emulator and the API client
+    # live on this test's event loop, which must keep answering the agent meanwhile.
+    async def sh(command: str, limit: float = 120) -> str:
+        return (await asyncio.to_thread(machine.sh, command, timeout=limit)).stdout
+
+    async def show() -> dict[str, str]:
+        return await asyncio.to_thread(machine.show, UNIT, *props)
+
+    async def holder() -> str:
+        return str((await world.kube.get(f"{LEASES}/{lease}"))["spec"].get("holderIdentity") or "")
+
+    # start: returns once READY=1 came (Type=notify)
+    t0 = time.monotonic()
+    done = await asyncio.to_thread(machine.sh, f"systemctl start {UNIT}", check=False, timeout=180)
+    if done.returncode != 0:
+        journal = await sh(f"journalctl --no-pager -o cat -u {UNIT}")
+        raise AssertionError(f"{done.stdout}{done.stderr}\n{journal[-4000:]}")
+    first = await show()
+    print(f"started in {time.monotonic() - t0:.1f} s: {first}")
+    assert (first["ActiveState"], first["SubState"]) == ("active", "running")
+    assert first["StatusText"].startswith("cluster: leader"), first
+    assert await holder() == identity
+    sandbox = await sh(f"cat /proc/{first['MainPID']}/status")
+    caps = next(line for line in sandbox.splitlines() if line.startswith("CapBnd:"))
+    seccomp = next(line for line in sandbox.splitlines() if line.startswith("Seccomp:"))
+    assert caps.split()[1] == "0000000000000000", f"no capability at all: {caps}"
+    assert seccomp.split()[1] == "2", f"a seccomp filter is in force: {seccomp}"
+    uid = next(line for line in sandbox.splitlines() if line.startswith("Uid:")).split()[1]
+    print(f"running as uid {uid} (DynamicUser=yes), {caps}, {seccomp}")
+    assert uid != "0"
+
+    # stall the event loop: the watchdog (3 s) kills and restarts it
+    await sh(f"systemctl kill --kill-whom=main --signal=SIGUSR2 {UNIT}")
+    stalled = time.monotonic()
+
+    async def restarted() -> dict[str, str] | None:
+        now = await show()
+        fresh = now["NRestarts"] == "1" and now["MainPID"] not in ("0", first["MainPID"])
+        return now if fresh and now["ActiveState"] == "active" else None
+
+    again = await until(restarted, what="the watchdog's restart, active again", timeout=90)
+    print(f"restarted by the watchdog {time.monotonic() - stalled:.1f} s after SIGUSR2: {again}")
+    journal = await sh(f"journalctl --no-pager -o cat -u {UNIT}")
+    assert "Watchdog timeout" in journal, journal[-3000:]
+    assert "blocking the event loop" in journal
+
+    async def leading() -> bool:
+        return await holder() == identity
+
+    await until(leading, what="the Lease held again", timeout=60)
+
+    # stop: clean, Lease released
+    t1 = time.monotonic()
+    await sh(f"systemctl stop {UNIT}", limit=60)
+    last = await show()
+    print(f"stopped in {time.monotonic() - t1:.1f} s: {last}")
+    assert (last["ActiveState"], last["Result"]) == ("inactive", "success"), last
+    assert await holder() == "", "the Lease was released on stop"
