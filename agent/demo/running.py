@@ -5,6 +5,7 @@ says so in one line and does everything else). Ctrl-C stops every process cleanl
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
@@ -61,33 +62,102 @@ class LiveView:
         self._lines = len(lines) if self.tty else 0
 
 
+#: The phases the summary reports, label → (which pods, from, to). A cold pod's device had to be
+#: attached (its allocation carries binding conditions: allocated → ready → bound); a warm pod
+#: landed on a GPU already attached to its node (no binding conditions, so no `ready` instant and
+#: no wait in the scheduler's PreBind: only submitted → bound means anything for it).
+PHASES: dict[str, tuple[str, str, str]] = {
+    "cold: claim allocated → device ready (FabricDeviceReady)": ("cold", "allocated", "ready"),
+    "cold: device ready → pod bound (scheduler re-check)": ("cold", "ready", "bound"),
+    "cold: pod submitted → pod bound": ("cold", "submitted", "bound"),
+    "warm: pod submitted → pod bound (GPU already attached)": ("warm", "submitted", "bound"),
+    "all: pod submitted → pod bound": ("all", "submitted", "bound"),
+}
+
+
+def _span(r: PodRecord, start: str, end: str) -> float | None:
+    """Seconds between two recorded instants of one pod; None when either was never recorded
+    (0.0 is "not seen", never an instant of the monotonic clock) or they are out of order."""
+    a, b = getattr(r, start), getattr(r, end)
+    return b - a if a and b and b >= a else None
+
+
+def phase_samples(records: list[PodRecord]) -> dict[str, list[float]]:
+    """Label of PHASES → seconds, one sample per bound pod that went through that phase."""
+    done = [r for r in records if r.bound]
+    which = {
+        "cold": [r for r in done if not r.warm],
+        "warm": [r for r in done if r.warm],
+        "all": done,
+    }
+    out: dict[str, list[float]] = {}
+    for label, (group, start, end) in PHASES.items():
+        spans = (_span(r, start, end) for r in which[group])
+        out[label] = [s for s in spans if s is not None]
+    return out
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """n, p50, p99 and max of `samples` (seconds) in milliseconds, nearest rank (the p99 of
+    fewer than 100 samples is the largest); empty → {"n": 0}."""
+    if not samples:
+        return {"n": 0}
+    s = sorted(samples)
+    return {
+        "n": len(s),
+        "p50_ms": round(s[len(s) // 2] * 1e3, 1),
+        "p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3, 1),
+        "max_ms": round(s[-1] * 1e3, 1),
+    }
+
+
+def figures(records: list[PodRecord]) -> dict[str, object]:
+    """The summary as data (written beside the plot as summary.json): pods submitted, bound,
+    bound warm (no binding-condition wait) and cold, and the percentiles of every phase."""
+    done = [r for r in records if r.bound]
+    return {
+        "pods": len(records),
+        "bound": len(done),
+        "warm": sum(r.warm for r in done),
+        "cold": sum(not r.warm for r in done),
+        "failed": sorted(r.name for r in records if r.error or not r.bound),
+        "phases": {label: percentiles(xs) for label, xs in phase_samples(records).items()},
+    }
+
+
 def summary(records: list[PodRecord]) -> str:
     done = [r for r in records if r.bound]
     head = ("pod", "model", "node", "alloc→ready", "ready→bound", "submit→bound")
     rows = [f"{head[0]:<16} {head[1]:<22} {head[2]:<13} {head[3]:>12} {head[4]:>12} {head[5]:>13}"]
+
+    def ms(r: PodRecord, start: str, end: str) -> str:
+        span = _span(r, start, end)
+        return "-" if span is None else f"{span * 1e3:.0f}ms"
+
     for r in sorted(done, key=lambda r: r.submitted):
-        rows.append(
-            f"{r.name:<16} {r.model:<22} {r.node:<13} {(r.ready - r.allocated) * 1e3:10.0f}ms "
-            f"{(r.bound - r.ready) * 1e3:10.0f}ms {(r.bound - r.submitted) * 1e3:11.0f}ms"
+        middle = (
+            f"{'warm':>12} {'no wait':>12}"
+            if r.warm
+            else f"{ms(r, 'allocated', 'ready'):>12} {ms(r, 'ready', 'bound'):>12}"
         )
-
-    def pct(xs: list[float]) -> str:
-        s = sorted(xs)
-        p99 = s[min(len(s) - 1, int(0.99 * len(s)))]
-        return f"p50 {s[len(s) // 2] * 1e3:6.0f} ms  p99 {p99 * 1e3:6.0f} ms"
-
+        rows.append(
+            f"{r.name:<16} {r.model:<22} {r.node:<13} {middle} {ms(r, 'submitted', 'bound'):>13}"
+        )
     if done:
-        spans = {
-            "claim allocated → device ready (FabricDeviceReady)": [
-                r.ready - r.allocated for r in done
-            ],
-            "device ready → pod bound (scheduler re-check)": [r.bound - r.ready for r in done],
-            "pod submitted → pod bound": [r.bound - r.submitted for r in done],
-        }
-        rows += ["", *(f"{label:<52} {pct(xs)}" for label, xs in spans.items())]
+        rows.append("")
+        for label, xs in phase_samples(records).items():
+            p = percentiles(xs)
+            figure = (
+                f"p50 {p['p50_ms']:6.0f} ms  p99 {p['p99_ms']:6.0f} ms  (n={p['n']})"
+                if p["n"]
+                else "none"
+            )
+            rows.append(f"{label:<58} {figure}")
+    warm = sum(r.warm for r in done)
     failed = [r for r in records if r.error or not r.bound]
     rows.append(
-        f"\n{len(done)} of {len(records)} pods bound in one scheduling cycle each"
+        f"\n{len(done)} of {len(records)} pods bound in one scheduling cycle each; {warm} of "
+        f"{len(done)} on an already-attached GPU (no binding-condition wait)"
         + (f"; not bound or failed: {', '.join(r.name for r in failed)}" if failed else "")
     )
     return "\n".join(rows)
@@ -112,16 +182,25 @@ def plot(records: list[PodRecord], t0: float, path: Path, title: str) -> None:
         "pending": "#c8c8c8",
         "attaching": "#f5a623",
         "binding": "#4a90d9",
+        "warm: allocated → bound": "#9013fe",
         "running": "#7ed321",
     }
+    labelled: set[str] = set()
     for i, r in enumerate(recs):
         end = r.finished or time.monotonic()
-        spans = [
-            ("pending", r.submitted, r.allocated or end),
-            ("attaching", r.allocated, r.ready or end),
-            ("binding", r.ready, r.bound or end),
-            ("running", r.bound, end),
-        ]
+        if r.warm:  # no attach, no binding-condition wait: allocated straight to bound
+            spans = [
+                ("pending", r.submitted, r.allocated or r.bound or end),
+                ("warm: allocated → bound", r.allocated, r.bound or end),
+                ("running", r.bound, end),
+            ]
+        else:
+            spans = [
+                ("pending", r.submitted, r.allocated or end),
+                ("attaching", r.allocated, r.ready or end),
+                ("binding", r.ready, r.bound or end),
+                ("running", r.bound, end),
+            ]
         for label, a, b in spans:
             if a and b > a:
                 ax.barh(
@@ -130,9 +209,14 @@ def plot(records: list[PodRecord], t0: float, path: Path, title: str) -> None:
                     left=a - t0,
                     color=colors[label],
                     height=0.7,
-                    label=label if i == 0 else None,
+                    label=None if label in labelled else label,
                 )
-    ax.set_yticks(range(len(recs)), [f"{r.name} ({r.node})" for r in recs], fontsize=7)
+                labelled.add(label)
+    ax.set_yticks(
+        range(len(recs)),
+        [f"{r.name} ({r.node}{', warm' if r.warm else ''})" for r in recs],
+        fontsize=7,
+    )
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the demo started")
     ax.set_title(title)
@@ -205,6 +289,7 @@ async def run(
         view.draw()
         records = list(workload.records.values())
         _say("\n" + summary(records))
+        (workdir / "summary.json").write_text(json.dumps(figures(records), indent=2) + "\n")
         rows, problems = await consistency.check(world)
         if problems:
             _say("\nfabric, API server and node checkpoints DISAGREE:\n  " + "\n  ".join(problems))

@@ -35,6 +35,10 @@ class PodRecord:
     finished: float = 0.0
     node: str = ""
     device: str = ""
+    #: The claim was allocated a device already attached to its node (published with `nodeName`,
+    #: no binding conditions): nothing to attach, no wait in the scheduler's PreBind, so `ready`
+    #: stays 0 and the pod's only figure is submitted → bound.
+    warm: bool = False
     cdi_ids: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -68,10 +72,13 @@ class Workload:
         rec = self.records.get(e.obj["metadata"]["name"])
         if rec is None or e.type == "DELETED":
             return
-        for b in claimmodel.bindings(e.obj, self.world.driver):
-            if not rec.allocated:
-                rec.allocated = time.monotonic()
-                rec.device = b.device
+        held = claimmodel.allocated_devices(e.obj, self.world.driver)
+        waiting = claimmodel.bindings(e.obj, self.world.driver)
+        if held and not rec.allocated:
+            rec.allocated = time.monotonic()
+            rec.device = min(held)[1]
+            rec.warm = not waiting  # no device of ours waits for FabricDeviceReady
+        for b in waiting:
             if b.ready and not rec.ready:
                 rec.ready = time.monotonic()
 
