@@ -105,6 +105,12 @@ class ControlPlane:
     binaries: Binaries
     state_dir: Path
     binding_timeout_s: float = 600.0
+    #: kube-scheduler's own API client limiter (KubeSchedulerConfiguration clientConnection.qps
+    #: and .burst). None: the scheduler's defaults, qps 50 and burst 100. Every allocation and
+    #: every binding is a write through this limiter, so it, not the driver, paces a burst: at
+    #: the defaults a burst of 200 claims is allocated over about 10 s.
+    scheduler_qps: float | None = None
+    scheduler_burst: int | None = None
     die_with_parent: bool = True
     apiserver_extra_args: list[str] = field(default_factory=list)
     #: Start kube-scheduler too (tests of the API server alone may leave it out).
@@ -178,6 +184,18 @@ class ControlPlane:
         self._wait(
             lambda: self._readyz(self.apiserver_port), "kube-apiserver", time.monotonic() + timeout
         )
+
+    def scheduler_config(self) -> dict[str, object]:
+        """The configuration kube-scheduler runs with, as it reports it (GET /configz on its
+        secure port with the admin identity): {"componentconfig": KubeSchedulerConfiguration}.
+        Raises DevClusterError when the scheduler does not answer."""
+        url = f"https://127.0.0.1:{self.scheduler_port}/configz"
+        try:
+            with urllib.request.urlopen(url, context=self._ssl(), timeout=5) as resp:
+                doc: dict[str, object] = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise errors.DevClusterError(f"kube-scheduler's {url}: {exc}") from exc
+        return doc
 
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self.procs.items() if p.pid is not None}
@@ -288,10 +306,15 @@ class ControlPlane:
         path.chmod(0o600)
 
     def _write_scheduler_config(self) -> None:
+        client: dict[str, object] = {"kubeconfig": str(self.state_dir / "scheduler.kubeconfig")}
+        if self.scheduler_qps is not None:
+            client["qps"] = self.scheduler_qps
+        if self.scheduler_burst is not None:
+            client["burst"] = self.scheduler_burst
         doc = {
             "apiVersion": "kubescheduler.config.k8s.io/v1",
             "kind": "KubeSchedulerConfiguration",
-            "clientConnection": {"kubeconfig": str(self.state_dir / "scheduler.kubeconfig")},
+            "clientConnection": client,
             "leaderElection": {"leaderElect": False},
             "profiles": [
                 {

@@ -61,7 +61,16 @@ def running(state: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def up(cache_dir: Path, state_dir: Path, *, binding_timeout: float) -> ControlPlane:
+def up(
+    cache_dir: Path,
+    state_dir: Path,
+    *,
+    binding_timeout: float,
+    scheduler_qps: float | None = None,
+    scheduler_burst: int | None = None,
+) -> ControlPlane:
+    """Start a background cluster in `state_dir` (wiped first). `scheduler_qps`/`_burst`: the
+    scheduler's API client limiter (None: its defaults, qps 50 / burst 100)."""
     from agent.devcluster.controlplane import ControlPlane  # before any build: MissingExtra first
 
     state = read_state(state_dir)
@@ -76,6 +85,8 @@ def up(cache_dir: Path, state_dir: Path, *, binding_timeout: float) -> ControlPl
         binaries=binaries(cache_dir),
         state_dir=state_dir,
         binding_timeout_s=binding_timeout,
+        scheduler_qps=scheduler_qps,
+        scheduler_burst=scheduler_burst,
         die_with_parent=False,  # it must outlive this command
         progress=progress,
     )
