@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,7 @@ pytestmark = pytest.mark.controlplane
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = "cohdi-agent-cluster.service"
+NODE_UNIT = "cohdi-agent.service"
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
 
 
@@ -107,39 +111,46 @@ def etc_files(world: World, cp: ControlPlane, etc: Path, lease: str, identity: s
             ]
         )
     )
-    dropin = etc / f"{UNIT}.d"
-    dropin.mkdir()
-    (dropin / "test.conf").write_text("[Service]\nWatchdogSec=3s\nRestartSec=1s\n")
+    dropin(etc, UNIT)
 
 
-@pytest.mark.parametrize("world", [{"nodes": 1, "gpus": 2}], indirect=True)
-async def test_cluster_unit_under_systemd_starts_is_restarted_by_the_watchdog_and_stops(
-    world: World, control_plane: ControlPlane, tmp_path: Path
-) -> None:
+def dropin(etc: Path, unit: str) -> None:
+    """The test's only change to a unit: a 3 s watchdog and a 1 s restart delay."""
+    d = etc / f"{unit}.d"
+    d.mkdir()
+    (d / "test.conf").write_text("[Service]\nWatchdogSec=3s\nRestartSec=1s\n")
+
+
+@dataclass(frozen=True)
+class Installed:
+    tools: nspawn.Tools
+    rootfs: Path
+    opt: Path  # holds venv/, bound at /opt/cohdi-agent
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The cached rootfs, and the agent installed from a wheel of this tree into a venv made by
+    the rootfs's own Python (a directory bound at /opt/cohdi-agent), once for this module."""
     why = nspawn.unavailable()
     if why:
         pytest.skip(why)
     cache = settings.Settings().cache_dir
     started = time.monotonic()
     try:
-        tools = await asyncio.to_thread(nspawn.tools, cache)
-        rootfs, built = await asyncio.to_thread(nspawn.rootfs, cache, tools)
+        tools = nspawn.tools(cache)
+        rootfs, built = nspawn.rootfs(cache, tools)
     except RuntimeError as exc:  # no archive reachable, no apt lists, ...
         pytest.skip(f"cannot make a Debian rootfs with systemd here: {exc}")
     print(f"\nrootfs {rootfs}: " + (f"built in {built:.0f} s" if built else "cached"))
-
-    wheels = await asyncio.to_thread(build_wheelhouse, tmp_path / "build")
-    opt = tmp_path / "opt"
+    base = tmp_path_factory.mktemp("install")
+    wheels = build_wheelhouse(base / "build")
+    opt = base / "opt"
     opt.mkdir()
-    lease, identity = f"lease-{world.suffix}", f"systemd-{world.suffix}"
-    etc = tmp_path / "etc"
-    etc_files(world, control_plane, etc, lease, identity)
-    install = [f"--bind={opt}:/opt/cohdi-agent", f"--bind-ro={wheels}:/wheels"]
-    await asyncio.to_thread(
-        nspawn.run_in,
+    nspawn.run_in(
         tools,
         rootfs,
-        install,
+        [f"--bind={opt}:/opt/cohdi-agent", f"--bind-ro={wheels}:/wheels"],
         [
             "/bin/sh",
             "-c",
@@ -147,25 +158,124 @@ async def test_cluster_unit_under_systemd_starts_is_restarted_by_the_watchdog_an
             "--quiet --no-index --find-links /wheels cohdi-agent",
         ],
     )
-    print(f"installed into the venv: {time.monotonic() - started:.0f} s since the test began")
+    print(f"wheel built and installed into the venv in {time.monotonic() - started:.0f} s")
+    return Installed(tools, rootfs, opt)
 
+
+@contextlib.asynccontextmanager
+async def booted(
+    installed: Installed, unit: str, etc: Path, tmp_path: Path, extra: Sequence[str] = ()
+) -> AsyncIterator[nspawn.Machine]:
+    """A container with `unit` as shipped (plus the test drop-in in etc/<unit>.d) and
+    /etc/cohdi-agent = `etc`; the unit's journal is kept in tmp_path/journal.txt."""
     binds = [
-        f"--bind-ro={opt}:/opt/cohdi-agent",
+        f"--bind-ro={installed.opt}:/opt/cohdi-agent",
         f"--bind-ro={etc}:/etc/cohdi-agent",
-        f"--bind-ro={ROOT / 'systemd' / UNIT}:/etc/systemd/system/{UNIT}",
-        f"--bind-ro={etc / (UNIT + '.d')}:/etc/systemd/system/{UNIT}.d",
+        f"--bind-ro={ROOT / 'systemd' / unit}:/etc/systemd/system/{unit}",
+        f"--bind-ro={etc / (unit + '.d')}:/etc/systemd/system/{unit}.d",
+        *extra,
     ]
-    with nspawn.Machine(tools, rootfs, binds, tmp_path / "console.log") as machine:
-        state = await asyncio.to_thread(machine.wait_booted)
-        print(f"container booted ({state}): {time.monotonic() - started:.0f} s")
+    started = time.monotonic()
+    with nspawn.Machine(installed.tools, installed.rootfs, binds, tmp_path / "console.log") as m:
+        state = await asyncio.to_thread(m.wait_booted)
+        print(f"\ncontainer booted ({state}) in {time.monotonic() - started:.0f} s")
         try:
-            await _start_stall_stop(world, machine, lease, identity)
+            yield m
         finally:
             journal = await asyncio.to_thread(
-                machine.sh, f"journalctl --no-pager -o cat -u {UNIT}", check=False
+                m.sh, f"journalctl --no-pager -o cat -u {unit}", check=False
             )
             (tmp_path / "journal.txt").write_text(journal.stdout)
-    print(f"whole test: {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.parametrize("world", [{"nodes": 1, "gpus": 2}], indirect=True)
+async def test_cluster_unit_under_systemd_starts_is_restarted_by_the_watchdog_and_stops(
+    world: World, control_plane: ControlPlane, tmp_path: Path, installed: Installed
+) -> None:
+    lease, identity = f"lease-{world.suffix}", f"systemd-{world.suffix}"
+    etc = tmp_path / "etc"
+    etc_files(world, control_plane, etc, lease, identity)
+    async with booted(installed, UNIT, etc, tmp_path) as machine:
+        await _start_stall_stop(world, machine, lease, identity)
+
+
+@pytest.mark.parametrize("world", [{"nodes": 1, "gpus": 2}], indirect=True)
+async def test_node_unit_under_systemd_serves_kubelet_inside_its_sandbox(
+    world: World, control_plane: ControlPlane, tmp_path: Path, installed: Installed
+) -> None:
+    """cohdi-agent.service as shipped (the node role over the machine's real /sys, NVML absent):
+    active once the plugin serves, root with exactly CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH,
+    writes allowed exactly where ReadWritePaths= says; the sockets gone after stop."""
+    node = world.nodes[0]
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "kubeconfig").write_text(flat_kubeconfig(control_plane))
+    (etc / "cohdi-agent.env").write_text(
+        f"COHDI_DRIVER={world.driver}\nCOHDI_NODE_NAME={node}\nCOHDI_LOG_FORMAT=json\n"
+    )
+    dropin(etc, NODE_UNIT)
+    tmpfiles = f"--bind-ro={ROOT / 'systemd' / 'cohdi-agent.tmpfiles'}:/etc/tmpfiles.d/cohdi.conf"
+    sockets = [
+        f"/var/lib/kubelet/plugins_registry/{world.driver}-reg.sock",
+        f"/var/lib/kubelet/plugins/{world.driver}/dra.sock",
+    ]
+    async with booted(installed, NODE_UNIT, etc, tmp_path, [tmpfiles]) as machine:
+
+        async def sh(command: str) -> subprocess.CompletedProcess[str]:
+            return await asyncio.to_thread(machine.sh, command, check=False)
+
+        done = await sh(f"systemctl start {NODE_UNIT}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        unit = await asyncio.to_thread(
+            machine.show, NODE_UNIT, "ActiveState", "SubState", "MainPID", "StatusText"
+        )
+        print(f"started: {unit}")
+        assert (unit["ActiveState"], unit["SubState"]) == ("active", "running")
+        assert unit["StatusText"].startswith(f"node {node}: "), unit
+        assert "kubelet plugin serving" in unit["StatusText"]
+        for sock in sockets:
+            assert (await sh(f"test -S {sock}")).returncode == 0, f"{sock} is not a socket"
+        pid = unit["MainPID"]
+        status = dict(
+            line.split(":", 1) for line in (await sh(f"cat /proc/{pid}/status")).stdout.splitlines()
+        )
+        caps = int(status["CapBnd"].strip(), 16)
+        print(f"Uid {status['Uid'].split()[0]}, CapBnd {caps:#x}, Seccomp {status['Seccomp']}")
+        assert status["Uid"].split()[0] == "0"
+        assert caps == (1 << 19) | (1 << 2), "exactly CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
+        assert status["Seccomp"].strip() == "2"
+        assert status["NoNewPrivs"].strip() == "1"
+        # the service's own view of the file system (its mount namespace)
+        writes = {
+            path: (await sh(f"nsenter -t {pid} -m touch {path}")).returncode == 0
+            for path in (
+                f"/var/lib/kubelet/plugins/{world.driver}/probe",
+                "/var/lib/kubelet/plugins_registry/probe",
+                "/run/cdi/probe",
+                "/var/lib/kubelet/probe",
+                "/etc/cohdi-agent-probe",
+                "/opt/cohdi-agent/probe",
+                "/run/probe",
+                "/run/lock/probe",
+            )
+        }
+        print(f"writable in the service's mount namespace: {writes}")
+        assert writes == {
+            f"/var/lib/kubelet/plugins/{world.driver}/probe": True,
+            "/var/lib/kubelet/plugins_registry/probe": True,
+            "/run/cdi/probe": True,
+            "/var/lib/kubelet/probe": False,
+            "/etc/cohdi-agent-probe": False,
+            "/opt/cohdi-agent/probe": False,
+            "/run/probe": False,
+            "/run/lock/probe": False,
+        }
+        stop = await sh(f"systemctl stop {NODE_UNIT}")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        last = await asyncio.to_thread(machine.show, NODE_UNIT, "ActiveState", "Result")
+        assert (last["ActiveState"], last["Result"]) == ("inactive", "success"), last
+        for sock in sockets:
+            assert (await sh(f"test -e {sock}")).returncode != 0, f"{sock} left behind"
 
 
 async def _start_stall_stop(
