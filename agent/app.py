@@ -114,8 +114,12 @@ async def fabric_emulator(cfg: settings.Settings) -> int:
 
 
 def manifests(cfg: settings.Settings, out: str) -> int:
+    """Write the manifests into the directory `out`, or to standard output when it is "-"."""
     from agent.manifests import installing
 
+    if out == "-":
+        sys.stdout.write(installing.stream(cfg.cluster.driver))
+        return 0
     for path in installing.write(Path(out), cfg.cluster.driver):
         print(f"wrote {path}")
     return 0
@@ -129,7 +133,11 @@ async def install_crds(cfg: settings.Settings) -> int:
         kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
     ) as kube:
         await installing.install(kube, cfg.cluster.driver)
-    print(f"CRDs ({crds_names()}) and DeviceClass gpu.{cfg.cluster.driver} installed")
+    from agent.manifests.cluster import device_class_name
+
+    print(
+        f"CRDs ({crds_names()}) and DeviceClass {device_class_name(cfg.cluster.driver)} installed"
+    )
     return 0
 
 

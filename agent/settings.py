@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, TypeVar
@@ -22,6 +22,24 @@ from typing import Any, ClassVar, Final, TypeVar
 from agent import errors
 
 T = TypeVar("T")
+
+
+#: Every command of the CLI, in the order `cohdi-agent --help` lists them. A group's `COMMANDS`
+#: (or a setting's own `commands=`) names the ones that use it; each command's `--help` shows
+#: exactly those settings.
+COMMANDS: Final = (
+    "version",
+    "demo",
+    "run",
+    "install-crds",
+    "manifests",
+    "fabric-emulator",
+    "dev-cluster",
+)
+
+#: Groups whose flags every command accepts before its name too (`cohdi-agent --log-format json
+#: run`), so a wrapper can put them first whatever the command.
+GLOBAL_GROUPS: Final = ("logging", "kube")
 
 
 def setting(
@@ -32,9 +50,22 @@ def setting(
     choices: tuple[str, ...] = (),
     minimum: float | None = None,
     maximum: float | None = None,
+    metavar: str = "",
+    commands: tuple[str, ...] = (),
 ) -> T:
-    """A dataclass field with the documentation and limits the CLI and `load()` need."""
-    meta = {"help": help, "unit": unit, "choices": choices, "min": minimum, "max": maximum}
+    """A dataclass field with the documentation and limits the CLI and `load()` need.
+
+    `metavar` is what the value is (FILE, DIR, URL...; derived for numbers and choices: SECONDS,
+    N, a|b); `commands` narrows the group's `COMMANDS` for this one setting."""
+    meta = {
+        "help": help,
+        "unit": unit,
+        "choices": choices,
+        "min": minimum,
+        "max": maximum,
+        "metavar": metavar,
+        "commands": commands,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -43,6 +74,8 @@ class LoggingSettings:
     """How the agent logs. Flags: --log-*."""
 
     PREFIX: ClassVar[str] = "log-"
+    TITLE: ClassVar[str] = "logging"
+    COMMANDS: ClassVar[tuple[str, ...]] = COMMANDS
     level: str = setting(
         "info",
         "Lowest level logged.",
@@ -60,16 +93,20 @@ class KubeSettings:
     """How the agent reaches the Kubernetes API server. Flags: --kube-*, --kubeconfig."""
 
     PREFIX: ClassVar[str] = ""
+    TITLE: ClassVar[str] = "Kubernetes API"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("run", "install-crds", "demo")
     kubeconfig: str = setting(
         "",
         "Path of a kubeconfig file. Empty: the in-cluster service account when running in a pod, "
         "else $KUBECONFIG, else ~/.kube/config.",
+        metavar="FILE",
     )
     kube_request_timeout: float = setting(
         30.0,
         "Limit on one ordinary API request (not watches).",
         unit="s",
         minimum=0.1,
+        commands=("run", "install-crds"),
     )
     kube_watch_timeout: float = setting(
         300.0,
@@ -79,12 +116,14 @@ class KubeSettings:
         unit="s",
         minimum=1,
         maximum=3600,
+        commands=("run",),
     )
     kube_backoff_max: float = setting(
         30.0,
         "Ceiling of the exponential backoff after API errors (it starts at 0.2 s).",
         unit="s",
         minimum=0.2,
+        commands=("run",),
     )
 
 
@@ -93,11 +132,16 @@ class LeaderSettings:
     """Leader election of the cluster role on a coordination.k8s.io/v1 Lease. Flags: --lease-*."""
 
     PREFIX: ClassVar[str] = "lease-"
-    namespace: str = setting("kube-system", "Namespace of the Lease.")
-    name: str = setting("cohdi-agent", "Name of the Lease; one per cluster and driver.")
+    TITLE: ClassVar[str] = "leader election (cluster role)"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("run",)
+    namespace: str = setting("kube-system", "Namespace of the Lease.", metavar="NAMESPACE")
+    name: str = setting(
+        "cohdi-agent", "Name of the Lease; one per cluster and driver.", metavar="NAME"
+    )
     identity: str = setting(
         "",
         "This replica's identity in the Lease. Empty: <hostname>_<pid>.",
+        metavar="NAME",
     )
     duration: float = setting(
         15.0,
@@ -126,14 +170,23 @@ class ClusterSettings:
     """What `cohdi-agent run` does. Flags: --driver, --roles, --claim-deadline, ..."""
 
     PREFIX: ClassVar[str] = ""
+    TITLE: ClassVar[str] = "roles, the cluster role, metrics"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("run",)
     roles: str = setting(
-        "cluster",
+        "",
         "Comma-separated roles this process runs: 'cluster' (leader-elected publisher, scaler, "
-        "composer) and, on GPU servers, 'node'.",
+        "composer; one Deployment per cluster) and/or 'node' (kubelet plugin, hot-plug, safe "
+        "removal; on every GPU server). Empty: what this host implies, logged at start: "
+        "'cluster' when --fabric-url is set (only the cluster role talks to the fabric manager), "
+        "else 'node' when kubelet's plugin registry <--node-kubelet-dir>/plugins_registry exists; "
+        "neither exits with status 2. Both roles in one process need 'cluster,node'.",
+        metavar="ROLE[,ROLE]",
     )
     driver: str = setting(
         "composable.cohdi.io",
         "DRA driver name of the pool slices and the kubelet plugin (a DNS subdomain you own).",
+        metavar="NAME",
+        commands=("run", "install-crds", "manifests", "demo"),
     )
     claim_deadline: float = setting(
         480.0,
@@ -169,11 +222,13 @@ class ClusterSettings:
         "every role this process runs; 0 turns them off.",
         minimum=0,
         maximum=65535,
+        metavar="PORT",
     )
     metrics_address: str = setting(
         "127.0.0.1",
         "Address the metrics and health endpoints listen on: the pod IP (or 0.0.0.0) lets "
         "Prometheus and kubelet's probes reach them.",
+        metavar="ADDRESS",
     )
     workers: int = setting(
         64, "Claims (and resources) worked on in parallel.", minimum=1, maximum=4096
@@ -202,19 +257,24 @@ class NodeSettings:
     """The node role (`--roles node`, on every GPU server). Flags: --node-*."""
 
     PREFIX: ClassVar[str] = "node-"
+    TITLE: ClassVar[str] = "node role"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("run",)
     name: str = setting(
         "",
         "This node's Kubernetes name. Empty: $NODE_NAME (downward API), else the host name.",
+        metavar="NODE",
     )
     sysfs_root: str = setting(
         "/sys",
         "Where the PCI tree is read. Another path runs the same code over a synthetic tree "
         "(tests, the demo's simulated nodes): hot-plug then comes from inotify, not netlink.",
+        metavar="DIR",
     )
     nvml_path: str = setting(
         "libnvidia-ml.so.1",
         "NVML library to dlopen. Missing: the node runs without NVML (no UUIDs, no process "
         "checks before a detach).",
+        metavar="LIBRARY",
     )
     rescan: str = setting(
         "auto",
@@ -238,10 +298,12 @@ class NodeSettings:
         "/var/lib/kubelet",
         "Kubelet's directory: the plugin's sockets go in <dir>/plugins_registry/<driver>-reg.sock "
         "and <dir>/plugins/<driver>/dra.sock, its checkpoint beside the latter.",
+        metavar="DIR",
     )
     cdi_dir: str = setting(
         "/var/run/cdi",
         "Where CDI spec files of prepared claims are written (the runtime's dynamic CDI dir).",
+        metavar="DIR",
     )
 
 
@@ -254,27 +316,33 @@ class FabricSettings:
     `fabric-client-secret` or $COHDI_FABRIC_CLIENT_SECRET)."""
 
     PREFIX: ClassVar[str] = "fabric-"
+    TITLE: ClassVar[str] = "fabric manager (cluster role)"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("run",)
     backend: str = setting(
         "redfish",
         "Wire protocol of the fabric manager: DMTF Redfish composition, or the Fsas/FTI "
         "fabric-manager API that CoHDI speaks.",
         choices=("redfish", "fti"),
+        commands=("run", "demo"),
     )
     url: str = setting(
         "",
         "Base URL of the fabric manager, e.g. https://fm.example:443. Empty: the embedded "
         "emulator (demo) or none.",
+        metavar="URL",
     )
-    user: str = setting("", "User name for the fabric manager.")
+    user: str = setting("", "User name for the fabric manager.", metavar="NAME")
     password_file: str = setting(
         "",
         "File holding the fabric manager password (first line). Empty: the systemd credential "
         "'fabric-password' if the unit passes one, else $COHDI_FABRIC_PASSWORD.",
+        metavar="FILE",
     )
     ca_bundle: str = setting(
         "",
         "PEM file of CAs to trust for the fabric manager's TLS certificate. Empty: the system "
         "trust store. Verification is never switched off.",
+        metavar="FILE",
     )
     timeout: float = setting(
         30.0,
@@ -309,23 +377,28 @@ class FabricSettings:
         unit="s",
         minimum=0.05,
     )
-    tenant: str = setting("", "FTI tenant_uuid.")
-    realm: str = setting("cdi", "FTI identity-manager realm for the token endpoint.")
-    client_id: str = setting("cohdi-agent", "FTI OpenID client_id.")
+    tenant: str = setting("", "FTI tenant_uuid.", metavar="UUID")
+    realm: str = setting(
+        "cdi", "FTI identity-manager realm for the token endpoint.", metavar="NAME"
+    )
+    client_id: str = setting("cohdi-agent", "FTI OpenID client_id.", metavar="NAME")
     client_secret_file: str = setting(
         "",
         "File holding the FTI OpenID client secret. Empty: the systemd credential "
         "'fabric-client-secret' if the unit passes one, else $COHDI_FABRIC_CLIENT_SECRET, or none.",
+        metavar="FILE",
     )
     models: str = setting(
         "",
         "FTI only: comma-separated models whose free count to ask the fabric for (the FTI API "
         "lists no free device, only counts per model).",
+        metavar="MODEL[,MODEL]",
     )
     processor_types: str = setting(
         "GPU,Accelerator",
         "Redfish only: comma-separated DMTF ProcessorTypes (GPU, Accelerator, FPGA, ...) whose "
         "ResourceBlocks (ResourceBlockType Processor) are pooled; other blocks are not offered.",
+        metavar="TYPE[,TYPE]",
     )
 
 
@@ -334,24 +407,33 @@ class EmulatorSettings:
     """`cohdi-agent fabric-emulator`: the built-in fabric manager. Flags: --emulator-*."""
 
     PREFIX: ClassVar[str] = "emulator-"
+    TITLE: ClassVar[str] = "fabric emulator"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("fabric-emulator",)
     config: str = setting(
         "",
         "YAML/JSON file with machines, devices and users (see agent/fabric/emulator/config.py). "
         "Empty: the embedded default (--emulator-nodes machines, --emulator-gpus GPUs of two "
         "models, user 'admin' whose password is $COHDI_FABRIC_PASSWORD or generated).",
+        metavar="FILE",
     )
     state_file: str = setting(
         "",
         "Where attachments are persisted (atomically) so a restart keeps them. Empty: in memory.",
+        metavar="FILE",
     )
-    host: str = setting("127.0.0.1", "Address to listen on.")
+    host: str = setting("127.0.0.1", "Address to listen on.", metavar="ADDRESS")
     port: int = setting(
-        0, "Port to listen on; 0 picks a free one (printed).", minimum=0, maximum=65535
+        0,
+        "Port to listen on; 0 picks a free one (printed).",
+        minimum=0,
+        maximum=65535,
+        metavar="PORT",
     )
     tls_dir: str = setting(
         "",
         "Serve HTTPS with a CA and certificate generated into this directory (clients trust "
         "<dir>/ca.crt). Empty: plain HTTP.",
+        metavar="DIR",
     )
     nodes: int = setting(4, "Machines in the embedded default.", minimum=1, maximum=10000)
     gpus: int = setting(16, "GPUs in the embedded default.", minimum=0, maximum=100000)
@@ -366,15 +448,20 @@ class DevClusterSettings:
     Flags: --dev-*."""
 
     PREFIX: ClassVar[str] = "dev-"
+    TITLE: ClassVar[str] = "local control plane (tests, demo, benchmarks)"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("dev-cluster", "demo")
     cache_dir: str = setting(
         "",
         "Where the Go builds of etcd, kube-apiserver and kube-scheduler are kept (outside the "
         "repository). Empty: $XDG_CACHE_HOME/cohdi-agent, else ~/.cache/cohdi-agent.",
+        metavar="DIR",
+        commands=("dev-cluster", "demo", "fabric-emulator"),
     )
     state_dir: str = setting(
         "",
         "Where `dev-cluster up` keeps certificates, etcd data, logs and its pid file. "
         "Empty: <cache dir>/dev-cluster.",
+        metavar="DIR",
     )
     binding_timeout: float = setting(
         600.0,
@@ -433,9 +520,41 @@ class Settings:
         )
 
 
+ROLES: Final = ("cluster", "node")
+
+
+def implied_roles(cfg: Settings, *, is_dir: Callable[[Path], bool]) -> tuple[tuple[str, ...], str]:
+    """The roles `run` runs and why, for the log line at start: ``(("node",), "...")``.
+
+    --roles given: those (in `ROLES` order), "from --roles". Empty: 'cluster' when --fabric-url
+    is set, else 'node' when `is_dir(<--node-kubelet-dir>/plugins_registry)` (kubelet's plugin
+    registry: a kubelet runs here). Raises `ConfigError` naming --roles for an unknown role, or
+    when it is empty and nothing implies one (a GPU server never silently runs no node role)."""
+    flag = flag_of("cluster", "roles")
+    where = f"{flag} (COHDI_ROLES)"
+    given = {r.strip() for r in cfg.cluster.roles.split(",") if r.strip()}
+    if given:
+        unknown = given - set(ROLES)
+        if unknown:
+            raise errors.ConfigError(where, cfg.cluster.roles, "must name cluster and/or node")
+        return tuple(r for r in ROLES if r in given), f"from {flag}"
+    if cfg.fabric.url:
+        return ("cluster",), f"{flag} not given; {flag_of('fabric', 'url')} is set"
+    registry = Path(cfg.node.kubelet_dir) / "plugins_registry"
+    if is_dir(registry):
+        return ("node",), f"{flag} not given; kubelet's plugin registry {registry} exists"
+    raise errors.ConfigError(
+        where,
+        cfg.cluster.roles,
+        f"is required here: nothing implies a role ({flag_of('fabric', 'url')} is empty and "
+        f"{registry} does not exist); say 'cluster', 'node' or 'cluster,node'",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SettingInfo:
-    """One setting as the CLI shows it."""
+    """One setting as the CLI shows it: `title` is its group's heading, `metavar` what its value
+    is, `commands` the commands that use it."""
 
     group: str
     name: str
@@ -448,6 +567,9 @@ class SettingInfo:
     choices: tuple[str, ...]
     minimum: float | None
     maximum: float | None
+    title: str
+    metavar: str
+    commands: tuple[str, ...]
 
 
 def flag_of(group: str, name: str) -> str:
@@ -472,7 +594,28 @@ def describe() -> Iterator[SettingInfo]:
                 choices=f.metadata["choices"],
                 minimum=f.metadata["min"],
                 maximum=f.metadata["max"],
+                title=cls.TITLE,
+                metavar=_metavar(f.default, f.metadata),
+                commands=f.metadata["commands"] or cls.COMMANDS,
             )
+
+
+def _metavar(default: Any, meta: Mapping[str, Any]) -> str:
+    """What a value is, for the help: the setting's own word (FILE, URL...), else one derived
+    from its kind: the choices (a|b), SECONDS, N or NUMBER; TEXT when nothing says more."""
+    if meta["metavar"]:
+        return str(meta["metavar"])
+    if meta["choices"]:
+        return "|".join(meta["choices"])
+    if meta["unit"] == "s":
+        return "SECONDS"
+    if isinstance(default, bool):
+        return "true|false"
+    if isinstance(default, int):
+        return "N"
+    if isinstance(default, float):
+        return "NUMBER"
+    return "TEXT"
 
 
 def load(raw: Mapping[str, str]) -> Settings:

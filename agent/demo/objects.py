@@ -11,6 +11,7 @@ from typing import Any
 
 from agent import errors
 from agent.kube.client import Kube, Obj, path_of
+from agent.manifests.cluster import device_class_name
 
 NS = "default"
 NODES = path_of(group="", version="v1", plural="nodes")
@@ -72,7 +73,7 @@ def gpu_claim(name: str, driver: str, model: str) -> Obj:
                     {
                         "name": "gpu",
                         "exactly": {
-                            "deviceClassName": f"gpu.{driver}",
+                            "deviceClassName": device_class_name(driver),
                             "selectors": [{"cel": {"expression": expr}}],
                         },
                     }
