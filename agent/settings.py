@@ -209,6 +209,14 @@ class ClusterSettings:
         unit="s",
         minimum=0,
     )
+    warm_devices: int = setting(
+        0,
+        "Idle GPUs of each model kept attached on every node wired to a fabric (warm capacity: a "
+        "pod lands on one at once, with no attach and no binding-condition wait); a node's "
+        "cohdi.io/warm-devices label overrides it; 0 turns it off.",
+        minimum=0,
+        maximum=64,
+    )
     node_gone_grace: float = setting(
         60.0,
         "A resource whose Node object is gone is detached without the node's NodeReleased after "
