@@ -4,8 +4,9 @@ A mockup (DMTF's `Redfish-Publications` mockups, or a capture by DMTF's Redfish-
 a directory tree with one `index.json` per URI: `<dir>/index.json` is `/redfish/v1/`,
 `<dir>/Systems/index.json` is `/redfish/v1/Systems`, and so on (a tree that starts with
 `redfish/v1/` is read the same way); `$metadata/index.xml` is the CSDL document. `load()` reads
-every document once; the emulator then serves them as they are, except the resources composition
-changes, which it renders from its live state:
+every document once; the emulator then serves them as they are (less the `@Redfish.Copyright`
+annotation, which is for mockups only), except the resources composition changes, which it
+renders from its live state:
 
 - every ComputerSystem of the `Systems` collection is a machine (`MachineSpec`, id = the last
   segment of its URI); its zones are those of its own blocks (the blocks in its
@@ -103,6 +104,8 @@ class Mockup:
                 raise EmulatorConfigError(f"mockup document {path}: {exc}") from exc
             if not isinstance(doc, dict):
                 raise EmulatorConfigError(f"mockup document {path}: not a JSON object")
+            # "only intended for use in mockups" (DSP0266): a service does not serve it
+            doc.pop("@Redfish.Copyright", None)
             docs[uri] = doc
         meta = base / "$metadata" / "index.xml"
         return cls(directory, docs, meta.read_text() if meta.is_file() else "")

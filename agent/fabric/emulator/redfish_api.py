@@ -718,6 +718,8 @@ class RedfishApi:
 
     async def system(self, request: web.Request) -> web.Response:
         machine_id = request.match_info["id"]
+        if self.mockup is not None and machine_id not in self.state.machines:
+            return await self.static(request)  # e.g. Systems/Capabilities
         doc = self._system_doc(machine_id)
         self._only(request, "GET, HEAD, PATCH")
         if request.method != "PATCH":
