@@ -260,6 +260,11 @@ async def test_node_unit_under_systemd_serves_kubelet_inside_its_sandbox(
             )
         }
         print(f"writable in the service's mount namespace: {writes}")
+        # The sysfs files it writes are mounts of their own under ProtectKernelTunables' read-only
+        # /sys. (Here they stay read-only, as nspawn gives the container a read-only /sys, and
+        # ReadWritePaths= only undoes the unit's own read-only mounts; on a host they are rw.)
+        mounts = (await sh(f"cut -d' ' -f5 /proc/{pid}/mountinfo")).stdout.split()
+        assert {"/sys", "/sys/bus/pci/rescan", "/sys/devices"} <= set(mounts)
         assert writes == {
             f"/var/lib/kubelet/plugins/{world.driver}/probe": True,
             "/var/lib/kubelet/plugins_registry/probe": True,
