@@ -362,6 +362,11 @@ class Composer:
         if marking is not None:
             await marking
         took = self.mono() - started
+        if not s.get("fabric_device"):
+            # A model-only resource (a request's member, warm capacity): the GPU was never
+            # offered under any identity while chosen, so it can go straight to its node's own
+            # pool (where the scheduler takes it first) — placed before it is published attached.
+            self.publisher.place(str(dev.id), s["target_node"])
         self.publisher.device_changed(dev)
         await self._status(
             name,
@@ -423,6 +428,9 @@ class Composer:
         )
         device = attached_device(cr)
         version = cr["metadata"]["resourceVersion"]
+        if d.step != decide.RemoveStep.DROP and device:
+            # No new claim may be given it from now on (a scale-down withheld it already).
+            self.publisher.withhold(device, reason="detaching")
         if d.step == decide.RemoveStep.DROP:
             logger.info("%s: removed without touching the fabric: %s", name, d.why)
         else:

@@ -66,6 +66,8 @@ class Publisher:
         #: withholding releases only its own reason, so one cannot undo another's.
         self._withheld: dict[str, set[str]] = {}
         self.pinned: set[str] = set()
+        #: attached device -> the node whose own pool offers it (agent.model.pool.node_pool_slices)
+        self._placed: dict[str, str] = {}
         #: called with the new inventory after every fabric read (the composer retries
         #: NoFreeDevice resources from here)
         self.on_inventory: list[Callable[[Inventory], None]] = []
@@ -93,12 +95,13 @@ class Publisher:
 
     def update_inventory(self, inventory: Inventory) -> None:
         self.inventory = inventory
+        self._forget_placements()
         # A device withheld for a failed claim or a scale-down that came back free (detached) is
         # offered again. A failed one stays out because the fabric reports it failed, until an
         # operator repairs it. A device the composer is choosing stays out until it says so.
         for d in inventory.devices:
             if d.state == DeviceState.FREE and d.id in self._withheld:
-                self._release_reasons(d.id, {"failed", "scale-down"})
+                self._release_reasons(d.id, {"failed", "scale-down", "detaching"})
         self.changed()
         for callback in self.on_inventory:
             callback(inventory)
@@ -126,8 +129,9 @@ class Publisher:
         devices = [d for d in self.inventory.devices if d.id != dev.id]
         devices.append(dev)
         if dev.state == DeviceState.FREE:
-            self._release_reasons(dev.id, {"failed", "scale-down"})
+            self._release_reasons(dev.id, {"failed", "scale-down", "detaching"})
         self.inventory = Inventory(self.inventory.machines, tuple(devices), version="local")
+        self._forget_placements()
         self.changed()
 
     def _on_resource(self, event: Any) -> None:
@@ -159,6 +163,61 @@ class Publisher:
             self._view = (self.inventory, held, out)
         return out
 
+    # --- node-local pools ------------------------------------------------------------------------
+
+    def place(self, device_id: str, node: str) -> None:
+        """Offer the attached `device_id` in `node`'s pool from now on (instead of the fabric
+        pool). The caller guarantees the fabric pool's identity is no longer offered and no claim
+        holds it (the scaler's move: withheld, settled, checked with a fresh read)."""
+        self._placed[device_id] = node
+        self.changed()
+
+    def placed_on(self, device_id: str) -> str | None:
+        return self._placed.get(device_id)
+
+    @property
+    def placed(self) -> dict[str, str]:
+        return dict(self._placed)
+
+    def _forget_placements(self) -> None:
+        """A placement lasts while its device stays attached to that node: detached (free),
+        failed or moved, it is offered from the fabric pool again."""
+        view = self.view
+        if view is None:
+            return
+        machine_node = self.node_of_machine()
+        for device, node in list(self._placed.items()):
+            dev = view.device(device)
+            if (
+                dev is None
+                or dev.state != DeviceState.ATTACHED
+                or machine_node.get(dev.machine or "") != node
+            ):
+                del self._placed[device]
+
+    def _recover_placements(self) -> None:
+        """A new leader continues where the last one left off: devices its node-local slices
+        offer (and still attached there) stay placed, so no identity changes under a claim."""
+        view = self.view
+        if view is None:
+            return
+        by_attr = {str(d.id): d for d in view.devices}
+        machine_node = self.node_of_machine()
+        for obj in self.slices.store.values():
+            spec = obj.get("spec") or {}
+            node = spec.get("nodeName")
+            if spec.get("driver") != self.driver or not node:
+                continue
+            for entry in spec.get("devices") or []:
+                raw = (entry.get("attributes") or {}).get(poolmodel.DEVICE_ID_ATTRIBUTE) or {}
+                dev = by_attr.get(str(raw.get("string") or ""))
+                if (
+                    dev is not None
+                    and dev.state == DeviceState.ATTACHED
+                    and machine_node.get(dev.machine or "") == node
+                ):
+                    self._placed.setdefault(str(dev.id), node)
+
     def device(self, device_id: str) -> PoolDevice | None:
         """A device as published (a held slot with its GPU's state), else as the fabric has it."""
         view = self.view
@@ -178,10 +237,15 @@ class Publisher:
         if view is None:
             return None
         if self._names_of is not view:
-            self._names = {
-                (poolmodel.pool_name(d.fabric), poolmodel.device_name(d.id)): d.id
-                for d in view.devices
-            }
+            machine_node = self.node_of_machine()
+            names: dict[tuple[str, str], str] = {}
+            for d in view.devices:
+                entry = poolmodel.device_name(d.id)
+                names[(poolmodel.pool_name(d.fabric), entry)] = d.id
+                node = machine_node.get(d.machine or "")
+                if node:  # its node pool's identity resolves too, wherever it is offered now
+                    names[(poolmodel.node_pool_name(d.fabric, node), entry)] = d.id
+            self._names = names
             self._names_of = view
         return self._names.get((pool, name))
 
@@ -241,6 +305,7 @@ class Publisher:
     async def run(self) -> None:
         await self.slices.synced.wait()
         await self.nodes.synced.wait()
+        recovered = False
         while True:
             await self._dirty.wait()
             # Coalesce: a burst of attaches changes many devices within milliseconds; one
@@ -250,6 +315,9 @@ class Publisher:
             self._dirty.clear()
             if self.inventory is None:
                 continue
+            if not recovered:
+                self._recover_placements()
+                recovered = True
             self._syncing = True
             try:
                 await self.sync()
@@ -294,11 +362,21 @@ class Publisher:
             withheld=frozenset(self.withheld),
             pinned=frozenset(self.pinned),
             cache=self._entries,
+            placed=self._placed,
+        )
+        desired.update(
+            poolmodel.node_pool_slices(
+                driver=self.driver,
+                inventory=view,
+                node_of_machine=self.node_of_machine(),
+                placed=self._placed,
+                withheld=frozenset(self.withheld),
+            )
         )
         current: dict[str, dict[str, Obj]] = {}
         for obj in self._current_slices():
             spec = obj.get("spec", {})
-            if spec.get("driver") == self.driver and not spec.get("nodeName"):
+            if spec.get("driver") == self.driver:
                 current.setdefault(spec["pool"]["name"], {})[obj["metadata"]["name"]] = obj
         for pool in sorted(set(desired) | set(current)):
             await self._sync_pool(pool, desired.get(pool, []), current.get(pool, {}))

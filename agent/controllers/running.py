@@ -129,6 +129,7 @@ def build(
         deadline=c.claim_deadline,
         idle_grace=c.idle_grace,
         settle=c.scale_down_settle,
+        warm=c.warm_devices,
         workers=c.workers,
     )
     composer = Composer(

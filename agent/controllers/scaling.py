@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 from agent import errors
 from agent.controllers import metrics
+from agent.controllers.freshness import FreshClaims
 from agent.controllers.publishing import NODES, Publisher
 from agent.controllers.queueing import KeyedQueue
 from agent.kube.client import Kube, Obj, path_of
@@ -46,11 +47,13 @@ from agent.kube.resources import CLAIM_ANNOTATION, RESOURCES, deleting, resource
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import claims as claimmodel
+from agent.model import composing as composemodel
+from agent.model import names
 from agent.model import pool as poolmodel
 from agent.model import requests as requestmodel
 from agent.model import scaling as decide
-from agent.model.fabric import Inventory
-from agent.model.objects import devices_of, fabric_device, target_node
+from agent.model.fabric import DeviceState, Inventory
+from agent.model.objects import attached_device, devices_of, fabric_device, state, target_node
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +62,18 @@ MIN_LABEL = decide.MIN_LABEL
 
 ClaimKey = tuple[str, str]
 
-ALL_CLAIMS = "/apis/resource.k8s.io/v1/resourceclaims"
 
 #: On a ComposableResource the scaler made for a GPU it found attached with no owner.
 ADOPTED_ANNOTATION = "cohdi.io/adopted"
+#: On a model-only ComposableResource the scaler made to keep warm capacity on a node.
+WARM_ANNOTATION = "cohdi.io/warm"
+#: A node's own number of idle GPUs per model to keep attached (overrides --warm-devices).
+WARM_LABEL = "cohdi.io/warm-devices"
+
+
+def spec_model(obj: Obj) -> str:
+    return str((obj.get("spec") or {}).get("model") or "")
+
 
 #: The longest a scale-down waits for its withholding to be written before it gives up (and
 #: retries later): without that write the scheduler may still be offering the device.
@@ -90,6 +101,8 @@ class Scaler:
         idle_grace: float,
         settle: float = 5.0,
         orphan_grace: float = 10.0,
+        warm: int = 0,
+        fresh: FreshClaims | None = None,
         workers: int = 64,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
@@ -105,12 +118,16 @@ class Scaler:
         self.idle_grace = idle_grace
         self.settle = settle
         self.orphan_grace = orphan_grace
+        self.warm = warm
+        self.fresh = fresh or FreshClaims(kube, mono=mono)
         self.wall = wall
         self.mono = mono
         self.queue: KeyedQueue[ClaimKey] = KeyedQueue("scaler", self.handle, workers=workers)
         self.idle: KeyedQueue[str] = KeyedQueue("scale-down", self.check_idle, workers=8)
         self.labels: KeyedQueue[str] = KeyedQueue("node-labels", self._sync_full_label, workers=4)
         self.orphans: KeyedQueue[str] = KeyedQueue("orphans", self._check_orphan, workers=2)
+        self.moves: KeyedQueue[str] = KeyedQueue("node-pool-moves", self._check_move, workers=8)
+        self.warmth: KeyedQueue[str] = KeyedQueue("warm-capacity", self._keep_warm, workers=4)
         #: device -> monotonic time it was first seen attached with no resource naming it
         self._orphan_since: dict[str, float] = {}
         #: device id -> monotonic time it was last held by a claim
@@ -122,8 +139,6 @@ class Scaler:
         self._draining: dict[str, asyncio.Event] = {}
         #: (claim key, device) pairs we warned about (a held device attached elsewhere)
         self._warned: set[tuple[ClaimKey, str]] = set()
-        self._list_lock = asyncio.Lock()
-        self._listed: tuple[float, list[Obj]] = (float("-inf"), [])
         claims.add_handler(self._on_claim)
         resources.add_handler(self._on_resource)
         publisher.on_inventory.append(self._on_inventory)
@@ -145,12 +160,16 @@ class Scaler:
             if device:
                 self.last_used[device] = now
                 self.idle.enqueue_after(device, self.idle_grace)
+                self.moves.enqueue(device)  # idle now: to its node's pool
+                self._warm_nodes_changed()
         for pool, name in now_held:
             device = self.publisher.device_id_of(pool, name)
             if device:
                 self.last_used[device] = now
                 if device in self._draining:
                     self._draining[device].set()  # the scheduler took it: abort the scale-down
+        if now_held != before:
+            self._warm_nodes_changed()
         if now_held:
             self._held[key] = now_held
         else:
@@ -175,8 +194,12 @@ class Scaler:
                 self.queue.enqueue(key)
         elif device and requestmodel.owner_of(obj) is None:
             self.idle.enqueue_after(device, self.idle_grace)
+        if event.type != "DELETED":
+            for dev in devices_of(obj):
+                self.moves.enqueue(dev)
         if target_node(obj):
             self.labels.enqueue(target_node(obj))
+            self.warmth.enqueue(target_node(obj))
 
     def _holders(self, device: str) -> list[ClaimKey]:
         return [
@@ -194,6 +217,9 @@ class Scaler:
             tg.create_task(self.idle.run())
             tg.create_task(self.labels.run())
             tg.create_task(self.orphans.run())
+            tg.create_task(self.moves.run())
+            tg.create_task(self.warmth.run())
+            self._warm_nodes_changed()
 
     # --- scale up --------------------------------------------------------------------------------
 
@@ -472,6 +498,120 @@ class Scaler:
         )
         logger.info("node %s: %s=%s", node, poolmodel.FULL_LABEL, value)
 
+    # --- node-local pools: idle attached GPUs where the scheduler takes them first ----------------
+
+    async def _check_move(self, device: str) -> None:
+        """Move an idle attached GPU from the fabric pool to its node's pool. Its identity changes
+        (the pool is part of it), so the move is a scale-down's first three steps: unpublished,
+        written, left to settle (a claim naming it aborts), a fresh LIST shows no claim holds the
+        old identity — only then is it offered under the new one. At no instant are both
+        identities offered, and a claim never holds one while the other is offered."""
+        dev = self.publisher.device(device)
+        machine_node = self.publisher.node_of_machine()
+        attached_on = (
+            machine_node.get(dev.machine or "")
+            if dev is not None and dev.state == DeviceState.ATTACHED
+            else None
+        )
+        held = self._held_devices()
+        cr = self._resource_of(device)
+        step = decide.decide_move(
+            attached_on=attached_on,
+            placed_on=self.publisher.placed_on(device),
+            held=device in held,
+            busy=device in self._draining or device in self.publisher.withheld,
+            owned=cr is not None and not deleting(cr) and state(cr) == "Online",
+        )
+        if step != decide.MoveStep.MOVE:
+            return
+        assert attached_on is not None
+        abort = self._draining[device] = asyncio.Event()
+        placed = False
+        self.publisher.withhold(device, reason="moving")
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                await self.publisher.flush()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settle):
+                    await abort.wait()
+            if abort.is_set():
+                return
+            if device in self._held_devices(await self.fresh.since(self.mono())):
+                return
+            self.publisher.place(device, attached_on)
+            placed = True
+            metrics.DECISIONS.labels("node-pool").inc()
+            logger.info("%s offered from %s's own pool", device, attached_on)
+        finally:
+            self._draining.pop(device, None)
+            self.publisher.release(device, reason="moving")
+            if not placed:
+                self.moves.enqueue_after(device, self.settle)  # look again later
+
+    # --- warm capacity ---------------------------------------------------------------------------
+
+    def _warm_nodes_changed(self) -> None:
+        if self.warm or any(
+            (n.get("metadata", {}).get("labels") or {}).get(WARM_LABEL)
+            for n in self.nodes.store.values()
+        ):
+            for machine_node in self.publisher.node_of_machine().values():
+                self.warmth.enqueue(machine_node)
+
+    async def _keep_warm(self, node: str) -> None:
+        """Keep `warm` idle GPUs of each model attached on `node`: model-only resources
+        (annotated warm) that the composer attaches and offers from the node's own pool."""
+        warm = self._warm_for(node)
+        inventory = self.publisher.inventory
+        machine = self.publisher.machine_of_node(node)
+        if not warm or inventory is None or machine is None:
+            return
+        fabric = next((m.fabric for m in inventory.machines if m.id == machine), None)
+        models = sorted({d.model for d in inventory.devices if d.fabric == fabric and d.model})
+        held = self._held_devices()
+        taken = composemodel.taken_devices(
+            self.resources.store.values(),
+            also=set(self.publisher.pinned) | set(self.publisher.withheld),
+        )
+        for model in models:
+            coming = [
+                o
+                for o in self.resources.store.values()
+                if (o["metadata"].get("annotations") or {}).get(WARM_ANNOTATION)
+                and target_node(o) == node
+                and spec_model(o) == model
+                and not deleting(o)
+                and state(o) in ("", "Attaching")
+            ]
+            pending = [n for n, t in self._created.items() if t == node and n.startswith("warm-")]
+            free = composemodel.free_count(inventory, model=model, machine=machine, taken=taken)
+            need = decide.warm_shortfall(
+                warm=warm,
+                idle=len(self._idle_alike(node, model, held)),
+                coming=len(coming) + len(pending),
+                free=free,
+            )
+            for _ in range(need):
+                await self._create_warm(node, model)
+
+    async def _create_warm(self, node: str, model: str) -> None:
+        body = {
+            "apiVersion": f"{crds.GROUP}/{crds.VERSION}",
+            "kind": "ComposableResource",
+            "metadata": {
+                "generateName": names.dns_subdomain(f"warm-{node}-{model}", limit=240) + "-",
+                "annotations": {WARM_ANNOTATION: "true"},
+                "finalizers": [crds.FINALIZER],
+            },
+            "spec": {"type": "gpu", "model": model, "target_node": node},
+        }
+        created = await self.kube.create(RESOURCES, body)
+        name = created["metadata"]["name"]
+        if self.resources.get("", name) is None:
+            self._created[name] = node
+        metrics.DECISIONS.labels("warm").inc()
+        logger.info("warm capacity: attaching a %s to %s (%s)", model, node, name)
+
     # --- scale down ------------------------------------------------------------------------------
 
     def _held_devices(self, claims: list[Obj] | None = None) -> set[str]:
@@ -481,18 +621,53 @@ class Scaler:
             self.publisher.device_index(),
         )
 
-    async def check_idle(self, device: str) -> None:
+    def _resource_of(self, device: str) -> Obj | None:
+        """The live resource that owns `device` (by the name it was made under, or any that
+        names it: model-only, warm, adopted)."""
         cr = self.resources.get("", resource_name(device))
+        if cr is not None:
+            return cr
+        named = [o for o in self.resources.store.values() if device in devices_of(o)]
+        return composemodel.owner_of(device, named)
+
+    def _idle_alike(self, node: str, model: str, held: set[str]) -> list[str]:
+        """Attached devices of `model` on `node` owned by a live Online resource, held by no
+        claim, not kept by a request: the node's idle capacity of that model."""
+        out = []
+        for o in self.resources.store.values():
+            dev = attached_device(o)
+            if (
+                target_node(o) == node
+                and spec_model(o) == model
+                and state(o) == "Online"
+                and not deleting(o)
+                and requestmodel.owner_of(o) is None
+                and dev not in held
+                and fabric_device(o) not in held
+            ):
+                out.append(dev)
+        return out
+
+    def _warm_for(self, node: str) -> int:
+        label = decide.node_limit(self.nodes.get("", node), WARM_LABEL)
+        return self.warm if label is None else label
+
+    async def check_idle(self, device: str) -> None:
+        cr = self._resource_of(device)
         node = target_node(cr) if cr else ""
+        held = self._held_devices()
+        model = spec_model(cr) if cr else ""
         d = decide.decide_idle(
             cr,
-            held=device in self._held_devices(),
+            held=device in held or (cr is not None and fabric_device(cr) in held),
             request_owned=cr is not None and requestmodel.owner_of(cr) is not None,
             idle_since=self.last_used.get(device),
             now=self.mono(),
             grace=self.idle_grace,
             on_node=self._on_node(node) if node else 0,
             floor=decide.node_limit(self.nodes.get("", node), MIN_LABEL) or 0,
+            idle_alike=len(self._idle_alike(node, model, held)) if node else 0,
+            warm=self._warm_for(node) if node else 0,
         )
         if d.step == decide.IdleStep.LATER:
             self.idle.enqueue_after(device, d.after)
@@ -502,6 +677,8 @@ class Scaler:
 
     async def _drain(self, device: str, cr: Obj, idle_for: float) -> None:
         node = target_node(cr)
+        if device in self._draining:
+            return  # a move of it is settling; the idle check comes back
         abort = self._draining[device] = asyncio.Event()
         deleted = False
         self.publisher.withhold(device, reason="scale-down")
@@ -514,8 +691,10 @@ class Scaler:
             if abort.is_set():
                 return
             started = self.mono()
-            fresh = await self._fresh_claims(started)
-            if device in self._held_devices(fresh):  # (3) the API server says it is taken
+            fresh = await self.fresh.since(started)
+            if device in self._held_devices(fresh) or fabric_device(cr) in self._held_devices(
+                fresh
+            ):  # (3) the API server says it is taken
                 return
             logger.info("scale-down: %s idle for %.0f s on %s", device, idle_for, node)
             metrics.DECISIONS.labels("scale-down").inc()
@@ -523,32 +702,12 @@ class Scaler:
                 cr, "ScaleDown", f"{device} idle for {idle_for:.0f} s on {node}: detaching"
             )
             with contextlib.suppress(errors.KubeNotFound):
-                await self.kube.delete(f"{RESOURCES}/{resource_name(device)}")  # (4)
+                await self.kube.delete(f"{RESOURCES}/{cr['metadata']['name']}")  # (4)
             deleted = True
         finally:
             self._draining.pop(device, None)
             if not deleted:
                 self.publisher.release(device, reason="scale-down")
-
-    async def _fresh_claims(self, not_before: float) -> list[Obj]:
-        """Every ResourceClaim, from a LIST that started at or after `not_before` (monotonic):
-        concurrent scale-downs share one LIST instead of each making their own."""
-        async with self._list_lock:
-            started, items = self._listed
-            if started >= not_before:
-                return items
-            started = self.mono()
-            items = []
-            params: dict[str, str | int] = {"limit": 500}
-            while True:
-                page = await self.kube.get(ALL_CLAIMS, **params)
-                items.extend(page.get("items") or [])
-                cont = (page.get("metadata") or {}).get("continue")
-                if not cont:
-                    break
-                params["continue"] = cont
-            self._listed = (started, items)
-            return items
 
 
 __all__ = ["MAX_LABEL", "MIN_LABEL", "Scaler", "claims_path"]

@@ -56,7 +56,18 @@ class SliceSpec:
     spec: dict[str, Any]
 
 
-def device_entry(dev: PoolDevice, *, node: str | None, offered_free: bool) -> dict[str, Any]:
+def node_pool_name(fabric: str, node: str) -> str:
+    """The node-local pool of `node`'s attached GPUs from `fabric`: `<fabric pool>/<node>` (pool
+    names are DNS subdomains joined by '/'; node names are DNS subdomains)."""
+    return f"{pool_name(fabric)}/{node}"
+
+
+def device_entry(
+    dev: PoolDevice, *, node: str | None, offered_free: bool, node_local: bool = False
+) -> dict[str, Any]:
+    """The slice entry of a device: free (`bindsToNode`, binding conditions, a node selector on
+    the fabric label), attached in the fabric pool (`nodeName`), or attached in its node's pool
+    (`node_local`: the slice carries the nodeName)."""
     attrs: dict[str, Any] = {
         "productName": {"string": names.attribute_string(dev.model)},
         "fabric": {"string": names.attribute_string(dev.fabric)},
@@ -88,13 +99,62 @@ def device_entry(dev: PoolDevice, *, node: str | None, offered_free: bool) -> di
                 }
             ]
         }
-    else:
+    elif not node_local:
         assert node is not None
         entry["nodeName"] = node
     return entry
 
 
 EntryCache = dict[tuple[PoolDevice, str | None, bool], dict[str, Any]]
+
+
+def node_pool_slices(
+    *,
+    driver: str,
+    inventory: Inventory,
+    node_of_machine: Mapping[str, str],
+    placed: Mapping[str, str],
+    withheld: frozenset[str] = frozenset(),
+) -> dict[str, list[SliceSpec]]:
+    """Node-local pools: every attached, healthy device `placed` on the node it is attached to,
+    in the pool `<fabric pool>/<node>` whose slices carry `nodeName` and no binding conditions.
+    The scheduler's allocator tries pools without binding conditions first (first fit, pools by
+    name, then slices by name, then devices in order: k8s.io/dynamic-resource-allocation
+    structured/internal/*/pools_*.go), so a GPU already on the node is taken before a pool GPU
+    that needs an attach. Nodes with nothing placed have no pool (slices of a pool that empties
+    are deleted)."""
+    by_pool: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for dev in sorted(inventory.devices, key=lambda d: d.id):
+        node = node_of_machine.get(dev.machine or "")
+        if (
+            dev.id in withheld
+            or dev.state != DeviceState.ATTACHED
+            or not node
+            or placed.get(dev.id) != node
+        ):
+            continue
+        entry = device_entry(dev, node=None, offered_free=False, node_local=True)
+        by_pool.setdefault((node_pool_name(dev.fabric, node), node), []).append(entry)
+    out: dict[str, list[SliceSpec]] = {}
+    for (pool, node), entries in sorted(by_pool.items()):
+        chunks = [
+            entries[i : i + MAX_DEVICES_PER_SLICE]
+            for i in range(0, len(entries), MAX_DEVICES_PER_SLICE)
+        ]
+        out[pool] = [
+            SliceSpec(
+                name=slice_name(driver, pool, i),
+                pool=pool,
+                spec={
+                    "driver": driver,
+                    "pool": {"name": pool, "generation": 0, "resourceSliceCount": len(chunks)},
+                    "nodeName": node,
+                    "devices": chunk,
+                },
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+    return out
 
 
 def desired_slices(
@@ -105,6 +165,7 @@ def desired_slices(
     withheld: frozenset[str] = frozenset(),
     pinned: frozenset[str] = frozenset(),
     cache: EntryCache | None = None,
+    placed: Mapping[str, str] | None = None,
 ) -> dict[str, list[SliceSpec]]:
     """pool -> slices. `pinned`: devices allocated to a claim while they attach (kept as free
     entries); `withheld`: devices not to offer (scale-down in progress, failed claims). `cache`
@@ -128,6 +189,8 @@ def desired_slices(
         attaching_for_claim = dev.id in pinned and dev.state == DeviceState.ATTACHING
         if dev.state == DeviceState.FREE or attaching_for_claim:
             key: tuple[PoolDevice, str | None, bool] | None = (dev, None, True)
+        elif dev.state == DeviceState.ATTACHED and node and (placed or {}).get(dev.id) == node:
+            key = None  # offered in its node's pool instead (node_pool_slices)
         elif dev.state == DeviceState.ATTACHED and node:
             key = (dev, node, False)
         else:

@@ -221,10 +221,14 @@ def decide_idle(
     grace: float,
     on_node: int,
     floor: int,
+    idle_alike: int = 0,
+    warm: int = 0,
 ) -> IdleDecision:
     """Whether an attached device is to be scaled down. `idle_since`: when a claim last held it
     (None: not since this leader started — idle for at least the grace); `on_node`: live
-    resources on its node; `floor`: the node's `cohdi.io/min-devices` (0 when unset)."""
+    resources on its node; `floor`: the node's `cohdi.io/min-devices` (0 when unset);
+    `idle_alike`: idle attached devices of its model on its node, itself included; `warm`: how
+    many of those the node keeps (`--warm-devices` / `cohdi.io/warm-devices`)."""
     if resource is None or deleting(resource) or state(resource) != "Online":
         return IdleDecision(IdleStep.KEEP, why="not an online resource")
     if request_owned:
@@ -236,7 +240,34 @@ def decide_idle(
         return IdleDecision(IdleStep.LATER, after=grace - idle_for, idle_for=idle_for)
     if on_node <= floor:
         return IdleDecision(IdleStep.KEEP, idle_for=idle_for, why=f"node at its minimum {floor}")
+    if warm and idle_alike <= warm:
+        return IdleDecision(IdleStep.KEEP, idle_for=idle_for, why=f"warm capacity {warm}")
     return IdleDecision(IdleStep.DRAIN, idle_for=idle_for)
+
+
+def warm_shortfall(*, warm: int, idle: int, coming: int, free: int) -> int:
+    """How many GPUs of a model to attach to a node now to keep `warm` of them idle there:
+    `idle` attached and held by no claim, `coming` warm ones attaching; never more than the
+    `free` the fabric has."""
+    return max(0, min(warm - idle - coming, free))
+
+
+class MoveStep(StrEnum):
+    STAY = "stay"  # offered where it should be, or must not move now
+    MOVE = "move"  # to its node's own pool: withhold, settle, fresh read, then place
+
+
+def decide_move(
+    *, attached_on: str | None, placed_on: str | None, held: bool, busy: bool, owned: bool
+) -> MoveStep:
+    """Whether an attached device should move to its node's pool (where the scheduler takes it
+    before any GPU that needs an attach). `attached_on`: its node (None: not attached to a node
+    of ours); `placed_on`: the node whose pool offers it now; `held`: a claim holds it (under
+    whatever identity: it stays where the claim has it); `busy`: a scale-down or a move of it is
+    under way, or it is withheld; `owned`: a live resource owns it (orphans are adopted first)."""
+    if attached_on is None or placed_on == attached_on or held or busy or not owned:
+        return MoveStep.STAY
+    return MoveStep.MOVE
 
 
 def held_devices(

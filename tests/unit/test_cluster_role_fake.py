@@ -183,7 +183,16 @@ class World:
                     out[d["name"]] = d
         return out
 
-    def allocate(self, claim: str, device: str, node: str, *, conditions: bool = True) -> None:
+    def allocate_in(self, claim: str, pool: str, device: str, node: str) -> None:
+        """The scheduler's allocation of `device` from the node-local `pool` (no conditions)."""
+        self.allocate(claim, device, node, conditions=False, pool=pool)
+
+    def device_of_name(self, name: str) -> str:
+        return next(d for d in self.fabric.devices if self.device_name(d) == name)
+
+    def allocate(
+        self, claim: str, device: str, node: str, *, conditions: bool = True, pool: str = POOL
+    ) -> None:
         """What kube-scheduler writes: the allocation (pinned to `node`) and reservedFor."""
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -191,7 +200,7 @@ class World:
             result: dict[str, Any] = {
                 "request": "gpu",
                 "driver": DRIVER,
-                "pool": POOL,
+                "pool": pool,
                 "device": self.device_name(device),
             }
             if conditions:
