@@ -10,6 +10,10 @@ see `agent.model.requests`).
 One tightening: ComposabilityRequest `spec.resource.size` has a `maximum` of 1024
 (`agent.model.requests.SIZE_LIMIT`); CoHDI's CRD has none, and `size: 1000000` made its operator
 create ComposableResources without end. The agent's own, lower limit is `--request-max-size`.
+
+Every field has a `description`: the API server publishes them in its OpenAPI, and
+`kubectl explain composableresource.status.state` shows them (a test walks every field of the
+schema the server publishes and finds one).
 """
 
 from __future__ import annotations
@@ -32,25 +36,47 @@ REQUEST_STATES: Final = (
     "Failed",
 )
 
-_INT0 = {"type": "integer", "format": "int64", "minimum": 0}
-_TYPE = {"type": "string", "enum": ["gpu", "cxlmemory"], "description": "Kind of device."}
+
+def _int0(description: str) -> dict[str, Any]:
+    return {"type": "integer", "format": "int64", "minimum": 0, "description": description}
 
 
-def _conditions() -> dict[str, Any]:
+def _string(description: str, **more: Any) -> dict[str, Any]:
+    return {"type": "string", **more, "description": description}
+
+
+_TYPE = _string(
+    "Kind of device: gpu (the only kind cohdi-agent attaches) or cxlmemory (accepted for CoHDI "
+    "compatibility).",
+    enum=["gpu", "cxlmemory"],
+)
+
+
+def _conditions(description: str) -> dict[str, Any]:
     return {
         "type": "array",
+        "description": description,
         "x-kubernetes-list-type": "map",
         "x-kubernetes-list-map-keys": ["type"],
         "items": {
             "type": "object",
+            "description": "One condition, in the style of metav1.Condition.",
             "required": ["type", "status"],
             "properties": {
-                "type": {"type": "string", "maxLength": 316},
-                "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                "reason": {"type": "string", "maxLength": 1024},
-                "message": {"type": "string", "maxLength": 32768},
-                "lastTransitionTime": {"type": "string", "format": "date-time"},
-                "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+                "type": _string("What the condition is about (CamelCase).", maxLength=316),
+                "status": _string(
+                    "Whether it holds: True, False or Unknown.", enum=["True", "False", "Unknown"]
+                ),
+                "reason": _string(
+                    "Why, in one CamelCase word a program can match on.", maxLength=1024
+                ),
+                "message": _string("Why, in words for people.", maxLength=32768),
+                "lastTransitionTime": _string(
+                    "When status last changed (RFC 3339).", format="date-time"
+                ),
+                "observedGeneration": _int0(
+                    "The metadata.generation of the spec this condition was computed from."
+                ),
             },
         },
     }
@@ -95,30 +121,68 @@ def _crd(
 def composable_resource() -> dict[str, Any]:
     spec = {
         "type": "object",
+        "description": "The device wanted and where: written by its creator (the agent's scaler "
+        "for a claim, a ComposabilityRequest for its members, or a person).",
         "required": ["type", "model", "target_node"],
         "properties": {
             "type": _TYPE,
-            "model": {"type": "string", "minLength": 1, "description": "Fabric model name."},
-            "target_node": {"type": "string", "minLength": 1, "description": "Node to attach to."},
-            "force_detach": {"type": "boolean", "description": "Detach even if the node is busy."},
-            "fabric_device": {
-                "type": "string",
-                "description": "cohdi-agent: the exact fabric device; empty: any of the model.",
+            "model": _string(
+                "Device model as the fabric manager names it, e.g. NVIDIA-A100-PCIE-40GB.",
+                minLength=1,
+            ),
+            "target_node": _string(
+                "Name of the Kubernetes Node whose machine the device is attached to.",
+                minLength=1,
+            ),
+            "force_detach": {
+                "type": "boolean",
+                "description": "Detach without waiting for the node's safe removal (no process, "
+                "no open handle): for a node that is gone or wedged. Default false.",
             },
+            "fabric_device": _string(
+                "cohdi-agent: the exact fabric device to attach (its id in the pool, as "
+                "published in the ResourceSlices). Empty: the agent picks a free device of the "
+                "model on the node's fabric and records it in status.cdi_device_id."
+            ),
         },
     }
     status = {
         "type": "object",
+        "description": "What the agent and the node observed; written by them only.",
         "properties": {
-            "state": {"type": "string", "enum": list(RESOURCE_STATES)},
-            "error": {"type": "string"},
-            "device_id": {"type": "string", "description": "GPU UUID (FM res_serial_num)."},
-            "cdi_device_id": {"type": "string", "description": "Fabric resource id (FM res_uuid)."},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "machine": {"type": "string"},
-            "pci_address": {"type": "string"},
-            "conditions": _conditions(),
+            "state": _string(
+                "Lifecycle: empty (new), Attaching (the fabric is attaching the device), Online "
+                "(attached; the node reports NodeReady in conditions), Detaching (deleted: "
+                "waiting for the node's NodeReleased, then the fabric detach), Deleting, or "
+                "Failed (see reason and message).",
+                enum=list(RESOURCE_STATES),
+            ),
+            "error": _string("CoHDI's error text: the last failure, empty when none."),
+            "device_id": _string(
+                "The GPU's UUID (the fabric manager's res_serial_num, or NVML's on the node)."
+            ),
+            "cdi_device_id": _string(
+                "The device's id on the fabric (the fabric manager's res_uuid): the one attached "
+                "or being attached."
+            ),
+            "reason": _string(
+                "cohdi-agent: why the state is Failed, one CamelCase word (DeviceOwned, "
+                "NoFreeDevice, NodeNotOnFabric, DeviceBusy, DeviceFailed, DeviceNotFound, "
+                "FabricRejected)."
+            ),
+            "message": _string("cohdi-agent: why the state is Failed, in words for people."),
+            "machine": _string(
+                "cohdi-agent: the fabric's id of the machine (server) the device is attached to."
+            ),
+            "pci_address": _string(
+                "cohdi-agent: the device's PCI address on the node (domain:bus:device.function), "
+                "as the fabric reported it and the node found it."
+            ),
+            "conditions": _conditions(
+                "cohdi-agent: the node's reports: NodeReady (the device is in the node's PCI "
+                "tree, UUID read) and NodeReleased (removed safely before a detach; False with "
+                "reason Busy while a process or an open handle holds it)."
+            ),
         },
     }
     columns = [
@@ -130,6 +194,9 @@ def composable_resource() -> dict[str, Any]:
     ]
     schema = {
         "type": "object",
+        "description": "One device of the fabric attached, or to be attached, to one node. The "
+        "cohdi-agent composer drives it: attach through the fabric manager, wait for the node's "
+        "report, and on deletion (finalizer) the node's safe removal, then the detach.",
         "required": ["spec"],
         "properties": {"spec": spec, "status": status},
     }
@@ -138,56 +205,103 @@ def composable_resource() -> dict[str, Any]:
     )
 
 
-def composability_request() -> dict[str, Any]:
-    resource = {
+def _request_resource(description: str) -> dict[str, Any]:
+    return {
         "type": "object",
+        "description": description,
         "required": ["type", "model", "size"],
         "properties": {
             "type": _TYPE,
-            "model": {"type": "string", "minLength": 1},
+            "model": _string(
+                "Device model as the fabric manager names it, e.g. NVIDIA-A100-PCIE-40GB.",
+                minLength=1,
+            ),
             "size": {
-                **_INT0,
+                **_int0(
+                    "How many devices of the model to keep attached (at most "
+                    f"{SIZE_LIMIT}; the agent refuses more than its --request-max-size)."
+                ),
                 "maximum": SIZE_LIMIT,
-                "description": "How many devices of the model to keep attached (at most "
-                f"{SIZE_LIMIT}; the agent refuses more than its --request-max-size).",
             },
-            "force_detach": {"type": "boolean"},
-            "allocation_policy": {
-                "type": "string",
-                "enum": ["samenode", "differentnode"],
-                "default": "samenode",
+            "force_detach": {
+                "type": "boolean",
+                "description": "Copied to every member: detach without waiting for the node's "
+                "safe removal. Default false.",
             },
-            "target_node": {"type": "string"},
+            "allocation_policy": _string(
+                "samenode: every member on one node (target_node, else the node most members "
+                "are on, else the wired node with the most free devices of the model); "
+                "differentnode: at most one member a node (target_node must be empty).",
+                enum=["samenode", "differentnode"],
+                default="samenode",
+            ),
+            "target_node": _string(
+                "The Node every member is attached to. Empty: the agent places them "
+                "(allocation_policy)."
+            ),
             "other_spec": {
                 "type": "object",
+                "description": "CoHDI's node capacity hints, accepted for compatibility; "
+                "cohdi-agent does not use them.",
                 "properties": {
-                    "milli_cpu": _INT0,
-                    "memory": _INT0,
-                    "ephemeral_storage": _INT0,
-                    "allowed_pod_number": _INT0,
+                    "milli_cpu": _int0("CPU a node should have, in millicores (not used)."),
+                    "memory": _int0("Memory a node should have, in bytes (not used)."),
+                    "ephemeral_storage": _int0(
+                        "Ephemeral storage a node should have, in bytes (not used)."
+                    ),
+                    "allowed_pod_number": _int0("Pods a node should allow (not used)."),
                 },
             },
         },
     }
+
+
+def composability_request() -> dict[str, Any]:
+    resource = _request_resource(
+        "What to keep attached: size devices of one model, on one node or spread over nodes."
+    )
     member = {
         "type": "object",
+        "description": "One member ComposableResource as the request last saw it.",
         "required": ["state"],
         "properties": {
-            "state": {"type": "string"},
-            "device_id": {"type": "string"},
-            "cdi_device_id": {"type": "string"},
-            "node_name": {"type": "string"},
-            "error": {"type": "string"},
+            "state": _string("The member's status.state (Attaching, Online, Failed...)."),
+            "device_id": _string("The member's GPU UUID (its status.device_id)."),
+            "cdi_device_id": _string(
+                "The member's device id on the fabric (its status.cdi_device_id)."
+            ),
+            "node_name": _string("The Node the member is attached to (its spec.target_node)."),
+            "error": _string("Why the member failed, when its state is Failed."),
         },
     }
     status = {
         "type": "object",
+        "description": "What the agent made of the request; written by the agent only.",
         "properties": {
-            "state": {"type": "string", "enum": list(REQUEST_STATES)},
-            "error": {"type": "string"},
-            "resources": {"type": "object", "additionalProperties": member},
-            "scalarResource": resource,
-            "conditions": _conditions(),
+            "state": _string(
+                "CoHDI's lifecycle: empty (new), NodeAllocating (placing members), Updating "
+                "(members attaching or being replaced), Running (size members Online), Cleaning "
+                "and Deleting (deleted: members being removed), Failed (refused: see error and "
+                "the Refused condition).",
+                enum=list(REQUEST_STATES),
+            ),
+            "error": _string(
+                "Why the request is Failed or runs below its size; empty when it runs as asked."
+            ),
+            "resources": {
+                "type": "object",
+                "description": "Member ComposableResources by name.",
+                "additionalProperties": member,
+            },
+            "scalarResource": _request_resource(
+                "The spec.resource the status was computed from (CoHDI's copy)."
+            ),
+            "conditions": _conditions(
+                "cohdi-agent: Ready (size members Online), Refused (nothing is created for this "
+                "spec: TooLarge, PolicyConflict, NoNode, UnknownModel) and Degraded (running "
+                "below size: ExceedsFabric, NotEnoughNodes, MemberFailed, WaitingForDevice, "
+                "CreateFailed)."
+            ),
         },
     }
     columns = [
@@ -204,10 +318,14 @@ def composability_request() -> dict[str, Any]:
     ]
     schema = {
         "type": "object",
+        "description": "Keep a number of devices of one model attached to nodes (CoHDI's "
+        "ComposabilityRequest): cohdi-agent creates, replaces and deletes member "
+        "ComposableResources (owned by the request) to match.",
         "required": ["spec"],
         "properties": {
             "spec": {
                 "type": "object",
+                "description": "What the request asks for.",
                 "required": ["resource"],
                 "properties": {"resource": resource},
             },
