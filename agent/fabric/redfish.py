@@ -43,9 +43,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -66,6 +66,7 @@ from agent.model.fabric import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOT = "/redfish/v1/"
 #: The ProcessorTypes pooled unless configured otherwise (`--fabric-processor-types`).
@@ -353,7 +354,7 @@ class RedfishFabric:
                 return _Read(members, version)
         doc, version = await self._get(uri)
         uris = [_ref(m, uri, f"Members[{i}]") for i, m in enumerate(_list(doc, uri, "Members"))]
-        reads = await asyncio.gather(*(self._get(u) for u in uris))
+        reads = await _all([self._get(u) for u in uris])
         return _Read(
             [(u, d) for u, (d, _) in zip(uris, reads, strict=True)],
             version + "".join(v for _, v in reads),
@@ -362,11 +363,11 @@ class RedfishFabric:
     async def _read_inventory(self, conditional: bool) -> Inventory | None:
         svc = await self.service()
         empty = _Read([], "")
-        systems, blocks, zones = await asyncio.gather(
-            self._collection(svc, svc.systems),
-            self._collection(svc, svc.blocks) if svc.blocks else _done(empty),
-            self._collection(svc, svc.zones) if svc.zones else _done(empty),
-        )
+        # One after the other: each is one request (or 304) where the service expands, and a
+        # failure stops the read at once.
+        blocks = await self._collection(svc, svc.blocks) if svc.blocks else empty
+        systems = await self._collection(svc, svc.systems)
+        zones = await self._collection(svc, svc.zones) if svc.zones else empty
         version = hashlib.sha1(  # noqa: S324 -- a version, not a secret
             f"{systems.version}|{blocks.version}|{zones.version}".encode()
         ).hexdigest()
@@ -892,8 +893,17 @@ def _segment(uri: str) -> str:
     return _norm(uri).rsplit("/", 1)[-1]
 
 
-async def _done(value: _Read) -> _Read:
-    return value
+async def _all(reads: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Await every read at once; on the first failure the others are cancelled (not left
+    running) and the failure raised."""
+    tasks = [asyncio.ensure_future(r) for r in reads]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _retry_after(reply: Reply) -> float:

@@ -308,7 +308,7 @@ class RedfishApi:
             "Members": [{"@odata.id": m} for m in members],
             "Members@odata.count": len(members),
         }
-        return self._resource(request, doc, allow=allow)
+        return self._expanded(request, doc, allow=allow)
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error(404, "ResourceMissingAtURI", f"no resource at {request.path}")
@@ -993,6 +993,8 @@ class RedfishApi:
         machine = segment(path).removeprefix(OWN_BLOCK_PREFIX)
         if path == _own_block(machine) and machine in self.state.machines:
             return self._own_block_doc(machine)
+        if path == f"{ZONES}/{segment(path)}" and segment(path) in self.state.config.fabrics:
+            return self._zone_doc(segment(path))
         return None
 
     async def block(self, request: web.Request) -> web.Response:
@@ -1094,22 +1096,23 @@ class RedfishApi:
         if fabric not in self.state.config.fabrics:
             return error(404, "ResourceMissingAtURI", f"no zone {fabric}")
         self._only(request, "GET, HEAD")
+        return self._resource(request, self._zone_doc(fabric))
+
+    def _zone_doc(self, fabric: str) -> dict[str, Any]:
+        """Config mode: the zone of a fabric, listing its systems' own blocks and its GPUs."""
         blocks = [_own_block(m.id) for m in self.state.machines.values() if m.fabric == fabric]
         blocks += [
             f"{BLOCKS}/{d.spec.id}" for d in self.state.devices.values() if d.spec.fabric == fabric
         ]
-        return self._resource(
-            request,
-            {
-                "@odata.id": f"{ZONES}/{fabric}",
-                "@odata.type": "#Zone.v1_6_1.Zone",
-                "Id": fabric,
-                "Name": f"Fabric {fabric}",
-                "ZoneType": "ZoneOfResourceBlocks",
-                "Status": {"State": "Enabled", "Health": "OK"},
-                "Links": {"ResourceBlocks": [{"@odata.id": b} for b in blocks]},
-            },
-        )
+        return {
+            "@odata.id": f"{ZONES}/{fabric}",
+            "@odata.type": "#Zone.v1_6_1.Zone",
+            "Id": fabric,
+            "Name": f"Fabric {fabric}",
+            "ZoneType": "ZoneOfResourceBlocks",
+            "Status": {"State": "Enabled", "Health": "OK"},
+            "Links": {"ResourceBlocks": [{"@odata.id": b} for b in blocks]},
+        }
 
     # --- tasks -----------------------------------------------------------------------------------
 
