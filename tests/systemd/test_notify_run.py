@@ -6,7 +6,7 @@ own NOTIFY_SOCKET (tests/systemd/listener.py) and WATCHDOG_USEC in its environme
   registry directory is blocked by a file) the watchdog is fed but READY=1 never comes; once the
   block is gone, the restarted role serves and READY=1 follows, from the agent's own pid, with
   the plugin's sockets already there; SIGTERM → STOPPING=1 and exit 0.
-- the loop blocked by SIGUSR2 (--stall-on-sigusr2): no ping for the whole stall, pings again after.
+- the loop blocked by SIGUSR2 (--stall-on-sigusr2 5): no ping for the whole stall, pings after.
 - cluster role against the local control plane through a proxy: while the API server does not
   answer, no READY=1; once it does, READY=1 comes after the Lease names us, with a `leader`
   STATUS; a second replica says READY=1 as `standby`; SIGTERM → STOPPING=1, exit 0, Lease free.
@@ -38,7 +38,9 @@ from tests.systemd.listener import Message, NotifyListener
 from tests.tcpproxy import TcpProxy
 from tests.waiting import until
 
-WATCHDOG_USEC = 1_000_000  # 1 s: pings every 0.5 s
+#: 2 s: pings every 1 s. systemd would kill at a 2 s gap, so a loaded machine's loop may lag up
+#: to 1 s without failing a test.
+WATCHDOG_USEC = 2_000_000
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
 
 DEAD_KUBECONFIG = """\
@@ -121,7 +123,7 @@ def node_args(tmp_path: Path, kubelet_dir: Path, stub: Path) -> list[str]:
         "--node-rescan",
         "never",
         "--stall-on-sigusr2",
-        "3",
+        "5",
     ]
 
 
@@ -158,7 +160,7 @@ async def test_node_role_ready_only_once_serving_then_watchdog_then_stopping(
             assert proc.poll() is None, f"the agent exited ({proc.returncode}): {log.read_text()}"
             return len(pings(listener, proc.pid)) >= n
 
-        await until(lambda: fed(6), what="3 s of watchdog pings", timeout=60)
+        await until(lambda: fed(4), what="3 s of watchdog pings", timeout=60)
         assert listener.seen("READY") == [], "READY=1 while the kubelet plugin cannot serve"
         blocked = [s for s in listener.statuses() if "node: failed" in s and "FileExistsError" in s]
         assert blocked, listener.statuses()
@@ -175,7 +177,7 @@ async def test_node_role_ready_only_once_serving_then_watchdog_then_stopping(
         assert ready.fields["STATUS"].startswith("node n1: 1 GPU(s), kubelet plugin serving")
         print(f"READY=1 {ready.at - unblocked:.1f} s after the block went: {ready.fields}")
         so_far = len(pings(listener, proc.pid))
-        await until(lambda: fed(so_far + 4), what="pings after READY")
+        await until(lambda: fed(so_far + 3), what="pings after READY")
     finally:
         rc = await stop(proc)
     stopping = listener.first("STOPPING", "1")
@@ -191,6 +193,8 @@ async def test_node_role_ready_only_once_serving_then_watchdog_then_stopping(
         f"median {sorted(spacing)[len(spacing) // 2]:.2f} s"
     )
     assert max(spacing) < WATCHDOG_USEC / 1e6, "a gap long enough for systemd to kill us"
+    half, median = WATCHDOG_USEC / 2e6, sorted(spacing)[len(spacing) // 2]
+    assert 0.8 * half <= median <= 1.2 * half, "pings at half the period"
 
 
 async def test_a_blocked_event_loop_stops_the_pings(
@@ -207,12 +211,12 @@ async def test_a_blocked_event_loop_stops_the_pings(
     try:
         await until(lambda: _first(listener, "READY"), what="READY=1", timeout=60)
         before = len(pings(listener, proc.pid))
-        proc.send_signal(signal.SIGUSR2)  # --stall-on-sigusr2 3: the loop sleeps 3 s
+        proc.send_signal(signal.SIGUSR2)  # --stall-on-sigusr2 5: the loop sleeps 5 s
         sent = time.monotonic()
 
         async def resumed() -> bool:
             assert proc.poll() is None, f"the agent exited ({proc.returncode}): {log.read_text()}"
-            return any(t > sent + 2.5 for t in pings(listener, proc.pid))
+            return any(t > sent + 4.5 for t in pings(listener, proc.pid))
 
         await until(resumed, what="pings after the stall", timeout=30)
     finally:
@@ -220,9 +224,9 @@ async def test_a_blocked_event_loop_stops_the_pings(
     assert rc == 0, log.read_text()
     times = pings(listener, proc.pid)
     longest = max(gaps(times[before - 1 :]))
-    print(f"\nSIGUSR2 stalled the loop for 3 s: longest gap between pings {longest:.2f} s")
-    assert longest >= 2.5, "the pings went on while the loop was blocked"
-    assert "blocking the event loop for 3.0 s" in log.read_text()
+    print(f"\nSIGUSR2 stalled the loop for 5 s: longest gap between pings {longest:.2f} s")
+    assert longest >= 4.5, "the pings went on while the loop was blocked"
+    assert "blocking the event loop for 5.0 s" in log.read_text()
 
 
 # --- cluster role --------------------------------------------------------------------------------
@@ -272,7 +276,7 @@ async def test_cluster_role_ready_after_leading_with_synced_informers_standby_to
 
         async def refused() -> bool:
             assert proc.poll() is None, f"the agent exited ({proc.returncode}): {log.read_text()}"
-            return proxy.refused >= 3 and len(pings(listener, proc.pid)) >= 4
+            return proxy.refused >= 3 and len(pings(listener, proc.pid)) >= 3
 
         await until(refused, what="the agent trying the API server", timeout=60)
         assert listener.seen("READY") == [], "READY=1 before the API server ever answered"

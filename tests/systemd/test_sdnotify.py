@@ -159,7 +159,7 @@ def test_a_full_queue_does_not_block_the_caller(tmp_path: Path) -> None:
 async def test_keep_alive_pings_at_half_the_period_and_says_ready_once(
     listener: NotifyListener,
 ) -> None:
-    period = 0.4
+    period = 1.0  # systemd would kill at a 1 s gap; a loaded machine's loop may lag 0.5 s
     notifier = sdnotify.Notifier(str(listener.path), watchdog=period)
     state = {"ready": False, "status": "node: starting (first PCI scan not done)"}
     task = asyncio.create_task(
@@ -168,7 +168,7 @@ async def test_keep_alive_pings_at_half_the_period_and_says_ready_once(
         )
     )
     try:
-        await until(lambda: _count(listener, "WATCHDOG", 5), what="5 pings while not ready")
+        await until(lambda: _count(listener, "WATCHDOG", 3), what="3 pings while not ready")
         assert listener.seen("READY") == [], "not ready yet"
         state["status"] = "node n1: 1 GPU(s), kubelet plugin serving"
         state["ready"] = True
@@ -181,7 +181,7 @@ async def test_keep_alive_pings_at_half_the_period_and_says_ready_once(
             lambda: _has_status(listener, "node n1: 2 GPU(s), kubelet plugin serving"),
             what="the changed STATUS",
         )
-        await until(lambda: _count(listener, "WATCHDOG", 15), what="15 pings")
+        await until(lambda: _count(listener, "WATCHDOG", 9), what="9 pings")
     finally:
         task.cancel()
         notifier.close()
