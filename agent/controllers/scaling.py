@@ -506,7 +506,8 @@ class Scaler:
         written, left to settle (a claim naming it aborts), a fresh LIST shows no claim holds the
         old identity — only then is it offered under the new one. At no instant are both
         identities offered, and a claim never holds one while the other is offered."""
-        dev = self.publisher.device(device)
+        view = self.publisher.view  # as published: a GPU behind a slot moves as its slot
+        dev = view.device(device) if view is not None else None
         machine_node = self.publisher.node_of_machine()
         attached_on = (
             machine_node.get(dev.machine or "")
@@ -678,7 +679,8 @@ class Scaler:
     async def _drain(self, device: str, cr: Obj, idle_for: float) -> None:
         node = target_node(cr)
         if device in self._draining:
-            return  # a move of it is settling; the idle check comes back
+            self.idle.enqueue_after(device, self.settle)  # a move of it is settling: look again
+            return
         abort = self._draining[device] = asyncio.Event()
         deleted = False
         self.publisher.withhold(device, reason="scale-down")
