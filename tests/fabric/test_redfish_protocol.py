@@ -17,11 +17,12 @@ import pytest
 from aiohttp import web
 
 from agent import errors
+from agent.fabric import redfish as redfish_module
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator.server import EmulatorServer
 from agent.fabric.redfish import RedfishFabric
 from agent.fabric.transport import FabricHttp
-from agent.model.fabric import DeviceId, DeviceState, MachineId
+from agent.model.fabric import DeviceId, DeviceState, FabricId, MachineId
 from tests.fabric.conftest import (
     MOCKUPS,
     PASSWORD,
@@ -273,3 +274,119 @@ async def test_a_url_without_a_redfish_service_is_a_configuration_error(
         assert info.value.setting == "--fabric-url"
     finally:
         await fabric.close()
+
+
+# --- malformed documents -------------------------------------------------------------------------
+
+BLOCK9 = "/redfish/v1/CompositionService/ResourceBlocks/OffloadBlock9"
+GPU9 = f"{BLOCK9}/Processors/Block9GPU"
+
+
+def _set(path: list[str | int], value: Any) -> Any:
+    def edit(doc: dict[str, Any]) -> None:
+        target: Any = doc
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return edit
+
+
+@needs_mockups
+@pytest.mark.parametrize(
+    ("uri", "edit", "named"),
+    [
+        (BLOCK9, _set(["ResourceBlockType"], "Processor"), "ResourceBlockType"),
+        (BLOCK9, _set(["Processors", 0], {"href": GPU9}), "Processors[0].@odata.id"),
+        (BLOCK9, _set(["Links", "Zones", 0], "2"), "Links.Zones[0].@odata.id"),
+        (GPU9, _set(["Model"], 2000), "Model"),
+        (
+            "/redfish/v1/CompositionService/ResourceZones/2",
+            _set(["Links", "ResourceBlocks", 1], {}),
+            "Links.ResourceBlocks[1].@odata.id",
+        ),
+        ("/redfish/v1/Systems", _set(["Members"], {"oops": 1}), "Members"),
+    ],
+)
+async def test_a_malformed_document_is_a_protocol_error_naming_uri_and_field(
+    tmp_path: Path, uri: str, edit: Any, named: str
+) -> None:
+    tree = edited_mockup(tmp_path, "public-composability", {uri: edit})
+    async with serving(mockup_config(tree), tmp_path) as server:
+        fabric = redfish(server, retries=1)
+        try:
+            with pytest.raises(errors.FabricProtocolError) as info:
+                await fabric.inventory()
+            assert uri in str(info.value)
+            assert named in str(info.value)
+        finally:
+            await fabric.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "named"),
+    [
+        (None, "CompositionStatus.CompositionState"),
+        ("Composed", "CompositionStatus"),
+        ({"CompositionState": 7}, "CompositionStatus.CompositionState"),
+        ({"CompositionState": "Borrowed"}, "CompositionStatus.CompositionState"),
+    ],
+)
+def test_a_malformed_composition_status_is_a_protocol_error(status: Any, named: str) -> None:
+    """(The emulator renders a composable block's status itself, so this one is checked on the
+    parser directly.)"""
+    block = {"@odata.id": BLOCK9, "ResourceBlockType": ["Processor"], "CompositionStatus": status}
+    with pytest.raises(errors.FabricProtocolError) as info:
+        redfish_module._device(BLOCK9, block, GPU9, {"Model": "X"}, FabricId("2"))
+    assert f"{BLOCK9}: {named}" in str(info.value)
+
+
+# --- what a service lacks ------------------------------------------------------------------------
+
+
+def _no_zones(doc: dict[str, Any]) -> None:
+    doc.pop("ResourceZones", None)
+    doc.get("Links", {}).pop("Zones", None)
+
+
+@needs_mockups
+async def test_a_composition_service_without_zones_is_one_implicit_fabric(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ResourceZones and no block in a zone: said once at start, and every system and block is
+    in one fabric named after the service, so the GPU is offered and composes to any system."""
+    blocks = (MOCKUPS / "public-composability" / "CompositionService" / "ResourceBlocks").iterdir()
+    edits = {"/redfish/v1/CompositionService": _no_zones} | {
+        f"/redfish/v1/CompositionService/ResourceBlocks/{b.name}": _no_zones
+        for b in blocks
+        if b.is_dir() and b.name != "Capabilities"
+    }
+    tree = edited_mockup(tmp_path, "public-composability", edits)
+    async with serving(mockup_config(tree), tmp_path) as server:
+        fabric = redfish(server)
+        try:
+            inv = await fabric.inventory()
+            host = server.url.removeprefix("https://")
+            assert [(d.id, d.fabric) for d in inv.devices] == [("OffloadBlock9", host)]
+            assert {m.fabric for m in inv.machines} == {host}
+            assert len(inv.machines) == 5
+            await fabric.inventory()
+            assert caplog.text.count("has no resource zones") == 1
+            assert "configure ResourceZones" in caplog.text
+            dev = await fabric.attach(DeviceId("OffloadBlock9"), MachineId("ComposedSystem"))
+            assert (dev.state, dev.machine) == (DeviceState.ATTACHED, "ComposedSystem")
+        finally:
+            await fabric.close()
+
+
+@needs_mockups
+async def test_processor_types_choose_what_is_pooled(tmp_path: Path) -> None:
+    async with serving(mockup_config(MOCKUPS / "public-composability"), tmp_path) as server:
+        fpga_only = redfish(server)
+        fpga_only.processor_types = frozenset({"FPGA"})
+        try:
+            assert (await fpga_only.inventory()).devices == ()
+            with pytest.raises(errors.DeviceNotFound, match="not a pooled device"):
+                await fpga_only.attach(DeviceId("OffloadBlock9"), MachineId("ComposedSystem2"))
+        finally:
+            await fpga_only.close()
