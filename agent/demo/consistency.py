@@ -40,7 +40,7 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
     entries: dict[str, dict[str, Any]] = {}
     for s in (await world.kube.get(SLICES))["items"]:
         if s["spec"]["driver"] == world.driver:
-            for d in s["spec"]["devices"]:
+            for d in s["spec"].get("devices") or []:  # a pool may have an empty slice
                 entries[d["attributes"]["fabricDeviceId"]["string"]] = d
     prepared: dict[str, list[str]] = {}
     for node in world.nodes:

@@ -1,13 +1,21 @@
 """`cohdi-agent demo`: start the embedded default, run a workload in bursts, show it live, and
 end with a latency summary and a timeline plot (with the `plot` extra; without matplotlib the demo
-says so in one line and does everything else). Ctrl-C stops every process cleanly."""
+says so in one line and does everything else).
+
+SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop every process the demo started
+and end it with status 128 + the signal's number; a signal that arrives while it is stopping is
+noted and changes nothing. Should the demo be killed outright (SIGKILL), its children get
+SIGTERM from the kernel (`agent.demo.world`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent import errors, settings
@@ -225,7 +233,73 @@ def plot(records: list[PodRecord], t0: float, path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+#: The signals that stop the demo cleanly.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class _Stop:
+    """The first stop signal cancels the demo's task; later ones are noted and ignored (the
+    processes are being stopped already)."""
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.caught: signal.Signals | None = None
+
+    def __call__(self, sig: signal.Signals) -> None:
+        if self.caught is not None:
+            _say(f"{sig.name}: already stopping every process")
+            return
+        self.caught = sig
+        _say(f"\n{sig.name}: stopping every process the demo started ...")
+        self.task.cancel()
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_Stop]:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stop = _Stop(task)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        yield stop
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
 async def run(
+    cfg: settings.Settings,
+    *,
+    pods: int,
+    duration: float,
+    nodes: int,
+    gpus: int,
+    attach_latency: float,
+    keep: bool,
+) -> int:
+    """The demo; 0 when every pod was bound and the fabric, the API server and the nodes agree,
+    1 otherwise, 128 + the signal's number when a stop signal ended it."""
+    with _stop_on_signals() as stop:
+        try:
+            return await _run(
+                cfg,
+                pods=pods,
+                duration=duration,
+                nodes=nodes,
+                gpus=gpus,
+                attach_latency=attach_latency,
+                keep=keep,
+            )
+        except asyncio.CancelledError:
+            if stop.caught is None:
+                raise
+            stop.task.uncancel()
+            return 128 + int(stop.caught)
+
+
+async def _run(
     cfg: settings.Settings,
     *,
     pods: int,
