@@ -91,6 +91,9 @@ class Service:
     zones: str | None
     #: The `$expand` value collections are read with; None when the service does not expand.
     expand: str | None
+    #: The ResourceBlocks collection's: two levels deep (the blocks' Processors inline) where
+    #: the service expands that far, else `expand`.
+    expand_blocks: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +198,14 @@ class RedfishFabric:
             if comp.get("ResourceZones") is not None:
                 zones = _ref(comp["ResourceZones"], comp_uri, "ResourceZones")
         expand = _expand_value(root.get("ProtocolFeaturesSupported"))
+        deep = _expand_value(root.get("ProtocolFeaturesSupported"), levels=2)
         if expand is None:
             logger.info(
                 "the Redfish service at %s does not support $expand: each member is read on "
                 "its own (conditionally)",
                 self.http.base_url,
             )
-        return Service(systems, sessions, blocks, zones, expand)
+        return Service(systems, sessions, blocks, zones, expand, deep or expand)
 
     async def _login(self, sessions: str, stale: str | None) -> None:
         async with self._login_lock:
@@ -325,11 +329,11 @@ class RedfishFabric:
         read included: `self.link` says."""
         return poll(self._read_inventory, self.link, self.poll_interval)
 
-    async def _collection(self, svc: Service, uri: str) -> _Read:
-        """The members of a collection: one expanded read where the service expands, else the
-        collection and each member, every read conditional."""
-        if svc.expand is not None and self._expand_ok:
-            path = f"{uri}?$expand={svc.expand}"
+    async def _collection(self, svc: Service, uri: str, expand: str | None) -> _Read:
+        """The members of a collection: one read with `$expand=<expand>` where the service
+        expands, else the collection and each member, every read conditional."""
+        if expand is not None and self._expand_ok:
+            path = f"{uri}?$expand={expand}"
             expanded = await self._get_cached(path, unsupported_ok=True)
             if expanded is None:
                 if self._expand_ok:  # said once, though concurrent reads may all get a 501
@@ -365,21 +369,21 @@ class RedfishFabric:
         empty = _Read([], "")
         # One after the other: each is one request (or 304) where the service expands, and a
         # failure stops the read at once.
-        blocks = await self._collection(svc, svc.blocks) if svc.blocks else empty
-        systems = await self._collection(svc, svc.systems)
-        zones = await self._collection(svc, svc.zones) if svc.zones else empty
+        blocks = await self._collection(svc, svc.blocks, svc.expand_blocks) if svc.blocks else empty
+        systems = await self._collection(svc, svc.systems, svc.expand)
+        zones = await self._collection(svc, svc.zones, svc.expand) if svc.zones else empty
         version = hashlib.sha1(  # noqa: S324 -- a version, not a secret
             f"{systems.version}|{blocks.version}|{zones.version}".encode()
         ).hexdigest()
         if conditional and version == self._version:
             return None
-        inv = await self._build(svc, systems, blocks, zones, version)
+        inv = await self._build(systems, blocks, zones, version)
         self._version = version
         return inv
 
-    async def _build(
-        self, svc: Service, systems: _Read, blocks: _Read, zones: _Read, version: str
-    ) -> Inventory:
+    async def _build(self, systems: _Read, blocks: _Read, zones: _Read, version: str) -> Inventory:
+        """The inventory from one read of the three collections (see the module docstring for
+        where each fact comes from); records where each device and machine lives."""
         zones_of = _zone_index(blocks, zones)
         block_docs = dict(blocks.members)
         implicit = FabricId("") if any(zones_of.values()) else self._implicit_fabric()
@@ -466,6 +470,9 @@ class RedfishFabric:
         if refs is not None and not isinstance(refs, list):
             raise _malformed(where, field, f"expected an array of links, got {refs!r}"[:200])
         uris = [_ref(r, where, f"{field}[{i}]") for i, r in enumerate(refs or [])]
+        for u, r in zip(uris, refs or [], strict=True):
+            if set(r) - {"@odata.id", "@odata.etag"}:  # expanded inline
+                self._processors.setdefault(u, r)
         procs = [await self._processor(u) for u in uris]
         pooled = [
             (u, p)
@@ -793,17 +800,23 @@ def _own_blocks(uri: str, system: dict[str, Any], blocks: dict[str, dict[str, An
     return out
 
 
-def _expand_value(features: Any) -> str | None:
-    """The `$expand` a service supports for reading a collection's members, from its
-    `ProtocolFeaturesSupported.ExpandQuery`: `.` (no links), with `($levels=1)` when levels are
-    supported; `*` when only everything can be expanded; None when it does not expand."""
+def _expand_value(features: Any, *, levels: int = 1) -> str | None:
+    """The `$expand` a service supports for reading a collection's members `levels` deep, from
+    its `ProtocolFeaturesSupported.ExpandQuery`: `.` (no links), with `($levels=n)` when levels
+    are supported; `*` when only everything can be expanded; None when it does not expand (or
+    not that deep: more than one level needs `Levels` and `MaxLevels` >= `levels`)."""
     expand = features.get("ExpandQuery") if isinstance(features, dict) else None
     if not isinstance(expand, dict):
         return None
+    with_levels = expand.get("Levels") is True
+    max_levels = expand.get("MaxLevels")
+    if levels > 1 and not (with_levels and isinstance(max_levels, int) and max_levels >= levels):
+        return None
+    suffix = f"($levels={levels})" if with_levels else ""
     if expand.get("NoLinks") is True:
-        return ".($levels=1)" if expand.get("Levels") is True else "."
+        return "." + suffix
     if expand.get("ExpandAll") is True:
-        return "*($levels=1)" if expand.get("Levels") is True else "*"
+        return "*" + suffix
     return None
 
 

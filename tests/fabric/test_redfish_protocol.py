@@ -86,6 +86,31 @@ async def test_a_501_to_expand_switches_to_member_reads_for_good(emulator: Emula
         await fabric.close()
 
 
+async def test_an_expanding_service_costs_three_requests_a_read_and_304s_when_unchanged(
+    emulator: EmulatorServer,
+) -> None:
+    """Blocks two levels deep (their Processors inline), systems and zones one level: three
+    requests an inventory, no Processor read; an unchanged fabric answers three 304s."""
+    fabric = redfish(emulator)
+    try:
+        inv = await fabric.inventory()
+        assert len(inv.devices) == 4
+        assert sent(emulator, "GET", "/Processors") == 0
+        assert sent(emulator, "GET", "$expand") == 3
+        assert sent(emulator, "GET", "ResourceBlocks?$expand=.($levels=2)") == 1
+        before = len(emulator.state.requests)
+        assert await fabric._read_inventory(True) is None
+        assert len(emulator.state.requests) - before == 3
+        await fabric.attach(inv.devices[0].id, MachineId("m-node-0"))
+        changed = await fabric._read_inventory(True)
+        assert changed is not None
+        attached_now = changed.device(inv.devices[0].id)
+        assert attached_now is not None
+        assert attached_now.state == DeviceState.ATTACHED
+    finally:
+        await fabric.close()
+
+
 # --- discovery -----------------------------------------------------------------------------------
 
 

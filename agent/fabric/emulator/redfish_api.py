@@ -330,7 +330,7 @@ class RedfishApi:
             features["ExpandQuery"] = {
                 "ExpandAll": self.mockup is not None,
                 "Levels": True,
-                "MaxLevels": MAX_LEVELS if self.mockup is not None else 1,
+                "MaxLevels": MAX_LEVELS if self.mockup is not None else 2,
                 "Links": self.mockup is not None,
                 "NoLinks": True,
             }
@@ -995,6 +995,9 @@ class RedfishApi:
             return self._own_block_doc(machine)
         if path == f"{ZONES}/{segment(path)}" and segment(path) in self.state.config.fabrics:
             return self._zone_doc(segment(path))
+        device = path.removeprefix(BLOCKS + "/").removesuffix("/Processors/GPU")
+        if path == f"{BLOCKS}/{device}/Processors/GPU" and device in self.state.devices:
+            return self._processor_doc(self.state.devices[device])
         return None
 
     async def block(self, request: web.Request) -> web.Response:
@@ -1064,23 +1067,23 @@ class RedfishApi:
     async def processor(self, request: web.Request) -> web.Response:
         dev = self.state.device(request.match_info["id"])
         self._only(request, "GET, HEAD")
+        return self._resource(request, self._processor_doc(dev))
+
+    def _processor_doc(self, dev: Device) -> dict[str, Any]:
         s = dev.spec
-        return self._resource(
-            request,
-            {
-                "@odata.id": f"{BLOCKS}/{s.id}/Processors/GPU",
-                "@odata.type": "#Processor.v1_20_0.Processor",
-                "Id": "GPU",
-                "Name": s.model,
-                "ProcessorType": "GPU",
-                "Manufacturer": s.vendor,
-                "Model": s.model,
-                "SerialNumber": s.serial,
-                "UUID": s.serial.removeprefix("GPU-"),
-                "ProcessorMemory": [{"CapacityMiB": s.memory // 2**20, "MemoryType": "HBM2"}],
-                "Status": {"State": "Enabled", "Health": "OK"},
-            },
-        )
+        return {
+            "@odata.id": f"{BLOCKS}/{s.id}/Processors/GPU",
+            "@odata.type": "#Processor.v1_20_0.Processor",
+            "Id": "GPU",
+            "Name": s.model,
+            "ProcessorType": "GPU",
+            "Manufacturer": s.vendor,
+            "Model": s.model,
+            "SerialNumber": s.serial,
+            "UUID": s.serial.removeprefix("GPU-"),
+            "ProcessorMemory": [{"CapacityMiB": s.memory // 2**20, "MemoryType": "HBM2"}],
+            "Status": {"State": "Enabled", "Health": "OK"},
+        }
 
     async def zones(self, request: web.Request) -> web.Response:
         return self._collection(
