@@ -143,6 +143,13 @@ async def test_appear_hook_writes_and_removes_the_pci_function(tmp_path: Path) -
         ),
         ({"machines": [{"id": "m"}, {"id": "m"}]}, "ids must be unique"),
         ({"users": [{"name": "u", "password_env": "NOPE_NOT_SET"}]}, r"\$NOPE_NOT_SET is not set"),
+        (
+            {"machines": [{"id": "m"}], "devices": [{"model": "X", "ids": ["system-m"]}]},
+            "taken by the systems' own Redfish blocks",
+        ),
+        ({"mockup": "/nonexistent-mockup"}, "no index.json"),
+        ({"mockup": {"dir": "/tmp"}, "machines": [{"id": "m"}]}, "either mockup or machines"),
+        ({"expand": "yes"}, "config.expand: must be true or false"),
     ],
 )
 def test_bad_emulator_config_says_where(doc: object, message: str) -> None:

@@ -168,6 +168,11 @@ def parse(doc: Any, *, environ: Mapping[str, str] | None = None) -> EmulatorConf
             )
     if len({d.id for d in devices}) != len(devices):
         raise EmulatorConfigError("devices: ids must be unique")
+    own_blocks = {f"system-{m.id}" for m in machines}  # the Redfish side's system blocks
+    if clash := sorted(own_blocks & {d.id for d in devices}):
+        raise EmulatorConfigError(
+            f"devices: ids {clash} are taken by the systems' own Redfish blocks (system-<machine>)"
+        )
     known = {m.fabric for m in machines}
     for d in devices:
         if machines and d.fabric not in known:
