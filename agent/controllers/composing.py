@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import errors
+from agent import errors, logs
 from agent.controllers import metrics
 from agent.controllers.publishing import Publisher
 from agent.controllers.queueing import KeyedQueue
@@ -73,7 +73,10 @@ class Composer:
         self.node_gone_grace = node_gone_grace
         self.mono = mono
         self.wall = wall
-        self.queue: KeyedQueue[str] = KeyedQueue("composer", self.handle, workers=workers)
+        self.queue: KeyedQueue[str] = KeyedQueue(
+            "composer", metrics.timed("composer", self.handle), workers=workers
+        )
+        metrics.QUEUES.track(self.queue)
         #: resource name -> device chosen for it and not yet seen in its status by our informer
         self._choosing: dict[str, str] = {}
         #: uids of resources this leader attached and recorded Online: the events of our own
@@ -88,6 +91,10 @@ class Composer:
         self._written: dict[str, int] = {}
         #: node name -> monotonic time we first saw its Node object missing
         self._node_missing: dict[str, float] = {}
+        #: uids of deleting resources whose device this term detached (its Event, count and
+        #: log line done): a retry after a failed finalizer write (a 409 when the node wrote
+        #: meanwhile) only removes the finalizer, it does not detach, announce or count again
+        self._detached: set[str] = set()
         resources.add_handler(self._on_event)
         publisher.on_inventory.append(self._on_inventory)
         publisher.nodes.add_handler(self._on_node)
@@ -100,6 +107,7 @@ class Composer:
             self._choosing.pop(name, None)
         if event.type == "DELETED":
             self._attached.discard(obj["metadata"].get("uid", ""))
+            self._detached.discard(obj["metadata"].get("uid", ""))
             self._written.pop(name, None)
             for dev in devices_of(obj):
                 if self._claimed.get(dev) == name:
@@ -203,8 +211,16 @@ class Composer:
             return False
         device = fabric_device(cr) or "its device"
         message = f"node {node} is gone (for {gone_for:.0f} s): releasing {device}"
-        logger.warning("%s: %s", name_of(cr), message)
+        logger.warning(
+            "%s: %s",
+            name_of(cr),
+            message,
+            extra=logs.fields(
+                decision="node-gone", resource=name_of(cr), device=fabric_device(cr), node=node
+            ),
+        )
         metrics.FAILURES.labels("NodeGone").inc()
+        metrics.DECISIONS.labels("node-gone").inc()
         self.recorder.emit(cr, "NodeGone", message, warning=True)
         with contextlib.suppress(errors.KubeNotFound):
             await self.kube.delete(f"{RESOURCES}/{name_of(cr)}")
@@ -230,6 +246,13 @@ class Composer:
                     model,
                     machine,
                     slot,
+                    extra=logs.fields(
+                        decision="adopted",
+                        resource=name,
+                        device=dev.id,
+                        model=model,
+                        machine=machine,
+                    ),
                 )
                 metrics.DECISIONS.labels("adopted").inc()
             else:
@@ -253,7 +276,12 @@ class Composer:
         if decide.free_count(
             self.publisher.inventory, model=s.get("model", ""), machine=machine, taken=taken
         ):
-            logger.info("%s: a free %s is available now; attaching", name_of(cr), s.get("model"))
+            logger.info(
+                "%s: a free %s is available now; attaching",
+                name_of(cr),
+                s.get("model"),
+                extra=logs.fields(resource=name_of(cr), model=s.get("model")),
+            )
             await self._attach(cr)
 
     def _taken(self) -> set[str]:
@@ -383,7 +411,22 @@ class Composer:
         metrics.ATTACH_SECONDS.observe(took)
         metrics.DECISIONS.labels("attached").inc()
         logger.info(
-            "%s: %s attached to %s (%s) in %.3f s", name, dev.id, s["target_node"], machine, took
+            "%s: %s attached to %s (%s) in %.3f s",
+            name,
+            dev.id,
+            s["target_node"],
+            machine,
+            took,
+            extra=logs.fields(
+                decision="attached",
+                resource=name,
+                device=dev.id,
+                model=s["model"],
+                node=s["target_node"],
+                machine=machine,
+                fabric=dev.fabric,
+                duration=took,
+            ),
         )
         self.recorder.emit(
             cr,
@@ -397,7 +440,19 @@ class Composer:
         if marking is not None:
             await marking  # "Failed" must land after "Attaching"
         metrics.FAILURES.labels(reason).inc()
-        logger.warning("composable resource %s failed: %s", name_of(cr), message)
+        metrics.DECISIONS.labels("failed").inc()
+        logger.warning(
+            "composable resource %s failed: %s",
+            name_of(cr),
+            message,
+            extra=logs.fields(
+                decision="failed",
+                resource=name_of(cr),
+                device=fabric_device(cr),
+                node=target_node(cr),
+                reason=reason,
+            ),
+        )
         await self._status(
             name_of(cr), state="Failed", reason=reason, message=message, error=message
         )
@@ -431,14 +486,24 @@ class Composer:
         if d.step != decide.RemoveStep.DROP and device:
             # No new claim may be given it from now on (a scale-down withheld it already).
             self.publisher.withhold(device, reason="detaching")
-        if d.step == decide.RemoveStep.DROP:
-            logger.info("%s: removed without touching the fabric: %s", name, d.why)
+        fields = logs.fields(resource=name, device=device, node=node)
+        uid = cr["metadata"].get("uid", "")
+        if uid in self._detached:
+            pass  # detached already; only the finalizer write failed: do that again, only that
+        elif d.step == decide.RemoveStep.DROP:
+            logger.info("%s: removed without touching the fabric: %s", name, d.why, extra=fields)
         else:
             if state(cr) != "Detaching":
                 written = await self._status(name, state="Detaching")
                 version = written["metadata"]["resourceVersion"]  # our own write: not a conflict
+                if d.step == decide.RemoveStep.WAIT_RELEASE:  # once, as the state changes
+                    logger.info(
+                        "waiting for node %s to release %s before detaching",
+                        node,
+                        device,
+                        extra=fields,
+                    )
             if d.step == decide.RemoveStep.WAIT_RELEASE:
-                logger.info("waiting for node %s to release %s before detaching", node, device)
                 if d.after:  # and if its agent stays silent, we look again after the grace
                     self.queue.enqueue_after(name, d.after)
                 return  # the node's NodeReleased update brings us back
@@ -447,12 +512,24 @@ class Composer:
                 return
             if d.why:  # detaching without the node's release
                 metrics.FAILURES.labels("NodeGone").inc()
-                logger.warning("%s: %s", name, d.why)
+                logger.warning("%s: %s", name, d.why, extra=fields)
                 self.recorder.emit(cr, "NodeGone", f"{device}: {d.why}", warning=True)
+            started = self.mono()
             dev = await self.fabric.detach(DeviceId(device))
+            took = self.mono() - started
+            self._detached.add(uid)
             self.publisher.device_changed(dev)
             self.recorder.emit(cr, "Detached", f"{device} detached from {node}")
+            metrics.DETACH_SECONDS.observe(took)
             metrics.DECISIONS.labels("detached").inc()
+            logger.info(
+                "%s: %s detached from %s in %.3f s",
+                name,
+                device,
+                node,
+                took,
+                extra=fields | logs.fields(decision="detached", duration=took),
+            )
         self._wrote(
             await self.kube.patch(
                 f"{RESOURCES}/{name}",
