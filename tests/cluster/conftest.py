@@ -156,6 +156,8 @@ async def world(
         suffix,
         idle_grace=params.get("idle_grace", 300.0),
         claim_deadline=params.get("claim_deadline", 60.0),
+        scale_down_settle=params.get("settle", 5.0),
+        warm_devices=params.get("warm", 0),
     )
     w = World(kube, emulator, cfg, driver, nodes, suffix, backend=backend)
     if params.get("double", True):

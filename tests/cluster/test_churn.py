@@ -4,6 +4,8 @@ GPUs it is scaling down. At every watch event (and every 50 ms in between):
 
 - no pod is bound to a GPU that is not attached to its node (a scale-down that raced an
   allocation would show here: the issue this test was written for had 51 of 300 pods end up so);
+- no GPU is offered under two identities across all our slices (fabric pool, node pools, slots);
+- no GPU is held by two claims, whatever identity each holds it through;
 - no GPU is owned by two live ComposableResources;
 
 and every pod is bound in the end."""
@@ -12,17 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
+from agent.controllers.publishing import SLICES
 from agent.kube.client import Obj
 from agent.kube.resources import RESOURCES
 from agent.kube.watching import Event, Informer
 from agent.model import claims as claimmodel
 from agent.model import composing as composemodel
 from agent.model.fabric import DeviceState
-from agent.model.objects import deleting, fabric_device
+from agent.model.objects import attached_device, deleting, fabric_device
+from agent.model.pool import DEVICE_ID_ATTRIBUTE
 from tests.cluster.conftest import BACKENDS, CLAIMS, PODS, World, finish
 from tests.waiting import until
 
@@ -43,7 +47,8 @@ class Invariants:
         self.pods = Informer(w.kube, PODS, name="churn-pods")
         self.claims = Informer(w.kube, CLAIMS, name="churn-claims")
         self.resources = Informer(w.kube, RESOURCES, name="churn-resources")
-        for inf in (self.pods, self.claims, self.resources):
+        self.slices = Informer(w.kube, SLICES, name="churn-slices")
+        for inf in (self.pods, self.claims, self.resources, self.slices):
             inf.add_handler(self._on)
         self.violations: list[str] = []
         self.checks = 0
@@ -53,7 +58,9 @@ class Invariants:
         self.check()
 
     def check(self) -> None:
-        if not all(i.synced.is_set() for i in (self.pods, self.claims, self.resources)):
+        if not all(
+            i.synced.is_set() for i in (self.pods, self.claims, self.resources, self.slices)
+        ):
             return
         self.checks += 1
         role = self.w.role
@@ -81,7 +88,29 @@ class Invariants:
                         f"pod {name} bound on {node} to {device}, which is {emu.state.value} "
                         f"on {emu.machine}"
                     )
-        # 2. one owner per GPU
+        # 2. one allocatable identity per GPU: no fabric device offered twice across our slices
+        offered = Counter(
+            d["attributes"][DEVICE_ID_ATTRIBUTE]["string"]
+            for s in self.slices.store.values()
+            if s["spec"]["driver"] == self.w.driver
+            for d in s["spec"].get("devices") or []
+        )
+        self.violations.extend(f"{dev} offered {n} times" for dev, n in offered.items() if n > 1)
+        # 3. no GPU held by two claims (through whatever identity)
+        behind = {
+            fabric_device(o): attached_device(o)
+            for o in self.resources.store.values()
+            if not deleting(o)
+        }
+        holders: dict[str, list[str]] = defaultdict(list)
+        for (_, cname), claim in self.claims.store.items():
+            for pool, dev_name in claimmodel.allocated_devices(claim, self.w.driver):
+                device = role.publisher.device_id_of(pool, dev_name) or f"{pool}/{dev_name}"
+                holders[behind.get(device, device)].append(cname)
+        self.violations.extend(
+            f"{gpu} held by {names}" for gpu, names in holders.items() if len(names) > 1
+        )
+        # 4. one owner per GPU
         owners: dict[str, list[str]] = defaultdict(list)
         for obj in self.resources.store.values():
             dev = fabric_device(obj)
@@ -93,7 +122,7 @@ class Invariants:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            for inf in (self.pods, self.claims, self.resources):
+            for inf in (self.pods, self.claims, self.resources, self.slices):
                 tg.create_task(inf.run())
             while True:
                 await asyncio.sleep(0.05)
