@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent import errors
+from agent import errors, logs
 from agent.controllers import metrics
 from agent.controllers.freshness import FreshClaims
 from agent.controllers.publishing import NODES, Publisher
@@ -122,12 +122,27 @@ class Scaler:
         self.fresh = fresh or FreshClaims(kube, mono=mono)
         self.wall = wall
         self.mono = mono
-        self.queue: KeyedQueue[ClaimKey] = KeyedQueue("scaler", self.handle, workers=workers)
-        self.idle: KeyedQueue[str] = KeyedQueue("scale-down", self.check_idle, workers=8)
-        self.labels: KeyedQueue[str] = KeyedQueue("node-labels", self._sync_full_label, workers=4)
-        self.orphans: KeyedQueue[str] = KeyedQueue("orphans", self._check_orphan, workers=2)
-        self.moves: KeyedQueue[str] = KeyedQueue("node-pool-moves", self._check_move, workers=8)
-        self.warmth: KeyedQueue[str] = KeyedQueue("warm-capacity", self._keep_warm, workers=4)
+        self.queue: KeyedQueue[ClaimKey] = KeyedQueue(
+            "scaler", metrics.timed("scaler", self.handle), workers=workers
+        )
+        self.idle: KeyedQueue[str] = KeyedQueue(
+            "scale-down", metrics.timed("scale-down", self.check_idle), workers=8
+        )
+        self.labels: KeyedQueue[str] = KeyedQueue(
+            "node-labels", metrics.timed("node-labels", self._sync_full_label), workers=4
+        )
+        self.orphans: KeyedQueue[str] = KeyedQueue(
+            "orphans", metrics.timed("orphans", self._check_orphan), workers=2
+        )
+        self.moves: KeyedQueue[str] = KeyedQueue(
+            "node-pool-moves", metrics.timed("node-pool-moves", self._check_move), workers=8
+        )
+        self.warmth: KeyedQueue[str] = KeyedQueue(
+            "warm-capacity", metrics.timed("warm-capacity", self._keep_warm), workers=4
+        )
+        metrics.QUEUES.track(
+            self.queue, self.idle, self.labels, self.orphans, self.moves, self.warmth
+        )
         #: device -> monotonic time it was first seen attached with no resource naming it
         self._orphan_since: dict[str, float] = {}
         #: device id -> monotonic time it was last held by a claim
@@ -289,6 +304,23 @@ class Scaler:
         if self.resources.get("", name) is None:
             self._created[name] = node  # counted against the node's maximum until we see it
         metrics.DECISIONS.labels("attach-requested").inc()
+        logger.info(
+            "claim %s: attach of %s to %s requested (%s)",
+            ref,
+            device,
+            node,
+            name,
+            extra=logs.fields(
+                decision="attach-requested",
+                claim=ref,
+                pod=_pods(claim),
+                resource=name,
+                device=device,
+                model=dev.model if dev else "",
+                node=node,
+                fabric=dev.fabric if dev else "",
+            ),
+        )
         self.recorder.emit(claim, "AttachRequested", f"attaching {device} to {node} for this claim")
 
     async def _ready(self, claim: Obj, b: claimmodel.Binding, device: str) -> None:
@@ -297,8 +329,24 @@ class Scaler:
         ):
             self.publisher.unpin(device)
             metrics.DECISIONS.labels("ready").inc()
-            if b.allocated_at:
-                metrics.READY_SECONDS.observe(max(0.0, self.wall() - b.allocated_at))
+            took = max(0.0, self.wall() - b.allocated_at) if b.allocated_at else None
+            if took is not None:
+                metrics.READY_SECONDS.observe(took)
+            logger.info(
+                "claim %s/%s: %s ready on %s (FabricDeviceReady=True)",
+                b.namespace,
+                b.claim,
+                device,
+                b.node,
+                extra=logs.fields(
+                    decision="ready",
+                    claim=f"{b.namespace}/{b.claim}",
+                    pod=_pods(claim),
+                    device=device,
+                    node=b.node,
+                    duration=took,
+                ),
+            )
             self.recorder.emit(
                 claim, "DeviceReady", f"{device} ready on {b.node}: FabricDeviceReady=True"
             )
@@ -307,7 +355,21 @@ class Scaler:
         self, claim: Obj, b: claimmodel.Binding, device: str | None, d: decide.BindDecision
     ) -> None:
         metrics.FAILURES.labels(d.reason).inc()
-        logger.warning("claim %s/%s: %s: %s", b.namespace, b.claim, d.reason, d.message)
+        logger.warning(
+            "claim %s/%s: %s: %s",
+            b.namespace,
+            b.claim,
+            d.reason,
+            d.message,
+            extra=logs.fields(
+                decision="failed",
+                claim=f"{b.namespace}/{b.claim}",
+                pod=_pods(claim),
+                device=device,
+                node=b.node,
+                reason=d.reason,
+            ),
+        )
         if device:
             self.publisher.unpin(device)
             self.publisher.withhold(device, reason="failed")
@@ -384,6 +446,9 @@ class Scaler:
                 *key,
                 s.device,
                 s.node,
+                extra=logs.fields(
+                    decision="reattach", claim=f"{key[0]}/{key[1]}", device=s.device, node=s.node
+                ),
             )
             metrics.DECISIONS.labels("reattach").inc()
             self.recorder.emit(
@@ -470,7 +535,10 @@ class Scaler:
             f"outside the agent, or an answer was lost) for {waited:.0f} s: adopted; it is "
             f"detached after {self.idle_grace:.0f} s if no claim takes it"
         )
-        logger.warning(message)
+        logger.warning(
+            message,
+            extra=logs.fields(decision="orphan-adopted", resource=name, device=device, node=node),
+        )
         metrics.DECISIONS.labels("orphan-adopted").inc()
         self.recorder.emit(created, "OrphanAdopted", message, warning=True)
 
@@ -496,7 +564,9 @@ class Scaler:
         await self.kube.patch(
             f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FULL_LABEL: value}}}
         )
-        logger.info("node %s: %s=%s", node, poolmodel.FULL_LABEL, value)
+        logger.info(
+            "node %s: %s=%s", node, poolmodel.FULL_LABEL, value, extra=logs.fields(node=node)
+        )
 
     # --- node-local pools: idle attached GPUs where the scheduler takes them first ----------------
 
@@ -542,7 +612,12 @@ class Scaler:
             self.publisher.place(device, attached_on)
             placed = True
             metrics.DECISIONS.labels("node-pool").inc()
-            logger.info("%s offered from %s's own pool", device, attached_on)
+            logger.info(
+                "%s offered from %s's own pool",
+                device,
+                attached_on,
+                extra=logs.fields(decision="node-pool", device=device, node=attached_on),
+            )
         finally:
             self._draining.pop(device, None)
             self.publisher.release(device, reason="moving")
@@ -611,7 +686,13 @@ class Scaler:
         if self.resources.get("", name) is None:
             self._created[name] = node
         metrics.DECISIONS.labels("warm").inc()
-        logger.info("warm capacity: attaching a %s to %s (%s)", model, node, name)
+        logger.info(
+            "warm capacity: attaching a %s to %s (%s)",
+            model,
+            node,
+            name,
+            extra=logs.fields(decision="warm", resource=name, model=model, node=node),
+        )
 
     # --- scale down ------------------------------------------------------------------------------
 
@@ -698,7 +779,18 @@ class Scaler:
                 fresh
             ):  # (3) the API server says it is taken
                 return
-            logger.info("scale-down: %s idle for %.0f s on %s", device, idle_for, node)
+            logger.info(
+                "scale-down: %s idle for %.0f s on %s",
+                device,
+                idle_for,
+                node,
+                extra=logs.fields(
+                    decision="scale-down",
+                    resource=cr["metadata"]["name"],
+                    device=device,
+                    node=node,
+                ),
+            )
             metrics.DECISIONS.labels("scale-down").inc()
             self.recorder.emit(
                 cr, "ScaleDown", f"{device} idle for {idle_for:.0f} s on {node}: detaching"
@@ -710,6 +802,15 @@ class Scaler:
             self._draining.pop(device, None)
             if not deleted:
                 self.publisher.release(device, reason="scale-down")
+
+
+def _pods(claim: Obj) -> str:
+    """The pods a claim is reserved for (`status.reservedFor`), comma-separated, for logs."""
+    return ",".join(
+        str(r.get("name"))
+        for r in (claim.get("status") or {}).get("reservedFor") or []
+        if r.get("resource") == "pods" and r.get("name")
+    )
 
 
 __all__ = ["MAX_LABEL", "MIN_LABEL", "Scaler", "claims_path"]
