@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from agent import errors
+from agent import errors, logs
+from agent.controllers import metrics
 from agent.controllers.publishing import Publisher
 from agent.controllers.queueing import KeyedQueue
 from agent.kube.client import MERGE_PATCH, Kube, Obj
@@ -89,7 +90,10 @@ class Requester:
         self.limits = limits or model.Limits()
         self.clock = clock
         self.batch = batch
-        self.queue: KeyedQueue[str] = KeyedQueue("requests", self.handle, workers=workers)
+        self.queue: KeyedQueue[str] = KeyedQueue(
+            "requests", metrics.timed("requests", self.handle), workers=workers
+        )
+        metrics.QUEUES.track(self.queue)
         self._memory: dict[str, _Memory] = {}
         #: requests with members waiting for a free device
         self._waiting: set[str] = set()
@@ -236,6 +240,14 @@ class Requester:
 
     def _emit(self, obj: Obj, notes: Iterable[model.Note]) -> None:
         for note in notes:
+            logger.log(
+                logging.WARNING if note.warning else logging.INFO,
+                "request %s: %s: %s",
+                name_of(obj),
+                note.reason,
+                note.message,
+                extra=logs.fields(request=name_of(obj), reason=note.reason),
+            )
             self.recorder.emit(obj, note.reason, note.message, warning=note.warning)
 
     async def _chunked(self, items: Iterable[T], act: Callable[[T], Awaitable[None]]) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent import settings
+from agent.controllers import metrics
 from agent.controllers.composing import Composer
 from agent.controllers.publishing import NODES, SLICES, Publisher
 from agent.controllers.requesting import Requester
@@ -56,8 +57,14 @@ class ClusterRole:
         return loops
 
     async def run(self) -> None:
-        """Run every loop until cancelled; never returns or raises on a loop's behalf."""
-        await self.supervisor.run(self.loops())
+        """Run every loop until cancelled; never returns or raises on a loop's behalf.
+        `cohdi_leader` is 1 meanwhile (the term runs only while the Lease is held)."""
+        metrics.LEADER.set(1)
+        try:
+            await self.supervisor.run(self.loops())
+        finally:
+            metrics.LEADER.set(0)
+            metrics.pool_devices(None)
 
     def not_ready(self) -> list[str]:
         """Why this term is not ready, one reason a line: an informer not synced yet (or not
@@ -81,6 +88,7 @@ class ClusterRole:
     async def _watch_fabric(self) -> None:
         async for inventory in self.fabric.watch():
             self.publisher.update_inventory(inventory)
+            metrics.pool_devices(inventory)
 
     async def _publish(self) -> None:
         # A restart after a failed write must write again: the change that failed was already
