@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from agent import errors
+from agent import errors, health
 from agent.backoff import parse_retry_after
 
 logger = logging.getLogger(__name__)
@@ -165,11 +165,13 @@ class Kube:
                     self._fail(resp.status, raw, method, path, resp.headers)
                 return orjson.loads(raw) if raw else {}
         except TimeoutError as exc:
+            _no_answer(method, path)
             raise errors.KubeUnavailable(
                 f"{method} {path}: no answer from the API server at {self.host} within "
                 f"{tmo.total} s"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            _no_answer(method, path)
             raise errors.KubeUnavailable(
                 f"{method} {path}: cannot reach the API server at {self.host}: "
                 f"{type(exc).__name__}: {exc}"
@@ -219,11 +221,13 @@ class Kube:
                     self._fail(resp.status, await resp.read(), "WATCH", path, resp.headers)
                 yield resp.content
         except TimeoutError as exc:
+            _no_answer("WATCH", path)
             raise errors.KubeUnavailable(
                 f"WATCH {path}: {self.host} sent nothing for {read_timeout} s (or did not "
                 f"connect within {self._timeout.total} s)"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            _no_answer("WATCH", path)
             raise errors.KubeUnavailable(
                 f"WATCH {path}: connection to {self.host} failed: {type(exc).__name__}: {exc}"
             ) from exc
@@ -239,6 +243,11 @@ async def _load_kubeconfig(kconfig: Any, path: str, cfg: Any) -> None:
         ) from exc
 
 
+def _no_answer(method: str, path: str) -> None:
+    """Count a request that got no answer (`cohdi_kube_api_errors_total{code="none"}`)."""
+    health.KUBE_API_ERRORS.labels(health.kube_api_verb(method, path), "none").inc()
+
+
 def _raise_for(
     status: int,
     raw: bytes,
@@ -250,7 +259,9 @@ def _raise_for(
     (it names the field and the rule); non-JSON bodies are truncated. The headers travel on the
     error; on 429 and 5xx the wait the server asks for (the `Retry-After` header, else the
     Status's `details.retryAfterSeconds`) becomes `retry_after`. 401 is transient (a token that
-    rotated is re-read on the retry), 403 permanent (RBAC)."""
+    rotated is re-read on the retry), 403 permanent (RBAC). Counted in
+    `cohdi_kube_api_errors_total{verb,code}`."""
+    health.KUBE_API_ERRORS.labels(health.kube_api_verb(method, path), str(status)).inc()
     details: dict[str, Any] = {}
     try:
         doc = orjson.loads(raw)

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
-from agent import errors
+from agent import errors, health
 from agent.backoff import FailureStreak, describe
 from agent.kube.client import MERGE_PATCH, Kube, Obj
 
@@ -171,6 +171,7 @@ class Recorder:
     def _failed(self, series: _Series, count: int, exc: errors.AgentError) -> None:
         lost = count - series.written
         self.dropped += lost
+        health.EVENTS_DROPPED.inc(lost)
         series.written = count  # dropped, not retried: a later occurrence writes the total
         reason = series.body["reason"]
         if self._streak.fail(exc):
