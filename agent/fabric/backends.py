@@ -5,12 +5,18 @@ from __future__ import annotations
 from agent import errors, settings
 from agent.fabric.credentials import load_secret
 from agent.fabric.fti import FtiFabric
+from agent.fabric.metering import MeteredFabric
 from agent.fabric.protocol import FabricManager
 from agent.fabric.redfish import RedfishFabric
 from agent.fabric.transport import FabricHttp
 
 
 def open_fabric(cfg: settings.FabricSettings) -> FabricManager:
+    """The configured backend, its operations measured (`agent.fabric.metering`)."""
+    return MeteredFabric(_open(cfg))
+
+
+def _open(cfg: settings.FabricSettings) -> FabricManager:
     if not cfg.url:
         raise errors.ConfigError("--fabric-url", cfg.url, "is required to reach a fabric manager")
     http = FabricHttp(
@@ -19,6 +25,7 @@ def open_fabric(cfg: settings.FabricSettings) -> FabricManager:
         timeout=cfg.timeout,
         retries=cfg.retries,
         concurrency=cfg.concurrency,
+        backend=cfg.backend,
     )
     password = load_secret(
         file=cfg.password_file,

@@ -13,6 +13,7 @@ import contextvars
 import logging
 import random
 import ssl
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -23,7 +24,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from agent import errors
+from agent import errors, health
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +80,13 @@ class FabricHttp:
         timeout: float = 30.0,
         retries: int = 5,
         concurrency: int = 32,
+        backend: str = "",
     ) -> None:
+        """`backend` ("redfish", "fti") labels this client's request metrics."""
         if not base_url.startswith(("https://", "http://")):
             raise errors.ConfigError("--fabric-url", base_url, "must be an http(s):// URL")
         self.base_url = base_url.rstrip("/")
+        self.backend = backend or "unknown"
         self._ssl = ssl_context(ca_bundle) if base_url.startswith("https://") else None
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.retries = retries
@@ -122,7 +126,35 @@ class FabricHttp:
         timeout: float | None = None,  # noqa: ASYNC109 -- per-call aiohttp limit
     ) -> Reply:
         """One HTTP exchange. Connection problems and timeouts raise `FabricUnavailable` /
-        `FabricTimeout`; every HTTP status is returned to the caller to interpret."""
+        `FabricTimeout`; every HTTP status is returned to the caller to interpret. Timed in
+        `cohdi_fabric_http_request_seconds{backend,method,code}`; no answer or a status of 400
+        and above counted in `cohdi_fabric_http_errors_total`."""
+        started = time.monotonic()
+        code = "none"
+        try:
+            reply = await self._call(
+                method, path, json=json, data=data, headers=headers, params=params, timeout=timeout
+            )
+            code = str(reply.status)
+            return reply
+        finally:
+            health.FABRIC_HTTP_SECONDS.labels(self.backend, method, code).observe(
+                time.monotonic() - started
+            )
+            if code == "none" or int(code) >= 400:
+                health.FABRIC_HTTP_ERRORS.labels(self.backend, method, code).inc()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any,
+        data: Any,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None,
+        timeout: float | None,  # noqa: ASYNC109 -- per-call aiohttp limit
+    ) -> Reply:
         url = path if path.startswith("http") else self.base_url + path
         body = orjson.dumps(json) if json is not None else data
         hdrs = dict(headers or {})
