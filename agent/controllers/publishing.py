@@ -96,12 +96,7 @@ class Publisher:
     def update_inventory(self, inventory: Inventory) -> None:
         self.inventory = inventory
         self._forget_placements()
-        # A device withheld for a failed claim or a scale-down that came back free (detached) is
-        # offered again. A failed one stays out because the fabric reports it failed, until an
-        # operator repairs it. A device the composer is choosing stays out until it says so.
-        for d in inventory.devices:
-            if d.state == DeviceState.FREE and d.id in self._withheld:
-                self._release_reasons(d.id, {"failed", "scale-down", "detaching"})
+        self._release_freed()
         self.changed()
         for callback in self.on_inventory:
             callback(inventory)
@@ -128,14 +123,15 @@ class Publisher:
             )
         devices = [d for d in self.inventory.devices if d.id != dev.id]
         devices.append(dev)
-        if dev.state == DeviceState.FREE:
-            self._release_reasons(dev.id, {"failed", "scale-down", "detaching"})
         self.inventory = Inventory(self.inventory.machines, tuple(devices), version="local")
         self._forget_placements()
+        self._release_freed()
         self.changed()
 
     def _on_resource(self, event: Any) -> None:
         if slotmodel.is_slot(fabric_device(event.obj)):
+            self._forget_placements()
+            self._release_freed()
             self.changed()
 
     def held_slots(self) -> dict[str, str | None]:
@@ -178,6 +174,19 @@ class Publisher:
     @property
     def placed(self) -> dict[str, str]:
         return dict(self._placed)
+
+    def _release_freed(self) -> None:
+        """A device withheld for a failed claim, a scale-down or a detach that came back free
+        (detached) is offered again. A failed one stays out because the fabric reports it failed,
+        until an operator repairs it; one the composer is choosing stays out until it says so.
+        Judged on the published view: a slot is free only once no resource holds it (the raw
+        inventory's placeholder of the same number is another, anonymous GPU)."""
+        view = self.view
+        if view is None:
+            return
+        for d in view.devices:
+            if d.state == DeviceState.FREE and d.id in self._withheld:
+                self._release_reasons(d.id, {"failed", "scale-down", "detaching"})
 
     def _forget_placements(self) -> None:
         """A placement lasts while its device stays attached to that node: detached (free),
