@@ -19,12 +19,13 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from agent import errors
+from agent import errors, health, logs
 from agent._proto.dra.v1 import api_pb2 as v1
 from agent._proto.dra.v1 import api_pb2_grpc as v1_grpc
 from agent._proto.dra.v1beta1 import api_pb2 as v1beta1
@@ -134,6 +135,45 @@ class Preparer:
         async with self._lock:
             await asyncio.to_thread(self._forget, uid)
 
+    def measured(
+        self,
+        operation: str,
+        claim: Any,
+        started: float,
+        *,
+        devices: list[str] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The decision line and the metrics of one prepare/unprepare of `claim` (a kubelet
+        request's Claim: namespace, name, uid) that began at `started` (monotonic)."""
+        took = time.monotonic() - started
+        outcome = "ok" if error is None else "error"
+        health.NODE_CLAIM_SECONDS.labels(operation, outcome).observe(took)
+        fields = logs.fields(
+            decision=f"{operation}d" if error is None else f"{operation}-failed",
+            claim=f"{claim.namespace}/{claim.name}",
+            device=",".join(devices or []),
+            node=self.reporter.node,
+            duration=took,
+            error=str(error) if error is not None else "",
+        )
+        if error is not None:
+            health.NODE_CLAIM_ERRORS.labels(operation).inc()
+            logger.warning(
+                "%s %s/%s failed: %s", operation, claim.namespace, claim.name, error, extra=fields
+            )
+            return
+        health.NODE_CLAIMS.labels(operation).inc()
+        logger.info(
+            "%sd claim %s/%s%s in %.3f s",
+            operation,
+            claim.namespace,
+            claim.name,
+            f" ({', '.join(devices)})" if devices else "",
+            took,
+            extra=fields,
+        )
+
     async def _devices(
         self, namespace: str, uid: str, name: str
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -199,10 +239,12 @@ class Preparer:
             try:
                 return n.minor(n.handle_by_bus_id(bdf))
             except errors.NvmlError:
+                health.NVML_ERRORS.inc()
                 n.reinit()
                 try:
                     return n.minor(n.handle_by_bus_id(bdf))
                 except errors.NvmlError:
+                    health.NVML_ERRORS.inc()
                     return None
 
         result = await self.reporter.nvml.call(get)
@@ -215,8 +257,10 @@ def _servicer(pb: Any, base: Any, preparer: Preparer) -> Any:
             response = pb.NodePrepareResourcesResponse()
             for claim in request.claims:
                 entry = response.claims[claim.uid]
+                started = time.monotonic()
                 try:
-                    for d in await preparer.prepare(claim.namespace, claim.uid, claim.name):
+                    devices = await preparer.prepare(claim.namespace, claim.uid, claim.name)
+                    for d in devices:
                         entry.devices.append(
                             pb.Device(
                                 request_names=d["request_names"],
@@ -226,19 +270,26 @@ def _servicer(pb: Any, base: Any, preparer: Preparer) -> Any:
                             )
                         )
                 except (errors.AgentError, ValueError, OSError) as exc:
-                    logger.warning("prepare %s/%s failed: %s", claim.namespace, claim.name, exc)
+                    preparer.measured("prepare", claim, started, error=exc)
                     entry.error = str(exc)
+                else:
+                    preparer.measured(
+                        "prepare", claim, started, devices=[d["device"] for d in devices]
+                    )
             return response
 
         async def NodeUnprepareResources(self, request: Any, context: Any) -> Any:
             response = pb.NodeUnprepareResourcesResponse()
             for claim in request.claims:
                 entry = response.claims[claim.uid]
+                started = time.monotonic()
                 try:
                     await preparer.unprepare(claim.uid)
                 except (errors.AgentError, OSError) as exc:
-                    logger.warning("unprepare %s/%s failed: %s", claim.namespace, claim.name, exc)
+                    preparer.measured("unprepare", claim, started, error=exc)
                     entry.error = str(exc)
+                else:
+                    preparer.measured("unprepare", claim, started)
             return response
 
     return Servicer()

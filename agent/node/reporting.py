@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agent import errors, settings
+from agent import errors, health, logs, settings
 from agent.errors import NvmlError
 from agent.kube.client import MERGE_PATCH, Kube, Obj
 from agent.kube.resources import (
@@ -86,6 +86,8 @@ class NodeReporter:
             self._wake.set()
 
     def _on_pci(self, ev: PciEvent) -> None:
+        source = "inotify" if self.synthetic else "kernel"
+        health.HOTPLUG_EVENTS.labels(source, ev.action or "unknown").inc()
         if ev.address:
             self.events_seen.setdefault(ev.address, ev.received)
         self._rescan_wanted = True
@@ -168,7 +170,13 @@ class NodeReporter:
             elif state(obj) == "Online" and not condition(obj, NODE_READY):
                 await self._identify(obj)
         except errors.AgentError as exc:
-            logger.warning("node %s: resource %s: %s", self.node, name, exc)
+            logger.warning(
+                "node %s: resource %s: %s",
+                self.node,
+                name,
+                exc,
+                extra=logs.fields(resource=name, node=self.node, error=str(exc)),
+            )
             self._retry_later(1.0, name)
 
     def _retry(self, name: str) -> None:
@@ -211,10 +219,12 @@ class NodeReporter:
             try:
                 return n.uuid(n.handle_by_bus_id(bdf))
             except NvmlError:
+                health.NVML_ERRORS.inc()
                 n.reinit()  # NVML snapshots GPUs at init: a hot-added one needs a re-init
                 try:
                     return n.uuid(n.handle_by_bus_id(bdf))
                 except NvmlError:
+                    health.NVML_ERRORS.inc()
                     return ""
 
         return str(await self.nvml.call(lookup))
@@ -266,6 +276,7 @@ class NodeReporter:
             try:
                 h = n.handle_by_bus_id(bdf)
             except NvmlError:
+                health.NVML_ERRORS.inc()
                 return [], -1
             return n.compute_processes(h), n.minor(h)
 
@@ -299,6 +310,9 @@ class NodeReporter:
         message: str,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        before = [
+            c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == ctype
+        ]
         conds = [
             c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") != ctype
         ]
@@ -315,10 +329,34 @@ class NodeReporter:
         for key, value in (extra or {}).items():
             if value:
                 body[key] = value
+        name = obj["metadata"]["name"]
         await self.kube.patch(
-            f"{RESOURCES}/{obj['metadata']['name']}/status",
-            {"status": body},
-            content_type=MERGE_PATCH,
+            f"{RESOURCES}/{name}/status", {"status": body}, content_type=MERGE_PATCH
+        )
+        report = ctype if status == "True" else reason
+        health.NODE_REPORTS.labels(report).inc()
+        changed = not before or (before[0].get("status"), before[0].get("reason")) != (
+            status,
+            reason,
+        )
+        logger.log(  # one line when the report changes, not one per retry (Busy: every 5 s)
+            logging.INFO if changed else logging.DEBUG,
+            "node %s: %s %s=%s (%s): %s",
+            self.node,
+            name,
+            ctype,
+            status,
+            reason,
+            message,
+            extra=logs.fields(
+                decision={"NodeReady": "node-ready", "NodeReleased": "released"}.get(
+                    report, "busy"
+                ),
+                resource=name,
+                device=(obj.get("status") or {}).get("cdi_device_id"),
+                node=self.node,
+                reason=reason,
+            ),
         )
 
 
