@@ -350,7 +350,7 @@ class NodeReporter:
             message,
             extra=logs.fields(
                 decision={"NodeReady": "node-ready", "NodeReleased": "released"}.get(
-                    report, "busy"
+                    report, report.lower()
                 ),
                 resource=name,
                 device=(obj.get("status") or {}).get("cdi_device_id"),
