@@ -1,4 +1,4 @@
-"""Run by bench/node.py in a process whose LD_LIBRARY_PATH finds the stub libnvidia-ml.so.1 (so
+"""Run by bench/test_node.py in a process whose LD_LIBRARY_PATH finds the stub libnvidia-ml.so.1 (so
 nvidia-ml-py's own CDLL("libnvidia-ml.so.1") loads it too): one NVML query through our cffi
 binding and through nvidia-ml-py, interleaved; prints microseconds per query as JSON.
 Usage: python -m bench.nvml_worker <stub library> <bus id>"""
