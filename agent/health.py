@@ -32,7 +32,12 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
+
+#: No `<counter>_created` series: they would double every counter's series (timestamps of
+#: when each label set was first seen), and nothing reads them.
+disable_created_metrics()
 
 #: Every metric of the process (cluster and node role) lives here; `/metrics` serves it.
 REGISTRY = CollectorRegistry(auto_describe=True)
