@@ -173,6 +173,7 @@ class Scaler:
         for pool, name in before - now_held:  # released: start the idle clock
             device = self.publisher.device_id_of(pool, name)
             if device:
+                self.publisher.unpin(device)
                 self.last_used[device] = now
                 self.idle.enqueue_after(device, self.idle_grace)
                 self.moves.enqueue(device)  # idle now: to its node's pool
@@ -321,13 +322,12 @@ class Scaler:
                 fabric=dev.fabric if dev else "",
             ),
         )
-        self.recorder.emit(claim, "AttachRequested", f"attaching {device} to {node} for this claim")
 
     async def _ready(self, claim: Obj, b: claimmodel.Binding, device: str) -> None:
         if await self._set_condition(
             b, poolmodel.READY, "Attached", f"{device} is attached and ready on {b.node}"
         ):
-            self.publisher.unpin(device)
+            # stays pinned (offered as the claim was allocated it) until the claim lets go
             metrics.DECISIONS.labels("ready").inc()
             took = max(0.0, self.wall() - b.allocated_at) if b.allocated_at else None
             if took is not None:
