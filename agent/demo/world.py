@@ -235,6 +235,8 @@ async def _start(
             *_backend_args(cfg.fabric.backend),
             "--idle-grace",
             str(idle_grace),
+            "--warm-devices",
+            str(cfg.cluster.warm_devices),
             "--lease-name",
             "cohdi-demo",
             "--lease-duration",
