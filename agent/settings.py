@@ -216,6 +216,7 @@ class ClusterSettings:
         "cohdi.io/warm-devices label overrides it; 0 turns it off.",
         minimum=0,
         maximum=64,
+        commands=("run", "demo"),
     )
     node_gone_grace: float = setting(
         60.0,
