@@ -61,6 +61,26 @@ class Preparer:
         self.cdi_dir = cdi_dir
         self.checkpoint = Checkpoint(plugin_dir / "checkpoint.json")
         self._lock = asyncio.Lock()
+        # safe removal asks us: a device prepared for a claim is in use even with no process yet
+        reporter.prepared_for = self.prepared_for
+
+    async def prepared_for(self, devices: set[str]) -> list[str]:
+        """`<namespace>/<name>` of the claims prepared on this node with any of `devices` (device
+        names as published). An unreadable checkpoint counts as in use (the safe answer)."""
+
+        def read() -> list[str]:
+            with self.checkpoint.locked():
+                claims = self.checkpoint.load()
+            return sorted(
+                f"{c.namespace}/{c.name}"
+                for c in claims.values()
+                if any(d.get("device") in devices for d in c.devices)
+            )
+
+        try:
+            return await asyncio.to_thread(read)
+        except errors.CheckpointError as exc:
+            return [f"(checkpoint unreadable: {exc})"]
 
     # --- on a worker thread ----------------------------------------------------------------------
 

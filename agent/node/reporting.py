@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,7 +33,9 @@ from agent.kube.resources import (
     state,
 )
 from agent.kube.watching import Event, Informer
+from agent.model.objects import devices_of
 from agent.model.pci import PciFunction
+from agent.model.pool import device_name
 from agent.native import scanning
 from agent.native.nvml import AsyncNvml, Nvml
 from agent.node.hotplug import KernelPciMonitor, PciEvent, TreePciWatcher
@@ -74,6 +77,9 @@ class NodeReporter:
         self._timers: set[asyncio.TimerHandle] = set()
         #: Set once the first PCI scan has finished (the node role's readiness).
         self.scanned = asyncio.Event()
+        #: set by the kubelet plugin: the claims prepared on this node with any of these device
+        #: names (a device prepared for a pod is in use before any process opens it)
+        self.prepared_for: Callable[[set[str]], Awaitable[list[str]]] | None = None
         #: (resource name -> monotonic time its function was first seen), for benchmarks
         self.reported: dict[str, float] = {}
         self.events_seen: dict[str, float] = {}
@@ -251,6 +257,11 @@ class NodeReporter:
         bdf = st.get("pci_address") or ""
         if not spec(obj).get("force_detach"):
             busy = await self._busy(bdf)
+            if not busy and self.prepared_for is not None:
+                names = {device_name(d) for d in devices_of(obj)}
+                claims = await self.prepared_for(names)
+                if claims:  # kubelet prepared it for a pod that has not ended (maybe not started)
+                    busy = f"prepared for claim {', '.join(claims)}"
             if busy:
                 await self._conditions(obj, NODE_RELEASED, "False", "Busy", busy)
                 self._retry_later(5.0, obj["metadata"]["name"])

@@ -151,6 +151,20 @@ async def test_prepare_again_answers_from_the_checkpoint(node: SimNode) -> None:
     )
 
 
+async def test_the_plugin_tells_safe_removal_which_claims_a_device_is_prepared_for(
+    node: SimNode,
+) -> None:
+    preparer = node.preparer()
+    claim = node.claim("train", ["gpu-a"])
+    assert node.reporter.prepared_for is not None  # the plugin answers safe removal's question
+    assert await preparer.prepared_for({"gpu-a"}) == []
+    await prepare(preparer, claim)
+    assert await preparer.prepared_for({"gpu-a", "gpu-z"}) == [f"{NS}/train"]
+    assert await preparer.prepared_for({"gpu-v"}) == []
+    await unprepare(preparer, claim["metadata"]["uid"])
+    assert await preparer.prepared_for({"gpu-a"}) == []
+
+
 async def test_empty_requests_are_fine(node: SimNode) -> None:
     preparer = node.preparer()
     assert len((await prepare(preparer)).claims) == 0

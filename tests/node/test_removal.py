@@ -120,6 +120,29 @@ async def test_a_gpu_running_a_compute_process_is_refused(node: SimNode) -> None
     assert BDF in node.reporter.functions
 
 
+async def test_a_gpu_prepared_for_a_claim_is_refused_before_any_process_opens_it(
+    node: SimNode,
+) -> None:
+    """kubelet prepared the GPU for a pod that has not started: no process, no open handle, but
+    removing it now would leave that pod without its GPU (a request shrinking, a hand delete)."""
+    asked: list[set[str]] = []
+
+    async def prepared_for(devices: set[str]) -> list[str]:
+        asked.append(devices)
+        return ["default/train-0"]
+
+    node.reporter.prepared_for = prepared_for
+    detaching(node)
+    await node.reporter._handle(name_of(node))
+    cond = released(node)
+    assert cond is not None
+    assert (cond["status"], cond["reason"]) == ("False", "Busy")
+    assert cond["message"] == "prepared for claim default/train-0"
+    assert asked
+    assert function_dir(node).exists()
+    node.reporter.prepared_for = None
+
+
 async def test_a_gpu_whose_device_node_is_open_is_refused(node: SimNode) -> None:
     holder = node.root / "proc" / "777" / "fd"
     holder.mkdir(parents=True)
