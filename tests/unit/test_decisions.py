@@ -133,7 +133,7 @@ async def test_scale_up_and_down_in_json_tells_the_story_in_order(root: Path) ->
             servicer = _servicer(v1, v1_grpc.DRAPluginServicer, p)
             w.new_claim("c1")
             w.allocate("c1", "gpu-1", "node-0")
-            await w.wait(lambda: w.condition("c1", "FabricDeviceReady"), "c1 ready", 20)
+            await w.wait(lambda: w.condition("c1", "FabricDeviceReady"), "c1 ready", 60)
             claim = _claim_pb(w.claim("c1"))
             prepared = await servicer.NodePrepareResources(
                 v1.NodePrepareResourcesRequest(claims=[claim]), None
@@ -144,7 +144,7 @@ async def test_scale_up_and_down_in_json_tells_the_story_in_order(root: Path) ->
             )
             assert unprepared.claims[claim.uid].error == ""
             w.release("c1")
-            await w.wait(lambda: w.resource(resource_name("gpu-1")) is None, "detached", 20)
+            await w.wait(lambda: w.resource(resource_name("gpu-1")) is None, "detached", 60)
     lines = out.getvalue().splitlines()
     docs = [orjson.loads(line) for line in lines]  # one parseable object per line, or it raises
     for doc in docs:
@@ -191,7 +191,7 @@ async def test_ten_deletes_are_ten_detached_events_and_ten_counted_even_after_40
             w.new_claim(name)
             w.allocate(name, f"gpu-{i}", f"node-{i % 2}")
         for name in names:
-            await w.wait(lambda n=name: w.condition(n, "FabricDeviceReady"), f"{name} ready", 20)
+            await w.wait(lambda n=name: w.condition(n, "FabricDeviceReady"), f"{name} ready", 60)
         for name in names:
             w.release(name)
         before = _sample("cohdi_decisions_total", kind="detached")
@@ -225,10 +225,10 @@ async def test_ten_deletes_are_ten_detached_events_and_ten_counted_even_after_40
         await w.wait(
             lambda: all(w.resource(resource_name(f"gpu-{i}")) is None for i in range(10)),
             "all ten resources gone",
-            30,
+            60,
         )
         events = await until(
-            lambda: _detached_events(w), what="ten Detached occurrences written", timeout=10
+            lambda: _detached_events(w), what="ten Detached occurrences written", timeout=30
         )
         counted = _sample("cohdi_decisions_total", kind="detached") - before
         detaches = len(w.fabric.detaches)
