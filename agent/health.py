@@ -37,7 +37,7 @@ from prometheus_client import (
 
 #: No `<counter>_created` series: they would double every counter's series (timestamps of
 #: when each label set was first seen), and nothing reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Every metric of the process (cluster and node role) lives here; `/metrics` serves it.
 REGISTRY = CollectorRegistry(auto_describe=True)

@@ -9,6 +9,10 @@ token bucket shared by every key of the queue (10 retries a second, bursts of 10
 default controller rate limiter) — so a failure storm over many keys cannot hammer the API server
 or the fabric. A permanent error is logged and dropped until the key is enqueued again by an
 event. Handlers are level-triggered: they read the current state, so coalescing events is safe.
+
+Logging follows the state of each key, not each retry: a WARNING when its failures start or
+change kind, DEBUG for the retries in between, INFO when it succeeds again (with how many
+retries it took), so an API server away for a minute is a few lines, not one per retry.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class KeyedQueue(Generic[K]):
         self._timers: dict[K, asyncio.TimerHandle] = {}
         #: Retries scheduled after transient failures, since the queue was made.
         self.retries = 0
+        #: key -> the class of its last transient failure, while it keeps failing (for logging
+        #: one line per change of state)
+        self._failing: dict[K, type[BaseException]] = {}
 
     @property
     def depth(self) -> int:
@@ -97,11 +104,16 @@ class KeyedQueue(Generic[K]):
             old.cancel()
         self._timers[key] = loop.call_at(when, self._fire, key)
 
+    def _recovered(self, key: K) -> None:
+        if self._failing.pop(key, None) is not None:
+            logger.info("%s: %s: handled again after failures", self.name, key)
+
     def forget(self, key: K) -> None:
         """Drop what the queue remembers of `key` (its object is gone, say): its failure count,
         so a next failure starts at the first delay again, and a pending delayed enqueue. A key
         already queued or being handled still is."""
         self._limiter.forget(key)
+        self._failing.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -123,6 +135,7 @@ class KeyedQueue(Generic[K]):
             try:
                 await self._handle(key)
                 self._limiter.forget(key)
+                self._recovered(key)
             except asyncio.CancelledError:
                 # Stopped mid-handle (a supervised loop restarting): a later run() handles the
                 # key again instead of losing it until its next event.
@@ -144,16 +157,21 @@ class KeyedQueue(Generic[K]):
     def _retry(self, key: K, exc: Exception, *, transient: bool) -> None:
         if not transient:
             self._limiter.forget(key)
+            self._failing.pop(key, None)
             logger.error("%s: %s: %s (not retried until it changes)", self.name, key, describe(exc))
             return
         delay = self._limiter.when(key, retry_after=retry_after_of(exc))
         self.retries += 1
-        logger.warning(
-            "%s: %s: %s; retry %d in %.1f s",
+        loud = self._failing.get(key) is not type(exc)
+        self._failing[key] = type(exc)
+        logger.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "%s: %s: %s; retry %d in %.1f s%s",
             self.name,
             key,
             describe(exc),
             self._limiter.failures(key),
             delay,
+            " (with backoff; repeats logged at DEBUG)" if loud else "",
         )
         self.enqueue_after(key, delay)

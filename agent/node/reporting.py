@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agent import errors, health, logs, settings
+from agent.backoff import Backoff
 from agent.errors import NvmlError
 from agent.kube.client import MERGE_PATCH, Kube, Obj
 from agent.kube.resources import (
@@ -77,6 +78,9 @@ class NodeReporter:
         self._timers: set[asyncio.TimerHandle] = set()
         #: Set once the first PCI scan has finished (the node role's readiness).
         self.scanned = asyncio.Event()
+        #: resource name -> retry delay after failures, and the class of its last failure
+        self._backoff: Backoff[str] = Backoff(base=1.0, cap=30.0)
+        self._failing: dict[str, type[BaseException]] = {}
         #: set by the kubelet plugin: the claims prepared on this node with any of these device
         #: names (a device prepared for a pod is in use before any process opens it)
         self.prepared_for: Callable[[set[str]], Awaitable[list[str]]] | None = None
@@ -168,6 +172,8 @@ class NodeReporter:
     async def _handle(self, name: str) -> None:
         obj = self.resources.get("", name)
         if obj is None:
+            self._backoff.forget(name)
+            self._failing.pop(name, None)
             return
         try:
             if deleting(obj):
@@ -176,14 +182,31 @@ class NodeReporter:
             elif state(obj) == "Online" and not condition(obj, NODE_READY):
                 await self._identify(obj)
         except errors.AgentError as exc:
-            logger.warning(
-                "node %s: resource %s: %s",
+            # Retried with backoff (1 s doubling to 30 s); one line when the failures start or
+            # change kind, DEBUG while they repeat, INFO when the resource is handled again.
+            loud = self._failing.get(name) is not type(exc)
+            self._failing[name] = type(exc)
+            delay = self._backoff.delay(name)
+            logger.log(
+                logging.WARNING if loud else logging.DEBUG,
+                "node %s: resource %s: %s; retry in %.1f s%s",
                 self.node,
                 name,
                 exc,
+                delay,
+                " (with backoff; repeats logged at DEBUG)" if loud else "",
                 extra=logs.fields(resource=name, node=self.node, error=str(exc)),
             )
-            self._retry_later(1.0, name)
+            self._retry_later(delay, name)
+            return
+        self._backoff.forget(name)
+        if self._failing.pop(name, None) is not None:
+            logger.info(
+                "node %s: resource %s handled again after failures",
+                self.node,
+                name,
+                extra=logs.fields(resource=name, node=self.node),
+            )
 
     def _retry(self, name: str) -> None:
         self._pending.add(name)
