@@ -249,7 +249,13 @@ class World:
         return None
 
     def events(self, reason: str) -> list[Obj]:
-        return [e for e in self.kube.objects("events") if e.get("reason") == reason]
+        """One entry per occurrence: an aggregated Event (`count` n) is there n times."""
+        return [
+            e
+            for e in self.kube.objects("events")
+            if e.get("reason") == reason
+            for _ in range(int(e.get("count") or 1))
+        ]
 
     async def wait(self, probe: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:  # noqa: ASYNC109
         async def check() -> Any:

@@ -104,7 +104,13 @@ class Rig:
         return self.kube.objects("composableresources")
 
     def events(self, reason: str | None = None) -> list[Obj]:
-        return [e for e in self.kube.objects("events") if reason in (None, e["reason"])]
+        """One entry per occurrence: an aggregated Event (`count` n) is there n times."""
+        return [
+            e
+            for e in self.kube.objects("events")
+            if reason in (None, e["reason"])
+            for _ in range(int(e.get("count") or 1))
+        ]
 
     def play_composer(self, name: str, state: str, **status: Any) -> None:
         def change(o: Obj) -> None:
