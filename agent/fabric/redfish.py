@@ -386,11 +386,12 @@ class RedfishFabric:
         where each fact comes from); records where each device and machine lives."""
         zones_of = _zone_index(blocks, zones)
         block_docs = dict(blocks.members)
+        index = _block_index(block_docs)
         implicit = FabricId("") if any(zones_of.values()) else self._implicit_fabric()
         machines: list[Machine] = []
         system_uri: dict[str, str] = {}
         for uri, doc in systems.members:
-            own = _own_blocks(uri, doc, block_docs)
+            own = _own_blocks(uri, doc, block_docs, index)
             machine_zones = [z for b in own for z in zones_of.get(b, [])]
             fallback = str(_oem(doc, uri).get("Fabric") or "") or implicit
             fabric = FabricId(machine_zones[0] if machine_zones else fallback)
@@ -772,9 +773,36 @@ def _zone_index(blocks: _Read, zones: _Read) -> dict[str, list[str]]:
     return {uri: out.get(_norm(uri), []) for uri, _ in blocks.members}
 
 
-def _own_blocks(uri: str, system: dict[str, Any], blocks: dict[str, dict[str, Any]]) -> list[str]:
+def _block_index(
+    blocks: dict[str, dict[str, Any]],
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(normalised block URI -> the URI as listed, normalised system URI -> the normalised URIs
+    of the blocks naming it in their `Links.ComputerSystems`, in block order): made once per
+    inventory, so that finding every system's own blocks is linear in systems + blocks, not
+    their product (a fabric of 5,000 systems and 45,000 blocks would take minutes)."""
+    by_norm = {_norm(u): u for u in blocks}
+    naming: dict[str, list[str]] = {}
+    for block_uri, doc in blocks.items():
+        bl = doc.get("Links")
+        names = bl.get("ComputerSystems") if isinstance(bl, dict) else None
+        if not isinstance(names, list):
+            continue
+        systems = {_norm(str(s.get("@odata.id", ""))) for s in names if isinstance(s, dict)}
+        for system in systems:
+            naming.setdefault(system, []).append(_norm(block_uri))
+    return by_norm, naming
+
+
+def _own_blocks(
+    uri: str,
+    system: dict[str, Any],
+    blocks: dict[str, dict[str, Any]],
+    index: tuple[dict[str, str], dict[str, list[str]]],
+) -> list[str]:
     """A system's own blocks (type Compute or ComputerSystem): those in its
-    `Links.ResourceBlocks`, and those naming it in their `Links.ComputerSystems`."""
+    `Links.ResourceBlocks`, and those naming it in their `Links.ComputerSystems` (`index`:
+    `_block_index(blocks)`)."""
+    by_norm, naming = index
     links = system.get("Links")
     listed = links.get("ResourceBlocks") if isinstance(links, dict) else None
     found = [
@@ -782,15 +810,7 @@ def _own_blocks(uri: str, system: dict[str, Any], blocks: dict[str, dict[str, An
         for r in (listed if isinstance(listed, list) else [])
         if isinstance(r, dict) and isinstance(r.get("@odata.id"), str)
     ]
-    me = _norm(uri)
-    for block_uri, doc in blocks.items():
-        bl = doc.get("Links")
-        names = bl.get("ComputerSystems") if isinstance(bl, dict) else None
-        if isinstance(names, list) and any(
-            isinstance(s, dict) and _norm(str(s.get("@odata.id", ""))) == me for s in names
-        ):
-            found.append(_norm(block_uri))
-    by_norm = {_norm(u): u for u in blocks}
+    found += naming.get(_norm(uri), [])
     out = []
     for b in dict.fromkeys(found):
         block = blocks.get(by_norm.get(b, ""))

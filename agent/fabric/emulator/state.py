@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -57,6 +57,15 @@ class Device:
     reason: str = ""
     #: Bumped on every change; the Redfish ETag of the block.
     revision: int = 1
+
+    #: Bumped whenever any device's `machine` is set: `EmulatorState.attached_to` regroups the
+    #: devices by machine only after that (a collection of 5,000 systems asks per system).
+    moves: ClassVar[int] = 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "machine":
+            Device.moves += 1
+        super().__setattr__(name, value)
 
 
 @dataclass
@@ -121,6 +130,8 @@ class EmulatorState:
         self.config = config
         self.machines = {m.id: m for m in config.machines}
         self.devices = {d.id: Device(d) for d in config.devices}
+        self._by_machine: tuple[int, dict[str, list[Device]]] = (-1, {})
+        self._grouped_devices = 0
         self.faults = Faults()
         self.rng = random.Random(seed)  # noqa: S311 -- reproducible fault injection, not crypto
         self.state_file = state_file
@@ -161,7 +172,16 @@ class EmulatorState:
         return self.faults.devices.setdefault(device_id, DeviceFaults())
 
     def attached_to(self, machine_id: str) -> list[Device]:
-        return [d for d in self.devices.values() if d.machine == machine_id]
+        """The devices on `machine_id` (any state but free), in inventory order."""
+        moves, grouped = self._by_machine
+        if moves != Device.moves or len(self.devices) != self._grouped_devices:
+            grouped = {}
+            for d in self.devices.values():
+                if d.machine is not None:
+                    grouped.setdefault(d.machine, []).append(d)
+            self._by_machine = (Device.moves, grouped)
+            self._grouped_devices = len(self.devices)
+        return list(grouped.get(machine_id, ()))
 
     # --- operations ------------------------------------------------------------------------------
 
