@@ -48,17 +48,29 @@ GCCollector(registry=REGISTRY)  # python_gc_*
 #: Latency buckets (seconds) of calls to the API server, the fabric manager and kubelet's.
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
+
+def zeroed(counter: Counter, *label_sets: tuple[str, ...]) -> Counter:
+    """Create `counter`'s series for the label sets known in advance (value 0)."""
+    for labels in label_sets:
+        counter.labels(*labels)
+    return counter
+
+
 ROLE_UP = Gauge(
     "cohdi_role_up",
     "1 while the role runs, 0 while it waits to be restarted after a failure.",
     ["role"],
     registry=REGISTRY,
 )
-ROLE_RESTARTS = Counter(
-    "cohdi_role_restarts",
-    "Times a role failed (raised or returned) and was restarted with backoff.",
-    ["role"],
-    registry=REGISTRY,
+ROLE_RESTARTS = zeroed(
+    Counter(
+        "cohdi_role_restarts",
+        "Times a role failed (raised or returned) and was restarted with backoff.",
+        ["role"],
+        registry=REGISTRY,
+    ),
+    ("cluster",),
+    ("node",),
 )
 LOOP_UP = Gauge(
     "cohdi_loop_up",
@@ -153,13 +165,6 @@ async def serve(health: Health, *, address: str, port: int) -> Any:
 def bound_port(runner: Any) -> int:
     """The TCP port a runner from `serve` listens on."""
     return int(runner.addresses[0][1])
-
-
-def zeroed(counter: Counter, *label_sets: tuple[str, ...]) -> Counter:
-    """Create `counter`'s series for the label sets known in advance (value 0)."""
-    for labels in label_sets:
-        counter.labels(*labels)
-    return counter
 
 
 # --- the Kubernetes API client and the Event recorder -------------------------------------------

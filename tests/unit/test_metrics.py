@@ -64,6 +64,8 @@ ZERO_AT_START = (
     'cohdi_workqueue_retries_total{queue="composer"}',
     'cohdi_workqueue_depth{queue="scaler"}',
     "cohdi_leader",
+    'cohdi_role_restarts_total{role="node"}',
+    'cohdi_role_restarts_total{role="cluster"}',
 )
 
 
