@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from agent import errors
+from agent import errors, logs
 from agent.controllers import metrics
 from agent.kube.client import Kube, Obj, path_of
 from agent.kube.watching import Informer
@@ -355,7 +355,13 @@ class Publisher:
         message = str(exc)
         if message != self.error:
             level = logging.WARNING if exc.transient else logging.ERROR
-            logger.log(level, "publishing failed: %s; retrying in %.1f s", message, delay)
+            logger.log(
+                level,
+                "publishing failed: %s; retrying in %.1f s",
+                message,
+                delay,
+                extra=logs.fields(error=message),
+            )
         self.error = message
         asyncio.get_running_loop().call_later(delay, self.changed)
 
@@ -500,7 +506,13 @@ class Publisher:
                 await self.kube.patch(
                     f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FABRIC_LABEL: want}}}
                 )
-                logger.info("labelled node %s %s=%s", node, poolmodel.FABRIC_LABEL, want)
+                logger.info(
+                    "labelled node %s %s=%s",
+                    node,
+                    poolmodel.FABRIC_LABEL,
+                    want,
+                    extra=logs.fields(node=node, fabric=want),
+                )
 
 
 def _newer(a: Obj, b: Obj) -> bool:
