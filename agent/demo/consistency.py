@@ -1,6 +1,10 @@
 """Do the three places that know about a GPU agree? The fabric (emulator), the API server
-(ComposableResources, pool slices) and each node's plugin checkpoint. Returns one row per device
-and the disagreements found."""
+(ComposableResources, pool slices, claims) and each node's plugin checkpoint. Returns one row per
+device and the disagreements found.
+
+An attached GPU is published attached (`nodeName` of its node, in its node's own pool), or, while
+a claim holds it through the free entry the claim was allocated, still as that entry (the
+publisher keeps it exactly as allocated until the claim lets go)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.controllers.publishing import SLICES
+from agent.demo.objects import CLAIMS
 from agent.demo.world import World
 from agent.kube.resources import RESOURCES, deleting, state
 from agent.model.fabric import DeviceState
@@ -38,10 +43,22 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
         if gpu:
             cr_of[gpu] = o
     entries: dict[str, dict[str, Any]] = {}
+    pools: dict[str, str] = {}  # device id -> the pool its entry is in
     for s in (await world.kube.get(SLICES))["items"]:
         if s["spec"]["driver"] == world.driver:
             for d in s["spec"].get("devices") or []:  # a pool may have an empty slice
-                entries[d["attributes"]["fabricDeviceId"]["string"]] = d
+                did = d["attributes"]["fabricDeviceId"]["string"]
+                entries[did] = d
+                pools[did] = s["spec"]["pool"]["name"]
+    held = {  # (pool, device name) a claim is allocated
+        (r["pool"], r["device"])
+        for c in (await world.kube.get(CLAIMS))["items"]
+        for r in (((c.get("status") or {}).get("allocation") or {}).get("devices") or {}).get(
+            "results"
+        )
+        or []
+        if r.get("driver") == world.driver
+    }
     prepared: dict[str, list[str]] = {}
     for node in world.nodes:
         path = world.checkpoint(node)
@@ -65,6 +82,8 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
             if entry is None
             else (f"node:{entry['nodeName']}" if "nodeName" in entry else "free")
         )
+        if slice_view == "free" and (pools.get(identity), device_name(identity)) in held:
+            slice_view = "free, held by a claim"
         uids = prepared.get(f"{node}/{device_name(identity)}", []) if node else []
         rows.append(Row(did, fabric, api, slice_view, ",".join(uids) or "-"))
         if dev.state == DeviceState.ATTACHED:
@@ -72,14 +91,14 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
                 problems.append(
                     f"{did}: attached to {node} on the fabric, but no live resource for it"
                 )
-            if slice_view != f"node:{node}":
+            if slice_view not in (f"node:{node}", "free, held by a claim"):
                 problems.append(f"{did}: attached to {node}, the slice says {slice_view}")
         elif dev.state == DeviceState.FREE:
             if cr is not None and not deleting(cr) and state(cr) == "Online":
                 problems.append(f"{did}: free on the fabric, but its resource is Online")
             if uids:
                 problems.append(f"{did}: free on the fabric, but prepared for claims {uids}")
-            if slice_view not in ("free", "absent"):
+            if slice_view not in ("free", "absent", "free, held by a claim"):
                 problems.append(f"{did}: free on the fabric, the slice says {slice_view}")
     return rows, problems
 
