@@ -95,6 +95,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--hotplugs", type=int, default=100, help="hot-plugs timed (100)")
     g.addoption("--idle-seconds", type=float, default=60.0, help="idle node agent window (60)")
     g.addoption(
+        "--demo-warm-devices",
+        type=int,
+        default=1,
+        help="warm capacity of the demo's warm run, idle GPUs per node and model (1)",
+    )
+    g.addoption("--demo-pods", type=int, default=24, help="pods in each demo run (24)")
+    g.addoption(
         "--leader-scales",
         default="1000x8,5000x8",
         help="leader benchmarks, NODESxGPUS_PER_NODE, comma-separated (1000x8,5000x8)",

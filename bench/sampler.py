@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import FrameType
+from types import FrameType, FunctionType, ModuleType
 from typing import Any
 
 INTERVAL_S = 0.01
@@ -105,6 +105,53 @@ def objects(top: int = 20) -> dict[str, Any]:
     }
 
 
+def deep_mib(root: object) -> float:
+    """MiB of `root` and everything it reaches through containers and attributes (each object
+    once; classes, functions and modules are not followed)."""
+    seen: set[int] = set()
+    stack = [root]
+    total = 0
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, type | ModuleType | FunctionType):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list | tuple | set | frozenset):
+            stack.extend(o)
+        else:
+            stack.extend(getattr(o, "__dict__", {}).values())
+            for slot in getattr(type(o), "__slots__", ()):
+                if hasattr(o, slot):
+                    stack.append(getattr(o, slot))
+    return round(total / 2**20, 1)
+
+
+#: What holds the cluster role's data: attributes of these classes, measured deeply.
+HOLDERS = {
+    "Informer": ("store",),
+    "Publisher": ("inventory", "_sent", "_stored", "_entries", "_names", "_view"),
+}
+
+
+def holders() -> dict[str, float]:
+    """MiB held by each informer's store and by the publisher's caches (each measured on its
+    own: what two of them share is counted in both)."""
+    out: dict[str, float] = {}
+    for o in gc.get_objects():
+        attrs = HOLDERS.get(type(o).__name__)
+        if attrs is None:
+            continue
+        label = getattr(o, "name", "") or type(o).__name__
+        for attr in attrs:
+            if hasattr(o, attr):
+                out[f"{type(o).__name__} {label}.{attr}"] = deep_mib(getattr(o, attr))
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> int:
     out, sep, *args = sys.argv[1:]
     assert sep == "--", __doc__
@@ -125,6 +172,7 @@ def main() -> int:
             "seconds": round(time.monotonic() - started, 1),
             **sampler.report(),
             "objects": objects(),
+            "holders_mib": holders(),
         }
         Path(out).write_text(json.dumps(doc, indent=2) + "\n")
 

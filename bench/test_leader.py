@@ -76,7 +76,16 @@ async def _populate(kube: Kube, names: list[str]) -> None:
     await bounded((kube.create(CLAIMS, _claim(i)) for i in range(CLAIM_COUNT)), 32)
 
 
-def _leader(cp: ControlPlane, em_url: str, ca: Path, profile: Path) -> subprocess.Popen[bytes]:
+def _leader(
+    cp: ControlPlane, em_url: str, ca: Path, profile: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return _spawn_leader(cp, em_url, ca, profile, out)
+
+
+def _spawn_leader(
+    cp: ControlPlane, em_url: str, ca: Path, profile: Path, out: Any
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -101,12 +110,50 @@ def _leader(cp: ControlPlane, em_url: str, ca: Path, profile: Path) -> subproces
             "5",
             "--lease-name",
             "leader-bench",
+            "--log-format",
+            "json",
         ],
         env={**os.environ, "COHDI_FABRIC_PASSWORD": worlds.PASSWORD},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=out,
         cwd=HERE.parent,
     )
+
+
+def _served(em: worlds.TimedEmulator, started: float) -> dict[str, Any]:
+    """What the fabric (the emulator, in this process) served the leader until publication:
+    request count, and the slowest requests as [path, started after the leader's start (s),
+    seconds it took to serve]."""
+    slow = sorted(em.served, key=lambda r: -r[3])[:8]
+    return {
+        "requests": len(em.served),
+        "slowest": [[path, round(t0 - started, 2), round(took, 2)] for _m, path, t0, took in slow],
+    }
+
+
+def _log_lines(log: Path, limit: int = 30) -> list[str]:
+    """The leader's log (JSON lines) as 'time message', runs of the same kind of message (the
+    first two words) folded into one line with their count and the time of the last."""
+    out: list[list[Any]] = []  # [time, message, count, last time]
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        ts, msg = str(doc.get("ts", "")), str(doc.get("msg", ""))
+        if out and out[-1][1].split()[:2] == msg.split()[:2]:
+            out[-1][2] += 1
+            out[-1][3] = ts
+        else:
+            out.append([ts, msg, 1, ts])
+    return [
+        f"{ts} {msg}" + (f" (and {n - 1} more like it until {last})" if n > 1 else "")
+        for ts, msg, n, last in out[:limit]
+    ]
 
 
 class Publication:
@@ -119,12 +166,15 @@ class Publication:
         )
         self.done = asyncio.Event()
         self.at = 0.0  # perf_counter when the last device was seen published
+        self.first = 0.0  # perf_counter when the first slice was seen
         self.informer.add_handler(lambda _e: self._check())
 
     def published(self) -> int:
         return sum(len(s["spec"].get("devices") or []) for s in self.informer.store.values())
 
     def _check(self) -> None:
+        if not self.first and self.informer.store:
+            self.first = time.perf_counter()
         if not self.done.is_set() and self.published() >= self.devices:
             self.at = time.perf_counter()
             self.done.set()
@@ -169,7 +219,9 @@ def test_leader_at_scale(
             return kube, em, pub, task
 
         kube, em, pub, watch = runner.run(set_up())
-        proc = _leader(cp, em.url, em.ca_file, profile)
+        log = tmp_path / "leader.log"
+        assert em.ca_file is not None
+        proc = _leader(cp, em.url, em.ca_file, profile, log)
         started = time.perf_counter()
 
         async def sample_until(stop: asyncio.Event | None, seconds: float) -> None:
@@ -194,6 +246,8 @@ def test_leader_at_scale(
             done = pub.done.is_set()
             figures["published_after_s"] = round(pub.at - started, 2) if done else None
             figures["published_devices"] = pub.published()
+            figures["first_slice_after_s"] = round(pub.first - started, 2) if pub.first else None
+            figures["fabric_requests"] = _served(em, started)
             figures["rss_at_publication_mib"] = samples[-1]["rss_mib"] if samples else None
             runner.run(sample_until(None, SETTLE_S))
             figures["leader_cpu_s"] = round(cpu_seconds(proc.pid), 1)
@@ -201,9 +255,10 @@ def test_leader_at_scale(
             figures["rss_last_mib"] = samples[-1]["rss_mib"]
             figures["threads"] = samples[-1]["threads"]
         finally:
+            # Stopped with the loop running: the emulator it serves must answer the logout.
             proc.terminate()
             try:
-                proc.wait(60)
+                runner.run(asyncio.to_thread(proc.wait, 60))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -229,4 +284,5 @@ def test_leader_at_scale(
     if profile.exists():
         figures["profile_whole_run"] = json.loads(profile.read_text())
     figures["rss_samples"] = [[s["t"], s["rss_mib"]] for s in samples]
+    figures["leader_log"] = _log_lines(tmp_path / "leader.log")
     benchmark.extra_info.update(figures)

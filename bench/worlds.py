@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aiohttp import web
+
 from agent import errors, settings
 from agent.controllers import running
 from agent.controllers.publishing import NODES, SLICES, Publisher
@@ -44,9 +46,32 @@ MODEL = "BENCH-GPU"
 Mode = Literal["agent", "floor", "deployed"]
 
 
+class TimedEmulator(EmulatorServer):
+    """The emulator, recording each request it serves: (method, path, started, seconds) with
+    `started` in perf_counter seconds — how long the fabric's side of a read took."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served: list[tuple[str, str, float, float]] = []
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        @web.middleware
+        async def timed(request: web.Request, handler: Any) -> web.StreamResponse:
+            t0 = time.perf_counter()
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            finally:
+                self.served.append((request.method, request.path_qs, t0, time.perf_counter() - t0))
+
+        app.middlewares.insert(0, timed)
+        return app
+
+
 def emulator(
     tag: str, nodes: list[str], devices: int, tmp: Path, *, model: str = MODEL
-) -> EmulatorServer:
+) -> TimedEmulator:
     """The fabric emulator over HTTPS: one machine per node (`m-<node>`), `devices` GPUs of
     `model` on one fabric, zero injected attach latency."""
     conf = emuconfig.parse(
@@ -56,7 +81,7 @@ def emulator(
             "users": [{"name": "admin", "password": PASSWORD}],
         }
     )
-    return EmulatorServer(conf, tls_dir=tmp / f"{tag}-tls")
+    return TimedEmulator(conf, tls_dir=tmp / f"{tag}-tls")
 
 
 def redfish(em: EmulatorServer) -> RedfishFabric:
