@@ -1,0 +1,227 @@
+"""Defects found by trying to break the cluster role (issues 9-11), as fast reproductions on the
+in-memory API server and fabric of `tests/unit/test_cluster_role_fake.py`. Each was first seen
+against real processes (`cohdi-agent run --roles cluster` on the local control plane, the fabric
+emulator); each test is marked `xfail(strict=True)` until the defect is fixed, so the suite stays
+green and a fix turns the test into a failure that says "remove the mark".
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent import errors, settings
+from agent.controllers import running
+from agent.kube.resources import RESOURCES, resource_name
+from agent.model import pool as poolmodel
+from agent.model import requests as rq
+from agent.model.fabric import DeviceId, FabricId, Machine, MachineId, PoolDevice
+from tests.unit import test_cluster_role_fake as fake
+from tests.unit.test_cluster_role_fake import (
+    A100,
+    NODES,
+    FakeFabric,
+    World,
+    scale_up,
+    world,
+)
+
+
+def _hand_written(w: World, name: str, spec: dict[str, object]) -> None:
+    w.kube.add(
+        RESOURCES,
+        {
+            "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+            "kind": "ComposableResource",
+            "metadata": {"name": name},
+            "spec": {"type": "gpu", "model": A100, **spec},
+        },
+    )
+
+
+def _status(w: World, name: str) -> dict[str, object]:
+    return dict((w.resource(name) or {}).get("status") or {})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a claim still allocated to a deleted Node makes the scaler's Reattach and the "
+    "composer's NodeGone release fight: a resource is created, deleted and detached in a hot loop "
+    "(~120 Events/s on the real control plane) for as long as the claim stays allocated",
+)
+async def test_claim_on_a_deleted_node_does_not_loop_reattach_and_release() -> None:
+    """Seen on `./dev demo --keep`: a pod bound to gpu-server-0 with its GPU attached; the node's
+    agent stopped and the Node deleted (the pod and its claim stay, as they do until the pod GC
+    runs); after --node-gone-grace the cluster log repeats 'claim default/nd1 holds ... which is
+    not attached there: attaching it again' / 'node gpu-server-0 is gone (for 130 s): releasing'
+    and the API server receives ~1 200 Events in 10 s."""
+    async with world(node_gone_grace=0.2) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        w.kube.remove(f"{NODES}/node-0")  # the node is deleted; its pod and claim remain
+        await w.wait(lambda: w.events("NodeGone"), "the live resource released after the grace")
+        await w.wait(lambda: w.fabric.attached_to("gpu-0") is None, "gpu-0 detached")
+        await asyncio.sleep(1.0)  # let the controllers settle
+        # what should happen: the device stays detached (there is no node to attach it to), and
+        # nothing is recreated for a node that does not exist
+        reattaches = len(w.events("Reattach"))
+        released = len(w.events("NodeGone"))
+        print("Reattach events:", reattaches, "NodeGone events:", released)
+        assert reattaches <= 1
+        assert released <= 2
+
+
+class _StrictFabric(FakeFabric):
+    """Like the real clients: a device the fabric does not have is `DeviceNotFound` (404)."""
+
+    async def attach(self, device: DeviceId, machine: MachineId, *, model: str = "") -> PoolDevice:
+        if device not in self.devices:
+            raise errors.DeviceNotFound(f"GET .../ResourceBlocks/{device}: 404")
+        return await super().attach(device, machine, model=model)
+
+    async def detach(self, device: DeviceId) -> PoolDevice:
+        if device not in self.devices:
+            raise errors.DeviceNotFound(f"GET .../ResourceBlocks/{device}: 404")
+        return await super().detach(device)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="deleting a ComposableResource whose device is not on the fabric (failed "
+    "DeviceNotFound, or a device that left the inventory) calls detach, gets the permanent "
+    "DeviceNotFound and is never retried: the resource stays 'Detaching' with its finalizer "
+    "forever",
+)
+async def test_deleting_a_resource_whose_device_does_not_exist_finishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen on the real control plane: `kubectl apply` a ComposableResource with
+    `fabric_device: no-such-gpu` → Failed DeviceNotFound (right); `kubectl delete` it → state
+    Detaching for good, 'composer: cr-c: DeviceNotFound ... (not retried until it changes)'."""
+    monkeypatch.setattr(fake, "FakeFabric", _StrictFabric)
+    async with world() as w:
+        _hand_written(w, "ghost", {"target_node": "node-0", "fabric_device": "no-such-gpu"})
+        await w.wait(lambda: _status(w, "ghost").get("reason") == "DeviceNotFound", "Failed")
+        w.kube.remove(f"{RESOURCES}/ghost")  # sets deletionTimestamp: our finalizer holds it
+        await w.wait(lambda: w.resource("ghost") is None, "the resource gone", timeout=5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a hand-written ComposableResource whose spec.model differs from its fabric_device's "
+    "model is attached and goes Online (an A100 attached for a resource that says H100)",
+)
+async def test_resource_naming_a_device_of_another_model_is_refused() -> None:
+    """Seen on `./dev demo --keep`: `spec: {model: NVIDIA-H100-PCIE-80GB, fabric_device:
+    fabric0-gpu-0005}` (an A100) → Online, printed as an H100 by `kubectl get`."""
+    async with world() as w:
+        _hand_written(
+            w, "wrong-model", {"model": "H100", "target_node": "node-0", "fabric_device": "gpu-1"}
+        )
+        await w.wait(
+            lambda: _status(w, "wrong-model").get("state") in ("Online", "Failed"), "a verdict"
+        )
+        assert _status(w, "wrong-model").get("state") == "Failed"
+        assert w.fabric.attached_to("gpu-1") is None
+
+
+class _UpperCaseHosts(FakeFabric):
+    """A fabric whose machines carry the host name in upper case (Redfish `HostName` as the BMC
+    reports it); kubelet registers the node under the lower-case host name."""
+
+    def __init__(self, machines: list[str], gpus: int, *, anonymous: bool = False) -> None:
+        super().__init__(machines, gpus, anonymous=anonymous)
+        self.machines = tuple(
+            Machine(MachineId(f"m-{n}"), n.upper(), FabricId("fab"), node_name=n.upper())
+            for n in machines
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="machines are matched to Nodes by exact string equality of node_name/name/id: a "
+    "fabric reporting HostName 'NODE-0' for the Node 'node-0' (Kubernetes node names are always "
+    "lower case) gets no fabric label, no device is ever offered to it, and nothing is logged",
+)
+async def test_machine_host_name_in_upper_case_still_matches_its_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fake, "FakeFabric", _UpperCaseHosts)  # the world's fabric, from the start
+    async with world(gpus=2) as w:
+        assert isinstance(w.fabric, _UpperCaseHosts)
+        await w.wait(
+            lambda: (
+                (w.kube.get_obj(f"{NODES}/node-0") or {})["metadata"]
+                .get("labels", {})
+                .get(poolmodel.FABRIC_LABEL)
+            ),
+            "node-0 labelled with its fabric",
+            timeout=3,
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a ComposabilityRequest of type cxlmemory naming a GPU model is accepted and a GPU is "
+    "attached for it (the agent manages GPUs only); it should be refused with a condition",
+)
+def test_request_of_an_unsupported_type_is_refused() -> None:
+    """Seen on `./dev demo --keep`: `spec.resource: {type: cxlmemory, model:
+    NVIDIA-A100-PCIE-40GB, size: 1}` → `Running`, member `r-cxl-0` Online with an A100."""
+    resource = {"type": "cxlmemory", "model": A100, "size": 1, "target_node": "n1"}
+    req = rq.Request(
+        name="r-cxl",
+        uid="uid-1",
+        generation=1,
+        want=rq.Want.of(resource),
+        resource=resource,
+        status={},
+    )
+    fabric = rq.Fabric({"n1": "f1"}, {("f1", A100): 4}, {("f1", A100): 4})
+    d = rq.decide(req, [], fabric, rq.Limits(), now=1_000_000.0)
+    assert d.create == ()
+    conditions = {c["type"]: c for c in (d.status or {}).get("conditions") or []}
+    assert conditions.get("Refused", {}).get("status") == "True"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ComposableResources are not scoped to a driver or fabric: a second deployment of the "
+    "agent in the same cluster (another --driver, --lease-name and fabric, as the Lease's help "
+    "'one per cluster and driver' invites) runs its composer on the first one's resources and "
+    "sets them Failed NodeNotOnFabric, so the first deployment's claims never become ready",
+)
+async def test_a_second_deployment_with_another_driver_leaves_our_resources_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen on the real control plane: `cohdi-agent run --driver other.cohdi.io --lease-name
+    brk-other` against a second emulator (one machine, no Node of this cluster) beside the
+    deployment of brk.cohdi.io; a claim for brk.cohdi.io → its resource gpu-fab-gpu-0000 is set
+    'Failed: node brk-1 is not wired to any fabric this agent manages' by the other deployment,
+    the claim fails, is re-allocated, fails again; the pod binds only once the other is stopped.
+    (Our attach is made to take 0.5 s, as the emulator's does, so that the other deployment's
+    composer sees the resource before ours has written Online: otherwise which one wins varies.)"""
+    monkeypatch.setattr(fake, "FakeFabric", _SlowAttach)
+    async with world() as w:
+        other = running.build(
+            w.kube,  # type: ignore[arg-type]
+            FakeFabric(["elsewhere"], 0),  # type: ignore[arg-type]
+            settings.Settings(cluster=settings.ClusterSettings(driver="other.cohdi.io")),
+            identity="other",
+        )
+        w.tasks.append(asyncio.create_task(other.run()))
+        await asyncio.sleep(0.2)  # the other deployment is up and synced
+        w.new_claim("c1")
+        w.allocate("c1", "gpu-1", "node-0")
+        await w.wait(
+            lambda: w.condition("c1", poolmodel.READY) or w.condition("c1", poolmodel.FAILED),
+            "a verdict on c1",
+        )
+        assert w.condition("c1", poolmodel.FAILED) is None, _status(w, resource_name("gpu-1"))
+        assert w.condition("c1", poolmodel.READY)
+
+
+class _SlowAttach(FakeFabric):
+    async def attach(self, device: DeviceId, machine: MachineId, *, model: str = "") -> PoolDevice:
+        await asyncio.sleep(0.5)
+        return await super().attach(device, machine, model=model)
