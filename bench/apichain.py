@@ -160,7 +160,7 @@ class ApiChain:
             "reason": "",
             "message": "",
             "cdi_device_id": device,
-            "device_id": dev.serial if dev else device,
+            "device_id": dev.gpu_uuid if dev else device,
             "machine": self.publisher.machine_of_node(b.node) or "",
             "pci_address": "0000:41:00.0",
         }

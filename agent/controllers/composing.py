@@ -403,7 +403,7 @@ class Composer:
             reason="",
             message="",
             cdi_device_id=dev.id,
-            device_id=dev.serial,
+            device_id=dev.gpu_uuid,
             machine=machine,
             pci_address=dev.pci_address,
         )

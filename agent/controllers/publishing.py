@@ -119,7 +119,7 @@ class Publisher:
         old = self.inventory.device(dev.id)
         if old is not None and not dev.fabric:  # a partial answer (FTI detach): keep what we know
             dev = PoolDevice(
-                dev.id, old.fabric, old.model, dev.state, old.vendor, old.memory, old.serial
+                dev.id, old.fabric, old.model, dev.state, old.vendor, old.memory, old.gpu_uuid
             )
         devices = [d for d in self.inventory.devices if d.id != dev.id]
         devices.append(dev)

@@ -366,7 +366,7 @@ class FtiFabric:
                             fabric,
                             model,
                             DeviceState.FREE,
-                            serial=r.get("res_serial_num", ""),
+                            gpu_uuid=r.get("res_serial_num", ""),
                         )
             return PoolDevice(device, FabricId(""), "", DeviceState.FREE)  # not attached anywhere
 
@@ -391,7 +391,7 @@ def _resource(r: dict[str, Any], fabric: FabricId, machine: MachineId) -> PoolDe
             fabric=fabric,
             model=_model(r),
             state=state,
-            serial=r.get("res_serial_num") or "",
+            gpu_uuid=r.get("res_serial_num") or "",
             machine=machine,
             pci_address=r.get("res_pci_address") or "",
             reason=op[1:] if state == DeviceState.FAILED else "",

@@ -743,7 +743,7 @@ def _device(
         state=state,
         vendor=_string(proc, proc_uri, "Manufacturer") or str(oem.get("Manufacturer") or ""),
         memory=_memory(proc) or int(oem.get("MemoryBytes") or 0),
-        serial=_string(proc, proc_uri, "SerialNumber")
+        gpu_uuid=_string(proc, proc_uri, "SerialNumber")
         or _string(proc, proc_uri, "UUID")
         or str(oem.get("SerialNumber") or ""),
         machine=MachineId(machine) if machine else None,

@@ -40,8 +40,10 @@ class PoolDevice:
     vendor: str = ""
     #: Device memory in bytes, when the fabric reports it.
     memory: int = 0
-    #: The GPU's own identity (NVIDIA UUID / serial) when the fabric knows it.
-    serial: str = ""
+    #: The GPU's own UUID as NVML reports it (`GPU-<uuid>`), when the fabric knows it: the node
+    #: matches the arrived function by it. Redfish: the Processor's SerialNumber or UUID; FTI:
+    #: `res_serial_num`.
+    gpu_uuid: str = ""
     #: The machine it is attached (or being attached/detached) to.
     machine: MachineId | None = None
     #: PCI address on that machine, when the fabric reports it.

@@ -75,8 +75,8 @@ def device_entry(
     }
     if dev.vendor:
         attrs["vendor"] = {"string": names.attribute_string(dev.vendor)}
-    if dev.serial:
-        attrs["uuid"] = {"string": names.attribute_string(dev.serial)}
+    if dev.gpu_uuid:
+        attrs["uuid"] = {"string": names.attribute_string(dev.gpu_uuid)}
     entry: dict[str, Any] = {"name": device_name(dev.id), "attributes": attrs}
     if dev.memory:
         entry["capacity"] = {"memory": {"value": str(dev.memory)}}

@@ -51,7 +51,7 @@ async def test_attach_detach_round_trip_is_idempotent(
     assert dev.machine == "m-node-1"
     assert dev.model == A100
     assert dev.pci_address.startswith("0000:")
-    assert dev.serial.startswith("GPU-")
+    assert dev.gpu_uuid.startswith("GPU-")
     assert attached(emulator) == {dev.id: "m-node-1"}
 
     again = await client.attach(dev.id, MachineId("m-node-1"), model=A100)

@@ -115,7 +115,9 @@ async def test_appear_hook_writes_and_removes_the_pci_function(tmp_path: Path) -
             assert (fn / "vendor").read_text().strip() == "0x10de"
             assert (fn / "class").read_text().strip() == "0x030200"
             lines = (tmp_path / "node-1" / "nvml-gpus").read_text().splitlines()
-            assert [line.split("\t")[:3] for line in lines] == [[dev.serial, A100, dev.pci_address]]
+            assert [line.split("\t")[:3] for line in lines] == [
+                [dev.gpu_uuid, A100, dev.pci_address]
+            ]
             await fabric.detach(dev.id)
             assert not fn.exists()
             assert (tmp_path / "node-1" / "nvml-gpus").read_text() == ""

@@ -66,7 +66,7 @@ class FakeFabric:
         self.machines = tuple(Machine(MachineId(f"m-{n}"), n, FabricId(FABRIC)) for n in machines)
         self.devices: dict[str, PoolDevice] = {
             f"gpu-{i}": PoolDevice(
-                DeviceId(f"gpu-{i}"), FabricId(FABRIC), A100, DeviceState.FREE, serial=f"GPU-{i}"
+                DeviceId(f"gpu-{i}"), FabricId(FABRIC), A100, DeviceState.FREE, gpu_uuid=f"GPU-{i}"
             )
             for i in range(gpus)
         }
@@ -83,7 +83,7 @@ class FakeFabric:
             old.fabric,
             old.model,
             state,
-            serial=old.serial,
+            gpu_uuid=old.gpu_uuid,
             machine=MachineId(machine) if machine else None,
             pci_address="0000:41:00.0" if machine else "",
         )

@@ -31,7 +31,7 @@ def dev(i: int, state: DeviceState = DeviceState.FREE, machine: str | None = Non
         "A100",
         state,
         machine=MachineId(machine) if machine else None,
-        serial=f"GPU-{i}",
+        gpu_uuid=f"GPU-{i}",
         memory=2**30,
     )
 
