@@ -190,11 +190,6 @@ def record(request: pytest.FixtureRequest) -> Any:
 
 def pytest_configure(config: pytest.Config) -> None:
     results_of(config)  # the load before anything of ours starts
-    # pytest-benchmark's own notices (machine_info differs from a compared run, nothing saved
-    # after a failure) are shown, not turned into errors by the project's filterwarnings.
-    config.addinivalue_line(
-        "filterwarnings", "default::pytest_benchmark.logger.PytestBenchmarkWarning"
-    )
 
 
 def _uptime() -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,13 @@ def test_demo(
     if not site.embedded:
         pytest.skip("the demo runs on a local control plane of its own")
     pods = request.config.getoption("--demo-pods")
+    # A short directory: the simulated servers' plugin sockets live under it, and a unix
+    # socket's path must fit in 107 bytes (pytest's tmp_path is too deep).
+    short = Path(tempfile.mkdtemp(prefix="cohdi-demo-"))
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
     cfg = settings.Settings(
         cluster=settings.ClusterSettings(warm_devices=warm),
-        dev=settings.DevClusterSettings(state_dir=str(tmp_path / "state")),
+        dev=settings.DevClusterSettings(state_dir=str(short / "state")),
     )
     status: list[int] = []
 
@@ -62,7 +68,7 @@ def test_demo(
         )
 
     benchmark.pedantic(demo, rounds=1, iterations=1)
-    summary = tmp_path / "demo" / "summary.json"
+    summary = short / "demo" / "summary.json"
     figures: dict[str, Any] = json.loads(summary.read_text()) if summary.exists() else {}
     phases = figures.get("phases", {})
     benchmark.extra_info.update(
