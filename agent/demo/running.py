@@ -128,6 +128,7 @@ def figures(records: list[PodRecord]) -> dict[str, object]:
         "bound": len(done),
         "warm": sum(r.warm for r in done),
         "cold": sum(not r.warm for r in done),
+        "reallocated": sorted(r.name for r in records if r.reallocated),
         "failed": sorted(r.name for r in records if r.error or not r.bound),
         "phases": {label: percentiles(xs) for label, xs in phase_samples(records).items()},
     }
@@ -162,9 +163,15 @@ def summary(records: list[PodRecord]) -> str:
             )
             rows.append(f"{label:<58} {figure}")
     warm = sum(r.warm for r in done)
+    again = [r.name for r in done if r.reallocated]
     failed = [r for r in records if r.error or not r.bound]
+    cycles = (
+        "in one scheduling cycle each"
+        if not again
+        else f"({len(again)} allocated more than once: {', '.join(again)})"
+    )
     rows.append(
-        f"\n{len(done)} of {len(records)} pods bound in one scheduling cycle each; {warm} of "
+        f"\n{len(done)} of {len(records)} pods bound {cycles}; {warm} of "
         f"{len(done)} on an already-attached GPU (no binding-condition wait)"
         + (f"; not bound or failed: {', '.join(r.name for r in failed)}" if failed else "")
     )

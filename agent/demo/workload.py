@@ -39,6 +39,10 @@ class PodRecord:
     #: no binding conditions): nothing to attach, no wait in the scheduler's PreBind, so `ready`
     #: stays 0 and the pod's only figure is submitted → bound.
     warm: bool = False
+    #: Allocations after the first: the scheduler dropped the pod's allocation (its binding
+    #: conditions failed or timed out) and allocated again. Such a pod waited, so it is never
+    #: counted warm.
+    reallocated: int = 0
     cdi_ids: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -78,6 +82,12 @@ class Workload:
             rec.allocated = time.monotonic()
             rec.device = min(held)[1]
             rec.warm = not waiting  # no device of ours waits for FabricDeviceReady
+        elif held and min(held)[1] != rec.device:
+            rec.reallocated += 1
+            rec.device = min(held)[1]
+            rec.warm = False
+        elif not held and rec.allocated and not rec.bound:
+            rec.device = ""  # dropped before binding: whatever comes next is a new allocation
         for b in waiting:
             if b.ready and not rec.ready:
                 rec.ready = time.monotonic()

@@ -125,3 +125,22 @@ def test_workload_marks_an_allocation_without_binding_conditions_warm() -> None:
 
     w._on_claim(Event("MODIFIED", _claim("cold-pod", [free], conditions=True)))
     assert cold.ready >= cold.allocated > 0
+
+
+def test_a_pod_allocated_again_is_neither_warm_nor_one_cycle() -> None:
+    world: Any = SimpleNamespace(kube=None, driver=DRIVER)
+    w = Workload(world, lifetime=(1.0, 1.0))
+    w.records["p"] = PodRecord("p", "A100", submitted=T)
+    free = {"driver": DRIVER, "pool": "fabric0", "device": "gpu-3", "request": "gpu"}
+    free["bindingConditions"] = ["FabricDeviceReady"]
+    attached = {"driver": DRIVER, "pool": "n1-local", "device": "gpu-7", "request": "gpu"}
+    w._on_claim(Event("MODIFIED", _claim("p", [free])))
+    w._on_claim(Event("MODIFIED", {**_claim("p", []), "status": {}}))  # the binding failed
+    w._on_claim(Event("MODIFIED", _claim("p", [attached])))  # and it lands on a warm GPU
+    rec = w.records["p"]
+    assert (rec.reallocated, rec.warm, rec.device) == (1, False, "gpu-7")
+    rec.bound = rec.allocated + 9.0
+    text = summary([rec])
+    assert "1 allocated more than once: p" in text, text
+    assert "0 of 1 on an already-attached GPU" in text
+    assert figures([rec])["reallocated"] == ["p"]
