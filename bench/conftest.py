@@ -256,10 +256,22 @@ def pytest_benchmark_update_json(
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    results = results_of(config)
-    found = ratios(results)
+    found = ratios(results_of(config))
     if not found:
         return
-    terminalreporter.section("agent / floor (same run)")
+    terminalreporter.section("agent / floor, same run")
     for case, row in found.items():
-        terminalreporter.write_line(f"{case}: {row}")
+        parts = [
+            f"allocated→ready p50 {row.get('allocated_to_ready_p50')}x "
+            f"p99 {row.get('allocated_to_ready_p99')}x",
+            f"without the fabric's attach p50 {row.get('overhead_p50')}x "
+            f"p99 {row.get('overhead_p99')}x",
+        ]
+        req = row.get("api_requests_per_claim")
+        if req:
+            parts.append(
+                f"API requests/claim {req['agent']} vs {req['floor']} ({req['difference']:+})"
+            )
+        if row.get("apiserver_cpu_per_claim"):
+            parts.append(f"API-server CPU/claim {row['apiserver_cpu_per_claim']}x")
+        terminalreporter.write_line(f"{case}: " + "; ".join(parts))
