@@ -37,6 +37,7 @@ from agent.kube.resources import RESOURCES, deleting, spec, state
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import composing as decide
+from agent.model import names
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceId, DeviceState, Inventory, MachineId, PoolDevice
 from agent.model.objects import (
@@ -44,9 +45,11 @@ from agent.model.objects import (
     deleted_at,
     devices_of,
     fabric_device,
+    mine,
     name_of,
     target_node,
 )
+from agent.model.requests import SUPPORTED_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class Composer:
         node_gone_grace: float = 60.0,
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        driver: str = "",
     ) -> None:
         self.kube = kube
         self.fabric = fabric
@@ -73,6 +77,7 @@ class Composer:
         self.node_gone_grace = node_gone_grace
         self.mono = mono
         self.wall = wall
+        self.driver_label = names.label_value(driver) if driver else ""
         self.queue: KeyedQueue[str] = KeyedQueue(
             "composer", metrics.timed("composer", self.handle), workers=workers
         )
@@ -167,6 +172,8 @@ class Composer:
         cr = self.resources.get("", name)
         if cr is None or self._stale(cr):
             return
+        if self.driver_label and not mine(cr, self.driver_label):
+            return  # another deployment's (another --driver): never ours to attach or detach
         if deleting(cr):
             await self._remove(cr)
             return
@@ -260,6 +267,19 @@ class Composer:
             self._claimed[dev.id] = name
             return dev
 
+    def _refusal(self, cr: Obj, device: str) -> tuple[str, str] | None:
+        """Why this resource cannot be composed at all, or None: a type other than GPUs, or a
+        named device of another model than the resource asks for."""
+        s = spec(cr)
+        if (s.get("type") or "gpu") not in SUPPORTED_TYPES:
+            return "UnsupportedType", (
+                f"type {s.get('type')!r} is not composed by this agent (it composes gpu)"
+            )
+        dev = self.publisher.device(device) if device else None
+        if dev is not None and s.get("model") and dev.model and dev.model != s["model"]:
+            return "ModelMismatch", f"{device} is a {dev.model}, not the {s['model']} asked for"
+        return None
+
     def _fabric_machine(self, device: str) -> str | None:
         """The machine the fabric (as last read) has `device` attached or attaching to."""
         dev = self.publisher.fabric_device(device) if device else None
@@ -331,6 +351,10 @@ class Composer:
             )
             return
         device = fabric_device(cr)
+        refusal = self._refusal(cr, device)
+        if refusal is not None:
+            await self._fail(cr, *refusal, marking)
+            return
         chosen = ""
         if not device:
             # A request-made resource names only a model: choose a free device, and record the
@@ -515,10 +539,16 @@ class Composer:
                 logger.warning("%s: %s", name, d.why, extra=fields)
                 self.recorder.emit(cr, "NodeGone", f"{device}: {d.why}", warning=True)
             started = self.mono()
-            dev = await self.fabric.detach(DeviceId(device))
+            try:
+                dev: PoolDevice | None = await self.fabric.detach(DeviceId(device))
+            except errors.DeviceNotFound as exc:
+                # not on the fabric (any more): there is nothing to detach; the resource goes
+                logger.warning("%s: %s; nothing to detach", name, exc, extra=fields)
+                dev = None
             took = self.mono() - started
             self._detached.add(uid)
-            self.publisher.device_changed(dev)
+            if dev is not None:
+                self.publisher.device_changed(dev)
             self.recorder.emit(cr, "Detached", f"{device} detached from {node}")
             metrics.DETACH_SECONDS.observe(took)
             metrics.DECISIONS.labels("detached").inc()

@@ -21,10 +21,11 @@ from agent.controllers import metrics
 from agent.kube.client import Kube, Obj, path_of
 from agent.kube.watching import Informer
 from agent.model import composing as composemodel
+from agent.model import names
 from agent.model import pool as poolmodel
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceState, Inventory, PoolDevice
-from agent.model.objects import attached_device, fabric_device
+from agent.model.objects import attached_device, fabric_device, mine
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Publisher:
         #: withholding releases only its own reason, so one cannot undo another's.
         self._withheld: dict[str, set[str]] = {}
         self.pinned: set[str] = set()
+        self._driver_label = names.label_value(driver)
         #: attached device -> the node whose own pool offers it (agent.model.pool.node_pool_slices)
         self._placed: dict[str, str] = {}
         #: called with the new inventory after every fabric read (the composer retries
@@ -141,7 +143,11 @@ class Publisher:
             return held
         for obj in self.resources.store.values():
             slot = fabric_device(obj)
-            if slotmodel.is_slot(slot) and not composemodel.refused(obj):
+            if (
+                slotmodel.is_slot(slot)
+                and not composemodel.refused(obj)
+                and mine(obj, self._driver_label)
+            ):
                 arrived = attached_device(obj)
                 held[slot] = arrived if arrived != slot else None
         return held
@@ -299,12 +305,13 @@ class Publisher:
         """machine id -> Kubernetes node name, for machines whose node exists."""
         if self.inventory is None:
             return {}
-        nodes = {name for _, name in self.nodes.store}
+        # Node names are lower case (DNS subdomains); fabrics report host names as they like
+        nodes = {name.lower(): name for _, name in self.nodes.store}
         out: dict[str, str] = {}
         for m in self.inventory.machines:
             for candidate in (m.node_name, m.name, m.id):
-                if candidate and candidate in nodes:
-                    out[m.id] = candidate
+                if candidate and candidate.lower() in nodes:
+                    out[m.id] = nodes[candidate.lower()]
                     break
         return out
 
@@ -402,10 +409,10 @@ class Publisher:
         """Our slices as the informer shows them, or as our own last write returned them when
         that is newer (the informer lags our writes; we never write into its store)."""
         out = {key[1]: obj for key, obj in self.slices.store.items()}
-        for name, mine in list(self._stored.items()):
+        for name, written in list(self._stored.items()):
             seen = out.get(name)
-            if seen is None or _newer(mine, seen):
-                out[name] = mine
+            if seen is None or _newer(written, seen):
+                out[name] = written
             else:
                 del self._stored[name]  # the informer has caught up (or someone wrote after us)
         return list(out.values())

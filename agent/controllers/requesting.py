@@ -33,8 +33,9 @@ from agent.kube.client import MERGE_PATCH, Kube, Obj
 from agent.kube.eventing import Recorder
 from agent.kube.resources import FINALIZER, GROUP, REQUESTS, RESOURCES, VERSION, deleting
 from agent.kube.watching import Event, Informer
+from agent.model import names
 from agent.model import requests as model
-from agent.model.objects import fabric_device, name_of, state
+from agent.model.objects import DRIVER_LABEL, fabric_device, name_of, state
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Requester:
         publisher: Publisher,
         recorder: Recorder,
         limits: model.Limits | None = None,
+        driver: str = "",
         clock: Callable[[], float] = time.time,
         batch: int = 16,
         workers: int = 8,
@@ -88,6 +90,8 @@ class Requester:
         self.publisher = publisher
         self.recorder = recorder
         self.limits = limits or model.Limits()
+        #: members are labelled with the deployment that made them (cohdi.io/driver)
+        self.made_by = {DRIVER_LABEL: names.label_value(driver)} if driver else {}
         self.clock = clock
         self.batch = batch
         self.queue: KeyedQueue[str] = KeyedQueue(
@@ -295,7 +299,7 @@ class Requester:
             "kind": "ComposableResource",
             "metadata": {
                 "name": m.name,
-                "labels": model.member_labels(req.name),
+                "labels": {**model.member_labels(req.name), **self.made_by},
                 "ownerReferences": [model.owner_reference(API_VERSION, req.name, req.uid)],
             },
             "spec": {
@@ -332,7 +336,7 @@ class Requester:
                 f"{RESOURCES}/{name}",
                 {
                     "metadata": {
-                        "labels": model.member_labels(req.name),
+                        "labels": {**model.member_labels(req.name), **self.made_by},
                         "ownerReferences": refs,
                         "resourceVersion": obj["metadata"]["resourceVersion"],
                     }

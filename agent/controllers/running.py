@@ -148,6 +148,7 @@ def build(
         recorder=recorder,
         workers=c.workers,
         node_gone_grace=c.node_gone_grace,
+        driver=c.driver,
     )
     requester = Requester(
         kube,
@@ -157,6 +158,7 @@ def build(
         publisher=publisher,
         recorder=recorder,
         limits=Limits(max_size=c.request_max_size),
+        driver=c.driver,
     )
     return ClusterRole(
         publisher,

@@ -53,7 +53,15 @@ from agent.model import pool as poolmodel
 from agent.model import requests as requestmodel
 from agent.model import scaling as decide
 from agent.model.fabric import DeviceState, Inventory
-from agent.model.objects import attached_device, devices_of, fabric_device, state, target_node
+from agent.model.objects import (
+    DRIVER_LABEL,
+    attached_device,
+    devices_of,
+    fabric_device,
+    mine,
+    state,
+    target_node,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +125,7 @@ class Scaler:
         self.deadline = deadline
         self.idle_grace = idle_grace
         self.settle = settle
+        self.driver_label = names.label_value(driver)
         self.orphan_grace = orphan_grace
         self.warm = warm
         self.fresh = fresh or FreshClaims(kube, mono=mono)
@@ -255,6 +264,8 @@ class Scaler:
         if device is not None:
             self.publisher.pin(device)
         resource = self.resources.get("", resource_name(device)) if device else None
+        if resource is not None and not mine(resource, self.driver_label):
+            resource = None  # another deployment's: its device ids are not ours
         d = decide.decide_bind(
             b,
             device=device,
@@ -287,6 +298,7 @@ class Scaler:
                 "annotations": {CLAIM_ANNOTATION: ref},
                 "labels": {
                     poolmodel.FABRIC_LABEL: poolmodel.fabric_label(dev.fabric if dev else ""),
+                    DRIVER_LABEL: self.driver_label,
                 },
                 # born with the composer's finalizer: one write (and one event round trip) less
                 "finalizers": [crds.FINALIZER],
@@ -430,6 +442,8 @@ class Scaler:
         for s in found:
             if resource_name(s.device) in self._created:
                 continue
+            if self.nodes.get("", s.node) is None:
+                continue  # its Node is gone: nothing can use the device there (no re-attach)
             if s.elsewhere:
                 if (key, s.device) not in self._warned:
                     self._warned.add((key, s.device))
@@ -512,7 +526,10 @@ class Scaler:
             "metadata": {
                 "name": name,
                 "annotations": {ADOPTED_ANNOTATION: "orphan"},
-                "labels": {poolmodel.FABRIC_LABEL: poolmodel.fabric_label(dev.fabric)},
+                "labels": {
+                    poolmodel.FABRIC_LABEL: poolmodel.fabric_label(dev.fabric),
+                    DRIVER_LABEL: self.driver_label,
+                },
                 "finalizers": [crds.FINALIZER],
             },
             "spec": {
@@ -677,6 +694,7 @@ class Scaler:
             "metadata": {
                 "generateName": names.dns_subdomain(f"warm-{node}-{model}", limit=240) + "-",
                 "annotations": {WARM_ANNOTATION: "true"},
+                "labels": {DRIVER_LABEL: self.driver_label},
                 "finalizers": [crds.FINALIZER],
             },
             "spec": {"type": "gpu", "model": model, "target_node": node},
@@ -707,9 +725,13 @@ class Scaler:
         """The live resource that owns `device` (by the name it was made under, or any that
         names it: model-only, warm, adopted)."""
         cr = self.resources.get("", resource_name(device))
-        if cr is not None:
+        if cr is not None and mine(cr, self.driver_label):
             return cr
-        named = [o for o in self.resources.store.values() if device in devices_of(o)]
+        named = [
+            o
+            for o in self.resources.store.values()
+            if device in devices_of(o) and mine(o, self.driver_label)
+        ]
         return composemodel.owner_of(device, named)
 
     def _idle_alike(self, node: str, model: str, held: set[str]) -> list[str]:

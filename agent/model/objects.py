@@ -19,6 +19,9 @@ Obj = dict[str, Any]
 CLAIM_ANNOTATION: Final = "cohdi.io/claim"  # <namespace>/<name> of the claim the attach is for
 NODE_READY: Final = "NodeReady"  # written by the node role: the device is seen and usable
 NODE_RELEASED: Final = "NodeReleased"  # written by the node role: safe to detach
+#: The DRA driver of the deployment that made a resource: two deployments in one cluster (another
+#: --driver and fabric) leave each other's resources alone.
+DRIVER_LABEL: Final = "cohdi.io/driver"
 
 
 def condition(obj: Obj, ctype: str) -> bool:
@@ -65,6 +68,13 @@ def attached_device(obj: Obj) -> str:
 def devices_of(obj: Obj) -> set[str]:
     """Every fabric device id the resource names: its identity and what it attached."""
     return {d for d in (fabric_device(obj), attached_device(obj)) if d}
+
+
+def mine(obj: Obj, driver_label: str) -> bool:
+    """The resource is this deployment's to act on: made by it (`cohdi.io/driver` = ours), or by
+    no deployment (hand-written, or CoHDI's operator: no such label)."""
+    made_by = ((obj.get("metadata") or {}).get("labels") or {}).get(DRIVER_LABEL)
+    return made_by is None or made_by == driver_label
 
 
 def target_node(obj: Obj) -> str:

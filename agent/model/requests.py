@@ -22,7 +22,8 @@ Conditions of a request:
 - `Refused`: nothing is created for the spec as it stands — `TooLarge` (size over
   `--request-max-size`), `PolicyConflict` (`differentnode` with a `target_node`, which CoHDI's
   webhook forbids), `NoNode` (the target node, or every node, is not wired to a fabric),
-  `UnknownModel` (no fabric those nodes reach has a usable device of the model). CoHDI `state`
+  `UnknownModel` (no fabric those nodes reach has a usable device of the model), `UnsupportedType`
+  (a type other than `gpu`, e.g. CoHDI's `cxlmemory`). CoHDI `state`
   is then `Failed` and `error` says why. Members that match the spec are left alone; members that
   do not are deleted.
 - `Degraded`: the request runs below its size, and why — `ExceedsFabric` (the fabric has fewer
@@ -80,6 +81,10 @@ TOO_LARGE: Final = "TooLarge"
 POLICY_CONFLICT: Final = "PolicyConflict"
 NO_NODE: Final = "NoNode"
 UNKNOWN_MODEL: Final = "UnknownModel"
+UNSUPPORTED_TYPE: Final = "UnsupportedType"
+#: The device types this agent composes (`spec.resource.type`): GPUs (and accelerators the fabric
+#: pools as such); CoHDI's CRD also allows `cxlmemory`, which no backend here offers.
+SUPPORTED_TYPES: Final = frozenset({"gpu"})
 EXCEEDS_FABRIC: Final = "ExceedsFabric"
 NOT_ENOUGH_NODES: Final = "NotEnoughNodes"
 MEMBER_FAILED: Final = "MemberFailed"
@@ -460,6 +465,11 @@ def _refusal(want: Want, fabric: Fabric, limits: Limits) -> tuple[str, str] | No
         )
     if want.policy == "differentnode" and want.target_node:
         return POLICY_CONFLICT, "allocation_policy differentnode cannot name a target_node"
+    if want.type not in SUPPORTED_TYPES:
+        return UNSUPPORTED_TYPE, (
+            f"type {want.type!r} is not composed by this agent (it composes "
+            f"{', '.join(sorted(SUPPORTED_TYPES))}); nothing is created"
+        )
     if want.size == 0:
         return None
     if want.target_node and want.target_node not in fabric.nodes:
