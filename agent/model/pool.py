@@ -32,8 +32,10 @@ def device_name(device_id: str) -> str:
 
 
 def pool_name(fabric: str) -> str:
-    """The DRA pool of a fabric: its id when that is a valid pool name (`names.pool_name`)."""
-    return names.pool_name(fabric)
+    """The DRA pool of a fabric: one segment, the fabric id when that is a DNS subdomain, else
+    `<stem>-<hash>` (`names.dns_subdomain`). Never a '/': two-segment pool names are the node
+    pools' (`node_pool_name`), so the two kinds can never share a name."""
+    return names.dns_subdomain(fabric)
 
 
 def fabric_label(fabric: str) -> str:
@@ -57,9 +59,16 @@ class SliceSpec:
 
 
 def node_pool_name(fabric: str, node: str) -> str:
-    """The node-local pool of `node`'s attached GPUs from `fabric`: `<fabric pool>/<node>` (pool
-    names are DNS subdomains joined by '/'; node names are DNS subdomains)."""
-    return f"{pool_name(fabric)}/{node}"
+    """The node-local pool of `node`'s attached GPUs from `fabric`: `<fabric pool>/<node>` (a DRA
+    pool name is DNS subdomains joined by '/', 253 bytes in all; node names are DNS subdomains).
+    When the whole would be longer, each part is cut to `<stem>-<hash>` to fit, so distinct
+    (fabric, node) pairs still never share a pool."""
+    fabric_pool = pool_name(fabric)
+    if len(fabric_pool) + 1 + len(node) <= names.DNS_SUBDOMAIN_MAX:
+        return f"{fabric_pool}/{node}"
+    first = names.dns_subdomain(fabric_pool, limit=min(len(fabric_pool), 120))
+    second = names.dns_subdomain(node, limit=names.DNS_SUBDOMAIN_MAX - 1 - len(first))
+    return f"{first}/{second}"
 
 
 def device_entry(

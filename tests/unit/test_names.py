@@ -186,7 +186,9 @@ def test_the_format_is_pinned() -> None:
     assert poolmodel.device_name("GPU_0") == "gpu-0-733r6jeacl"
     assert poolmodel.device_name("gpu-0") == "gpu-0"
     assert poolmodel.pool_name("Fabric_1") == f"fabric-1-{names.id_hash('Fabric_1')}"
-    assert poolmodel.pool_name("fabric0/rack-2") == "fabric0/rack-2"
+    # one segment: two-segment names are the node pools'
+    assert poolmodel.pool_name("fabric0/rack-2") == names.dns_subdomain("fabric0/rack-2")
+    assert "/" not in poolmodel.pool_name("fabric0/rack-2")
     assert poolmodel.fabric_label("Fabric_1") == "Fabric_1"
     assert resource_name("gpu.b") == "gpu-gpu.b"
     assert resource_name("gpu_b") == f"gpu-gpu-b-{names.id_hash('gpu-gpu_b')}"
