@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported where used: `version` and `manifests` start withou
     from agent.fabric.protocol import FabricManager
     from agent.kube.client import Kube
     from agent.kube.leasing import LeaderElector
+    from agent.node.plugin import KubeletPlugin
     from agent.node.reporting import NodeReporter
 
 
@@ -380,6 +381,7 @@ class _NodeRole:
         self.kube = kube
         self.cfg = cfg
         self.reporter: NodeReporter | None = None
+        self.plugin: KubeletPlugin | None = None
         self.plugin_serving = False
 
     async def run(self) -> None:
@@ -398,6 +400,7 @@ class _NodeRole:
             cdi_dir=Path(cfg.node.cdi_dir),
             reporter=reporter,
         )
+        self.plugin = plugin
         try:
             await plugin.start()
             self.plugin_serving = True
@@ -410,6 +413,15 @@ class _NodeRole:
         reasons = [] if self.plugin_serving else ["kubelet plugin not serving"]
         if self.reporter is None or not self.reporter.scanned.is_set():
             reasons.append("first PCI scan not done")
+        preparer = self.plugin.preparer if self.plugin is not None else None
+        if preparer is not None and preparer.checkpoint_error:
+            if preparer.checkpoint.path.exists():
+                reasons.append(
+                    f"kubelet plugin checkpoint unreadable (every prepare fails): "
+                    f"{preparer.checkpoint_error}"
+                )
+            else:
+                preparer.checkpoint_error = ""  # moved away: the next prepare starts afresh
         return reasons
 
     def serving(self) -> bool:

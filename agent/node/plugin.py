@@ -61,6 +61,8 @@ class Preparer:
         self.cdi_dir = cdi_dir
         self.checkpoint = Checkpoint(plugin_dir / "checkpoint.json")
         self._lock = asyncio.Lock()
+        #: why the last read of the checkpoint failed ("" when it did not): the node is not ready
+        self.checkpoint_error = ""
         # safe removal asks us: a device prepared for a claim is in use even with no process yet
         reporter.prepared_for = self.prepared_for
 
@@ -87,8 +89,14 @@ class Preparer:
     def _load(self) -> dict[str, PreparedClaim]:
         """The checkpoint's claims (the caller holds its lock). Entries of an earlier boot are
         dropped from the result and their CDI files removed: the reboot reset the devices, and
-        their specs must not outlive them. Raises CheckpointError (unreadable checkpoint)."""
-        claims = self.checkpoint.load()
+        their specs must not outlive them. Raises CheckpointError (unreadable checkpoint), and
+        remembers it for readiness (`checkpoint_error`) until a read succeeds."""
+        try:
+            claims = self.checkpoint.load()
+        except errors.CheckpointError as exc:
+            self.checkpoint_error = str(exc)
+            raise
+        self.checkpoint_error = ""
         for old in self.checkpoint.stale:
             cdi.remove(self.cdi_dir, self.driver, old.uid)
             logger.info(

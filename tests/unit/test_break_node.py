@@ -1,5 +1,5 @@
 """A node role that cannot do its work but says it is ready, found by trying to break issues 9-11
-with real processes. Marked `xfail(strict=True)` until the defect is fixed.
+with real processes. It failed before its fix and now guards it.
 
 Seen on `./dev demo --keep` (real node roles over synthetic trees): gpu-server-1's plugin
 checkpoint overwritten with `{"version": 1, "garb`. From then on
@@ -40,11 +40,6 @@ def root() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a node role whose plugin checkpoint is unreadable fails every prepare and refuses "
-    "every release, but /readyz (not_ready) reports it ready",
-)
 async def test_a_node_whose_checkpoint_is_unreadable_is_not_ready(root: Path) -> None:
     (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
     plugin_dir = root / "kubelet" / "plugins" / DRIVER
