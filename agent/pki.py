@@ -105,6 +105,22 @@ def make_ca(
     return pair, key, cert
 
 
+def load_or_make_ca(
+    directory: Path, cn: str
+) -> tuple[KeyPair, ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA already in `directory` (`ca.crt`, `ca.key`), or a new one (`make_ca`) when there is
+    none or it cannot be read as an EC key and certificate."""
+    pair = KeyPair(directory / "ca.crt", directory / "ca.key")
+    try:
+        cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+        key = serialization.load_pem_private_key(pair.key.read_bytes(), password=None)
+    except (OSError, ValueError):
+        return make_ca(directory, cn)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or cert.not_valid_after_utc <= _now():
+        return make_ca(directory, cn)
+    return pair, key, cert
+
+
 def issue(
     directory: Path,
     stem: str,

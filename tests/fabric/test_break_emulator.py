@@ -1,7 +1,6 @@
 """Defects of the built-in fabric emulator found by trying to break issues 9-11 with real
-processes (`cohdi-agent fabric-emulator --emulator-config ...` and `cohdi-agent run`). Each test is
-marked `xfail(strict=True)` until the defect is fixed, so the suite stays green and a fix turns
-the test into a failure that says "remove the mark"."""
+processes (`cohdi-agent fabric-emulator --emulator-config ...` and `cohdi-agent run`). Each failed
+before its fix and now guards it."""
 
 from __future__ import annotations
 
@@ -18,13 +17,6 @@ from tests.fabric.conftest import A100, PASSWORD, make_client, serving, small_co
 ODD_IDS = ["GPU/0", "id?q=1#f"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the emulator accepts device ids it cannot serve: it writes them into Redfish URIs "
-    "unescaped (ResourceBlocks/GPU/0, ResourceBlocks/id?q=1#f), answers 404 to its own "
-    "links, and the agent's whole inventory read fails ('fabric manager ... refuses us', "
-    "nothing published) because of one device",
-)
 @pytest.mark.parametrize("odd", ODD_IDS)
 async def test_device_ids_that_are_no_uri_segment_are_served_or_refused(
     odd: str, tmp_path: Path
@@ -47,13 +39,6 @@ async def test_device_ids_that_are_no_uri_segment_are_served_or_refused(
     assert len(inv.devices) == 2, [d.id for d in inv.devices]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every emulator start makes a new CA in --emulator-tls-dir, so a restart (which keeps "
-    "attachments through --emulator-state-file) leaves every running client untrusting it: the "
-    "cluster role fails claims and resources with 'the fabric manager's TLS certificate is not "
-    "trusted' until it is restarted",
-)
 async def test_a_restarted_emulator_is_still_trusted_by_its_clients(tmp_path: Path) -> None:
     async with serving(small_config(), tmp_path) as server:
         assert server.ca_file is not None

@@ -115,6 +115,20 @@ def _str(doc: dict[str, Any], key: str, where: str, default: str | None = None) 
     return value
 
 
+#: Characters an id cannot carry: the emulator serves every id as one Redfish URI path segment
+#: (RFC 3986: '/' separates segments, '?' and '#' end the path, '%' starts an escape).
+_NOT_IN_A_SEGMENT = frozenset("/?#%")
+
+
+def _check_segment(value: str, where: str) -> None:
+    bad = sorted(set(value) & _NOT_IN_A_SEGMENT)
+    if bad:
+        raise EmulatorConfigError(
+            f"{where}: {value!r} cannot be served as a Redfish URI segment (it contains "
+            f"{' '.join(bad)}); choose an id without / ? # %"
+        )
+
+
 def parse(doc: Any, *, environ: Mapping[str, str] | None = None) -> EmulatorConfig:
     env = os.environ if environ is None else environ
     if not isinstance(doc, dict):
@@ -138,6 +152,8 @@ def parse(doc: Any, *, environ: Mapping[str, str] | None = None) -> EmulatorConf
         )
     if len({m.id for m in machines}) != len(machines):
         raise EmulatorConfigError("machines: ids must be unique")
+    for i, m in enumerate(machines):
+        _check_segment(m.id, f"machines[{i}].id")
     devices: list[DeviceSpec] = []
     for i, d in enumerate(doc.get("devices") or []):
         where = f"devices[{i}]"
@@ -152,6 +168,7 @@ def parse(doc: Any, *, environ: Mapping[str, str] | None = None) -> EmulatorConf
             raise EmulatorConfigError(f"{where}.ids: must be a list of {count} ids")
         for n in range(count):
             dev_id = str(ids[n]) if ids else f"{fabric}-gpu-{len(devices):04d}"
+            _check_segment(dev_id, f"{where}.ids[{n}]")
             devices.append(
                 DeviceSpec(
                     id=dev_id,

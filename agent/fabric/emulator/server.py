@@ -21,10 +21,11 @@ logger = logging.getLogger(__name__)
 
 
 def make_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
-    """A fresh CA and a serving certificate for 127.0.0.1/localhost; returns the server context
-    and the CA file clients should trust."""
+    """The CA in `directory` (made the first time, kept across restarts, so clients that trust it
+    keep trusting a restarted emulator) and a fresh serving certificate for 127.0.0.1/localhost
+    signed by it; returns the server context and the CA file clients should trust."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key, ca_cert = pki.make_ca(directory, "cohdi-fabric-emulator-ca")
+    ca, ca_key, ca_cert = pki.load_or_make_ca(directory, "cohdi-fabric-emulator-ca")
     serving = pki.issue(
         directory,
         "emulator",
