@@ -185,17 +185,24 @@ class ControlPlane:
             lambda: self._readyz(self.apiserver_port), "kube-apiserver", time.monotonic() + timeout
         )
 
-    def scheduler_config(self) -> dict[str, object]:
+    def scheduler_config(self, timeout: float = 30.0) -> dict[str, object]:
         """The configuration kube-scheduler runs with, as it reports it (GET /configz on its
         secure port with the admin identity): {"componentconfig": KubeSchedulerConfiguration}.
-        Raises DevClusterError when the scheduler does not answer."""
+        Just after start the scheduler may still refuse (403: its delegated authorization asks
+        the API server, whose RBAC bootstrap can lag its /readyz), so refusals and connection
+        errors are retried for `timeout` seconds; then DevClusterError."""
         url = f"https://127.0.0.1:{self.scheduler_port}/configz"
-        try:
-            with urllib.request.urlopen(url, context=self._ssl(), timeout=5) as resp:
-                doc: dict[str, object] = json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise errors.DevClusterError(f"kube-scheduler's {url}: {exc}") from exc
-        return doc
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, context=self._ssl(), timeout=5) as resp:
+                    doc: dict[str, object] = json.loads(resp.read())
+                    return doc
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                if time.monotonic() > deadline:
+                    raise errors.DevClusterError(f"kube-scheduler's {url}: {exc}") from exc
+            if self._stop.wait(0.5):
+                raise errors.DevClusterError(f"stopped while reading kube-scheduler's {url}")
 
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self.procs.items() if p.pid is not None}
