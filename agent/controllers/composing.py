@@ -414,6 +414,9 @@ class Composer:
         if marking is not None:
             await marking
         took = self.mono() - started
+        if slotmodel.is_slot(device) and s.get("fabric_device") == device:
+            # the GPU that came through the slot is offered under the slot's name only, from now
+            self.publisher.arrived(device, str(dev.id))
         if not s.get("fabric_device"):
             # A model-only resource (a request's member, warm capacity): the GPU was never
             # offered under any identity while chosen, so it can go straight to its node's own

@@ -67,6 +67,8 @@ class Publisher:
         #: withholding releases only its own reason, so one cannot undo another's.
         self._withheld: dict[str, set[str]] = {}
         self.pinned: set[str] = set()
+        #: slot -> the GPU that arrived through it, until the resource's status says so
+        self._arrivals: dict[str, str] = {}
         self._driver_label = names.label_value(driver)
         #: attached device -> the node whose own pool offers it (agent.model.pool.node_pool_slices)
         self._placed: dict[str, str] = {}
@@ -136,6 +138,13 @@ class Publisher:
             self._release_freed()
             self.changed()
 
+    def arrived(self, slot: str, device: str) -> None:
+        """The composer's word that `device` arrived through `slot`, before its resource's status
+        says so: from this instant the GPU is offered only under the slot's name (never, not
+        even for one sync, under its own)."""
+        self._arrivals[slot] = device
+        self.changed()
+
     def held_slots(self) -> dict[str, str | None]:
         """Slot id → the device a live resource attached through it (None until it arrived)."""
         held: dict[str, str | None] = {}
@@ -149,7 +158,13 @@ class Publisher:
                 and mine(obj, self._driver_label)
             ):
                 arrived = attached_device(obj)
-                held[slot] = arrived if arrived != slot else None
+                if arrived != slot:
+                    self._arrivals.pop(slot, None)  # the status says it now
+                    held[slot] = arrived
+                else:
+                    held[slot] = self._arrivals.get(slot)
+        for slot in set(self._arrivals) - set(held):
+            del self._arrivals[slot]  # its resource is gone
         return held
 
     @property

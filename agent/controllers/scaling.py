@@ -339,7 +339,7 @@ class Scaler:
         if await self._set_condition(
             b, poolmodel.READY, "Attached", f"{device} is attached and ready on {b.node}"
         ):
-            # stays pinned (offered as the claim was allocated it) until the claim lets go
+            self.publisher.unpin(device)
             metrics.DECISIONS.labels("ready").inc()
             took = max(0.0, self.wall() - b.allocated_at) if b.allocated_at else None
             if took is not None:

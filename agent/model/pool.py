@@ -176,8 +176,8 @@ def desired_slices(
     cache: EntryCache | None = None,
     placed: Mapping[str, str] | None = None,
 ) -> dict[str, list[SliceSpec]]:
-    """pool -> slices. `pinned`: devices a claim holds through their free entry (kept as
-    offered, attaching or attached, until the claim lets go); `withheld`: devices not to offer
+    """pool -> slices. `pinned`: devices allocated to a claim while they attach (kept as free
+    entries); `withheld`: devices not to offer
     (scale-down or a move in progress, failed claims); `placed`: attached devices offered from
     their node's pool instead (`node_pool_slices`). `cache` (kept by the caller between calls)
     reuses the entry of a device that did not change, so a sync of thousands of unchanged
@@ -197,14 +197,13 @@ def desired_slices(
         if dev.id in withheld or (dev.anonymous and dev.state != DeviceState.FREE):
             continue
         node = node_of_machine.get(dev.machine or "")
-        # held by a claim through this entry (pinned by the scaler until the claim lets go): kept
-        # exactly as it was offered, attaching or attached — no other claim can be given it, and
-        # not rewriting a 128-device slice per attach keeps the scale-up path to the API's floor
-        held_for_claim = dev.id in pinned and dev.state in (
-            DeviceState.ATTACHING,
-            DeviceState.ATTACHED,
-        )
-        if dev.state == DeviceState.FREE or held_for_claim:
+        # attaching for a claim (pinned by the scaler until FabricDeviceReady): kept exactly as it
+        # was offered. Once attached it is offered with nodeName: were the free entry kept until
+        # the claim lets go, the scheduler could give that stale entry, pinned to any node of the
+        # fabric, to the next claim in the instant between the release and our rewrite (found by
+        # the churn test: claims allocated a GPU attached to another node)
+        attaching_for_claim = dev.id in pinned and dev.state == DeviceState.ATTACHING
+        if dev.state == DeviceState.FREE or attaching_for_claim:
             key: tuple[PoolDevice, str | None, bool] | None = (dev, None, True)
         elif dev.state == DeviceState.ATTACHED and node and (placed or {}).get(dev.id) == node:
             key = None  # offered in its node's pool instead (node_pool_slices)

@@ -106,7 +106,7 @@ class Invariants:
         for (_, cname), claim in self.claims.store.items():
             for pool, dev_name in claimmodel.allocated_devices(claim, self.w.driver):
                 device = role.publisher.device_id_of(pool, dev_name) or f"{pool}/{dev_name}"
-                holders[behind.get(device, device)].append(cname)
+                holders[behind.get(device, device)].append(f"{cname} ({pool}/{device})")
         self.violations.extend(
             f"{gpu} held by {names}" for gpu, names in holders.items() if len(names) > 1
         )

@@ -106,13 +106,15 @@ async def test_twenty_pods_bind_in_one_cycle_with_devices_on_their_nodes(world: 
 
     slices = await our_slices(world)
     by_name = {d["name"]: d for s in slices for d in s["spec"]["devices"]}
-    for device in used:
-        (entry,) = [
+    for device, claim_name in used.items():
+        entry = next(
             e for e in by_name.values() if e["attributes"]["fabricDeviceId"]["string"] == device
-        ]  # offered once: held entries are kept as the claims were allocated them
-        assert entry["bindsToNode"]
-    assert len(by_name) == 24
-    assert all(e["bindsToNode"] for e in by_name.values())
+        )
+        assert entry.get("nodeName") == placed[claim_name]
+        assert "bindingConditions" not in entry
+    free = [e for e in by_name.values() if "nodeName" not in e]
+    assert len(free) == 4
+    assert all(e["bindsToNode"] for e in free)
     pools = {s["spec"]["pool"]["name"] for s in slices}
     assert pools == {f"fab-{world.suffix}"}
     for node in world.nodes:

@@ -322,12 +322,16 @@ async def test_scale_up_attaches_and_sets_fabric_device_ready() -> None:
         assert cr is not None
         assert cr["metadata"]["annotations"][CLAIM_ANNOTATION] == "default/c1"
         assert cr["status"]["state"] == "Online"
-        # held: its entry stays exactly as the claim was allocated it (no slice rewrite per
-        # attach); it moves to node-0's own pool once the claim lets go
-        await asyncio.sleep(0.2)
-        entry = w.offered()[w.device_name("gpu-1")]
-        assert entry["bindsToNode"]
-        assert "nodeName" not in entry
+        # attached and held: offered with nodeName, no binding conditions
+        entry = await w.wait(
+            lambda: (
+                w.offered()[w.device_name("gpu-1")].get("nodeName")
+                and w.offered()[w.device_name("gpu-1")]
+            ),
+            "gpu-1 offered as attached",
+        )
+        assert entry["nodeName"] == "node-0"
+        assert "bindingConditions" not in entry
         assert [e["reason"] for e in w.events("DeviceReady")] == ["DeviceReady"]
         assert w.events("AttachRequested") == []  # one Event per claim on the normal path
 
