@@ -1,7 +1,8 @@
 """Defects found by trying to break the cluster role (issues 9-11), as fast reproductions on the
 in-memory API server and fabric of `tests/unit/test_cluster_role_fake.py`. Each was first seen
 against real processes (`cohdi-agent run --roles cluster` on the local control plane, the fabric
-emulator); each failed before its fix and now guards it.
+emulator); each test is marked `xfail(strict=True)` until the defect is fixed, so the suite stays
+green and a fix turns the test into a failure that says "remove the mark".
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def _status(w: World, name: str) -> dict[str, object]:
     return dict((w.resource(name) or {}).get("status") or {})
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a claim still allocated to a deleted Node makes the scaler's Reattach and the "
+    "composer's NodeGone release fight: a resource is created, deleted and detached in a hot loop "
+    "(~120 Events/s on the real control plane) for as long as the claim stays allocated",
+)
 async def test_claim_on_a_deleted_node_does_not_loop_reattach_and_release() -> None:
     """Seen on `./dev demo --keep`: a pod bound to gpu-server-0 with its GPU attached; the node's
     agent stopped and the Node deleted (the pod and its claim stay, as they do until the pod GC
@@ -78,6 +85,13 @@ class _StrictFabric(FakeFabric):
         return await super().detach(device)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="deleting a ComposableResource whose device is not on the fabric (failed "
+    "DeviceNotFound, or a device that left the inventory) calls detach, gets the permanent "
+    "DeviceNotFound and is never retried: the resource stays 'Detaching' with its finalizer "
+    "forever",
+)
 async def test_deleting_a_resource_whose_device_does_not_exist_finishes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -92,6 +106,11 @@ async def test_deleting_a_resource_whose_device_does_not_exist_finishes(
         await w.wait(lambda: w.resource("ghost") is None, "the resource gone", timeout=5)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a hand-written ComposableResource whose spec.model differs from its fabric_device's "
+    "model is attached and goes Online (an A100 attached for a resource that says H100)",
+)
 async def test_resource_naming_a_device_of_another_model_is_refused() -> None:
     """Seen on `./dev demo --keep`: `spec: {model: NVIDIA-H100-PCIE-80GB, fabric_device:
     fabric0-gpu-0005}` (an A100) → Online, printed as an H100 by `kubectl get`."""
@@ -118,6 +137,12 @@ class _UpperCaseHosts(FakeFabric):
         )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="machines are matched to Nodes by exact string equality of node_name/name/id: a "
+    "fabric reporting HostName 'NODE-0' for the Node 'node-0' (Kubernetes node names are always "
+    "lower case) gets no fabric label, no device is ever offered to it, and nothing is logged",
+)
 async def test_machine_host_name_in_upper_case_still_matches_its_node(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -135,6 +160,11 @@ async def test_machine_host_name_in_upper_case_still_matches_its_node(
         )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a ComposabilityRequest of type cxlmemory naming a GPU model is accepted and a GPU is "
+    "attached for it (the agent manages GPUs only); it should be refused with a condition",
+)
 def test_request_of_an_unsupported_type_is_refused() -> None:
     """Seen on `./dev demo --keep`: `spec.resource: {type: cxlmemory, model:
     NVIDIA-A100-PCIE-40GB, size: 1}` → `Running`, member `r-cxl-0` Online with an A100."""
@@ -154,6 +184,13 @@ def test_request_of_an_unsupported_type_is_refused() -> None:
     assert conditions.get("Refused", {}).get("status") == "True"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="ComposableResources are not scoped to a driver or fabric: a second deployment of the "
+    "agent in the same cluster (another --driver, --lease-name and fabric, as the Lease's help "
+    "'one per cluster and driver' invites) runs its composer on the first one's resources and "
+    "sets them Failed NodeNotOnFabric, so the first deployment's claims never become ready",
+)
 async def test_a_second_deployment_with_another_driver_leaves_our_resources_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -188,3 +225,26 @@ class _SlowAttach(FakeFabric):
     async def attach(self, device: DeviceId, machine: MachineId, *, model: str = "") -> PoolDevice:
         await asyncio.sleep(0.5)
         return await super().attach(device, machine, model=model)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a Node labelled cohdi.io/warm-devices after start is not acted on: warm capacity is "
+    "reconciled on claim and resource events and at start, not on a Node's label change",
+)
+async def test_a_warm_devices_label_put_on_a_node_is_acted_on() -> None:
+    """Seen on `./dev demo --keep`: `kubectl label node gpu-server-3 cohdi.io/warm-devices=100`
+    → nothing for 35 s; the next unrelated claim event → 13 warm resources at once."""
+    async with world(gpus=4) as w:
+        w.kube.edit(
+            f"{NODES}/node-0",
+            lambda o: o["metadata"].setdefault("labels", {}).update({"cohdi.io/warm-devices": "1"}),
+        )
+        await w.wait(
+            lambda: any(
+                (o.get("spec") or {}).get("target_node") == "node-0"
+                for o in w.kube.objects("composableresources")
+            ),
+            "a warm resource for node-0",
+            timeout=5,
+        )
