@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -635,8 +636,28 @@ def load(raw: Mapping[str, str]) -> Settings:
     groups: dict[str, dict[str, Any]] = {g: {} for g in _GROUPS}
     for info in describe():
         if info.flag in raw:
-            groups[info.group][info.name] = _convert(info, raw[info.flag])
+            value = _convert(info, raw[info.flag])
+            if info.name == "driver":
+                _check_driver(f"{info.flag} ({info.env})", value)
+            groups[info.group][info.name] = value
     return Settings(**{g: _GROUPS[g](**values) for g, values in groups.items()})
+
+
+#: A DRA driver name the API server takes (a lower-case DNS subdomain of at most 63 characters:
+#: resource.k8s.io validation) that is also a CDI vendor the container runtimes take (it starts
+#: with a letter: container-device-interface pkg/parser), since the kubelet plugin's CDI kind is
+#: `<driver>/gpu`.
+_DRIVER = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _check_driver(where: str, value: str) -> None:
+    if len(value) > 63 or not _DRIVER.match(value):
+        raise errors.ConfigError(
+            where,
+            value,
+            "must be a lower-case DNS subdomain of at most 63 characters starting with a letter "
+            "(a DRA driver name that is also a CDI vendor), e.g. gpu.example.com",
+        )
 
 
 def _convert(info: SettingInfo, text: str) -> Any:

@@ -1,5 +1,5 @@
 """`--driver` values that nothing checks, found by trying to break issue 10 ("bad values exit 2
-naming the setting"). Marked `xfail(strict=True)` until the defect is fixed.
+naming the setting"). Each failed before its fix and now guards it.
 
 Seen with real processes: `cohdi-agent run --driver Bad_Driver ...` starts, becomes leader, and
 every slice write is refused (`422 ... spec.driver: Invalid value: "Bad_Driver": a lowercase RFC
@@ -20,11 +20,6 @@ from agent.node import cdi
 UID = "1fae45b2-07d4-4ba3-885b-8166ca39cf27"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--driver is taken as any string: one the API server refuses as a DRA driver name "
-    "(upper case, '_', over 63 characters) is only found when every slice write fails",
-)
 @pytest.mark.parametrize("driver", ["Bad_Driver", "x" * 80 + ".example.com"])
 def test_a_driver_the_api_server_refuses_is_a_config_error(driver: str) -> None:
     with pytest.raises(errors.ConfigError) as info:
@@ -32,11 +27,6 @@ def test_a_driver_the_api_server_refuses_is_a_config_error(driver: str) -> None:
     assert "--driver" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--driver 9gpu.example.com is accepted (a valid DRA driver name), but its kubelet "
-    "plugin cannot write a CDI spec: every prepare on every node fails",
-)
 def test_a_driver_starting_with_a_digit_is_refused_or_usable() -> None:
     try:
         cfg = settings.load({"--driver": "9gpu.example.com"})
