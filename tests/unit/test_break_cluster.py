@@ -1,8 +1,7 @@
 """Defects found by trying to break the cluster role (issues 9-11), as fast reproductions on the
 in-memory API server and fabric of `tests/unit/test_cluster_role_fake.py`. Each was first seen
 against real processes (`cohdi-agent run --roles cluster` on the local control plane, the fabric
-emulator); each test is marked `xfail(strict=True)` until the defect is fixed, so the suite stays
-green and a fix turns the test into a failure that says "remove the mark".
+emulator); each failed before its fix and now guards it.
 """
 
 from __future__ import annotations
@@ -44,12 +43,6 @@ def _status(w: World, name: str) -> dict[str, object]:
     return dict((w.resource(name) or {}).get("status") or {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a claim still allocated to a deleted Node makes the scaler's Reattach and the "
-    "composer's NodeGone release fight: a resource is created, deleted and detached in a hot loop "
-    "(~120 Events/s on the real control plane) for as long as the claim stays allocated",
-)
 async def test_claim_on_a_deleted_node_does_not_loop_reattach_and_release() -> None:
     """Seen on `./dev demo --keep`: a pod bound to gpu-server-0 with its GPU attached; the node's
     agent stopped and the Node deleted (the pod and its claim stay, as they do until the pod GC
@@ -85,13 +78,6 @@ class _StrictFabric(FakeFabric):
         return await super().detach(device)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deleting a ComposableResource whose device is not on the fabric (failed "
-    "DeviceNotFound, or a device that left the inventory) calls detach, gets the permanent "
-    "DeviceNotFound and is never retried: the resource stays 'Detaching' with its finalizer "
-    "forever",
-)
 async def test_deleting_a_resource_whose_device_does_not_exist_finishes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -106,11 +92,6 @@ async def test_deleting_a_resource_whose_device_does_not_exist_finishes(
         await w.wait(lambda: w.resource("ghost") is None, "the resource gone", timeout=5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hand-written ComposableResource whose spec.model differs from its fabric_device's "
-    "model is attached and goes Online (an A100 attached for a resource that says H100)",
-)
 async def test_resource_naming_a_device_of_another_model_is_refused() -> None:
     """Seen on `./dev demo --keep`: `spec: {model: NVIDIA-H100-PCIE-80GB, fabric_device:
     fabric0-gpu-0005}` (an A100) → Online, printed as an H100 by `kubectl get`."""
@@ -137,12 +118,6 @@ class _UpperCaseHosts(FakeFabric):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="machines are matched to Nodes by exact string equality of node_name/name/id: a "
-    "fabric reporting HostName 'NODE-0' for the Node 'node-0' (Kubernetes node names are always "
-    "lower case) gets no fabric label, no device is ever offered to it, and nothing is logged",
-)
 async def test_machine_host_name_in_upper_case_still_matches_its_node(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -160,11 +135,6 @@ async def test_machine_host_name_in_upper_case_still_matches_its_node(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a ComposabilityRequest of type cxlmemory naming a GPU model is accepted and a GPU is "
-    "attached for it (the agent manages GPUs only); it should be refused with a condition",
-)
 def test_request_of_an_unsupported_type_is_refused() -> None:
     """Seen on `./dev demo --keep`: `spec.resource: {type: cxlmemory, model:
     NVIDIA-A100-PCIE-40GB, size: 1}` → `Running`, member `r-cxl-0` Online with an A100."""
@@ -184,13 +154,6 @@ def test_request_of_an_unsupported_type_is_refused() -> None:
     assert conditions.get("Refused", {}).get("status") == "True"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ComposableResources are not scoped to a driver or fabric: a second deployment of the "
-    "agent in the same cluster (another --driver, --lease-name and fabric, as the Lease's help "
-    "'one per cluster and driver' invites) runs its composer on the first one's resources and "
-    "sets them Failed NodeNotOnFabric, so the first deployment's claims never become ready",
-)
 async def test_a_second_deployment_with_another_driver_leaves_our_resources_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
