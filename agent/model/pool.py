@@ -150,19 +150,7 @@ def node_pool_slices(
             entries[i : i + MAX_DEVICES_PER_SLICE]
             for i in range(0, len(entries), MAX_DEVICES_PER_SLICE)
         ]
-        out[pool] = [
-            SliceSpec(
-                name=slice_name(driver, pool, i),
-                pool=pool,
-                spec={
-                    "driver": driver,
-                    "pool": {"name": pool, "generation": 0, "resourceSliceCount": len(chunks)},
-                    "nodeName": node,
-                    "devices": chunk,
-                },
-            )
-            for i, chunk in enumerate(chunks)
-        ]
+        out[pool] = pool_slices(driver, pool, chunks, nodeName=node)
     return out
 
 
@@ -224,20 +212,29 @@ def desired_slices(
         cache.update(fresh)
     out: dict[str, list[SliceSpec]] = {}
     for pool, chunks in sorted(by_pool.items()):
-        out[pool] = [
-            SliceSpec(
-                name=slice_name(driver, pool, i),
-                pool=pool,
-                spec={
-                    "driver": driver,
-                    "pool": {"name": pool, "generation": 0, "resourceSliceCount": len(chunks)},
-                    "perDeviceNodeSelection": True,
-                    "devices": chunk,
-                },
-            )
-            for i, chunk in enumerate(chunks)
-        ]
+        out[pool] = pool_slices(driver, pool, chunks, perDeviceNodeSelection=True)
     return out
+
+
+def pool_slices(
+    driver: str, pool: str, chunks: list[list[dict[str, Any]]], **node_selection: Any
+) -> list[SliceSpec]:
+    """The slices of one pool, one per chunk of device entries, generation 0 (the publisher sets
+    it when writing); `node_selection`: `nodeName=<node>` (a node's pool) or
+    `perDeviceNodeSelection=True` (the fabric pool)."""
+    return [
+        SliceSpec(
+            name=slice_name(driver, pool, i),
+            pool=pool,
+            spec={
+                "driver": driver,
+                "pool": {"name": pool, "generation": 0, "resourceSliceCount": len(chunks)},
+                **node_selection,
+                "devices": chunk,
+            },
+        )
+        for i, chunk in enumerate(chunks)
+    ]
 
 
 def slice_name(driver: str, pool: str, index: int) -> str:
