@@ -306,6 +306,21 @@ async def run(
             return 128 + int(stop.caught)
 
 
+def warm_kept(warm: int, *, nodes: int, gpus: int) -> int:
+    """GPUs the cluster role keeps attached while idle with warm capacity `warm` (per node and
+    model) in the demo's world: `nodes` servers, `gpus` split between its two models."""
+    per_model = (gpus // 2, gpus - gpus // 2)
+    return sum(min(count, warm * nodes) for count in per_model)
+
+
+def _settled(world: worlds.World, kept: int) -> bool:
+    """Nothing attaching or detaching, and no more GPUs attached than warm capacity keeps."""
+    devices = list(world.emulator.state.devices.values())
+    if any(d.state in (DeviceState.ATTACHING, DeviceState.DETACHING) for d in devices):
+        return False
+    return sum(d.state != DeviceState.FREE for d in devices) <= kept
+
+
 async def _run(
     cfg: settings.Settings,
     *,
@@ -361,10 +376,13 @@ async def _run(
             if all(r.finished or r.error for r in workload.records.values()):
                 break
             await asyncio.sleep(1.0)
-        _say("\nworkload finished; waiting for idle GPUs to go back to the pool ...")
-        while time.monotonic() < deadline and any(
-            d.state != DeviceState.FREE for d in world.emulator.state.devices.values()
-        ):
+        kept = warm_kept(cfg.cluster.warm_devices, nodes=nodes, gpus=gpus)
+        _say(
+            "\nworkload finished; waiting for idle GPUs to go back to the pool"
+            + (f" (all but the {kept} kept warm)" if kept else "")
+            + " ..."
+        )
+        while time.monotonic() < deadline and not _settled(world, kept):
             view.draw()
             await asyncio.sleep(1.0)
         view.draw()

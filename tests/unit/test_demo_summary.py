@@ -10,7 +10,7 @@ import re
 from types import SimpleNamespace
 from typing import Any
 
-from agent.demo.running import PHASES, figures, phase_samples, summary
+from agent.demo.running import PHASES, figures, phase_samples, summary, warm_kept
 from agent.demo.workload import PodRecord, Workload
 from agent.kube.watching import Event
 
@@ -144,3 +144,11 @@ def test_a_pod_allocated_again_is_neither_warm_nor_one_cycle() -> None:
     assert "1 allocated more than once: p" in text, text
     assert "0 of 1 on an already-attached GPU" in text
     assert figures([rec])["reallocated"] == ["p"]
+
+
+def test_the_demo_waits_only_for_gpus_warm_capacity_does_not_keep() -> None:
+    # 4 servers, 16 GPUs of two models (8 each): warm capacity per node and model, capped
+    assert warm_kept(0, nodes=4, gpus=16) == 0
+    assert warm_kept(1, nodes=4, gpus=16) == 8
+    assert warm_kept(3, nodes=4, gpus=16) == 16
+    assert warm_kept(2, nodes=4, gpus=5) == 5
