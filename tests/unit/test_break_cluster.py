@@ -211,3 +211,27 @@ async def test_a_warm_devices_label_put_on_a_node_is_acted_on() -> None:
             "a warm resource for node-0",
             timeout=5,
         )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="when a deleted Node comes back (kubelet registers it again) while a claim still holds "
+    "its released GPU there, nothing re-attaches it until an unrelated event on the claim: a Node "
+    "event does not requeue the claims pinned to that node",
+)
+async def test_a_node_that_comes_back_gets_its_claims_devices_again() -> None:
+    """Seen on the real control plane (cluster role at 1ad0b0b, --node-gone-grace 5): a pod bound
+    to brk-0, `kubectl delete node brk-0` → its GPU released after 5 s (right, and no loop any
+    more); the Node made again → nothing for 45 s; `kubectl annotate resourceclaim ndy poke=1` →
+    'claim default/ndy holds fab-gpu-0000 on brk-0, which is not attached there: attaching it
+    again' at once."""
+    async with world(node_gone_grace=0.2) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        w.kube.remove(f"{NODES}/node-0")
+        await w.wait(lambda: w.fabric.attached_to("gpu-0") is None, "gpu-0 released")
+        await w.wait(lambda: w.resource(resource_name("gpu-0")) is None, "its resource gone")
+        await asyncio.sleep(0.5)  # quiet: no event of the release is still on its way
+        fake.make_node(w.kube, "node-0")  # the node registers again; the claim still holds gpu-0
+        await w.wait(
+            lambda: w.fabric.attached_to("gpu-0") == "m-node-0", "gpu-0 attached again", timeout=5
+        )
