@@ -12,7 +12,7 @@ import pytest
 
 from agent import errors, settings
 from agent.controllers import running
-from agent.kube.resources import RESOURCES, resource_name
+from agent.kube.resources import REQUESTS, RESOURCES, resource_name
 from agent.model import pool as poolmodel
 from agent.model import requests as rq
 from agent.model.fabric import DeviceId, FabricId, Machine, MachineId, PoolDevice
@@ -235,3 +235,47 @@ async def test_a_node_that_comes_back_gets_its_claims_devices_again() -> None:
         await w.wait(
             lambda: w.fabric.attached_to("gpu-0") == "m-node-0", "gpu-0 attached again", timeout=5
         )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ComposabilityRequests are not scoped to a deployment: with two (another --driver and "
+    "fabric), both requesters reconcile every request, and its status flips between Running and "
+    "Failed NoNode without end (~200 status writes and ~90 Events a second on the real API server)",
+)
+async def test_a_second_deployment_leaves_our_requests_alone() -> None:
+    """Seen on the real control plane at 1ad0b0b (after resources were scoped by driver): the
+    deployment of brk.cohdi.io and one of other.cohdi.io (a second emulator, no Node of this
+    cluster); `ComposabilityRequest mreq {model: A100, size: 2, target_node: brk-0}` → members
+    Online, but the request's state alternates Running / 'Failed node brk-0 is not wired to a
+    fabric this agent manages', resourceVersion 27336 → 30772 in 18 s, Events NoNode x1189 and
+    Running x1157 in 25 s; it stops the moment the other deployment stops."""
+    async with world() as w:
+        other = running.build(
+            w.kube,  # type: ignore[arg-type]
+            FakeFabric(["elsewhere"], 0),  # type: ignore[arg-type]
+            settings.Settings(cluster=settings.ClusterSettings(driver="other.cohdi.io")),
+            identity="other",
+        )
+        w.tasks.append(asyncio.create_task(other.run()))
+        await asyncio.sleep(0.2)
+        w.kube.add(
+            REQUESTS,
+            {
+                "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                "kind": "ComposabilityRequest",
+                "metadata": {"name": "mreq"},
+                "spec": {
+                    "resource": {"type": "gpu", "model": A100, "size": 1, "target_node": "node-0"}
+                },
+            },
+        )
+
+        def state() -> str:
+            obj = w.kube.get_obj(f"{REQUESTS}/mreq") or {}
+            return str((obj.get("status") or {}).get("state") or "")
+
+        await w.wait(lambda: state() == "Running", "mreq running")
+        await asyncio.sleep(0.5)
+        assert state() == "Running"
+        assert not w.events("NoNode")
