@@ -279,3 +279,36 @@ async def test_a_second_deployment_leaves_our_requests_alone() -> None:
         await asyncio.sleep(0.5)
         assert state() == "Running"
         assert not w.events("NoNode")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a ComposableResource without the cohdi.io/driver label (hand-written, or CoHDI's) is "
+    "acted on by every deployment: another deployment, whose fabric does not reach the node, "
+    "sets it Failed NodeNotOnFabric, and on delete answers 'nothing to detach' and removes the "
+    "finalizer, possibly before the deployment that attached the GPU has detached it",
+)
+async def test_a_second_deployment_leaves_an_unlabelled_resource_on_our_node_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen on the real control plane at 39d3219: two deployments (brk.cohdi.io, other.cohdi.io
+    on a second emulator); `ComposableResource handw {model: A100, target_node: brk-0}` → the
+    other logs 'composable resource handw failed: node brk-0 is not wired to any fabric this
+    agent manages' and writes Failed; ours retries it to Online; on its delete the other logs
+    '... 404 ...; nothing to detach' / 'fab-gpu-0000 detached from brk-0 in 0.002 s' and removes
+    the finalizer; ours then gets 404 writing it. (Our attach takes 0.5 s, as the emulator's
+    does, so that the other composer sees the resource before ours has written Online.)"""
+    monkeypatch.setattr(fake, "FakeFabric", _SlowAttach)
+    async with world() as w:
+        other = running.build(
+            w.kube,  # type: ignore[arg-type]
+            FakeFabric(["elsewhere"], 0),  # type: ignore[arg-type]
+            settings.Settings(cluster=settings.ClusterSettings(driver="other.cohdi.io")),
+            identity="other",
+        )
+        w.tasks.append(asyncio.create_task(other.run()))
+        await asyncio.sleep(0.2)
+        _hand_written(w, "handw", {"target_node": "node-0"})
+        await w.wait(lambda: _status(w, "handw").get("state") == "Online", "handw online")
+        await asyncio.sleep(0.3)
+        assert not w.events("NodeNotOnFabric")
