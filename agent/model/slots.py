@@ -10,8 +10,9 @@ allocatable identities once attached — the slot a claim holds and the GPU's ow
   as that resource lives: while attaching it is the slot (as the claim was allocated it), once the
   GPU arrived it is the slot with that GPU's state, machine, model and UUID;
 - the GPU that arrived through a held slot is not offered under its own id;
-- the free count is offered as the lowest slot numbers no resource holds, so a held slot's name
-  is never reused while it is held.
+- the free count, less the held slots whose GPU has not arrived yet (the count still includes
+  those), is offered as the lowest slot numbers no resource holds: a held slot's name is never
+  reused while it is held, and the numbers offered stay put while attaches complete.
 
 `view(inventory, held)` turns the backend's inventory into the one the publisher, the scaler and
 the node see. Backends that name their free devices (Redfish) have no slots: the view is the
@@ -61,6 +62,7 @@ def view(inventory: Inventory, held: Mapping[str, str | None]) -> Inventory:
     out: list[PoolDevice] = [d for d in real.values() if d.id not in behind]
     # held slots, under their own names
     taken: dict[tuple[str, str], set[int]] = {}
+    waiting: dict[tuple[str, str], int] = {}  # held, nothing arrived yet: still in the free count
     for slot, device in held.items():
         parsed = parse_slot(slot)
         if parsed is None:
@@ -68,6 +70,8 @@ def view(inventory: Inventory, held: Mapping[str, str | None]) -> Inventory:
         fabric, model, n = parsed
         taken.setdefault((fabric, model), set()).add(n)
         arrived = real.get(DeviceId(device)) if device else None
+        if arrived is None:
+            waiting[(fabric, model)] = waiting.get((fabric, model), 0) + 1
         if arrived is not None:
             out.append(replace(arrived, id=DeviceId(slot), anonymous=False))
         else:
@@ -79,6 +83,10 @@ def view(inventory: Inventory, held: Mapping[str, str | None]) -> Inventory:
             free.setdefault((str(d.fabric), d.model), []).append(d)
     for (fabric, model), placeholders in sorted(free.items()):
         used = taken.get((fabric, model), set())
+        # a held slot whose GPU has not arrived is still in the fabric's free count: offering
+        # that count whole would offer its GPU twice (and, once it arrives and the count drops,
+        # a number a claim was just given would vanish under it)
+        placeholders = placeholders[: max(0, len(placeholders) - waiting.get((fabric, model), 0))]
         n = 0
         for d in placeholders:
             while n in used:
