@@ -344,6 +344,11 @@ class _ClusterRole:
     def not_ready(self) -> list[str]:
         if not self.campaigning:
             return ["Lease campaign not running"]
+        elector = self.elector
+        if elector is not None and elector.holder is None:
+            # no answer naming a holder yet: the API server is away, or the Lease cannot be read
+            # or written (wrong namespace, RBAC) — no replica may act, so none is ready
+            return ["Lease campaign has had no answer naming a holder yet"]
         return [] if self.term is None else self.term.not_ready()
 
     def serving(self) -> bool:

@@ -165,6 +165,7 @@ class Scaler:
         self._warned: set[tuple[ClaimKey, str]] = set()
         claims.add_handler(self._on_claim)
         resources.add_handler(self._on_resource)
+        nodes.add_handler(self._on_node_event)
         publisher.on_inventory.append(self._on_inventory)
 
     # --- events ----------------------------------------------------------------------------------
@@ -225,6 +226,18 @@ class Scaler:
         if target_node(obj):
             self.labels.enqueue(target_node(obj))
             self.warmth.enqueue(target_node(obj))
+
+    def _on_node_event(self, event: Event) -> None:
+        """A node's labels (warm capacity, limits) may have changed, or a Node came back: look
+        at its warm capacity and at the claims pinned to it (a returning node gets its GPUs)."""
+        node = event.obj["metadata"]["name"]
+        self.warmth.enqueue(node)
+        self.labels.enqueue(node)
+        if event.type == "ADDED":
+            for key, claim in self.claims.store.items():
+                allocation = (claim.get("status") or {}).get("allocation") or {}
+                if claimmodel.node_of(allocation) == node:
+                    self.queue.enqueue(key)
 
     def _holders(self, device: str) -> list[ClaimKey]:
         return [

@@ -185,7 +185,6 @@ class LeaderElector:
             lease = await self.kube.get(f"{self._path}/{self.name}")
         except errors.KubeNotFound:
             self._taken_by_other = False
-            self.holder = ""
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -195,7 +194,11 @@ class LeaderElector:
             try:
                 self._remember(await self.kube.create(self._path, body), sent)
             except errors.KubeAlreadyExists:
+                self.holder = (
+                    ""  # someone created it meanwhile: an answer, the next read names them
+                )
                 return False
+            # (a create refused otherwise, e.g. a namespace that does not exist, is no answer)
             return True
         spec = lease.get("spec", {})
         if spec != self._observed_spec:

@@ -190,11 +190,6 @@ class _SlowAttach(FakeFabric):
         return await super().attach(device, machine, model=model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Node labelled cohdi.io/warm-devices after start is not acted on: warm capacity is "
-    "reconciled on claim and resource events and at start, not on a Node's label change",
-)
 async def test_a_warm_devices_label_put_on_a_node_is_acted_on() -> None:
     """Seen on `./dev demo --keep`: `kubectl label node gpu-server-3 cohdi.io/warm-devices=100`
     → nothing for 35 s; the next unrelated claim event → 13 warm resources at once."""
@@ -213,12 +208,6 @@ async def test_a_warm_devices_label_put_on_a_node_is_acted_on() -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when a deleted Node comes back (kubelet registers it again) while a claim still holds "
-    "its released GPU there, nothing re-attaches it until an unrelated event on the claim: a Node "
-    "event does not requeue the claims pinned to that node",
-)
 async def test_a_node_that_comes_back_gets_its_claims_devices_again() -> None:
     """Seen on the real control plane (cluster role at 1ad0b0b, --node-gone-grace 5): a pod bound
     to brk-0, `kubectl delete node brk-0` → its GPU released after 5 s (right, and no loop any

@@ -1,5 +1,5 @@
 """A cluster role that can never lead but says it is ready, found by trying to break issue 10's
-"a role's fatal error ... shows in /readyz". Marked `xfail(strict=True)` until the defect is fixed.
+"a role's fatal error ... shows in /readyz". It failed before its fix and now guards it.
 
 Seen with a real process at 1ba0002: `cohdi-agent run --roles node,cluster --lease-namespace nope
 ...` → 'cannot acquire lease nope/brk-nl: KubeNotFound: POST .../namespaces/nope/leases: 404
@@ -22,11 +22,6 @@ from agent.testing.fakekube import FakeKube
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cluster role whose every Lease request is refused (404 namespace, 403 RBAC) "
-    "campaigns forever and /readyz reports it ready",
-)
 @pytest.mark.parametrize("status", [403, 404])
 async def test_a_cluster_role_that_cannot_reach_its_lease_is_not_ready(status: int) -> None:
     kube = FakeKube(bookmark_interval=60)
