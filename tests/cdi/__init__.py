@@ -9,16 +9,13 @@ live (`specs-go/version.go`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent import settings
+from tests import gobuild
 
 MAIN = Path(__file__).with_name("main.go")
 LIBRARY = "tags.cncf.io/container-device-interface"
@@ -27,25 +24,7 @@ VERSION = "v1.1.2"
 
 def build() -> Path:
     """The cdi-check binary, built once per main.go content and library version."""
-    cache = settings.Settings().cache_dir
-    digest = hashlib.sha256(MAIN.read_bytes() + VERSION.encode()).hexdigest()[:12]
-    out = cache / "cdi-check" / digest / "cdi-check"
-    if out.exists():
-        return out
-    src = out.parent / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(MAIN, src / "main.go")
-    (src / "go.mod").write_text(
-        f"module cohdi.local/cdi-check\n\ngo 1.26.0\n\nrequire {LIBRARY} {VERSION}\n"
-    )
-    env = {**os.environ, "GOFLAGS": "-mod=mod"}
-    tmp = out.with_name(".cdi-check.tmp")
-    for args in (["go", "mod", "tidy"], ["go", "build", "-o", str(tmp), "."]):
-        done = subprocess.run(args, cwd=src, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed in {src}:\n{done.stderr[-3000:]}")
-    tmp.replace(out)  # lands whole: a concurrent or interrupted build never leaves half a binary
-    return out
+    return gobuild.build(MAIN, "cdi-check", LIBRARY, VERSION)
 
 
 def check(binary: Path, spec_dir: Path, names: Iterable[str]) -> dict[str, Any]:
