@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from agent.devcluster.controlplane import free_port
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator import config
 from agent.fabric.emulator.config import DEFAULT_TENANT
@@ -140,3 +145,41 @@ async def until(
     async with asyncio.timeout(timeout):
         while not predicate():
             await server.state.wait_change(server.state.seq, 0.5)
+
+
+@contextlib.contextmanager
+def emulator_subprocess(
+    tmp_path: Path, password: str, **env: str
+) -> Iterator[tuple[str, Path]]:
+    """`cohdi-agent fabric-emulator` as its own process on a free loopback port, user admin with
+    `password`, `env` added to its environment: yields (URL, the CA file its clients trust) and
+    stops it at the end. (DMTF's validators are separate programs: they need a server of their own to talk to.)"""
+    port = free_port()
+    log = tmp_path / "emulator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "fabric-emulator",
+                "--emulator-tls-dir",
+                str(tmp_path / "tls"),
+                "--emulator-port",
+                str(port),
+            ],
+            env={**os.environ, "COHDI_FABRIC_PASSWORD": password, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "fabric emulator:" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the emulator did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield f"https://127.0.0.1:{port}", tmp_path / "tls" / "ca.crt"
+    finally:
+        proc.terminate()
+        proc.wait(10)

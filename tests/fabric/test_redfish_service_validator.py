@@ -16,7 +16,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import aiohttp
 import pytest
 
 from agent import errors
-from agent.devcluster.controlplane import free_port
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator import oem
 from agent.fabric.redfish import RedfishFabric
 from agent.fabric.transport import FabricHttp
 from agent.model.fabric import DeviceId, MachineId
+from tests.fabric.conftest import emulator_subprocess
 
 PASSWORD = "service-Validator-1"
 CSDL = Path(__file__).resolve().parents[2].parent / "shared" / "redfish-schemas" / "csdl"
@@ -47,36 +46,8 @@ pytestmark = [
 
 @pytest.fixture
 def emulator_process(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = free_port()
-    env = {**os.environ, "COHDI_FABRIC_PASSWORD": PASSWORD}
-    log = tmp_path / "emulator.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "fabric-emulator",
-                "--emulator-tls-dir",
-                str(tmp_path / "tls"),
-                "--emulator-port",
-                str(port),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "fabric emulator:" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the emulator did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield f"https://127.0.0.1:{port}", tmp_path / "tls" / "ca.crt"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with emulator_subprocess(tmp_path, PASSWORD) as served:
+        yield served
 
 
 async def _compose_some(url: str, ca: Path) -> None:

@@ -9,13 +9,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.devcluster.controlplane import free_port
+from tests.fabric.conftest import emulator_subprocess
 
 PASSWORD = "validator-Pass-1"
 
@@ -39,42 +38,10 @@ NOT_TESTABLE = {
 
 @pytest.fixture
 def emulator_process(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "COHDI_FABRIC_PASSWORD": PASSWORD,
-        # aiohttp's pure-Python HTTP parser: the C parser (llhttp) answers 400 to an unknown
-        # method before the application sees it, and Redfish wants 405/501.
-        "AIOHTTP_NO_EXTENSIONS": "1",
-    }
-    log = tmp_path / "emulator.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "fabric-emulator",
-                "--emulator-tls-dir",
-                str(tmp_path / "tls"),
-                "--emulator-port",
-                str(port),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "fabric emulator:" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the emulator did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        yield f"https://127.0.0.1:{port}", tmp_path / "tls" / "ca.crt"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    # aiohttp's pure-Python HTTP parser: the C parser (llhttp) answers 400 to an unknown method
+    # before the application sees it, and Redfish wants 405/501.
+    with emulator_subprocess(tmp_path, PASSWORD, AIOHTTP_NO_EXTENSIONS="1") as served:
+        yield served
 
 
 def test_protocol_validator_passes(emulator_process: tuple[str, Path], tmp_path: Path) -> None:
