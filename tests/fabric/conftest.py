@@ -148,12 +148,11 @@ async def until(
 
 
 @contextlib.contextmanager
-def emulator_subprocess(
-    tmp_path: Path, password: str, **env: str
-) -> Iterator[tuple[str, Path]]:
+def emulator_subprocess(tmp_path: Path, password: str, **env: str) -> Iterator[tuple[str, Path]]:
     """`cohdi-agent fabric-emulator` as its own process on a free loopback port, user admin with
     `password`, `env` added to its environment: yields (URL, the CA file its clients trust) and
-    stops it at the end. (DMTF's validators are separate programs: they need a server of their own to talk to.)"""
+    stops it at the end. (DMTF's validators are separate programs: they need a server of their
+    own to talk to.)"""
     port = free_port()
     log = tmp_path / "emulator.log"
     with log.open("w") as out:
