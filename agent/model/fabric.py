@@ -53,6 +53,12 @@ class PoolDevice:
     anonymous: bool = False
     #: A human-readable reason when the state is FAILED.
     reason: str = ""
+    #: The fabric's own view of the device's health: "OK", "Warning" or "Critical" (Redfish
+    #: `Status.Health` of the ResourceBlock or its Processor; FTI's resource status mapped to
+    #: the same three words). "OK" when the fabric reports nothing.
+    health: str = "OK"
+    #: Why the health is not "OK", in words (empty when it is).
+    health_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,11 @@ Obj = dict[str, Any]
 CLAIM_ANNOTATION: Final = "cohdi.io/claim"  # <namespace>/<name> of the claim the attach is for
 NODE_READY: Final = "NodeReady"  # written by the node role: the device is seen and usable
 NODE_RELEASED: Final = "NodeReleased"  # written by the node role: safe to detach
+#: Written by the node role: the GPU's health as the node sees it (NVML Xid/ECC events, the PCI
+#: function gone while attached). status "True" healthy, "False" unhealthy (reason: a CamelCase
+#: word such as `Xid79`, `DoubleBitEcc`, `FellOffBus`; message: in words), "Unknown" when the node
+#: cannot tell. Absent means never reported (treated as healthy).
+DEVICE_HEALTHY: Final = "DeviceHealthy"
 #: The DRA driver of the deployment that made a resource: two deployments in one cluster (another
 #: --driver and fabric) leave each other's resources alone.
 DRIVER_LABEL: Final = "cohdi.io/driver"
