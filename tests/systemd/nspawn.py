@@ -188,12 +188,15 @@ class Machine:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the container exited: {self.console_tail()}")
-            self.init = self.init or _container_init(self.proc.pid)
+            # Looked up again on every pass until it answers: nspawn briefly has two children
+            # (its outer child, which exits, and the container's PID 1), and a pid taken too
+            # early would name a process that is gone.
+            self.init = _container_init(self.proc.pid)
             if self.init:
                 done = self.sh("systemctl is-system-running", check=False)
-                state = done.stdout.strip()
-                if state in ("running", "degraded"):
-                    return state
+                state = done.stdout.strip() or done.stderr.strip()[-200:]
+                if done.stdout.strip() in ("running", "degraded"):
+                    return done.stdout.strip()
             time.sleep(0.5)
         raise AssertionError(f"not booted after {timeout} s ({state!r}): {self.console_tail()}")
 
@@ -243,14 +246,24 @@ class Machine:
 
 
 def _container_init(script_pid: int) -> int:
-    """PID 1 of the container: the child of systemd-nspawn, itself a child of `script`."""
+    """PID 1 of the container: the child of systemd-nspawn (itself a child of `script`) that
+    runs systemd in a PID namespace of its own; 0 while there is none yet. nspawn's outer child,
+    also a child of nspawn for a moment before it exits, is not it."""
+    ours = _pid_namespace(os.getpid())
     for nspawn in _children(script_pid):
         with contextlib.suppress(OSError):
-            if "nspawn" in Path(f"/proc/{nspawn}/comm").read_text():
-                kids = _children(nspawn)
-                if kids:
-                    return kids[0]
+            if "nspawn" not in Path(f"/proc/{nspawn}/comm").read_text():
+                continue
+            for kid in _children(nspawn):
+                with contextlib.suppress(OSError):
+                    comm = Path(f"/proc/{kid}/comm").read_text().strip()
+                    if comm == "systemd" and _pid_namespace(kid) != ours:
+                        return kid
     return 0
+
+
+def _pid_namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid")
 
 
 def _children(pid: int) -> list[int]:
