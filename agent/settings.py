@@ -189,6 +189,16 @@ class ClusterSettings:
         metavar="NAME",
         commands=("run", "install-crds", "manifests", "demo"),
     )
+    vendor_driver: str = setting(
+        "",
+        "Vendor-driver mode (CoHDI's): publish the pool under this vendor DRA driver's name (e.g. "
+        "gpu.nvidia.com) with CoHDI's conditions and attributes, and once an attached GPU shows "
+        "in the vendor's node-local slices (matched by its uuid attribute) set "
+        "FabricDeviceReschedule on the claim, so the scheduler reallocates it onto the vendor's "
+        "device; the node role then runs without its kubelet plugin. Empty: off.",
+        metavar="NAME",
+        commands=("run",),
+    )
     claim_deadline: float = setting(
         480.0,
         "How long after allocation a claim may wait for its device before FabricDeviceFailed is "
@@ -637,7 +647,7 @@ def load(raw: Mapping[str, str]) -> Settings:
     for info in describe():
         if info.flag in raw:
             value = _convert(info, raw[info.flag])
-            if info.name == "driver":
+            if info.name == "driver" or (info.name == "vendor_driver" and value):
                 _check_driver(f"{info.flag} ({info.env})", value)
             groups[info.group][info.name] = value
     return Settings(**{g: _GROUPS[g](**values) for g, values in groups.items()})
