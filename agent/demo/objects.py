@@ -12,6 +12,7 @@ from typing import Any
 from agent import errors
 from agent.kube.client import Kube, Obj, path_of
 from agent.manifests.cluster import device_class_name
+from agent.model.pool import ATTACHED_ATTRIBUTE
 
 NS = "default"
 NODES = path_of(group="", version="v1", plural="nodes")
@@ -61,25 +62,32 @@ async def make_node(
     )
 
 
-def gpu_claim(name: str, driver: str, model: str) -> Obj:
-    expr = f'device.attributes["{driver}"].productName == "{model}"'
+def gpu_claim(name: str, driver: str, model: str, *, prefer_attached: bool = False) -> Obj:
+    """A claim for one GPU of `model`. `prefer_attached` writes it as a prioritized list
+    (`firstAvailable`): first a GPU already on a node (`attached == true`), else any. Then
+    kube-scheduler's DynamicResources score ranks nodes where the first choice fits higher, so
+    a burst goes to the nodes holding idle attached (warm) GPUs; with a plain `exactly` request
+    every feasible node scores the same and the node is a coin toss."""
+    klass = device_class_name(driver)
+    by_model = {"cel": {"expression": f'device.attributes["{driver}"].productName == "{model}"'}}
+    request: dict[str, Any] = {
+        "name": "gpu",
+        "exactly": {"deviceClassName": klass, "selectors": [by_model]},
+    }
+    if prefer_attached:
+        on_node = {"cel": {"expression": f'device.attributes["{driver}"].{ATTACHED_ATTRIBUTE}'}}
+        request = {
+            "name": "gpu",
+            "firstAvailable": [
+                {"name": "attached", "deviceClassName": klass, "selectors": [by_model, on_node]},
+                {"name": "any", "deviceClassName": klass, "selectors": [by_model]},
+            ],
+        }
     return {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceClaim",
         "metadata": {"name": name},
-        "spec": {
-            "devices": {
-                "requests": [
-                    {
-                        "name": "gpu",
-                        "exactly": {
-                            "deviceClassName": device_class_name(driver),
-                            "selectors": [{"cel": {"expression": expr}}],
-                        },
-                    }
-                ]
-            }
-        },
+        "spec": {"devices": {"requests": [request]}},
     }
 
 
@@ -96,10 +104,16 @@ def gpu_pod(name: str, node_selector: dict[str, str] | None = None) -> Obj:
 
 
 async def submit(
-    kube: Kube, name: str, driver: str, model: str, node_selector: dict[str, str] | None = None
+    kube: Kube,
+    name: str,
+    driver: str,
+    model: str,
+    node_selector: dict[str, str] | None = None,
+    *,
+    prefer_attached: bool = False,
 ) -> None:
-    """A pod asking for one GPU of `model` through its own ResourceClaim."""
-    await kube.create(CLAIMS, gpu_claim(name, driver, model))
+    """A pod asking for one GPU of `model` through its own ResourceClaim (`gpu_claim`)."""
+    await kube.create(CLAIMS, gpu_claim(name, driver, model, prefer_attached=prefer_attached))
     await kube.create(PODS, gpu_pod(name, node_selector))
 
 

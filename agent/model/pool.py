@@ -24,6 +24,8 @@ FABRIC_LABEL: Final = "cohdi.io/fabric"
 FULL_LABEL: Final = "cohdi.io/gpu-full"  # the node is at its device maximum
 MAX_DEVICES_PER_SLICE: Final = 128
 DEVICE_ID_ATTRIBUTE: Final = "fabricDeviceId"
+#: A bool attribute: true on a GPU offered from a node (attached), false on a free pool GPU.
+ATTACHED_ATTRIBUTE: Final = "attached"
 
 
 def device_name(device_id: str) -> str:
@@ -81,6 +83,10 @@ def device_entry(
         "productName": {"string": names.attribute_string(dev.model)},
         "fabric": {"string": names.attribute_string(dev.fabric)},
         DEVICE_ID_ATTRIBUTE: {"string": names.attribute_string(dev.id)},
+        # Whether the GPU is on a node already: a claim that lists an `attached == true`
+        # subrequest first (`firstAvailable`) gets the scheduler's prioritized-list score for
+        # nodes that have one, so a burst lands on warm GPUs rather than on any node.
+        ATTACHED_ATTRIBUTE: {"bool": not offered_free},
     }
     if dev.vendor:
         attrs["vendor"] = {"string": names.attribute_string(dev.vendor)}

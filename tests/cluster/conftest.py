@@ -82,8 +82,17 @@ class World:
         self.tasks.append(asyncio.create_task(self.role.run()))
         return self.role
 
-    async def claim_and_pod(self, name: str, model: str = A100) -> None:
-        await objects.submit(self.kube, name, self.driver, model, {"test-world": self.suffix})
+    async def claim_and_pod(
+        self, name: str, model: str = A100, *, prefer_attached: bool = False
+    ) -> None:
+        await objects.submit(
+            self.kube,
+            name,
+            self.driver,
+            model,
+            {"test-world": self.suffix},
+            prefer_attached=prefer_attached,
+        )
 
 
 def world_config(driver: str, suffix: str, **cluster: Any) -> settings.Settings:

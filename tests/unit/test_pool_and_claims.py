@@ -75,6 +75,10 @@ def test_device_states_map_to_slice_entries() -> None:
     assert attached["nodeName"] == "node-0"
     assert "bindingConditions" not in attached
     assert "bindsToNode" not in attached
+    # The attribute a prioritized-list claim selects on to prefer GPUs already on a node.
+    assert free["attributes"][poolmodel.ATTACHED_ATTRIBUTE] == {"bool": False}
+    assert attached["attributes"][poolmodel.ATTACHED_ATTRIBUTE] == {"bool": True}
+    assert out["gpu-00003"]["attributes"][poolmodel.ATTACHED_ATTRIBUTE] == {"bool": False}
     assert "gpu-00002" not in out  # attaching, not for a claim: withheld
     assert out["gpu-00003"]["bindsToNode"] is True  # attaching for a claim: kept as offered
     assert "gpu-00004" not in out  # failed
