@@ -23,6 +23,9 @@ FAILED: Final = "FabricDeviceFailed"
 FABRIC_LABEL: Final = "cohdi.io/fabric"
 FULL_LABEL: Final = "cohdi.io/gpu-full"  # the node is at its device maximum
 MAX_DEVICES_PER_SLICE: Final = 128
+#: The API server's limit when any device of a slice has taints (v1
+#: `ResourceSliceMaxDevicesWithTaintsOrConsumesCounters`).
+MAX_TAINTED_DEVICES_PER_SLICE: Final = 64
 DEVICE_ID_ATTRIBUTE: Final = "fabricDeviceId"
 #: A bool attribute: true on a GPU offered from a node (attached), false on a free pool GPU.
 ATTACHED_ATTRIBUTE: Final = "attached"
@@ -130,6 +133,7 @@ def node_pool_slices(
     node_of_machine: Mapping[str, str],
     placed: Mapping[str, str],
     withheld: frozenset[str] = frozenset(),
+    taints: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, list[SliceSpec]]:
     """Node-local pools: every attached, healthy device `placed` on the node it is attached to,
     in the pool `<fabric pool>/<node>` whose slices carry `nodeName` and no binding conditions.
@@ -148,14 +152,14 @@ def node_pool_slices(
             or placed.get(dev.id) != node
         ):
             continue
-        entry = device_entry(dev, node=None, offered_free=False, node_local=True)
+        entry = with_taints(
+            device_entry(dev, node=None, offered_free=False, node_local=True), dev.id, taints
+        )
         by_pool.setdefault((node_pool_name(dev.fabric, node), node), []).append(entry)
     out: dict[str, list[SliceSpec]] = {}
     for (pool, node), entries in sorted(by_pool.items()):
-        chunks = [
-            entries[i : i + MAX_DEVICES_PER_SLICE]
-            for i in range(0, len(entries), MAX_DEVICES_PER_SLICE)
-        ]
+        size = slice_size(any("taints" in e for e in entries))
+        chunks = [entries[i : i + size] for i in range(0, len(entries), size)]
         out[pool] = pool_slices(driver, pool, chunks, nodeName=node)
     return out
 
@@ -169,24 +173,29 @@ def desired_slices(
     pinned: frozenset[str] = frozenset(),
     cache: EntryCache | None = None,
     placed: Mapping[str, str] | None = None,
+    taints: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, list[SliceSpec]]:
     """pool -> slices. `pinned`: devices allocated to a claim while they attach (kept as free
     entries); `withheld`: devices not to offer
     (scale-down or a move in progress, failed claims); `placed`: attached devices offered from
     their node's pool instead (`node_pool_slices`). `cache` (kept by the caller between calls)
     reuses the entry of a device that did not change, so a sync of thousands of unchanged
-    devices costs dictionary lookups, not rebuilds."""
+    devices costs dictionary lookups, not rebuilds. `taints`: device id -> its DRA device
+    taints (`agent.model.health.taints`); a pool with any tainted device has at most 64 devices
+    a slice (the API server's limit), so tainting its first device rewrites such a pool whole."""
     fresh: EntryCache = {}
+    tainted_pools = {pool_name(d.fabric) for d in inventory.devices if taints and taints.get(d.id)}
     # A device's slice is fixed by its position among *all* the pool's devices, offered or not,
     # so withholding or failing one device rewrites one slice and never moves the others.
     by_pool: dict[str, list[list[dict[str, Any]]]] = {}
     position: dict[str, int] = {}
     for dev in sorted(inventory.devices, key=lambda d: d.id):
         pool = pool_name(dev.fabric)
+        size = slice_size(pool in tainted_pools)
         slot = position.get(pool, 0)
         position[pool] = slot + 1
         chunks = by_pool.setdefault(pool, [])
-        while len(chunks) <= slot // MAX_DEVICES_PER_SLICE:
+        while len(chunks) <= slot // size:
             chunks.append([])
         if dev.id in withheld or (dev.anonymous and dev.state != DeviceState.FREE):
             continue
@@ -210,7 +219,7 @@ def desired_slices(
             entry = (cache or {}).get(key) or device_entry(dev, node=key[1], offered_free=key[2])
             fresh[key] = entry
         if entry is not None:
-            chunks[slot // MAX_DEVICES_PER_SLICE].append(entry)
+            chunks[slot // size].append(with_taints(entry, dev.id, taints))
     for machine_fabric in {m.fabric for m in inventory.machines}:
         by_pool.setdefault(pool_name(machine_fabric), [[]])  # an empty pool is still a pool
     if cache is not None:
@@ -220,6 +229,19 @@ def desired_slices(
     for pool, chunks in sorted(by_pool.items()):
         out[pool] = pool_slices(driver, pool, chunks, perDeviceNodeSelection=True)
     return out
+
+
+def slice_size(tainted: bool) -> int:
+    """Devices a slice may hold: 64 when any of them has taints, else 128."""
+    return MAX_TAINTED_DEVICES_PER_SLICE if tainted else MAX_DEVICES_PER_SLICE
+
+
+def with_taints(
+    entry: dict[str, Any], device_id: str, taints: Mapping[str, list[dict[str, Any]]] | None
+) -> dict[str, Any]:
+    """`entry` with the device's taints (a copy; the cached entry is left as it was)."""
+    found = taints.get(device_id) if taints else None
+    return {**entry, "taints": found} if found else entry
 
 
 def pool_slices(
