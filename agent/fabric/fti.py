@@ -46,6 +46,7 @@ from agent.model.fabric import (
 logger = logging.getLogger(__name__)
 
 FM = "/fabric_manager/api/v1"
+CM = "/cluster_manager/cluster_autoscaler"
 _REFRESH_MARGIN = 30.0
 _STATE = {2: DeviceState.ATTACHING, 4: DeviceState.ATTACHED, 6: DeviceState.DETACHING}
 
@@ -137,13 +138,25 @@ class FtiFabric:
         timeout: float | None = None,  # noqa: ASYNC109 -- per-call aiohttp limit
     ) -> Reply:
         q = {"tenant_uuid": self.tenant, **(params or {})}
+        return await self._authorized(method, FM + path, json=json, params=q, timeout=timeout)
+
+    async def _authorized(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 -- per-call aiohttp limit
+    ) -> Reply:
+        """One call with the bearer token; a 401 renews the token once and repeats it."""
         for attempt in (1, 2):
             token = await self._bearer(renew=attempt == 2)
             reply = await self.http.call(
                 method,
-                FM + path,
+                path,
                 json=json,
-                params=q,
+                params=params,
                 timeout=timeout,
                 headers={"Authorization": f"Bearer {token}"},
             )
@@ -160,6 +173,48 @@ class FtiFabric:
             return reply.json(f"GET {path}")
 
         return await self.http.retrying(f"GET {path}", op)
+
+    async def cm_get(self, path: str) -> Any:
+        """`GET /cluster_manager/cluster_autoscaler/<path>` (the cluster-manager API: the tenant
+        is in the path, not the query), with the same token and retries as the FM calls; the
+        decoded JSON. Raises like every read (`agent.fabric.transport.check_status`)."""
+        full = f"{CM}/{path.lstrip('/')}"
+
+        async def op() -> Any:
+            reply = await self._authorized("GET", full)
+            check_status(reply, f"GET {full}", _detail(reply))
+            return reply.json(f"GET {full}")
+
+        return await self.http.retrying(f"GET {full}", op)
+
+    def reconfigure(
+        self,
+        *,
+        user: str,
+        password: Secret,
+        realm: str,
+        client_id: str,
+        client_secret: Secret,
+        models: tuple[str, ...],
+    ) -> bool:
+        """New credentials or models while running (a changed CoHDI Secret or ConfigMap). The
+        cached token is dropped when any credential changed, so the next call asks for one with
+        the new ones. Returns whether anything changed."""
+        creds = (user, password.reveal(), realm, client_id, client_secret.reveal())
+        old = (
+            self.user,
+            self._password.reveal(),
+            self.realm,
+            self.client_id,
+            self._client_secret.reveal(),
+        )
+        changed = creds != old or models != self.models
+        if creds != old:
+            self.user, self._password, self.realm = user, password, realm
+            self.client_id, self._client_secret = client_id, client_secret
+            self._token, self._token_exp = None, 0.0
+        self.models = models
+        return changed
 
     async def close(self) -> None:
         await self.http.close()
@@ -182,12 +237,12 @@ class FtiFabric:
         first_of_fabric: dict[FabricId, MachineId] = {}
         for m in docs:
             try:
-                fabric = FabricId(str(m.get("fabric_uuid") or m.get("fabric_id")))
-                mid = MachineId(m["mach_uuid"])
-                machines.append(
-                    Machine(mid, m.get("mach_name") or mid, fabric, m.get("mach_name") or "")
-                )
-                first_of_fabric.setdefault(fabric, mid)
+                fabric = _fabric_of(m)
+                mid = _mach_uuid(m)
+                name = _text(m.get("mach_name")) or mid
+                machines.append(Machine(mid, name, fabric, _text(m.get("mach_name"))))
+                if fabric:  # a machine with no fabric_id is wired to no fabric (CoHDI drops it)
+                    first_of_fabric.setdefault(fabric, mid)
                 devices.extend(_resource(r, fabric, mid) for r in m.get("resources") or [])
             except (KeyError, TypeError, ValueError) as exc:
                 raise errors.FabricProtocolError(
@@ -268,7 +323,7 @@ class FtiFabric:
         anonymous = ".free-" in device
         async with self.http.device(device if not anonymous else f"{machine}/{model}"):
             m = await self._machine(machine)
-            fabric = FabricId(str(m.get("fabric_uuid") or m.get("fabric_id")))
+            fabric = _fabric_of(m)
             if not anonymous:
                 for r in m.get("resources") or []:
                     if r.get("res_uuid") == device:  # already there or on its way: send nothing
@@ -349,10 +404,10 @@ class FtiFabric:
     async def detach(self, device: DeviceId) -> PoolDevice:
         async with self.http.device(device):
             for m in await self._machine_docs():
-                fabric = FabricId(str(m.get("fabric_uuid") or m.get("fabric_id")))
+                fabric = _fabric_of(m)
                 for r in m.get("resources") or []:
                     if r.get("res_uuid") == device:
-                        machine = MachineId(m["mach_uuid"])
+                        machine = _mach_uuid(m)
                         model = _model(r)
                         reply = await self._fm(
                             "DELETE",
@@ -366,7 +421,7 @@ class FtiFabric:
                             fabric,
                             model,
                             DeviceState.FREE,
-                            gpu_uuid=r.get("res_serial_num", ""),
+                            gpu_uuid=_text(r.get("res_serial_num")),
                         )
             return PoolDevice(device, FabricId(""), "", DeviceState.FREE)  # not attached anywhere
 
@@ -378,25 +433,84 @@ def _model(r: dict[str, Any]) -> str:
     return str(r.get("res_name", ""))
 
 
+def _text(value: Any) -> str:
+    """A string field that real fabric managers may send as null: "" for None."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _mach_uuid(m: dict[str, Any]) -> MachineId:
+    """`mach_uuid`, strictly a non-empty string: it is the machine's identity here and in every
+    node's `spec.providerID` (`fsas-cdi://<mach_uuid>`). (`mach_id`, the FM's own integer — a
+    string on some managers — is not used as an identity.)"""
+    value = m["mach_uuid"]
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"mach_uuid must be a non-empty string, got {value!r}")
+    return MachineId(value)
+
+
+def _fabric_of(m: dict[str, Any]) -> FabricId:
+    """The machine's fabric: `fabric_uuid` when the FM sends one, else its integer `fabric_id`
+    (CoHDI's types: a nullable int; a digit string is taken too). "" when neither is set: the
+    machine is wired to no fabric."""
+    if isinstance(m.get("fabric_uuid"), str) and m["fabric_uuid"]:
+        return FabricId(m["fabric_uuid"])
+    raw = m.get("fabric_id")
+    if raw is None:
+        return FabricId("")
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit():
+        raise TypeError(f"fabric_id must be an integer or null, got {raw!r}")
+    return FabricId(str(int(raw)))
+
+
+def _number(value: Any, default: int) -> int:
+    """An integer field (`res_status`), tolerating a digit string; `default` for null."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+#: `res_op_status` first character -> health word (CoHDI's operator: 0 OK, 1 warning accepted,
+#: 2 critical, an error).
+_HEALTH = {"0": "OK", "1": "Warning", "2": "Critical"}
+
+
 def _resource(r: dict[str, Any], fabric: FabricId, machine: MachineId) -> PoolDevice:
     try:
-        op = str(r.get("res_op_status", "0"))
+        raw_op = r.get("res_op_status", "0")
+        if isinstance(raw_op, bool) or not isinstance(raw_op, str | int):
+            raise TypeError(f"res_op_status must be a string, got {raw_op!r}")
+        op = str(raw_op) or "0"
+        health = _HEALTH.get(op[0], "Warning")
+        reason = op[1:] if health != "OK" else ""
+        if health == "Warning" and op[0] not in _HEALTH:
+            reason = f"unknown res_op_status {op!r}"
         state = (
             DeviceState.FAILED
-            if op.startswith("2")
-            else _STATE.get(int(r.get("res_status") or 4), DeviceState.ATTACHED)
+            if health == "Critical"
+            else _STATE.get(_number(r.get("res_status"), 4), DeviceState.ATTACHED)
         )
+        res_uuid = r["res_uuid"]
+        if not isinstance(res_uuid, str) or not res_uuid:
+            raise TypeError(f"res_uuid must be a non-empty string, got {res_uuid!r}")
         return PoolDevice(
-            id=DeviceId(r["res_uuid"]),
+            id=DeviceId(res_uuid),
             fabric=fabric,
             model=_model(r),
             state=state,
-            gpu_uuid=r.get("res_serial_num") or "",
+            gpu_uuid=_text(r.get("res_serial_num")),
             machine=machine,
-            pci_address=r.get("res_pci_address") or "",
-            reason=op[1:] if state == DeviceState.FAILED else "",
+            pci_address=_text(r.get("res_pci_address")),
+            reason=reason if state == DeviceState.FAILED else "",
+            health=health,
+            health_reason=reason or (f"res_op_status {op}" if health != "OK" else ""),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise errors.FabricProtocolError(f"malformed FTI resource {r!r:.200}: {exc}") from None
 
 
@@ -411,9 +525,15 @@ def _jwt_exp(token: str) -> float:
 
 
 def _detail(reply: Reply) -> str:
+    """The FM's error body `{"status": <int>, "detail": {"code": str, "message": str | JSON,
+    "data": {}}}` as `<code> <message>` (a JSON message re-encoded); anything else, its first
+    200 bytes."""
     try:
         doc = orjson.loads(reply.body)
         detail = doc.get("detail") or {}
-        return f"{detail.get('code', '')} {detail.get('message', '')}".strip() or str(doc)[:200]
+        message = detail.get("message", "")
+        if not isinstance(message, str):
+            message = orjson.dumps(message).decode()
+        return f"{detail.get('code', '')} {message}".strip() or str(doc)[:200]
     except (ValueError, AttributeError, TypeError):
         return reply.body[:200].decode(errors="replace")

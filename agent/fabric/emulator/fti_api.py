@@ -1,5 +1,9 @@
 """The emulator's Fsas/FTI side: the Keycloak-style token endpoint and the fabric-manager API that
-CoHDI's Composable Resource Operator speaks (field names as CoHDI uses them).
+CoHDI's Composable DRA Driver and Composable Resource Operator speak, with the field names and
+JSON types their Go types decode (`mach_id` and `fabric_id` integers, `res_status` an integer,
+`res_op_status` a string whose first character is 0 OK / 1 warning / 2 critical, errors as
+`{"status": <int>, "detail": {"code", "message", "data"}}`). The cluster-manager side is
+`agent/fabric/emulator/cm_api.py`.
 
 Attach (`PATCH .../machines/<m>/update`) is synchronous like the real FM: the answer comes when
 the device is attached (or failed). The FM picks a free device of the requested model; as an
@@ -36,11 +40,29 @@ def fm_error(status: int, code: str, message: str) -> web.Response:
     )
 
 
+#: `res_op_status` first character per health word (CoHDI's operator: 0 OK, 1 warning, 2
+#: critical); the rest of the string is the reason in words (an extension: CoHDI reads only the
+#: first character).
+_OP_STATUS = {"OK": "0", "Warning": "1", "Critical": "2"}
+
+
+def op_status(dev: Device) -> str:
+    """The resource's `res_op_status`: "2<reason>" for a failed device, else the first character
+    of its health ("0", "1<reason>", "2<reason>"; a device without a health field is "0")."""
+    if dev.state == DeviceState.FAILED:
+        return "2" + dev.reason
+    health = str(getattr(dev, "health", "OK"))
+    code = _OP_STATUS.get(health, "0")
+    return code if code == "0" else code + str(getattr(dev, "health_reason", "") or health)
+
+
 class FtiApi:
     def __init__(self, state: EmulatorState, creds: Credentials) -> None:
         self.state = state
         self.creds = creds
         self.fabric_index = {f: i for i, f in enumerate(state.config.fabrics)}
+        #: machine uuid -> the FM's integer `mach_id` (1, 2, ... in configuration order)
+        self.mach_index = {m: i for i, m in enumerate(state.machines, start=1)}
 
     def routes(self, app: web.Application) -> None:
         r = app.router
@@ -99,7 +121,7 @@ class FtiApi:
             "res_name": s.model,
             "res_type": "gpu",
             "res_status": _RES_STATUS.get(dev.state, 0),
-            "res_op_status": "2" + dev.reason if dev.state == DeviceState.FAILED else "0",
+            "res_op_status": op_status(dev),
             "res_serial_num": s.serial,
             "res_spec": {"condition": [{"column": "model", "operator": "eq", "value": s.model}]},
             "res_pci_address": dev.pci_address or None,  # extension: where it landed
@@ -111,7 +133,7 @@ class FtiApi:
             "fabric_uuid": m.fabric,
             "fabric_id": self.fabric_index[m.fabric],
             "mach_uuid": m.id,
-            "mach_id": m.id,
+            "mach_id": self.mach_index[m.id],
             "mach_name": m.name,
             "tenant_uuid": self.state.config.tenant,
             "mach_status": 15,
@@ -138,10 +160,14 @@ class FtiApi:
     async def available(self, request: web.Request) -> web.Response:
         if (denied := self._authorized(request)) is not None:
             return denied
+        if request.query.get("res_type") != "gpu":
+            return fm_error(400, "E40000", "res_type must be gpu")
         try:
             m = self.state.machine(request.match_info["m"])
             cond = orjson.loads(request.query.get("condition", "{}"))
             model = cond["value"] if isinstance(cond, dict) else cond[0]["value"]
+            if not isinstance(model, str):
+                raise TypeError("model must be a string")
         except EmulatorError as exc:
             return fm_error(exc.status, "E40400", str(exc))
         except (ValueError, KeyError, IndexError, TypeError):
@@ -172,8 +198,12 @@ class FtiApi:
             (spec,) = mach["resources"][0]["res_specs"]
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise EmulatorError(f"malformed request body ({type(exc).__name__}: {exc})") from exc
-        if spec.get("res_type") != "gpu" or int(spec.get("res_num", 1)) != 1:
-            raise EmulatorError("only res_type gpu with res_num 1 is supported")
+        num = spec.get("res_num")
+        if spec.get("res_type") != "gpu" or isinstance(num, bool) or num != 1:
+            raise EmulatorError(
+                f"only res_type gpu with res_num 1 (an integer) is supported, got "
+                f"res_type {spec.get('res_type')!r} res_num {num!r}"
+            )
         return dict(spec)
 
     async def attach(self, request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from agent import pki
 from agent.fabric.emulator.admin_api import AdminApi
+from agent.fabric.emulator.cm_api import ClusterManagerConfig, CmApi
 from agent.fabric.emulator.config import EmulatorConfig
 from agent.fabric.emulator.fti_api import FtiApi
 from agent.fabric.emulator.http import Credentials, fault_middleware
@@ -49,8 +50,11 @@ class EmulatorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         seed: int = 0,
+        cluster_manager: ClusterManagerConfig | None = None,
     ) -> None:
         self.config = config
+        #: the cluster-manager side's cluster and node groups (tests change them while it runs)
+        self.cluster_manager = cluster_manager or ClusterManagerConfig()
         self.state = EmulatorState(config, state_file=state_file, seed=seed)
         self.creds = Credentials(
             users=dict(config.users),
@@ -72,6 +76,7 @@ class EmulatorServer:
         app = web.Application(middlewares=[fault_middleware(self.state)])
         RedfishApi(self.state, self.creds).routes(app)
         FtiApi(self.state, self.creds).routes(app)
+        CmApi(self.state, self.creds, self.cluster_manager).routes(app)
         AdminApi(self.state, self.creds).routes(app)
         return app
 
