@@ -6,7 +6,9 @@ pinned or withheld by the scaler, nodes), and writes only the slices whose conte
 keeps its generation when one slice changes; when slices are added or removed the generation is
 bumped and every slice of the pool carries the new one. After each write the stored object is
 compared with what was sent: if the API server dropped the binding-condition or per-device
-node-selection fields (feature gates off), publishing stops with a `FeatureGateOff` error.
+node-selection fields (feature gates off), publishing stops with a `FeatureGateOff` error; if it
+dropped device taints (DRADeviceTaints off), that is said once and tainted (unhealthy) devices are
+withheld instead.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from agent.model import names
 from agent.model import pool as poolmodel
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceState, Inventory, PoolDevice
-from agent.model.objects import attached_device, fabric_device, mine
+from agent.model.objects import DRIVER_LABEL, attached_device, fabric_device, mine
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class FeatureGateOff(errors.PermanentError):
     fault = "kube"
 
 
+SliceMap = dict[str, list[poolmodel.SliceSpec]]
 _ViewCache = tuple[Inventory | None, tuple[tuple[str, str | None], ...], Inventory | None]
 
 
@@ -53,6 +56,7 @@ class Publisher:
         slices: Informer,
         nodes: Informer,
         resources: Informer | None = None,
+        label_driver: str = "",
     ) -> None:
         self.kube = kube
         self.driver = driver
@@ -67,9 +71,20 @@ class Publisher:
         #: withholding releases only its own reason, so one cannot undo another's.
         self._withheld: dict[str, set[str]] = {}
         self.pinned: set[str] = set()
+        #: device id -> its DRA device taints (`agent.model.health`: unhealthy GPUs); withheld
+        #: instead while the API server drops taints (the DRADeviceTaints gate off)
+        self._taints: dict[str, list[dict[str, Any]]] = {}
+        self.taints_supported = True
         #: slot -> the GPU that arrived through it, until the resource's status says so
         self._arrivals: dict[str, str] = {}
-        self._driver_label = names.label_value(driver)
+        #: our deployment (cohdi.io/driver): `label_driver` when the slices' driver is another's
+        #: (vendor mode: agent.controllers.vendoring)
+        self._driver_label = names.label_value(label_driver or driver)
+        #: (pool, device name) of another driver's device -> our fabric device behind it (vendor
+        #: mode: the vendor's node-local device of a GPU we attached)
+        self.aliases: dict[tuple[str, str], str] = {}
+        #: reshapes the desired slices before they are written (vendor mode)
+        self.shape: Callable[[SliceMap], SliceMap] | None = None
         #: attached device -> the node whose own pool offers it (agent.model.pool.node_pool_slices)
         self._placed: dict[str, str] = {}
         #: called with the new inventory after every fabric read (the composer retries
@@ -277,17 +292,61 @@ class Publisher:
                     names[(poolmodel.node_pool_name(d.fabric, node), entry)] = d.id
             self._names = names
             self._names_of = view
-        return self._names.get((pool, name))
+        return self._names.get((pool, name)) or self.aliases.get((pool, name))
 
     def device_index(self) -> dict[tuple[str, str], str]:
         """(pool name, device name) -> fabric device id, for every device in the inventory."""
         self.device_id_of("", "")  # rebuilds the index if the inventory changed
-        return self._names
+        return {**self._names, **self.aliases} if self.aliases else self._names
 
     @property
     def withheld(self) -> frozenset[str]:
-        """Devices not offered to the scheduler, for whatever reason."""
-        return frozenset(self._withheld)
+        """Devices not offered to the scheduler, for whatever reason (a tainted device counts:
+        no claim gets it, and no model-only resource may choose it)."""
+        return frozenset(self._withheld) | frozenset(self._taints)
+
+    # --- device taints -----------------------------------------------------------------------
+
+    def set_taints(self, device_id: str, taints: list[dict[str, Any]]) -> None:
+        """Publish `device_id` with these DRA device taints from now on ([]: none)."""
+        if taints:
+            if self._taints.get(device_id) != taints:
+                self._taints[device_id] = taints
+                self.changed()
+        elif self._taints.pop(device_id, None) is not None:
+            self.changed()
+
+    @property
+    def taints(self) -> dict[str, list[dict[str, Any]]]:
+        return dict(self._taints)
+
+    def _published_taints(self) -> tuple[dict[str, list[dict[str, Any]]], frozenset[str]]:
+        """(taints to publish, devices to withhold instead): a GPU behind a held slot is
+        published under the slot's name, so its taints go there too; with taints dropped by
+        the API server every tainted device is withheld."""
+        if not self._taints:
+            return {}, frozenset(self._withheld)
+        taints = dict(self._taints)
+        for slot, gpu in self.held_slots().items():
+            if gpu is not None and gpu in taints:
+                taints[slot] = taints[gpu]
+        if self.taints_supported:
+            return taints, frozenset(self._withheld)
+        return {}, frozenset(self._withheld) | frozenset(taints)
+
+    def _taints_dropped(self, name: str) -> None:
+        """The API server did not store the taints we sent (DRADeviceTaints off): said once,
+        and from now on unhealthy devices are withheld instead."""
+        if self.taints_supported:
+            self.taints_supported = False
+            logger.error(
+                "the API server dropped the device taints from ResourceSlice %s: the "
+                "DRADeviceTaints feature gate is off (beta and on by default from Kubernetes "
+                "1.36; turn it on in kube-apiserver and kube-scheduler). Unhealthy devices are "
+                "withheld from the slices instead of tainted",
+                name,
+            )
+            self.changed()
 
     def withhold(self, device_id: str, *, reason: str) -> None:
         """Stop offering `device_id` for `reason` until `release(device_id, reason=reason)`."""
@@ -392,14 +451,16 @@ class Publisher:
         view = self.view
         assert view is not None
         await self._label_nodes()
+        taints, withheld = self._published_taints()
         desired = poolmodel.desired_slices(
             driver=self.driver,
             inventory=view,
             node_of_machine=self.node_of_machine(),
-            withheld=frozenset(self.withheld),
+            withheld=withheld,
             pinned=frozenset(self.pinned),
             cache=self._entries,
             placed=self._placed,
+            taints=taints,
         )
         desired.update(
             poolmodel.node_pool_slices(
@@ -407,9 +468,12 @@ class Publisher:
                 inventory=view,
                 node_of_machine=self.node_of_machine(),
                 placed=self._placed,
-                withheld=frozenset(self.withheld),
+                withheld=withheld,
+                taints=taints,
             )
         )
+        if self.shape is not None:
+            desired = self.shape(desired)
         current: dict[str, dict[str, Obj]] = {}
         for obj in self._current_slices():
             spec = obj.get("spec", {})
@@ -486,7 +550,13 @@ class Publisher:
         body: dict[str, Any] = {
             "apiVersion": "resource.k8s.io/v1",
             "kind": "ResourceSlice",
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "cohdi-agent"}},
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "app.kubernetes.io/managed-by": "cohdi-agent",
+                    DRIVER_LABEL: self._driver_label,
+                },
+            },
             "spec": spec,
         }
         try:
@@ -511,6 +581,8 @@ class Publisher:
         missing = gated_fields_dropped(spec, stored.get("spec", {}))
         if missing:
             raise FeatureGateOff(_gates_message(name, missing, ""))
+        if taints_dropped(spec, stored.get("spec", {})):
+            self._taints_dropped(name)
         self._sent[name] = (stored["metadata"]["resourceVersion"], spec)
         self._stored[name] = stored
 
@@ -577,3 +649,14 @@ def gated_fields_dropped(sent: dict[str, Any], stored: dict[str, Any]) -> list[s
         if missing:
             break  # one device says it all
     return missing
+
+
+def taints_dropped(sent: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """We sent device taints and the server stored none for that device (DRADeviceTaints off:
+    the API server drops the field)."""
+    stored_devices = stored.get("devices") or []
+    for i, dev in enumerate(sent.get("devices") or []):
+        if dev.get("taints"):
+            got = stored_devices[i] if i < len(stored_devices) else {}
+            return not got.get("taints")
+    return False
