@@ -229,6 +229,21 @@ class ClusterSettings:
         maximum=64,
         commands=("run", "demo"),
     )
+    health_grace: float = setting(
+        60.0,
+        "An unhealthy GPU's device taint (cohdi.io/unhealthy) lifts once the node and the fabric "
+        "have both reported it healthy for this long (a flapping link does not flap the slices).",
+        unit="s",
+        minimum=0,
+    )
+    health_fatal_effect: str = setting(
+        "NoSchedule",
+        "Effect of the taint on a GPU the node reported a fatal error for (Xid, double-bit ECC, "
+        "fallen off the bus): 'NoSchedule' keeps new pods off it; 'NoExecute' also lets "
+        "kube-controller-manager evict the pods using it. Fabric-reported health is always "
+        "NoSchedule.",
+        choices=("NoSchedule", "NoExecute"),
+    )
     node_gone_grace: float = setting(
         60.0,
         "A resource whose Node object is gone is detached without the node's NodeReleased after "
