@@ -3,15 +3,22 @@ time), versioned symbols as nvml.h maps them, return codes mapped to typed error
 library as a clean "no NVML" state.
 
 NVML snapshots the GPU list at init: a hot-added GPU is invisible until `reinit()` (shutdown +
-init). Everything is keyed by PCI bus id or UUID, never by index. All calls go through one thread
-(`AsyncNvml`), so the event loop never blocks on the driver and calls are serialised; the Xid event
-wait runs on a thread of its own.
+init). Everything is keyed by PCI bus id or UUID, never by index. All queries go through one thread
+(`AsyncNvml`), so the event loop never blocks on the driver and queries are serialised; the event
+wait (`next_event`: Xid critical errors, double-bit ECC, GPU unavailable...) runs on a thread of its
+own. Out-parameters are per thread (`_Buffers` in a `threading.local`): no two threads ever pass
+NVML the same buffer, whichever methods they call. A re-init and the event wait exclude each other
+(`_events_lock`): the event set is freed before NVML shuts down and re-armed, with the GPUs of the
+new init, by the next wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -49,6 +56,7 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci);
 nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNumber);
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
                                                      nvmlProcessInfo_t *infos);
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *eventTypes);
 nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set);
 nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long eventTypes,
                                       nvmlEventSet_t set);
@@ -56,10 +64,35 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
 nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set);
 """
 
+logger = logging.getLogger(__name__)
+
 SUCCESS: Final = 0
 INIT_FLAG_NO_GPUS: Final = 1
-EVENT_XID_CRITICAL: Final = 0x8
 _BUF: Final = 96  # NVML_DEVICE_UUID_V2_BUFFER_SIZE / NAME_V2_BUFFER_SIZE
+
+# Event types (nvml.h `nvmlEventType*`, a bit mask; eventData is the Xid for XID_CRITICAL)
+EVENT_SINGLE_BIT_ECC: Final = 0x1
+EVENT_DOUBLE_BIT_ECC: Final = 0x2
+EVENT_PSTATE: Final = 0x4
+EVENT_XID_CRITICAL: Final = 0x8
+EVENT_CLOCK: Final = 0x10
+EVENT_DRAM_RETIREMENT_FAILURE: Final = 0x800
+EVENT_FATAL_POISON: Final = 0x2000
+EVENT_GPU_UNAVAILABLE: Final = 0x4000
+EVENT_GPU_RECOVERY_ACTION: Final = 0x8000
+#: What the health source registers for: the event types that say a GPU is unusable (each GPU
+#: gets the part of it `nvmlDeviceGetSupportedEventTypes` says it supports).
+HEALTH_EVENTS: Final = (
+    EVENT_XID_CRITICAL
+    | EVENT_DOUBLE_BIT_ECC
+    | EVENT_DRAM_RETIREMENT_FAILURE
+    | EVENT_FATAL_POISON
+    | EVENT_GPU_UNAVAILABLE
+    | EVENT_GPU_RECOVERY_ACTION
+)
+#: How long one `nvmlEventSetWait_v2` may block (ms): a re-init waits at most this long for the
+#: event thread to let go of the event set.
+EVENT_SLICE_MS: Final = 50
 
 # Return codes (nvml.h) -> (name, what to tell the operator)
 _CODES: Final = {
@@ -125,13 +158,35 @@ class GpuInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class XidEvent:
+class NvmlEvent:
+    """One event NVML reported: the GPU's PCI address (sysfs form), the event type (one
+    `EVENT_*` bit) and its data (the Xid number for `EVENT_XID_CRITICAL`, the recovery action for
+    `EVENT_GPU_RECOVERY_ACTION`, else 0)."""
+
     bus_id: PciAddress
-    xid: int
+    event_type: int
+    data: int
+
+
+class _Buffers:
+    """One thread's out-parameters, allocated once and reused (an `ffi.new` per call costs about
+    as much as the NVML call itself)."""
+
+    __slots__ = ("event", "handle", "mem", "pci", "text", "uint", "ull")
+
+    def __init__(self, ffi: FFI) -> None:
+        self.handle = ffi.new("nvmlDevice_t *")
+        self.uint = ffi.new("unsigned int *")
+        self.ull = ffi.new("unsigned long long *")
+        self.text = ffi.new("char[]", _BUF)
+        self.mem = ffi.new("nvmlMemory_t *")
+        self.pci = ffi.new("nvmlPciInfo_t *")
+        self.event = ffi.new("nvmlEventData_t *")
 
 
 class Nvml:
-    """Synchronous binding; use through `AsyncNvml` from the event loop."""
+    """Synchronous binding; use through `AsyncNvml` from the event loop. Safe to call from
+    several threads: each thread has its own out-parameters."""
 
     def __init__(self, path: str = "libnvidia-ml.so.1") -> None:
         self.path = path
@@ -139,13 +194,20 @@ class Nvml:
         self.ffi.cdef(CDEF)
         self._lib: Any = None
         self.initialised = False
-        # Calls are serialised on one thread, so out-parameters are allocated once and reused:
-        # an ffi.new per call costs about as much as the NVML call itself.
-        self._handle = self.ffi.new("nvmlDevice_t *")
-        self._uint = self.ffi.new("unsigned int *")
-        self._text = self.ffi.new("char[]", _BUF)
-        self._mem = self.ffi.new("nvmlMemory_t *")
-        self._pci = self.ffi.new("nvmlPciInfo_t *")
+        self._local = threading.local()
+        # The event set: created and waited on by the event thread, freed before a shutdown.
+        self._events_lock = threading.Lock()
+        self._want_events_lock = threading.Event()
+        self._event_set: Any = None
+        #: PCI addresses of the GPUs the event set watches (empty until armed)
+        self.watched: frozenset[PciAddress] = frozenset()
+
+    def _buf(self) -> _Buffers:
+        """This thread's out-parameters."""
+        b: _Buffers | None = getattr(self._local, "b", None)
+        if b is None:
+            b = self._local.b = _Buffers(self.ffi)
+        return b
 
     def load(self) -> None:
         if self._lib is not None:
@@ -174,9 +236,17 @@ class Nvml:
         self.initialised = True
 
     def shutdown(self) -> None:
-        if self.initialised:
-            self.initialised = False
-            self._check("nvmlShutdown", self._lib.nvmlShutdown())
+        """Free the event set (waiting for the event thread's current wait, at most
+        `EVENT_SLICE_MS`), then shut NVML down."""
+        self._want_events_lock.set()
+        try:
+            with self._events_lock:
+                self._free_events()
+                if self.initialised:
+                    self.initialised = False
+                    self._check("nvmlShutdown", self._lib.nvmlShutdown())
+        finally:
+            self._want_events_lock.clear()
 
     def reinit(self) -> None:
         """After a hot-plug: NVML sees only the GPUs present at init; all handles are invalid."""
@@ -184,64 +254,72 @@ class Nvml:
         self.init()
 
     def count(self) -> int:
-        rc = self._lib.nvmlDeviceGetCount_v2(self._uint)
+        b = self._buf()
+        rc = self._lib.nvmlDeviceGetCount_v2(b.uint)
         if rc:
             self._check("nvmlDeviceGetCount_v2", rc)
-        return int(self._uint[0])
+        return int(b.uint[0])
 
     def handle_by_index(self, index: int) -> Any:
-        rc = self._lib.nvmlDeviceGetHandleByIndex_v2(index, self._handle)
+        b = self._buf()
+        rc = self._lib.nvmlDeviceGetHandleByIndex_v2(index, b.handle)
         if rc:
             self._check("nvmlDeviceGetHandleByIndex_v2", rc)
-        return self._handle[0]
+        return b.handle[0]
 
     def handle_by_bus_id(self, bus_id: str) -> Any:
-        rc = self._lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), self._handle)
+        b = self._buf()
+        rc = self._lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), b.handle)
         if rc:
             self._check(f"nvmlDeviceGetHandleByPciBusId_v2({bus_id})", rc)
-        return self._handle[0]
+        return b.handle[0]
 
     def handle_by_uuid(self, uuid: str) -> Any:
-        rc = self._lib.nvmlDeviceGetHandleByUUID(uuid.encode(), self._handle)
+        b = self._buf()
+        rc = self._lib.nvmlDeviceGetHandleByUUID(uuid.encode(), b.handle)
         if rc:
             self._check(f"nvmlDeviceGetHandleByUUID({uuid})", rc)
-        return self._handle[0]
+        return b.handle[0]
 
     def uuid(self, handle: Any) -> str:
-        rc = self._lib.nvmlDeviceGetUUID(handle, self._text, _BUF)
+        b = self._buf()
+        rc = self._lib.nvmlDeviceGetUUID(handle, b.text, _BUF)
         if rc:
             self._check("nvmlDeviceGetUUID", rc)
-        return str(self.ffi.string(self._text).decode())
+        return str(self.ffi.string(b.text).decode())
 
     def name(self, handle: Any) -> str:
-        rc = self._lib.nvmlDeviceGetName(handle, self._text, _BUF)
+        b = self._buf()
+        rc = self._lib.nvmlDeviceGetName(handle, b.text, _BUF)
         if rc:
             self._check("nvmlDeviceGetName", rc)
-        return str(self.ffi.string(self._text).decode())
+        return str(self.ffi.string(b.text).decode())
 
     def memory(self, handle: Any) -> tuple[int, int, int]:
-        m = self._mem
+        m = self._buf().mem
         rc = self._lib.nvmlDeviceGetMemoryInfo(handle, m)
         if rc:
             self._check("nvmlDeviceGetMemoryInfo", rc)
         return m.total, m.free, m.used
 
     def pci_info(self, handle: Any) -> tuple[PciAddress, int]:
-        p = self._pci
+        p = self._buf().pci
         rc = self._lib.nvmlDeviceGetPciInfo_v3(handle, p)
         if rc:
             self._check("nvmlDeviceGetPciInfo_v3", rc)
         return normalise_bus_id(self.ffi.string(p.busId).decode()), p.pciDeviceId
 
     def minor(self, handle: Any) -> int:
-        rc = self._lib.nvmlDeviceGetMinorNumber(handle, self._uint)
+        b = self._buf()
+        rc = self._lib.nvmlDeviceGetMinorNumber(handle, b.uint)
         if rc:
             self._check("nvmlDeviceGetMinorNumber", rc)
-        return int(self._uint[0])
+        return int(b.uint[0])
 
     def compute_processes(self, handle: Any) -> list[tuple[int, int]]:
         """(pid, used GPU memory) of every compute process on the GPU."""
-        count = self._uint
+        b = self._buf()
+        count = b.uint
         count[0] = 0
         rc = self._lib.nvmlDeviceGetComputeRunningProcesses_v3(handle, count, self.ffi.NULL)
         if rc == SUCCESS:
@@ -271,28 +349,90 @@ class Nvml:
     def all(self) -> list[GpuInfo]:
         return [self.info(self.handle_by_index(i)) for i in range(self.count())]
 
-    # --- Xid events (blocking: their own thread) -------------------------------------------------
+    # --- events (blocking: the event thread) -----------------------------------------------------
 
-    def event_set(self, handles: list[Any]) -> Any:
+    def supported_events(self, handle: Any) -> int:
+        """The event types the GPU can report (`nvmlDeviceGetSupportedEventTypes`); a library
+        without that call is taken to support every type."""
+        b = self._buf()
+        try:
+            fn = self._lib.nvmlDeviceGetSupportedEventTypes
+        except AttributeError:
+            return ~0
+        rc = fn(handle, b.ull)
+        if rc:
+            self._check("nvmlDeviceGetSupportedEventTypes", rc)
+        return int(b.ull[0])
+
+    def _arm(self, types: int) -> list[NvmlEvent]:
+        """Create the event set and register every GPU of this init for `types` (the part each
+        supports). The caller holds `_events_lock`. Returns the events found while arming: a GPU
+        NVML calls lost (GPU_IS_LOST) is reported as `EVENT_GPU_UNAVAILABLE`; one NVML cannot
+        even name is skipped."""
         s = self.ffi.new("nvmlEventSet_t *")
         self._check("nvmlEventSetCreate", self._lib.nvmlEventSetCreate(s))
-        for h in handles:
-            self._check(
-                "nvmlDeviceRegisterEvents",
-                self._lib.nvmlDeviceRegisterEvents(h, EVENT_XID_CRITICAL, s[0]),
-            )
-        return s[0]
+        self._event_set = s[0]
+        watched: set[PciAddress] = set()
+        found: list[NvmlEvent] = []
+        for i in range(self.count()):
+            try:
+                handle = self.handle_by_index(i)
+                bus = self.pci_info(handle)[0]
+            except NvmlCallError as exc:
+                logger.warning("NVML GPU #%d cannot be named: %s", i, exc)
+                continue
+            try:
+                mask = types & self.supported_events(handle)
+                if mask:
+                    self._check(
+                        "nvmlDeviceRegisterEvents",
+                        self._lib.nvmlDeviceRegisterEvents(handle, mask, self._event_set),
+                    )
+                    watched.add(bus)
+            except NvmlGpuLost:
+                found.append(NvmlEvent(bus, EVENT_GPU_UNAVAILABLE, 0))
+            except NvmlCallError as exc:  # NOT_SUPPORTED on this GPU: its health is unknown
+                logger.warning("NVML cannot report events of %s: %s", bus, exc)
+        self.watched = frozenset(watched)
+        return found
 
-    def wait_event(self, event_set: Any, timeout_ms: int) -> XidEvent | None:
-        data = self.ffi.new("nvmlEventData_t *")
-        rc = self._lib.nvmlEventSetWait_v2(event_set, data, timeout_ms)
-        if rc == 10:
-            return None
-        self._check("nvmlEventSetWait_v2", rc)
-        return XidEvent(self.pci_info(data.device)[0], int(data.eventData))
+    def _free_events(self) -> None:
+        """Free the event set, if any (the caller holds `_events_lock`)."""
+        event_set, self._event_set = self._event_set, None
+        self.watched = frozenset()
+        if event_set is not None and self.initialised:
+            rc = self._lib.nvmlEventSetFree(event_set)
+            if rc:
+                logger.debug("nvmlEventSetFree: %s", rc)
 
-    def free_event_set(self, event_set: Any) -> None:
-        self._check("nvmlEventSetFree", self._lib.nvmlEventSetFree(event_set))
+    def next_events(self, types: int, timeout_ms: int = EVENT_SLICE_MS) -> list[NvmlEvent]:
+        """On the event thread: wait up to `timeout_ms` for events of `types` on any GPU of the
+        current init, arming the event set first when there is none (after a start or a
+        re-init). Empty on a timeout or while NVML is not initialised (after sleeping
+        `timeout_ms`). Raises NvmlCallError (the set is dropped and re-armed by the next call)."""
+        while self._want_events_lock.is_set():  # a re-init is waiting: let it go first
+            time.sleep(0.001)
+        with self._events_lock:
+            if self.initialised:
+                return self._wait(types, timeout_ms)
+        time.sleep(timeout_ms / 1000)
+        return []
+
+    def _wait(self, types: int, timeout_ms: int) -> list[NvmlEvent]:
+        """Arm if needed, then one `nvmlEventSetWait_v2` (the caller holds `_events_lock`)."""
+        if self._event_set is None:
+            found = self._arm(types)
+            if found:
+                return found
+        b = self._buf()
+        rc = self._lib.nvmlEventSetWait_v2(self._event_set, b.event, timeout_ms)
+        if rc == 10:  # TIMEOUT
+            return []
+        if rc:
+            self._free_events()
+            self._check("nvmlEventSetWait_v2", rc)
+        ev = b.event
+        return [NvmlEvent(self.pci_info(ev.device)[0], int(ev.eventType), int(ev.eventData))]
 
 
 T = TypeVar("T")
@@ -324,22 +464,53 @@ class AsyncNvml:
             await self.call(self.nvml.shutdown)
         self._executor.shutdown(wait=True)
 
-    async def watch_xids(self, on_event: Any, stop: threading.Event, timeout_ms: int = 500) -> None:
-        """Wait for Xid events on a thread of its own (NVML's wait blocks) and hand each to
-        `on_event` on the loop; returns when `stop` is set."""
+    async def watch_events(
+        self,
+        on_event: Callable[[NvmlEvent], None],
+        stop: threading.Event,
+        *,
+        types: int = HEALTH_EVENTS,
+        timeout_ms: int = EVENT_SLICE_MS,
+    ) -> None:
+        """Wait for NVML events on a thread of its own (NVML's wait blocks) and hand each to
+        `on_event` on the loop, until `stop` is set. A failed wait is logged and the set re-armed
+        after a second."""
         loop = asyncio.get_running_loop()
-        handles = await self.call(
-            lambda: [self.nvml.handle_by_index(i) for i in range(self.nvml.count())]
-        )
-        event_set = await self.call(self.nvml.event_set, handles)
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finish(exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
 
         def waiting() -> None:
-            while not stop.is_set():
-                ev = self.nvml.wait_event(event_set, timeout_ms)
-                if ev is not None:
-                    loop.call_soon_threadsafe(on_event, ev)
+            failing = ""
+            try:
+                while not stop.is_set():
+                    try:
+                        events = self.nvml.next_events(types, timeout_ms)
+                    except errors.NvmlError as exc:
+                        if str(exc) != failing:
+                            logger.warning("NVML event wait: %s; re-arming", exc)
+                        failing = str(exc)
+                        stop.wait(1.0)
+                        continue
+                    failing = ""
+                    for ev in events:
+                        loop.call_soon_threadsafe(on_event, ev)
+            except BaseException as exc:  # handed to the awaiting task
+                loop.call_soon_threadsafe(finish, exc)
+                return
+            loop.call_soon_threadsafe(finish, None)
 
+        thread = threading.Thread(target=waiting, name="nvml-events", daemon=True)
+        thread.start()
         try:
-            await asyncio.to_thread(waiting)
-        finally:
-            await self.call(self.nvml.free_event_set, event_set)
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+            raise

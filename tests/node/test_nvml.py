@@ -1,20 +1,33 @@
 """The NVML binding (cffi ABI mode) over the stub library compiled from C: every bound function,
-a GPU appearing after init (re-init), running processes, Xid events, a missing library. The same
-tests run against the real libnvidia-ml.so.1 where a GPU exists (marked gpu)."""
+a GPU appearing after init (re-init), running processes, events (Xid, double-bit ECC) on their own
+thread with their own buffers, a lost GPU, a missing library. The same tests run against the real
+libnvidia-ml.so.1 where a GPU exists (marked gpu)."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes.util
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent import settings
 from agent.native import nvml as nvmlmod
-from agent.native.nvml import AsyncNvml, Nvml, NvmlLibraryNotFound, NvmlNotFound, XidEvent
+from agent.native.nvml import (
+    EVENT_DOUBLE_BIT_ECC,
+    EVENT_XID_CRITICAL,
+    HEALTH_EVENTS,
+    AsyncNvml,
+    Nvml,
+    NvmlEvent,
+    NvmlGpuLost,
+    NvmlLibraryNotFound,
+    NvmlNotFound,
+)
 from agent.simulated import stubnvml
 from agent.simulated.stubnvml import StubGpu, write_gpus
 
@@ -46,6 +59,7 @@ def gpus_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write_gpus(path, [A])
     monkeypatch.setenv("STUB_NVML_GPUS", str(path))
     monkeypatch.setenv("STUB_NVML_XID", str(tmp_path / "xid"))
+    monkeypatch.setenv("STUB_NVML_LOST", str(tmp_path / "lost"))
     return path
 
 
@@ -117,29 +131,119 @@ def test_missing_library_is_a_clean_no_nvml_state(tmp_path: Path) -> None:
     assert asyncio.run(start()) is False
 
 
-async def test_async_calls_and_xid_events(
-    stub_library: Path, gpus_file: Path, tmp_path: Path
-) -> None:
+async def test_async_calls_and_events(stub_library: Path, gpus_file: Path, tmp_path: Path) -> None:
+    """Events of the registered types reach the loop, per GPU; a re-init while the event thread
+    waits re-arms the set with the GPUs of the new init."""
     a = AsyncNvml(Nvml(str(stub_library)))
     assert await a.start()
     try:
         assert await a.call(a.nvml.count) == 1
-        seen: list[XidEvent] = []
+        seen: list[NvmlEvent] = []
         got = asyncio.Event()
         stop = threading.Event()
 
-        def on_event(ev: XidEvent) -> None:
+        def on_event(ev: NvmlEvent) -> None:
             seen.append(ev)
             got.set()
 
-        watching = asyncio.create_task(a.watch_xids(on_event, stop, timeout_ms=50))
-        (tmp_path / "xid").write_text("0000:41:00.0 79\n")
-        await asyncio.wait_for(got.wait(), 5)
+        async def next_event() -> NvmlEvent:
+            await asyncio.wait_for(got.wait(), 5)
+            got.clear()
+            return seen.pop(0)
+
+        watching = asyncio.create_task(a.watch_events(on_event, stop))
+        stubnvml.inject_event(tmp_path / "xid", A.bus_id, 79)
+        assert await next_event() == NvmlEvent(A.bus_id, EVENT_XID_CRITICAL, 79)
+        assert a.nvml.watched == {A.bus_id}
+        write_gpus(gpus_file, [A, B])  # hot-add: the node re-inits NVML on its own thread
+        await a.call(a.nvml.reinit)
+        stubnvml.inject_event(tmp_path / "xid", B.bus_id, 0, stubnvml.DOUBLE_BIT_ECC)
+        assert await next_event() == NvmlEvent(B.bus_id, EVENT_DOUBLE_BIT_ECC, 0)
+        assert a.nvml.watched == {A.bus_id, B.bus_id}
         stop.set()
         await watching
-        assert seen == [XidEvent("0000:41:00.0", 79)]
+        assert seen == []
     finally:
         await a.close()
+
+
+class _Recorder:
+    """Stands in for the loaded library: records, per thread, the address of every out-parameter
+    (a pointer or array argument that is not a device handle or an event set) passed to NVML."""
+
+    def __init__(self, lib: Any, ffi: Any) -> None:
+        self.lib = lib
+        self.ffi = ffi
+        self.lock = threading.Lock()
+        self.buffers: dict[int, set[int]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.lib, name)
+
+        def call(*args: Any) -> Any:
+            for arg in args:
+                if not isinstance(arg, self.ffi.CData):
+                    continue
+                ctype = self.ffi.typeof(arg)
+                if ctype.kind not in ("pointer", "array") or "_st *" in ctype.cname:
+                    continue  # nvmlDevice_t / nvmlEventSet_t are handles, not buffers
+                address = int(self.ffi.cast("uintptr_t", arg))
+                with self.lock:
+                    self.buffers.setdefault(threading.get_ident(), set()).add(address)
+            return fn(*args)
+
+        return call
+
+
+def test_queries_and_event_wait_share_no_buffer(
+    stub_library: Path, gpus_file: Path, tmp_path: Path
+) -> None:
+    """The event wait and NVML queries run at the same time on two threads: no out-parameter is
+    passed to NVML from both (the event thread used to read its event's PCI address into the
+    query thread's nvmlPciInfo_t), and every answer is right under that load."""
+    write_gpus(gpus_file, [A, B])
+    n = Nvml(str(stub_library))
+    n.init()
+    recorder = _Recorder(n._lib, n.ffi)
+    n._lib = recorder
+    try:
+        for _ in range(20):
+            stubnvml.inject_event(tmp_path / "xid", B.bus_id, 48)
+        events: list[NvmlEvent] = []
+        stop = threading.Event()
+
+        def waiting() -> None:
+            while not stop.is_set():
+                events.extend(n.next_events(HEALTH_EVENTS, 5))
+
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        answers = set()
+        deadline = time.monotonic() + 10
+        while len(events) < 20 and time.monotonic() < deadline:
+            h = n.handle_by_bus_id(A.bus_id)
+            answers.add((n.pci_info(h)[0], n.uuid(h), n.name(h), n.minor(h)))
+        stop.set()
+        thread.join()
+        assert events == [NvmlEvent(B.bus_id, EVENT_XID_CRITICAL, 48)] * 20
+        assert answers == {(A.bus_id, A.uuid, A.name, A.minor)}
+        query, wait = (recorder.buffers[t] for t in (threading.get_ident(), thread.ident))
+        assert query
+        assert wait
+        assert query.isdisjoint(wait), "a buffer passed to NVML from both threads"
+    finally:
+        n._lib = recorder.lib
+        n.shutdown()
+
+
+def test_lost_gpu_is_a_typed_error_and_comes_back(nvml: Nvml, tmp_path: Path) -> None:
+    stubnvml.set_lost(tmp_path / "lost", [A.bus_id])
+    h = nvml.handle_by_bus_id(A.bus_id)
+    with pytest.raises(NvmlGpuLost, match="GPU_IS_LOST"):
+        nvml.memory(h)
+    assert nvml.pci_info(h)[0] == A.bus_id  # still named, so events can be attributed
+    stubnvml.set_lost(tmp_path / "lost", [])
+    assert nvml.memory(h)[0] == A.memory
 
 
 def test_error_codes_map_to_classes() -> None:

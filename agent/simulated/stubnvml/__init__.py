@@ -69,3 +69,23 @@ class StubGpu:
 def write_gpus(path: Path, gpus: list[StubGpu]) -> None:
     """The GPU list the stub reads at init (atomically replaced)."""
     write_atomic(path, "".join(g.line() for g in gpus).encode(), mode=0o644, sync=False)
+
+
+#: nvml.h event types the stub can inject (`inject_event`'s `event_type`)
+XID_CRITICAL = 0x8
+DOUBLE_BIT_ECC = 0x2
+GPU_UNAVAILABLE = 0x4000
+
+
+def inject_event(path: Path, bus_id: str, data: int, event_type: int = XID_CRITICAL) -> None:
+    """Queue one NVML event on the GPU at `bus_id` in the stub's event file ($STUB_NVML_XID):
+    `data` is the Xid for `XID_CRITICAL`. The stub hands events out in order to an event set that
+    registered that GPU for that type (and drops the others, like NVML)."""
+    with open(path, "a") as fh:
+        fh.write(f"{bus_id} {data} {event_type:x}\n")
+
+
+def set_lost(path: Path, bus_ids: list[str]) -> None:
+    """The GPUs that answer NVML_ERROR_GPU_IS_LOST ($STUB_NVML_LOST, read at every query): a GPU
+    that fell off the bus; an empty list brings them all back."""
+    write_atomic(path, "".join(f"{b}\n" for b in bus_ids).encode(), mode=0o644, sync=False)

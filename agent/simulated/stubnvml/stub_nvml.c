@@ -7,7 +7,12 @@
  *   uuid  name  bus-id(dddd:bb:dd.f)  memory-bytes  minor  processes("-" or "pid:bytes,pid:bytes")
  * Like real NVML, the list is read at init: a GPU added to the file later is seen after a re-init;
  * a GPU's processes are read live at every query.
- * $STUB_NVML_XID names a file of "bus-id xid" lines; nvmlEventSetWait_v2 hands them out in order.
+ * $STUB_NVML_XID names a file of events, one a line: "bus-id data [event-type]" (event type in hex,
+ * default 0x8 = nvmlEventTypeXidCriticalError, whose data is the Xid); nvmlEventSetWait_v2 hands them
+ * out in order to a set that registered that GPU for that type (others are dropped, like NVML).
+ * $STUB_NVML_LOST names a file of bus ids, one a line, read live: those GPUs answer
+ * NVML_ERROR_GPU_IS_LOST (15) to per-GPU queries (not to nvmlDeviceGetPciInfo_v3), as a GPU that fell
+ * off the bus does; taking a line out brings the GPU back.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -23,7 +28,7 @@ typedef struct { unsigned int pid; unsigned long long usedGpuMemory; unsigned in
 struct gpu;
 typedef struct gpu *nvmlDevice_t;
 typedef struct { nvmlDevice_t device; unsigned long long eventType, eventData; unsigned int gpuInstanceId, computeInstanceId; } nvmlEventData_t;
-typedef struct { int registered; } *nvmlEventSet_t;
+typedef struct { int registered; unsigned long long mask[64]; } *nvmlEventSet_t;
 
 #define MAX_GPUS 64
 #define MAX_PROCS 16
@@ -40,8 +45,26 @@ static int ngpus = 0, initialised = 0;
 
 static const char *messages[] = {
     [0] = "Success", [1] = "Uninitialized", [2] = "Invalid Argument", [6] = "Not Found",
-    [7] = "Insufficient Size", [10] = "Timeout",
+    [7] = "Insufficient Size", [10] = "Timeout", [15] = "GPU is lost",
 };
+
+#define SUPPORTED_EVENTS 0xFFFFULL
+#define LOST 15
+
+/* 1 when the GPU's bus id is a line of $STUB_NVML_LOST (read at every query). */
+static int lost(const struct gpu *g) {
+    const char *path = getenv("STUB_NVML_LOST");
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f) return 0;
+    char line[128];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f)) {
+        line[strcspn(line, " \t\r\n")] = 0;
+        found = strcmp(line, g->bus) == 0;
+    }
+    fclose(f);
+    return found;
+}
 
 const char *nvmlErrorString(nvmlReturn_t r) {
     if (r >= 0 && r < (int)(sizeof messages / sizeof *messages) && messages[r]) return messages[r];
@@ -120,11 +143,12 @@ static nvmlReturn_t copy(const char *src, char *dst, unsigned int len) {
     return 0;
 }
 
-nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *buf, unsigned int len) { return d ? copy(d->uuid, buf, len) : 2; }
-nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned int len) { return d ? copy(d->name, buf, len) : 2; }
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *buf, unsigned int len) { return d ? lost(d) ? LOST : copy(d->uuid, buf, len) : 2; }
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned int len) { return d ? lost(d) ? LOST : copy(d->name, buf, len) : 2; }
 
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
     if (!d || !m) return 2;
+    if (lost(d)) return LOST;
     unsigned long long used = 0;
     for (int i = 0; i < d->nprocs; i++) used += d->mems[i];
     m->total = d->memory; m->used = used; m->free = d->memory > used ? d->memory - used : 0;
@@ -143,6 +167,7 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
 
 nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t d, unsigned int *minor) {
     if (!d || !minor) return 2;
+    if (lost(d)) return LOST;
     *minor = d->minor;
     return 0;
 }
@@ -172,6 +197,7 @@ static void refresh_procs(struct gpu *d) {
 
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count, nvmlProcessInfo_t *infos) {
     if (!d || !count) return 2;
+    if (lost(d)) return LOST;
     refresh_procs(d);
     if (d->nprocs == 0) { *count = 0; return 0; }
     if (*count < (unsigned int)d->nprocs || !infos) { *count = (unsigned int)d->nprocs; return 7; }
@@ -189,21 +215,31 @@ nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
     return *set ? 0 : 999;
 }
 
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t d, unsigned long long *types) {
+    if (!d || !types) return 2;
+    if (lost(d)) return LOST;
+    *types = SUPPORTED_EVENTS;
+    return 0;
+}
+
 nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, nvmlEventSet_t set) {
-    (void)types;
     if (!d || !set) return 2;
+    if (types & ~SUPPORTED_EVENTS) return 3; /* NOT_SUPPORTED */
+    if (lost(d)) return LOST;
+    set->mask[d - gpus] |= types;
     set->registered++;
     return 0;
 }
 
-/* Take the first "bus xid" line of $STUB_NVML_XID, keeping the rest. 1 if one was taken. */
-static int take_event(char *bus, unsigned long long *xid) {
+/* Take the first "bus data [type]" line of $STUB_NVML_XID, keeping the rest. 1 if one was taken. */
+static int take_event(char *bus, unsigned long long *xid, unsigned long long *type) {
     const char *path = getenv("STUB_NVML_XID");
     if (!path) return 0;
     FILE *f = fopen(path, "r");
     if (!f) return 0;
     char first[128], rest[8192] = "";
-    int got = fgets(first, sizeof first, f) && sscanf(first, "%31s %llu", bus, xid) == 2;
+    *type = 0x8;
+    int got = fgets(first, sizeof first, f) && sscanf(first, "%31s %llu %llx", bus, xid, type) >= 2;
     size_t n = got ? fread(rest, 1, sizeof rest - 1, f) : 0;
     rest[n] = 0;
     fclose(f);
@@ -219,12 +255,13 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
     if (!set || !data) return 2;
     for (unsigned int waited = 0;; waited += 5) {
         char bus[32];
-        unsigned long long xid;
-        if (take_event(bus, &xid)) {
+        unsigned long long xid, type;
+        if (take_event(bus, &xid, &type)) {
             nvmlDevice_t d;
             if (nvmlDeviceGetHandleByPciBusId_v2(bus, &d) != 0) continue;
+            if (!(set->mask[d - gpus] & type)) continue; /* not registered for it: dropped */
             memset(data, 0, sizeof *data);
-            data->device = d; data->eventType = 0x8; data->eventData = xid;
+            data->device = d; data->eventType = type; data->eventData = xid;
             return 0;
         }
         if (waited >= timeoutms) return 10;
