@@ -340,6 +340,23 @@ class NodeSettings:
         "Where CDI spec files of prepared claims are written (the runtime's dynamic CDI dir).",
         metavar="DIR",
     )
+    fatal_xids: str = setting(
+        "48,62,63,64,74,79,95,119,120,140",
+        "Xids (NVML critical-error events) that make a GPU unhealthy, comma-separated. Default: "
+        "those whose immediate action in NVIDIA's Xid catalogue is a GPU reset or more (DBE, "
+        "micro-controller halt, row remapping pending/failed, NVLink, fallen off the bus, "
+        "uncontained ECC, GSP timeout/error, unrecovered ECC); application Xids (13, 31, 43, "
+        "45...) and contained ECC (94) are not. Double-bit ECC, fatal poison, DRAM retirement "
+        "failure and GPU-unavailable events count whatever this says.",
+        metavar="N,N...",
+    )
+    health_hold: float = setting(
+        300.0,
+        "A GPU's fault clears (DeviceHealthy=True again) once it has answered NVML this long "
+        "with no new fatal event; a GPU reset or re-attach is what normally gets it there.",
+        unit="s",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True, slots=True)
