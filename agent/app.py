@@ -380,7 +380,9 @@ class _ClusterRole:
 
 class _NodeRole:
     """The node reporter (hot-plug, report, safe removal) and the DRA kubelet plugin. Ready once
-    the plugin serves its sockets and the first PCI scan has finished."""
+    the plugin serves its sockets and the first PCI scan has finished. In vendor-driver mode
+    (--vendor-driver) the vendor's kubelet plugin prepares the GPUs: ours does not run, and the
+    role is hot-plug, identification and safe removal only."""
 
     def __init__(self, kube: Kube, cfg: settings.Settings) -> None:
         self.kube = kube
@@ -398,6 +400,9 @@ class _NodeRole:
         cfg = self.cfg
         node = cfg.node.name or os.environ.get("NODE_NAME") or socket.gethostname()
         self.reporter = reporter = NodeReporter(self.kube, cfg.node, node=node)
+        if cfg.cluster.vendor_driver:
+            await reporter.run()
+            return
         plugin = KubeletPlugin(
             self.kube,
             driver=cfg.cluster.driver,
@@ -415,7 +420,8 @@ class _NodeRole:
             await plugin.stop()
 
     def not_ready(self) -> list[str]:
-        reasons = [] if self.plugin_serving else ["kubelet plugin not serving"]
+        wanted = not self.cfg.cluster.vendor_driver
+        reasons = [] if self.plugin_serving or not wanted else ["kubelet plugin not serving"]
         if self.reporter is None or not self.reporter.scanned.is_set():
             reasons.append("first PCI scan not done")
         preparer = self.plugin.preparer if self.plugin is not None else None
@@ -437,6 +443,8 @@ class _NodeRole:
         if reporter is None or not self.serving():
             return "node: starting (" + ", ".join(self.not_ready()) + ")"
         gpus = sum(1 for f in reporter.functions.values() if f.is_gpu)
+        if self.cfg.cluster.vendor_driver:
+            return f"node {reporter.node}: {gpus} GPU(s), {self.cfg.cluster.vendor_driver} prepares"
         return f"node {reporter.node}: {gpus} GPU(s), kubelet plugin serving"
 
 

@@ -16,11 +16,15 @@ from agent.controllers.composing import Composer
 from agent.controllers.publishing import NODES, SLICES, Publisher
 from agent.controllers.requesting import Requester
 from agent.controllers.scaling import Scaler
+from agent.controllers.vendoring import Vendoring, VendorScaler
 from agent.fabric.protocol import FabricManager
 from agent.kube.client import Kube
 from agent.kube.eventing import Recorder
 from agent.kube.resources import REQUESTS, RESOURCES
 from agent.kube.watching import Informer
+from agent.model import vendoring as vendormodel
+from agent.model.names import label_value
+from agent.model.objects import DRIVER_LABEL
 from agent.model.requests import Limits
 from agent.supervision import Policy, Supervisor
 
@@ -39,6 +43,8 @@ class ClusterRole:
     informers: list[Informer]
     fabric: FabricManager
     supervisor: Supervisor = field(default_factory=lambda: Supervisor("loop"))
+    #: vendor-driver mode's hand-off to the vendor's driver (None when --vendor-driver is off)
+    vendoring: Vendoring | None = None
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """Loop name -> how to (re)start it. Restarting a loop reuses its object: queues, caches
@@ -54,6 +60,8 @@ class ClusterRole:
             "requester": self.requester.run,
             "events": self.recorder.run,
         }
+        if self.vendoring is not None:
+            loops["vendoring"] = self.vendoring.run
         return loops
 
     async def run(self) -> None:
@@ -109,26 +117,44 @@ def build(
     restarted (the default: agent.supervision.Policy)."""
     c, k = cfg.cluster, cfg.kube
 
-    def informer(path: str, name: str, field_selector: str = "") -> Informer:
+    def informer(
+        path: str, name: str, field_selector: str = "", label_selector: str = ""
+    ) -> Informer:
         return Informer(
             kube,
             path,
             name=name,
             field_selector=field_selector,
+            label_selector=label_selector,
             watch_timeout=k.kube_watch_timeout,
             backoff_max=k.kube_backoff_max,
         )
 
     claims = informer("/apis/resource.k8s.io/v1/resourceclaims", "claims")
-    slices = informer(SLICES, "slices", f"spec.driver={c.driver}")
+    # vendor-driver mode: our pool slices go under the vendor's name, beside the vendor's own
+    # (told apart by our deployment's label); our resources keep our own --driver's label
+    vendor = c.vendor_driver
+    slices = informer(
+        SLICES,
+        "slices",
+        f"spec.driver={vendor or c.driver}",
+        f"{DRIVER_LABEL}={label_value(c.driver)}" if vendor else "",
+    )
     nodes = informer(NODES, "nodes")
     resources = informer(RESOURCES, "composableresources")
     requests = informer(REQUESTS, "composabilityrequests")
     recorder = Recorder(kube, component="cohdi-agent", instance=identity)
-    publisher = Publisher(kube, driver=c.driver, slices=slices, nodes=nodes, resources=resources)
-    scaler = Scaler(
+    publisher = Publisher(
         kube,
-        driver=c.driver,
+        driver=vendor or c.driver,
+        slices=slices,
+        nodes=nodes,
+        resources=resources,
+        label_driver=c.driver,
+    )
+    scaler = (VendorScaler if vendor else Scaler)(
+        kube,
+        driver=vendor or c.driver,
         claims=claims,
         resources=resources,
         nodes=nodes,
@@ -160,13 +186,32 @@ def build(
         limits=Limits(max_size=c.request_max_size),
         driver=c.driver,
     )
+    informers = [claims, slices, nodes, resources, requests]
+    vendoring = None
+    if vendor:
+        if isinstance(scaler, VendorScaler):
+            scaler.label_as(c.driver)
+        publisher.shape = vendormodel.vendor_slices
+        vendor_slices = informer(SLICES, "vendor-slices", f"spec.driver={vendor}")
+        informers.append(vendor_slices)
+        vendoring = Vendoring(
+            kube,
+            vendor=vendor,
+            driver=c.driver,
+            claims=claims,
+            resources=resources,
+            vendor_slices=vendor_slices,
+            publisher=publisher,
+            recorder=recorder,
+        )
     return ClusterRole(
         publisher,
         scaler,
         composer,
         requester,
         recorder,
-        [claims, slices, nodes, resources, requests],
+        informers,
         fabric,
         Supervisor("loop", policy=policy),
+        vendoring,
     )

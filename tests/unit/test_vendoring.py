@@ -1,0 +1,329 @@
+"""Vendor-driver mode (`--vendor-driver`): the pure decisions of `agent.model.vendoring`, and the
+whole cluster role on the in-memory API server with a stand-in vendor driver that publishes a
+node-local slice for the GPU once it is attached (the real control plane's version, with the
+scheduler, is tests/cluster/test_vendor_mode.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+from agent import settings
+from agent.controllers import running
+from agent.controllers.vendoring import Vendoring
+from agent.kube.resources import resource_name
+from agent.model import claims as claimmodel
+from agent.model import pool as poolmodel
+from agent.model import vendoring as vm
+from agent.model.objects import Obj
+from agent.testing.fakekube import FakeKube
+from agent.testing.nodereport import NodeDouble
+from tests.unit.test_cluster_role_fake import (
+    DRIVER,
+    POOL,
+    SLICES,
+    FakeFabric,
+    World,
+    make_node,
+)
+
+VENDOR = "gpu.vendor.example"
+
+# --- pure decisions --------------------------------------------------------------------------
+
+
+def _slice_spec(pool: str, devices: list[dict[str, Any]], **sel: Any) -> poolmodel.SliceSpec:
+    return poolmodel.SliceSpec(
+        name=f"s-{pool}",
+        pool=pool,
+        spec={"driver": VENDOR, "pool": {"name": pool}, **sel, "devices": devices},
+    )
+
+
+def test_vendor_slices_keep_free_devices_with_cohdis_conditions_and_attributes() -> None:
+    free = {
+        "name": "gpu-1",
+        "attributes": {"productName": {"string": "A100"}, "uuid": {"string": "GPU-1"}},
+        "bindsToNode": True,
+        "bindingConditions": [poolmodel.READY],
+        "bindingFailureConditions": [poolmodel.FAILED],
+    }
+    attached = {"name": "gpu-2", "attributes": {}, "nodeName": "n1"}
+    desired = {
+        "fab": [_slice_spec("fab", [free, attached], perDeviceNodeSelection=True)],
+        "fab/n1": [_slice_spec("fab/n1", [attached], nodeName="n1")],
+    }
+    out = vm.vendor_slices(desired)
+    assert set(out) == {"fab"}, "a node's pool of attached GPUs is the vendor's to offer"
+    (entry,) = out["fab"][0].spec["devices"]
+    assert entry["bindingConditions"] == ["FabricDeviceReady"]
+    assert entry["bindingFailureConditions"] == ["FabricDeviceReschedule", "FabricDeviceFailed"]
+    assert entry["attributes"]["type"] == {"string": "gpu"}
+    assert entry["attributes"]["uuid"] == {"string": ""}, "a pool device has no GPU yet"
+    assert entry["attributes"]["productName"] == {"string": "A100"}
+    assert free["attributes"]["uuid"] == {"string": "GPU-1"}, "the cached entry is not changed"
+
+
+def _vendor_slice(name: str, node: str, devices: dict[str, str], **labels: str) -> Obj:
+    return {
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "driver": VENDOR,
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": [
+                {"name": dev, "attributes": {"uuid": {"string": uuid}}}
+                for dev, uuid in devices.items()
+            ],
+        },
+    }
+
+
+def test_vendor_index_reads_node_local_slices_of_the_vendor_only() -> None:
+    slices = [
+        _vendor_slice("a", "n1", {"gpu-0": "GPU-A"}),
+        _vendor_slice("b", "n2", {"gpu-0": "GPU-B"}),
+        _vendor_slice(
+            "ours", "n1", {"x": "GPU-X"}, **{"app.kubernetes.io/managed-by": "cohdi-agent"}
+        ),
+        {**_vendor_slice("other", "n1", {"y": "GPU-Y"}), "spec": {"driver": "other.io"}},
+    ]
+    qualified = _vendor_slice("q", "n3", {})
+    qualified["spec"]["devices"] = [
+        {"name": "gpu-1", "attributes": {f"{VENDOR}/uuid": {"string": "GPU-Q"}}}
+    ]
+    index = vm.vendor_index([*slices, qualified], VENDOR)
+    assert index == {
+        ("n1", "GPU-A"): ("n1", "gpu-0"),
+        ("n2", "GPU-B"): ("n2", "gpu-0"),
+        ("n3", "GPU-Q"): ("n3", "gpu-1"),
+    }
+
+
+def _resource(state: str, node: str = "n1", uuid: str = "GPU-A") -> Obj:
+    return {
+        "metadata": {"name": "gpu-fab-1"},
+        "spec": {"target_node": node, "fabric_device": "fab-1"},
+        "status": {"state": state, "device_id": uuid, "cdi_device_id": "fab-1"},
+    }
+
+
+def _claim(conditions: list[str]) -> tuple[Obj, claimmodel.Binding]:
+    claim: Obj = {
+        "metadata": {"name": "c", "namespace": "default", "uid": "u1"},
+        "status": {
+            "allocation": {
+                "devices": {
+                    "results": [
+                        {
+                            "driver": VENDOR,
+                            "pool": "fab",
+                            "device": "fab-1",
+                            "bindingConditions": ["FabricDeviceReady"],
+                        }
+                    ]
+                },
+                "nodeSelector": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchFields": [
+                                {"key": "metadata.name", "operator": "In", "values": ["n1"]}
+                            ]
+                        }
+                    ]
+                },
+            },
+            "devices": [
+                {
+                    "driver": VENDOR,
+                    "pool": "fab",
+                    "device": "fab-1",
+                    "conditions": [{"type": t, "status": "True"} for t in conditions],
+                }
+            ],
+        },
+    }
+    (b,) = claimmodel.bindings(claim, VENDOR)
+    return claim, b
+
+
+def test_reschedule_only_once_the_vendor_offers_the_gpu_on_the_claims_node() -> None:
+    claim, b = _claim([])
+    index = {("n1", "GPU-A"): ("n1", "gpu-0")}
+
+    def step(resource: Obj | None, idx: vm.VendorIndex = index) -> vm.Step:
+        return vm.decide(claim, b, vendor=VENDOR, resource=resource, index=idx).step
+
+    assert step(None) == vm.Step.WAIT
+    assert step(_resource("Attaching")) == vm.Step.WAIT
+    assert step(_resource("Online", node="n2")) == vm.Step.WAIT
+    assert step(_resource("Online", uuid="")) == vm.Step.WAIT
+    assert step(_resource("Online"), {}) == vm.Step.WAIT, "not in the vendor's slice yet"
+    assert step(_resource("Online"), {("n2", "GPU-A"): ("n2", "gpu-0")}) == vm.Step.WAIT
+    d = vm.decide(claim, b, vendor=VENDOR, resource=_resource("Online"), index=index)
+    assert (d.step, d.vendor_device) == (vm.Step.RESCHEDULE, ("n1", "gpu-0"))
+    done, b2 = _claim([vm.RESCHEDULE])
+    again = vm.decide(done, b2, vendor=VENDOR, resource=_resource("Online"), index=index)
+    assert again.step == vm.Step.DONE
+
+
+def test_aliases_name_our_gpu_behind_the_vendors_device() -> None:
+    index = {("n1", "GPU-A"): ("n1", "gpu-0")}
+    assert vm.aliases(index, [_resource("Online")]) == {("n1", "gpu-0"): "fab-1"}
+    assert vm.aliases(index, [_resource("Detaching")]) == {}
+    assert vm.aliases(index, [_resource("Online", node="n2")]) == {}
+
+
+# --- the whole cluster role, in memory ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def vendor_world(gpus: int = 4) -> AsyncIterator[World]:
+    kube = FakeKube(bookmark_interval=60)
+    kube.selectable("composableresources", "spec.target_node")
+    names = ["node-0", "node-1"]
+    for n in names:
+        make_node(kube, n)
+    fabric = FakeFabric(names, gpus)
+    cfg = settings.Settings(
+        cluster=settings.ClusterSettings(driver=DRIVER, vendor_driver=VENDOR, idle_grace=300.0)
+    )
+    role = running.build(kube, fabric, cfg, identity="test")  # type: ignore[arg-type]
+    w = World(kube, fabric, role, names)
+    w.tasks.append(asyncio.create_task(role.run()))
+    w.tasks.append(asyncio.create_task(NodeDouble(kube, set(names)).run()))
+    try:
+        await w.wait(lambda: len(pool_entries(w)) == gpus, "the pool published")
+        yield w
+    finally:
+        for t in w.tasks:
+            t.cancel()
+        await asyncio.gather(*w.tasks, return_exceptions=True)
+
+
+def pool_entries(w: World) -> dict[str, dict[str, Any]]:
+    """Our entries under the vendor's driver name."""
+    return {
+        d["name"]: d
+        for s in w.kube.objects("resourceslices")
+        if s["spec"]["driver"] == VENDOR
+        and (s["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") == "cohdi-agent"
+        for d in s["spec"].get("devices") or []
+    }
+
+
+def allocate(w: World, claim: str, pool: str, device: str, node: str, *, pooled: bool) -> None:
+    """kube-scheduler's allocation of one device of the vendor's driver, pinned to `node`."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    result: dict[str, Any] = {"request": "gpu", "driver": VENDOR, "pool": pool, "device": device}
+    if pooled:
+        result["bindingConditions"] = [poolmodel.READY]
+        result["bindingFailureConditions"] = [vm.RESCHEDULE, poolmodel.FAILED]
+
+    def change(obj: Obj) -> None:
+        obj["status"] = {
+            "allocation": {
+                "devices": {"results": [result]},
+                "nodeSelector": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchFields": [
+                                {"key": "metadata.name", "operator": "In", "values": [node]}
+                            ]
+                        }
+                    ]
+                },
+                "allocationTimestamp": now,
+            },
+            "reservedFor": [{"resource": "pods", "name": claim, "uid": "pod-" + claim}],
+        }
+
+    w.kube.edit(w.claim_path(claim), change)
+
+
+def stand_in_vendor(w: World, node: str, gpu: str) -> None:
+    """The vendor's kubelet plugin on `node` has found the GPU: its node-local slice lists it."""
+    w.kube.add(SLICES, _vendor_slice(f"{VENDOR}-{node}", node, {"gpu-0": gpu}))
+
+
+def conditions(w: World, claim: str) -> list[str]:
+    return [
+        c["type"]
+        for e in (w.claim(claim).get("status") or {}).get("devices") or []
+        for c in e.get("conditions") or []
+        if c.get("status") == "True"
+    ]
+
+
+def vendoring(w: World) -> Vendoring:
+    assert w.role.vendoring is not None
+    return w.role.vendoring
+
+
+async def test_pool_is_published_under_the_vendors_name_as_cohdi_does() -> None:
+    async with vendor_world() as w:
+        entries = pool_entries(w)
+        assert all(e["bindsToNode"] for e in entries.values())
+        assert all(
+            e["bindingFailureConditions"] == [vm.RESCHEDULE, poolmodel.FAILED]
+            for e in entries.values()
+        )
+        assert all(e["attributes"]["type"] == {"string": "gpu"} for e in entries.values())
+        assert all(e["attributes"]["uuid"] == {"string": ""} for e in entries.values())
+        assert not [s for s in w.kube.objects("resourceslices") if s["spec"]["driver"] == DRIVER]
+
+
+async def test_attach_then_reschedule_once_when_the_vendor_offers_the_gpu() -> None:
+    async with vendor_world() as w:
+        w.new_claim("c1")
+        allocate(w, "c1", POOL, w.device_name("gpu-1"), "node-0", pooled=True)
+        await w.wait(
+            lambda: (w.resource(resource_name("gpu-1")) or {}).get("status", {}).get("conditions"),
+            "gpu-1 attached and reported by the node",
+        )
+        await asyncio.sleep(0.2)
+        assert conditions(w, "c1") == [], "neither Ready (the vendor prepares) nor Reschedule yet"
+        assert w.device_name("gpu-1") not in pool_entries(w), "attached: the vendor offers it"
+        # another driver's slices are never ours to rewrite or delete
+        stand_in_vendor(w, "node-0", "GPU-1")
+        await w.wait(lambda: vm.RESCHEDULE in conditions(w, "c1"), "FabricDeviceReschedule")
+        assert conditions(w, "c1") == [vm.RESCHEDULE]
+        assert w.fabric.attaches == [("gpu-1", "m-node-0")]
+        # the scheduler drops the allocation and takes the vendor's device on node-0
+        w.kube.edit(w.claim_path("c1"), lambda o: o.pop("status", None))
+        allocate(w, "c1", "node-0", "gpu-0", "node-0", pooled=False)
+        await asyncio.sleep(0.3)
+        assert vendoring(w).written == 1
+        assert w.fabric.attaches == [("gpu-1", "m-node-0")], "one attach"
+        assert w.kube.get_obj(f"{SLICES}/{VENDOR}-node-0") is not None
+        # the vendor's device is our GPU: the claim holds it, scale-down leaves it
+        assert w.role.publisher.device_id_of("node-0", "gpu-0") == "gpu-1"
+        assert "gpu-1" in w.role.scaler._held_devices()
+        assert (w.resource(resource_name("gpu-1")) or {})["status"]["state"] == "Online"
+
+
+async def test_a_claim_already_rescheduled_is_not_written_again() -> None:
+    """A new leader (or CoHDI before the switch) set it: the claim's own status is the record."""
+    async with vendor_world() as w:
+        w.new_claim("c1")
+        allocate(w, "c1", POOL, w.device_name("gpu-2"), "node-1", pooled=True)
+
+        def mark(obj: Obj) -> None:
+            obj["status"]["devices"] = [
+                {
+                    "driver": VENDOR,
+                    "pool": POOL,
+                    "device": w.device_name("gpu-2"),
+                    "conditions": [{"type": vm.RESCHEDULE, "status": "True"}],
+                }
+            ]
+
+        await w.wait(lambda: w.fabric.attached_to("gpu-2"), "gpu-2 attached")
+        w.kube.edit(w.claim_path("c1"), mark)
+        stand_in_vendor(w, "node-1", "GPU-2")
+        await asyncio.sleep(0.3)
+        assert vendoring(w).written == 0
+        assert conditions(w, "c1") == [vm.RESCHEDULE]
