@@ -320,6 +320,13 @@ NODE_REPORTS = zeroed(
     ),
     *((r,) for r in ("NodeReady", "NodeReleased", "Busy")),
 )
+NODE_UNHEALTHY_DEVICES = Gauge(
+    "cohdi_node_unhealthy_devices",
+    "GPUs the node role reports unhealthy (DeviceHealthy=False on their ComposableResource), by "
+    "reason: Xid<n>, DoubleBitEcc, GpuUnavailable, FellOffBus...",
+    ["reason"],
+    registry=REGISTRY,
+)
 NVML_ERRORS = Counter(
     "cohdi_nvml_errors",
     "NVML calls that failed on this node (a re-init follows; a GPU NVML cannot see has no "
