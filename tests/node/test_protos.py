@@ -1,6 +1,7 @@
 """Our hand-written .proto files against kubelet's own (k8s.io/kubelet v0.36.3 from the Go module
 cache): identical packages, services, methods (with request/response types), and for every
-message identical field names, numbers, types and labels. Plus: agent/_proto is not stale."""
+message identical field names, numbers, types and labels, and identical enums. Plus: agent/_proto
+is not stale."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ KUBELET = "k8s.io/kubelet@v0.36.3"
 APIS = {
     "dra/v1": "pkg/apis/dra/v1/api.proto",
     "dra/v1beta1": "pkg/apis/dra/v1beta1/api.proto",
+    # a Python package cannot be called dra-health: ours lives at drahealth/, same wire package
+    "drahealth/v1alpha1": "pkg/apis/dra-health/v1alpha1/api.proto",
     "pluginregistration/v1": "pkg/apis/pluginregistration/v1/api.proto",
 }
 
@@ -65,6 +68,7 @@ def shape(fd: descriptor_pb2.FileDescriptorProto) -> dict[str, object]:
             for s in fd.service
         },
         "messages": {m.name: _fields(m) for m in fd.message_type},
+        "enums": {e.name: {v.name: v.number for v in e.value} for e in fd.enum_type},
     }
 
 
