@@ -276,6 +276,29 @@ class ClusterSettings:
         minimum=0,
         maximum=1024,
     )
+    machine_provider_schemes: str = setting(
+        "fsas-cdi",
+        "Comma-separated spec.providerID schemes that name a Node's fabric machine: "
+        "<scheme>://.../<machine id> (CoHDI's fsas-cdi://<machine uuid>). Nodes are matched to "
+        "machines by providerID, then by --machine-keys, then by name.",
+        metavar="SCHEME[,SCHEME]",
+    )
+    machine_keys: str = setting(
+        "cohdi.io/machine",
+        "Comma-separated Node label or annotation keys whose value is the node's fabric machine "
+        "id (used when the providerID names none).",
+        metavar="KEY[,KEY]",
+    )
+    cohdi_config_namespace: str = setting(
+        "",
+        "Read CoHDI's own configuration from this namespace (usually composable-dra) and watch "
+        "it: ConfigMap composable-dra-dds (device-info: the models; label-prefix) and Secret "
+        "composable-dra-secret (username, password, realm, client_id, client_secret, "
+        "certificate). It implies --fabric-backend fti; the fabric URL, tenant and cluster come "
+        "from CoHDI's variables CDI_ENDPOINT, TENANT_ID, CLUSTER_ID and USE_CM when the "
+        "--fabric-* settings do not give them. Empty: not used.",
+        metavar="NAMESPACE",
+    )
     stall_on_sigusr2: float = setting(
         0.0,
         "Testing only: on SIGUSR2, block the event loop for this long (a synchronous sleep), so "
@@ -445,6 +468,14 @@ class FabricSettings:
         "FTI only: comma-separated models whose free count to ask the fabric for (the FTI API "
         "lists no free device, only counts per model).",
         metavar="MODEL[,MODEL]",
+    )
+    cm_cluster: str = setting(
+        "",
+        "FTI only: the cluster-manager cluster uuid (CoHDI's CLUSTER_ID with USE_CM): per-node "
+        "minimum and maximum device counts per model are read from the cluster manager's node "
+        "groups and written as the nodes' cohdi.io/min-devices and cohdi.io/max-devices labels "
+        "(the models' sums). Empty: the cluster manager is not used.",
+        metavar="UUID",
     )
     processor_types: str = setting(
         "GPU,Accelerator",
