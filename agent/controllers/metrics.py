@@ -33,8 +33,11 @@ __all__ = [
     "READY_SECONDS",
     "REGISTRY",
     "SLICE_WRITES",
+    "TAINTS",
+    "UNHEALTHY_DEVICES",
     "pool_devices",
     "timed",
+    "unhealthy_devices",
 ]
 
 #: The decisions the cluster role counts (`cohdi_decisions_total{kind}`), each also logged at
@@ -52,6 +55,7 @@ DECISION_KINDS: Final = (
     "node-gone",  # composer: a resource of a Node gone for --node-gone-grace, released
     "warm",  # scaler: a GPU attached ahead of demand (warm capacity on a node)
     "node-pool",  # scaler: an attached idle device offered from its node's own pool
+    "unhealthy-detach",  # scaler: an unhealthy device no claim holds, its resource deleted
 )
 #: Reasons of `cohdi_failures_total` known in advance (claims' and resources' failures).
 FAILURE_REASONS: Final = (
@@ -68,6 +72,7 @@ FAILURE_REASONS: Final = (
     "DeviceNotFound",
     "FabricRejected",
     "NodeGone",
+    "DeviceUnhealthy",
 )
 
 LEADER = Gauge(
@@ -124,6 +129,24 @@ POOL_DEVICES = Gauge(
     ["fabric", "model", "state"],
     registry=REGISTRY,
 )
+UNHEALTHY_DEVICES = Gauge(
+    "cohdi_unhealthy_devices",
+    "Devices the leader holds unhealthy (tainted cohdi.io/unhealthy, or withheld), by the source "
+    "that said so (node, fabric) and its reason (Xid79, DoubleBitEcc, FellOffBus, "
+    "FabricCritical...); recovering devices (clear, within --health-grace) are not counted.",
+    ["source", "reason"],
+    registry=REGISTRY,
+)
+TAINTS = zeroed(
+    Counter(
+        "cohdi_device_taints",
+        "DRA device taints (cohdi.io/unhealthy) the leader added to or removed from devices.",
+        ["change"],
+        registry=REGISTRY,
+    ),
+    ("added",),
+    ("removed",),
+)
 WORK_SECONDS = Histogram(
     "cohdi_workqueue_work_seconds",
     "Time one handler of a cluster-role work queue took for one key, by queue.",
@@ -148,6 +171,16 @@ def pool_devices(inventory: Inventory | None) -> None:
             POOL_DEVICES.labels(fabric, model, state).set(n)
 
 
+def unhealthy_devices(devices: Iterable[tuple[str, str]]) -> None:
+    """Set `cohdi_unhealthy_devices` from (source, reason) of every unhealthy device."""
+    counts: dict[tuple[str, str], int] = {}
+    for key in devices:
+        counts[key] = counts.get(key, 0) + 1
+    UNHEALTHY_DEVICES.clear()
+    for (source, reason), n in counts.items():
+        UNHEALTHY_DEVICES.labels(source, reason).set(n)
+
+
 class _Queue(Protocol):
     name: str
     retries: int
@@ -169,6 +202,7 @@ class QueueCollector(Collector):
         "orphans",
         "node-pool-moves",
         "warm-capacity",
+        "device-health",
         "composer",
         "requests",
     )

@@ -26,12 +26,20 @@ is attached again (`model.scaling.stranded`), so the pod starts late instead of 
 
 Per-node maxima are enforced by labelling full nodes, which the free devices' node selectors
 exclude, so a claim is never pinned to a node that cannot take it.
+
+Device health (`agent.model.health`): the node's `DeviceHealthy` condition on a GPU's resource
+and the fabric's `PoolDevice.health` make a GPU unhealthy; it is published with a
+`cohdi.io/unhealthy` DRA device taint (withheld instead when the API server drops taints), a claim
+still waiting for it fails with `DeviceUnhealthy`, and it is swapped out: detached at once
+through the scale-down's steps when no claim holds it, else when its claim lets go
+(`UnhealthyDetach` Event). The taint lifts once every source has been clear for `--health-grace`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -48,6 +56,7 @@ from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import claims as claimmodel
 from agent.model import composing as composemodel
+from agent.model import health as healthmodel
 from agent.model import names
 from agent.model import pool as poolmodel
 from agent.model import requests as requestmodel
@@ -114,6 +123,8 @@ class Scaler:
         workers: int = 64,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        health_grace: float = 60.0,
+        health_evict: bool = False,
     ) -> None:
         self.kube = kube
         self.driver = driver
@@ -149,9 +160,21 @@ class Scaler:
         self.warmth: KeyedQueue[str] = KeyedQueue(
             "warm-capacity", metrics.timed("warm-capacity", self._keep_warm), workers=4
         )
-        metrics.QUEUES.track(
-            self.queue, self.idle, self.labels, self.orphans, self.moves, self.warmth
+        self.sick: KeyedQueue[str] = KeyedQueue(
+            "device-health", metrics.timed("device-health", self._check_health), workers=8
         )
+        metrics.QUEUES.track(
+            self.queue, self.idle, self.labels, self.orphans, self.moves, self.warmth, self.sick
+        )
+        self.health_grace = health_grace
+        self.health_evict = health_evict
+        #: device -> the node's last word on it (kept after its resource is gone: a detached GPU
+        #: has no node to speak for it)
+        self._node_words: dict[str, healthmodel.Word] = {}
+        #: device -> the fabric's word, for devices the fabric reports unhealthy
+        self._fabric_words: dict[str, healthmodel.Word] = {}
+        #: device -> its health while unhealthy or recovering (agent.model.health)
+        self.health: dict[str, healthmodel.Health] = {}
         #: device -> monotonic time it was first seen attached with no resource naming it
         self._orphan_since: dict[str, float] = {}
         #: device id -> monotonic time it was last held by a claim
@@ -167,6 +190,8 @@ class Scaler:
         resources.add_handler(self._on_resource)
         nodes.add_handler(self._on_node_event)
         publisher.on_inventory.append(self._on_inventory)
+        publisher.on_inventory.append(self._on_fabric_health)
+        publisher.slices.add_handler(self._recover_taint)
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -186,6 +211,8 @@ class Scaler:
                 self.publisher.unpin(device)
                 self.last_used[device] = now
                 self.idle.enqueue_after(device, self.idle_grace)
+                if device in self.health:
+                    self.sick.enqueue(device)  # unhealthy: swapped out now that it is free
                 self.moves.enqueue(device)  # idle now: to its node's pool
                 self._warm_nodes_changed()
         for pool, name in now_held:
@@ -209,6 +236,7 @@ class Scaler:
         obj = event.obj
         name = obj["metadata"]["name"]
         self._created.pop(name, None)
+        self._on_node_health(event)
         ref = (obj["metadata"].get("annotations") or {}).get(CLAIM_ANNOTATION, "")
         if "/" in ref:
             ns, claim = ref.split("/", 1)
@@ -257,7 +285,10 @@ class Scaler:
             tg.create_task(self.orphans.run())
             tg.create_task(self.moves.run())
             tg.create_task(self.warmth.run())
+            tg.create_task(self.sick.run())
             self._warm_nodes_changed()
+            for device in list(self.health):
+                self.sick.enqueue(device)
 
     # --- scale up --------------------------------------------------------------------------------
 
@@ -287,6 +318,7 @@ class Scaler:
             room_on_node=self._room_on(b.node),
             now=self.wall(),
             deadline=self.deadline,
+            unhealthy=self.unhealthy_reason(device) if device else "",
         )
         if d.step == decide.BindStep.WAIT:
             self.queue.enqueue_after(key, d.after)
@@ -792,10 +824,13 @@ class Scaler:
             assert cr is not None
             await self._drain(device, cr, d.idle_for)
 
-    async def _drain(self, device: str, cr: Obj, idle_for: float) -> None:
+    async def _drain(self, device: str, cr: Obj, idle_for: float, *, unhealthy: str = "") -> None:
+        """Scale-down's steps (see the module docstring); `unhealthy`: the reason the GPU is
+        swapped out rather than idle."""
         node = target_node(cr)
         if device in self._draining:
-            self.idle.enqueue_after(device, self.settle)  # a move of it is settling: look again
+            # a move or another drain of it is settling: look again
+            (self.sick if unhealthy else self.idle).enqueue_after(device, self.settle)
             return
         abort = self._draining[device] = asyncio.Event()
         deleted = False
@@ -814,22 +849,29 @@ class Scaler:
                 fresh
             ):  # (3) the API server says it is taken
                 return
+            if unhealthy:
+                message = (
+                    f"{device} on {node} is unhealthy ({unhealthy}) and no claim holds it: "
+                    "detaching it; it stays out of the free pool until it is healthy again"
+                )
+                kind, reason = "unhealthy-detach", "UnhealthyDetach"
+            else:
+                message = f"{device} idle for {idle_for:.0f} s on {node}: detaching"
+                kind, reason = "scale-down", "ScaleDown"
             logger.info(
-                "scale-down: %s idle for %.0f s on %s",
-                device,
-                idle_for,
-                node,
+                "%s: %s",
+                kind,
+                message,
                 extra=logs.fields(
-                    decision="scale-down",
+                    decision=kind,
                     resource=cr["metadata"]["name"],
                     device=device,
                     node=node,
+                    reason=unhealthy or None,
                 ),
             )
-            metrics.DECISIONS.labels("scale-down").inc()
-            self.recorder.emit(
-                cr, "ScaleDown", f"{device} idle for {idle_for:.0f} s on {node}: detaching"
-            )
+            metrics.DECISIONS.labels(kind).inc()
+            self.recorder.emit(cr, reason, message, warning=bool(unhealthy))
             with contextlib.suppress(errors.KubeNotFound):
                 await self.kube.delete(f"{RESOURCES}/{cr['metadata']['name']}")  # (4)
             deleted = True
@@ -837,6 +879,154 @@ class Scaler:
             self._draining.pop(device, None)
             if not deleted:
                 self.publisher.release(device, reason="scale-down")
+
+    # --- device health: taints and the swap ------------------------------------------------------
+
+    def unhealthy_reason(self, device: str) -> str:
+        """Why `device` is unhealthy now ("" when it is healthy or recovering)."""
+        h = self.health.get(device)
+        return h.reason if h is not None and not h.recovering else ""
+
+    def _on_node_health(self, event: Event) -> None:
+        """A resource's `DeviceHealthy` condition (the node's word on its GPU) changed."""
+        if event.type == "DELETED" or not mine(event.obj, self.driver_label):
+            return
+        word = healthmodel.node_word(event.obj)
+        device = attached_device(event.obj)
+        if word is None or not device or self._node_words.get(device) == word:
+            return
+        self._node_words[device] = word
+        self.sick.enqueue(device)
+
+    def _on_fabric_health(self, inventory: Inventory | None) -> None:
+        """The fabric's word on each device, from every inventory read."""
+        if inventory is None:
+            return
+        sick: dict[str, healthmodel.Word] = {}
+        for dev in inventory.devices:
+            word = healthmodel.fabric_word(dev)
+            if word is not None and not word.healthy:
+                sick[str(dev.id)] = word
+        for device in set(sick) | set(self._fabric_words):
+            if sick.get(device) != self._fabric_words.get(device):
+                self.sick.enqueue(device)
+        self._fabric_words = sick
+
+    def _recover_taint(self, event: Event) -> None:
+        """A new leader reads its predecessor's taints before its first write: a GPU a node
+        found broken and that was detached has no node to say so again."""
+        if self.publisher.synced.is_set() or event.type == "DELETED":
+            return
+        spec = event.obj.get("spec") or {}
+        if spec.get("driver") != self.driver:
+            return
+        for entry in spec.get("devices") or []:
+            raw = (entry.get("attributes") or {}).get(poolmodel.DEVICE_ID_ATTRIBUTE) or {}
+            device = str(raw.get("string") or "")
+            for taint in entry.get("taints") or []:
+                word = healthmodel.recovered_word(taint)
+                if device and word is not None and device not in self._node_words:
+                    self._node_words[device] = word
+                    self.health[device] = healthmodel.Health(
+                        healthmodel.Source.NODE,
+                        word.reason,
+                        word.message,
+                        added=_epoch(str(taint.get("timeAdded") or "")) or self.wall(),
+                    )
+                    self.publisher.set_taints(
+                        device, healthmodel.taints(self.health[device], evict=self.health_evict)
+                    )
+
+    async def _check_health(self, device: str) -> None:
+        """Recompute one device's health; publish its taint; swap it out if no claim holds it."""
+        inventory = self.publisher.inventory
+        dev = inventory.device(device) if inventory is not None else None
+        words = {
+            healthmodel.Source.NODE: self._node_words.get(device),
+            healthmodel.Source.FABRIC: healthmodel.fabric_word(dev),
+        }
+        prev = self.health.get(device)
+        now = self.mono()
+        h = healthmodel.step(prev, words, now=now, wall=self.wall(), grace=self.health_grace)
+        if h is None:
+            self.health.pop(device, None)
+            if self._node_words.get(device) == healthmodel.Word(True):
+                del self._node_words[device]  # nothing to remember
+        else:
+            self.health[device] = h
+        cr = self._resource_of(device)
+        self._publish_health(device, prev, h, cr)
+        if h is not None and prev is None:
+            for key in self._holders(device):
+                self.queue.enqueue(key)  # a claim still waiting for it fails (DeviceUnhealthy)
+        wait = healthmodel.lifts_in(h, now=now, grace=self.health_grace)
+        if wait is not None:
+            self.sick.enqueue_after(device, wait)
+        held = self._held_devices()
+        step = healthmodel.decide_swap(
+            h is not None and not h.recovering,
+            resource=cr,
+            held=device in held or (cr is not None and fabric_device(cr) in held),
+        )
+        if step == healthmodel.SwapStep.DETACH:
+            assert cr is not None
+            assert h is not None
+            await self._drain(device, cr, 0.0, unhealthy=h.reason)
+
+    def _publish_health(
+        self,
+        device: str,
+        prev: healthmodel.Health | None,
+        h: healthmodel.Health | None,
+        cr: Obj | None,
+    ) -> None:
+        """The taint in the slices, the metrics, a log line and an Event for a change."""
+        before = bool(self.publisher.taints.get(device))
+        taints = healthmodel.taints(h, evict=self.health_evict)
+        self.publisher.set_taints(device, taints)
+        metrics.unhealthy_devices(
+            (str(x.source), x.reason) for x in self.health.values() if not x.recovering
+        )
+        node = target_node(cr) if cr is not None else ""
+        if taints and not before:
+            assert h is not None
+            metrics.TAINTS.labels("added").inc()
+            message = (
+                f"{device} is unhealthy ({h.reason}: {h.message}, said by the {h.source}): "
+                f"tainted {healthmodel.TAINT_KEY}={taints[0]['value']}:{taints[0]['effect']}"
+            )
+            logger.warning(
+                message,
+                extra=logs.fields(
+                    decision="tainted", device=device, node=node or None, reason=h.reason
+                ),
+            )
+            if cr is not None:
+                self.recorder.emit(cr, "DeviceUnhealthy", message, warning=True)
+        elif before and not taints:
+            metrics.TAINTS.labels("removed").inc()
+            message = (
+                f"{device} has been healthy for {self.health_grace:.0f} s: its "
+                f"{healthmodel.TAINT_KEY} taint is lifted"
+            )
+            logger.info(message, extra=logs.fields(decision="untainted", device=device))
+            if cr is not None:
+                self.recorder.emit(cr, "DeviceHealthy", message)
+        elif h is not None and prev is not None and h.reason != prev.reason and cr is not None:
+            self.recorder.emit(
+                cr,
+                "DeviceUnhealthy",
+                f"{device} is unhealthy ({h.reason}: {h.message})",
+                warning=True,
+            )
+
+
+def _epoch(stamp: str) -> float:
+    """An RFC 3339 time (`2026-01-02T03:04:05Z`) as epoch seconds; 0 when absent or malformed."""
+    try:
+        return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _pods(claim: Obj) -> str:

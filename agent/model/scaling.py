@@ -71,13 +71,16 @@ def decide_bind(
     room_on_node: bool,
     now: float,
     deadline: float,
+    unhealthy: str = "",
 ) -> BindDecision:
     """What to do for one allocation waiting for its binding conditions.
 
     `device`: the fabric device behind (b.pool, b.device), None if unknown; `resource`: the
     live ComposableResource named from that device, if any; `room_on_node`: the node is below its
     `cohdi.io/max-devices`; `now`: epoch seconds; `deadline`: the `--claim-deadline` in seconds,
-    counted from the claim's allocationTimestamp.
+    counted from the claim's allocationTimestamp; `unhealthy`: why the device is unhealthy ("":
+    it is not; `agent.model.health`) — a claim still waiting for it fails, so the scheduler
+    gives it another.
     """
     if device is None:
         if not inventory_known:
@@ -98,6 +101,13 @@ def decide_bind(
             BindStep.FAIL,
             reason="DeviceOnOtherNode",
             message=f"{device} is composed to {target_node(resource)}, not {b.node}",
+        )
+    if unhealthy:
+        return BindDecision(
+            BindStep.FAIL,
+            reason="DeviceUnhealthy",
+            message=f"{device} is unhealthy ({unhealthy})",
+            delete_resource=ours,
         )
     if resource is not None and state(resource) == "Failed":
         st = resource.get("status") or {}
