@@ -1,5 +1,6 @@
-"""The DRA kubelet plugin: plugin registration (v1) and the DRA service (v1 and v1beta1, one
-implementation) on unix sockets under the kubelet directory, sockets 0600.
+"""The DRA kubelet plugin: plugin registration (v1), the DRA service (v1 and v1beta1, one
+implementation) and the resource-health service (dra-health v1alpha1) on unix sockets under the
+kubelet directory, sockets 0600.
 
 NodePrepareResources, per claim: checkpoint says PrepareCompleted → the same answer again;
 otherwise record PrepareStarted, read the claim from the API server (our allocation results),
@@ -10,16 +11,26 @@ fine. NodeUnprepareResources removes the spec and the record, also for claims lo
 A checkpoint that cannot be read does not stop the plugin: every claim's answer carries its error
 until an operator moves the file away. Checkpoint and CDI file work runs on worker threads.
 Sockets appear whole and private, and a process removes only sockets it bound (`KubeletPlugin`).
+
+NodeWatchResources (kubelet 1.36 calls it on the DRA socket when ResourceHealthStatus is on, and
+logs an error every 5 s when it is Unimplemented): a stream of the health of every device
+prepared on this node, each response the complete list, sent at once, again whenever a health
+fact or the set of prepared devices changes, and every `HEALTH_RESEND` seconds (kubelet turns a
+device it has not heard of for `HEALTH_TIMEOUT` seconds to Unknown). Healthy/Unhealthy come from
+the node reporter's verdict on the GPU (NVML events, the PCI function gone); Unknown when it cannot
+tell (no NVML, or the device is not a ready GPU of this node).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +41,27 @@ from agent._proto.dra.v1 import api_pb2 as v1
 from agent._proto.dra.v1 import api_pb2_grpc as v1_grpc
 from agent._proto.dra.v1beta1 import api_pb2 as v1beta1
 from agent._proto.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
+from agent._proto.drahealth.v1alpha1 import api_pb2 as drahealth
+from agent._proto.drahealth.v1alpha1 import api_pb2_grpc as drahealth_grpc
 from agent._proto.pluginregistration.v1 import api_pb2 as reg
 from agent._proto.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from agent.kube.client import Kube, path_of
-from agent.model.objects import devices_of
+from agent.model.objects import NODE_READY, condition, deleting, devices_of
 from agent.model.pool import device_name
 from agent.node import cdi
+from agent.node import health as gpuhealth
 from agent.node.checkpoint import COMPLETED, STARTED, Checkpoint, PreparedClaim
 from agent.node.reporting import NodeReporter
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+#: Kubelet turns a device's health to Unknown after this long without news of it (s); we say so
+#: on every device and repeat the full list every HEALTH_RESEND seconds.
+HEALTH_TIMEOUT = 30
+HEALTH_RESEND = 10.0
+#: kubelet truncates longer messages (dra-health v1alpha1)
+HEALTH_MESSAGE_MAX = 1024
 
 
 class Preparer:
@@ -157,11 +177,67 @@ class Preparer:
             devices, spec_doc = await self._devices(namespace, uid, name)
             claim = PreparedClaim(uid, namespace, name, COMPLETED, devices)
             await asyncio.to_thread(self._complete, claim, spec_doc)
+            self.reporter.health.notify()  # the health stream names one more device
             return devices
 
     async def unprepare(self, uid: str) -> None:
         async with self._lock:
             await asyncio.to_thread(self._forget, uid)
+            self.reporter.health.notify()
+
+    async def prepared_devices(self) -> list[tuple[str, str]]:
+        """(pool, device) of every device of a claim prepared on this node, sorted; empty when
+        the checkpoint cannot be read (kubelet then turns them Unknown after its timeout)."""
+
+        def read() -> list[tuple[str, str]]:
+            with self.checkpoint.locked():
+                claims = self.checkpoint.load()
+            return sorted(
+                {
+                    (str(d.get("pool") or ""), str(d.get("device") or ""))
+                    for c in claims.values()
+                    if c.state == COMPLETED
+                    for d in c.devices
+                }
+            )
+
+        try:
+            return await asyncio.to_thread(read)
+        except errors.CheckpointError as exc:
+            logger.debug("health stream: checkpoint unreadable: %s", exc)
+            return []
+
+    def device_health(self, device: str) -> tuple[drahealth.HealthStatus, str]:
+        """(dra-health HealthStatus, message) of a published device name on this node."""
+        obj = self._resource_of(device)
+        if obj is None:
+            return drahealth.UNKNOWN, f"{device} is not attached to this node"
+        if deleting(obj) or not condition(obj, NODE_READY):
+            return drahealth.UNKNOWN, f"{device} is being attached or released"
+        verdict = self.reporter.verdict(obj)
+        if verdict is None:
+            return drahealth.UNKNOWN, f"{device}: no health source (NVML absent or not watching it)"
+        status, reason, message = verdict
+        if status == gpuhealth.UNHEALTHY:
+            return drahealth.UNHEALTHY, f"{reason}: {message}"[:HEALTH_MESSAGE_MAX]
+        return drahealth.HEALTHY, message[:HEALTH_MESSAGE_MAX]
+
+    async def health_response(self) -> Any:
+        """One NodeWatchResourcesResponse: every prepared device and its health now."""
+        now = int(time.time())
+        response = drahealth.NodeWatchResourcesResponse()
+        for pool, device in await self.prepared_devices():
+            status, message = self.device_health(device)
+            response.devices.append(
+                drahealth.DeviceHealth(
+                    device=drahealth.DeviceIdentifier(pool_name=pool, device_name=device),
+                    health=status,
+                    last_updated_time=now,
+                    health_check_timeout_seconds=HEALTH_TIMEOUT,
+                    message=message,
+                )
+            )
+        return response
 
     def measured(
         self,
@@ -249,14 +325,21 @@ class Preparer:
     async def _local(self, pool: str, device: str) -> tuple[str, str, int | None]:
         """(PCI address, GPU UUID, minor) of a pool device, from the ComposableResource the node
         reported on."""
+        obj = self._resource_of(device)
+        if obj is None:
+            raise errors.PrepareError(f"no attached device {pool}/{device} on this node")
+        st = obj.get("status") or {}
+        bdf = st.get("pci_address") or ""
+        return bdf, st.get("device_id") or "", await self._minor(bdf)
+
+    def _resource_of(self, device: str) -> dict[str, Any] | None:
+        """The ComposableResource of this node whose device is published as `device`."""
         for obj in self.reporter.resources.store.values():
-            st = obj.get("status") or {}
             # The claim holds the name the device was published under: the resource's identity
             # (for an anonymous slot, the slot — not the GPU that arrived through it).
             if device in {device_name(d) for d in devices_of(obj)}:
-                bdf = st.get("pci_address") or ""
-                return bdf, st.get("device_id") or "", await self._minor(bdf)
-        raise errors.PrepareError(f"no attached device {pool}/{device} on this node")
+                return obj
+        return None
 
     async def _minor(self, bdf: str) -> int | None:
         if not self.reporter.nvml.available or not bdf:
@@ -321,6 +404,23 @@ def _servicer(pb: Any, base: Any, preparer: Preparer) -> Any:
             return response
 
     return Servicer()
+
+
+class ResourceHealth(drahealth_grpc.DRAResourceHealthServicer):  # type: ignore[misc]
+    """kubelet's NodeWatchResources: the health of every prepared device, as a stream."""
+
+    def __init__(self, preparer: Preparer) -> None:
+        self.preparer = preparer
+
+    async def NodeWatchResources(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        book = self.preparer.reporter.health
+        logger.info("kubelet watches the health of this node's devices")
+        while True:
+            changed = book.changes()  # before reading: a change while we send is not missed
+            yield await self.preparer.health_response()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEALTH_RESEND):
+                    await changed.wait()
 
 
 class Registration(reg_grpc.RegistrationServicer):  # type: ignore[misc]
@@ -393,6 +493,7 @@ class KubeletPlugin:
         v1beta1_grpc.add_DRAPluginServicer_to_server(
             _servicer(v1beta1, v1beta1_grpc.DRAPluginServicer, self.preparer), dra
         )
+        drahealth_grpc.add_DRAResourceHealthServicer_to_server(ResourceHealth(self.preparer), dra)
         await self._serve(dra, self.dra_socket)  # the DRA service first, then announce it
         registration = grpc.aio.server()
         reg_grpc.add_RegistrationServicer_to_server(self.registration, registration)

@@ -5,6 +5,12 @@ status — `NodeReady` with the PCI address and UUID — which the scaler waits 
 it removes the device safely (no compute process, no open handle, then `remove` in sysfs, off the
 loop) and writes `NodeReleased`, which the composer waits for; a busy device is refused with the
 reason (`NodeReleased=False, reason=Busy`).
+
+It also reports each ready GPU's health as the `DeviceHealthy` condition: False with the fault's
+reason (`Xid79`, `DoubleBitEcc`... from NVML's events on a thread of their own, see
+agent/node/health.py) or `FellOffBus` (the PCI function gone while attached, not being
+released); True again once the fault has cleared. A GPU never found unhealthy gets no condition
+(absent means healthy), so healthy attaches cost no write.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import datetime as dt
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,14 +41,18 @@ from agent.kube.resources import (
     state,
 )
 from agent.kube.watching import Event, Informer
-from agent.model.objects import devices_of
+from agent.model.objects import DEVICE_HEALTHY, devices_of
 from agent.model.pci import PciFunction
 from agent.model.pool import device_name
 from agent.native import scanning
-from agent.native.nvml import AsyncNvml, Nvml
+from agent.native.nvml import AsyncNvml, Nvml, NvmlEvent
+from agent.node import health as gpuhealth
 from agent.node.hotplug import KernelPciMonitor, PciEvent, TreePciWatcher
 
 logger = logging.getLogger(__name__)
+
+#: How often a faulty GPU is probed (NVML) to see whether its fault has cleared, at most (s).
+PROBE_INTERVAL = 1.0
 
 
 def _now() -> str:
@@ -87,6 +98,10 @@ class NodeReporter:
         #: (resource name -> monotonic time its function was first seen), for benchmarks
         self.reported: dict[str, float] = {}
         self.events_seen: dict[str, float] = {}
+        #: the GPUs' faults (NVML events), and the reason each resource is reported unhealthy for
+        self.health = gpuhealth.HealthBook(gpuhealth.parse_xids(cfg.fatal_xids), cfg.health_hold)
+        self._unhealthy: dict[str, str] = {}
+        self._events_stop = threading.Event()
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -105,6 +120,35 @@ class NodeReporter:
         self._wake.set()
 
     _rescan_wanted = True
+
+    def _on_nvml_event(self, ev: NvmlEvent) -> None:
+        """An NVML event (on the loop): a fault is held for its GPU and the resources at that
+        address are looked at again."""
+        fault = self.health.record(ev)
+        names = [n for (_, n), o in self.resources.store.items() if _pci_address(o) == ev.bus_id]
+        if fault is None:
+            logger.debug(
+                "node %s: NVML event 0x%x (%d) on %s is not a fault",
+                self.node,
+                ev.event_type,
+                ev.data,
+                ev.bus_id,
+            )
+            return
+        logger.warning(
+            "node %s: %s: %s",
+            self.node,
+            fault.reason,
+            fault.message,
+            extra=logs.fields(
+                decision="gpu-fault",
+                resource=",".join(names),
+                node=self.node,
+                reason=fault.reason,
+            ),
+        )
+        self._pending.update(names)
+        self._wake.set()
 
     async def _scan(self) -> None:
         """Read the PCI tree into `functions`. The wish for a rescan is cleared before reading:
@@ -138,7 +182,14 @@ class NodeReporter:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.resources.run(), name=f"informer:{self.resources.name}")
                 tg.create_task(self._reconcile(), name=f"node-reporter:{self.node}")
+                if has_nvml:
+                    self._events_stop.clear()
+                    tg.create_task(
+                        self.nvml.watch_events(self._on_nvml_event, self._events_stop),
+                        name=f"nvml-events:{self.node}",
+                    )
         finally:
+            self._events_stop.set()
             for timer in self._timers:
                 timer.cancel()
             self._timers.clear()
@@ -174,13 +225,17 @@ class NodeReporter:
         if obj is None:
             self._backoff.forget(name)
             self._failing.pop(name, None)
+            self._count_unhealthy(name, None)
             return
         try:
             if deleting(obj):
+                self._count_unhealthy(name, None)
                 if condition(obj, NODE_READY) and not condition(obj, NODE_RELEASED):
                     await self._release(obj)
             elif state(obj) == "Online" and not condition(obj, NODE_READY):
                 await self._identify(obj)
+            elif state(obj) == "Online":
+                await self._health(obj)
         except errors.AgentError as exc:
             # Retried with backoff (1 s doubling to 30 s); one line when the failures start or
             # change kind, DEBUG while they repeat, INFO when the resource is handled again.
@@ -230,6 +285,7 @@ class NodeReporter:
         uuid = st.get("device_id") or ""
         if self.nvml.available:
             uuid = await self._nvml_uuid(bdf) or uuid
+        self.health.forget(bdf)  # a GPU arrived at this address: an earlier one's fault is not its
         await self._conditions(
             obj,
             NODE_READY,
@@ -272,6 +328,71 @@ class NodeReporter:
         if await loop.run_in_executor(self._sysfs, _write_if_exists, path, "1"):
             logger.info("node %s: wrote %s (no hot-plug interrupt seen)", self.node, path)
             self._retry(obj["metadata"]["name"])
+
+    # --- health ----------------------------------------------------------------------------------
+
+    def verdict(self, obj: Obj) -> tuple[str, str, str] | None:
+        """(status, reason, message) of the GPU of a resource this node reported ready:
+        ("False", "FellOffBus", ...) when its PCI function is gone, ("False", <fault>, ...) while
+        a fault is held, ("True", "Healthy", ...) when NVML watches it, else None (cannot tell:
+        no NVML, or NVML cannot report its events)."""
+        bdf = _pci_address(obj)
+        if not bdf:
+            return None
+        if bdf not in self.functions:
+            return (
+                gpuhealth.UNHEALTHY,
+                "FellOffBus",
+                f"the PCI function {bdf} is gone from the node while attached",
+            )
+        fault = self.health.fault(bdf)
+        if fault is not None:
+            return gpuhealth.UNHEALTHY, fault.reason, fault.message
+        if self.nvml.available and bdf in self.nvml.nvml.watched:
+            return gpuhealth.HEALTHY, "Healthy", f"{bdf}: present, no fatal NVML event held"
+        return None
+
+    async def _health(self, obj: Obj) -> None:
+        """Write the GPU's DeviceHealthy condition when the verdict differs from it (absent
+        counts as True); a faulty GPU is probed, and looked at again until its fault clears."""
+        name = obj["metadata"]["name"]
+        bdf = _pci_address(obj)
+        if bdf in self.functions and self.health.fault(bdf) is not None:
+            answered = True
+            if self.nvml.available:
+                answered = bool(await self.nvml.call(gpuhealth.probe, self.nvml.nvml, bdf))
+            self.health.probed(bdf, answered)
+        verdict = self.verdict(obj)
+        if verdict is not None:
+            status, reason, message = verdict
+            current = next(
+                (
+                    c
+                    for c in (obj.get("status") or {}).get("conditions") or []
+                    if c.get("type") == DEVICE_HEALTHY
+                ),
+                None,
+            )
+            was = (current.get("status"), current.get("reason")) if current else None
+            if was != (status, reason) and (was is not None or status != gpuhealth.HEALTHY):
+                await self._conditions(obj, DEVICE_HEALTHY, status, reason, message)
+                self.health.notify()
+            self._count_unhealthy(name, reason if status == gpuhealth.UNHEALTHY else None)
+        if self.health.fault(bdf) is not None:
+            wait = self.health.clears_in(bdf) or PROBE_INTERVAL
+            self._retry_later(max(0.05, min(PROBE_INTERVAL, wait)), name)
+
+    def _count_unhealthy(self, name: str, reason: str | None) -> None:
+        """Keep cohdi_node_unhealthy_devices{reason} in step with what `name` is reported as."""
+        before = self._unhealthy.pop(name, None)
+        if reason is not None:
+            self._unhealthy[name] = reason
+        if before == reason:
+            return
+        if before is not None:
+            health.NODE_UNHEALTHY_DEVICES.labels(before).dec()
+        if reason is not None:
+            health.NODE_UNHEALTHY_DEVICES.labels(reason).inc()
 
     # --- departure -------------------------------------------------------------------------------
 
@@ -368,13 +489,16 @@ class NodeReporter:
             f"{RESOURCES}/{name}/status", {"status": body}, content_type=MERGE_PATCH
         )
         report = ctype if status == "True" else reason
+        if ctype == DEVICE_HEALTHY:
+            report = "DeviceHealthy" if status == "True" else "DeviceUnhealthy"
         health.NODE_REPORTS.labels(report).inc()
         changed = not before or (before[0].get("status"), before[0].get("reason")) != (
             status,
             reason,
         )
+        level = logging.WARNING if report == "DeviceUnhealthy" else logging.INFO
         logger.log(  # one line when the report changes, not one per retry (Busy: every 5 s)
-            logging.INFO if changed else logging.DEBUG,
+            level if changed else logging.DEBUG,
             "node %s: %s %s=%s (%s): %s",
             self.node,
             name,
@@ -383,15 +507,23 @@ class NodeReporter:
             reason,
             message,
             extra=logs.fields(
-                decision={"NodeReady": "node-ready", "NodeReleased": "released"}.get(
-                    report, report.lower()
-                ),
+                decision={
+                    "NodeReady": "node-ready",
+                    "NodeReleased": "released",
+                    "DeviceHealthy": "healthy",
+                    "DeviceUnhealthy": "unhealthy",
+                }.get(report, report.lower()),
                 resource=name,
                 device=(obj.get("status") or {}).get("cdi_device_id"),
                 node=self.node,
                 reason=reason,
             ),
         )
+
+
+def _pci_address(obj: Obj) -> str:
+    """The PCI address the fabric reported for the resource's GPU ("" before the attach)."""
+    return str((obj.get("status") or {}).get("pci_address") or "")
 
 
 def _write(path: str, text: str) -> None:
