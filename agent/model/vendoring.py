@@ -32,7 +32,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from agent.model import claims as claimmodel
-from agent.model.objects import Obj, attached_device, state, target_node
+from agent.model.objects import Obj, fabric_device, state, target_node
 from agent.model.pool import FAILED, READY, SliceSpec
 
 #: The failure condition that tells the scheduler to allocate again (CoHDI's "success").
@@ -122,10 +122,11 @@ def gpu_uuid(resource: Obj) -> str:
 def aliases(index: VendorIndex, resources: Iterable[Obj]) -> dict[tuple[str, str], str]:
     """(vendor pool, vendor device name) -> our fabric device, for every Online resource whose
     GPU the vendor offers on the resource's node: a claim holding the vendor's device holds our
-    GPU (scale-down must not take it)."""
+    GPU (scale-down must not take it). The device is the resource's identity (`fabric_device`:
+    for a resource made for an anonymous slot, the slot, as the scaler knows it)."""
     out: dict[tuple[str, str], str] = {}
     for r in resources:
-        uuid, node, device = gpu_uuid(r), target_node(r), attached_device(r)
+        uuid, node, device = gpu_uuid(r), target_node(r), fabric_device(r)
         if state(r) == "Online" and uuid and node and device and (node, uuid) in index:
             out[index[(node, uuid)]] = device
     return out

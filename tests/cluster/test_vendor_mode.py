@@ -15,13 +15,18 @@ import pytest
 from agent.controllers.publishing import SLICES
 from agent.fabric.emulator.state import Device, MachineSpec
 from agent.kube.client import Obj
+from agent.kube.resources import RESOURCES
 from agent.kube.watching import Event, Informer
 from agent.model import vendoring as vm
 from agent.model.fabric import DeviceState
-from tests.cluster.conftest import A100, CLAIMS, PODS, World, world_config
+from agent.model.objects import fabric_device
+from tests.cluster.conftest import A100, BACKENDS, CLAIMS, PODS, World, world_config
 from tests.waiting import until
 
-pytestmark = pytest.mark.controlplane
+pytestmark = [
+    pytest.mark.controlplane,
+    pytest.mark.parametrize("backend", BACKENDS, indirect=True),
+]
 
 DEVICE_CLASSES = "/apis/resource.k8s.io/v1/deviceclasses"
 
@@ -178,6 +183,13 @@ async def test_pod_ends_on_the_vendors_device_with_one_attach(world: World) -> N
         assert seen.count == 1
         assert role.vendoring is not None
         assert role.vendoring.written == 1
+        # the vendor's device is our GPU: the claim holds it, so scale-down leaves it attached
+        (resource,) = [
+            o
+            for o in (await world.kube.get(RESOURCES))["items"]
+            if o["spec"].get("target_node") == node
+        ]
+        assert fabric_device(resource) in role.scaler._held_devices()
     finally:
         for t in stand_in.tasks:
             t.cancel()
