@@ -21,9 +21,10 @@ from typing import Any
 from agent import errors, logs
 from agent.controllers import metrics
 from agent.kube.client import Kube, Obj, path_of
+from agent.kube.eventing import Recorder
 from agent.kube.watching import Informer
 from agent.model import composing as composemodel
-from agent.model import names
+from agent.model import names, nodemap
 from agent.model import pool as poolmodel
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceState, Inventory, PoolDevice
@@ -105,6 +106,11 @@ class Publisher:
         self.synced = asyncio.Event()
         self._synced_once = asyncio.Event()
         self.syncs = 0
+        #: how Nodes are matched to machines, and who hears of a Node that matches none (set
+        #: by agent.controllers.running.build)
+        self.node_mapping = nodemap.NodeMapping()
+        self.recorder: Recorder | None = None
+        self._unmapped_told: dict[str, str] = {}
         nodes.add_handler(lambda _e: self.changed())
         if resources is not None:
             resources.add_handler(self._on_resource)
@@ -376,18 +382,27 @@ class Publisher:
             self.changed()
 
     def node_of_machine(self) -> dict[str, str]:
-        """machine id -> Kubernetes node name, for machines whose node exists."""
+        """machine id -> Kubernetes node name, for machines whose node exists: by providerID,
+        then label/annotation, then name (agent.model.nodemap, `self.node_mapping`). A node whose
+        fabric identity names no machine gets one Warning Event (NodeNotMapped) per reason."""
         if self.inventory is None:
             return {}
-        # Node names are lower case (DNS subdomains); fabrics report host names as they like
-        nodes = {name.lower(): name for _, name in self.nodes.store}
-        out: dict[str, str] = {}
-        for m in self.inventory.machines:
-            for candidate in (m.node_name, m.name, m.id):
-                if candidate and candidate.lower() in nodes:
-                    out[m.id] = nodes[candidate.lower()]
-                    break
-        return out
+        found = nodemap.map_nodes(
+            self.inventory.machines, self.nodes.store.values(), self.node_mapping
+        )
+        for node, why in found.unmapped.items():
+            if self._unmapped_told.get(node) != why:
+                self._unmapped_told[node] = why
+                self._tell_unmapped(node, why)
+        return found.node_of
+
+    def _tell_unmapped(self, node: str, why: str) -> None:
+        logger.warning("node %s maps to no fabric machine: %s", node, why)
+        obj = self.nodes.get("", node)
+        if self.recorder is not None and obj is not None:
+            self.recorder.emit(
+                obj, "NodeNotMapped", f"no fabric machine for this node: {why}", warning=True
+            )
 
     def machine_of_node(self, node: str) -> str | None:
         return next((m for m, n in self.node_of_machine().items() if n == node), None)

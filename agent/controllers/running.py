@@ -22,6 +22,7 @@ from agent.kube.client import Kube
 from agent.kube.eventing import Recorder
 from agent.kube.resources import REQUESTS, RESOURCES
 from agent.kube.watching import Informer
+from agent.model import nodemap
 from agent.model import vendoring as vendormodel
 from agent.model.names import label_value
 from agent.model.objects import DRIVER_LABEL
@@ -45,6 +46,8 @@ class ClusterRole:
     supervisor: Supervisor = field(default_factory=lambda: Supervisor("loop"))
     #: vendor-driver mode's hand-off to the vendor's driver (None when --vendor-driver is off)
     vendoring: Vendoring | None = None
+    #: more loops of the term by name (the cluster manager's node limits with --fabric-cm-cluster)
+    extra: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """Loop name -> how to (re)start it. Restarting a loop reuses its object: queues, caches
@@ -62,7 +65,7 @@ class ClusterRole:
         }
         if self.vendoring is not None:
             loops["vendoring"] = self.vendoring.run
-        return loops
+        return loops | self.extra
 
     async def run(self) -> None:
         """Run every loop until cancelled; never returns or raises on a loop's behalf.
@@ -152,6 +155,10 @@ def build(
         resources=resources,
         label_driver=c.driver,
     )
+    publisher.node_mapping = nodemap.NodeMapping(
+        schemes=_csv(c.machine_provider_schemes), keys=_csv(c.machine_keys)
+    )
+    publisher.recorder = recorder
     scaler = (VendorScaler if vendor else Scaler)(
         kube,
         driver=vendor or c.driver,
@@ -165,8 +172,6 @@ def build(
         settle=c.scale_down_settle,
         warm=c.warm_devices,
         workers=c.workers,
-        health_grace=c.health_grace,
-        health_evict=c.health_fatal_effect == "NoExecute",
     )
     composer = Composer(
         kube,
@@ -216,4 +221,24 @@ def build(
         fabric,
         Supervisor("loop", policy=policy),
         vendoring,
+        _cm_loops(kube, fabric, cfg, publisher),
     )
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _cm_loops(
+    kube: Kube, fabric: FabricManager, cfg: settings.Settings, publisher: Publisher
+) -> dict[str, Callable[[], Awaitable[None]]]:
+    """The cluster manager's node-limits loop when --fabric-cm-cluster is set (FTI only)."""
+    from agent.controllers.cmlimits import CmLimits
+    from agent.fabric.cm import ClusterManager
+    from agent.fabric.fti import FtiFabric
+
+    inner = getattr(fabric, "inner", fabric)  # under agent.fabric.metering
+    if not cfg.fabric.cm_cluster or not isinstance(inner, FtiFabric):
+        return {}
+    cm = ClusterManager(inner, cfg.fabric.cm_cluster)
+    return {"cm-limits": CmLimits(kube, cm, publisher, interval=cfg.fabric.poll_interval).run}
