@@ -92,7 +92,7 @@ HEALTH_EVENTS: Final = (
 )
 #: How long one `nvmlEventSetWait_v2` may block (ms): a re-init waits at most this long for the
 #: event thread to let go of the event set.
-EVENT_SLICE_MS: Final = 50
+EVENT_SLICE_MS: Final = 20
 
 # Return codes (nvml.h) -> (name, what to tell the operator)
 _CODES: Final = {
