@@ -61,7 +61,11 @@ async def node(
     await n.attach("gpu-b", B_BDF, minor=1)
     running = asyncio.create_task(n.reporter.run())
     plugin = KubeletPlugin(
-        n.kube, driver=DRIVER, kubelet_dir=kubelet_dir, cdi_dir=tmp_path / "cdi", reporter=n.reporter
+        n.kube,
+        driver=DRIVER,
+        kubelet_dir=kubelet_dir,
+        cdi_dir=tmp_path / "cdi",
+        reporter=n.reporter,
     )
     await plugin.start()
     try:
