@@ -1,0 +1,124 @@
+"""Node limits from the FTI cluster manager: the emulator's node groups, read by our client through
+the FM token, written as the nodes' cohdi.io/min-devices / max-devices labels (where the scaler
+reads node limits), for nodes found by providerID; changed and removed when the CM changes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.controllers.cmlimits import CmLimits
+from agent.controllers.publishing import NODES, SLICES, Publisher
+from agent.fabric.cm import ClusterManager
+from agent.fabric.credentials import Secret
+from agent.fabric.emulator import config as emuconfig
+from agent.fabric.emulator.cm_api import ClusterManagerConfig, NodeGroup, ResSpec
+from agent.fabric.emulator.config import DEFAULT_TENANT
+from agent.fabric.emulator.server import EmulatorServer
+from agent.fabric.fti import FtiFabric
+from agent.fabric.transport import FabricHttp
+from agent.kube.watching import Informer
+from agent.model.scaling import MAX_LABEL, MIN_LABEL, node_limit
+from agent.testing.fakekube import FakeKube
+
+PASSWORD = "cm-pass-1"
+CLUSTER = "6c0e1c2a-2222-4a4a-8b8b-0123456789ab"
+U = [f"7d7d7d7d-0000-4000-8000-00000000000{i}" for i in range(3)]
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[tuple[EmulatorServer, FakeKube, CmLimits]]:
+    conf = emuconfig.parse(
+        {
+            "machines": [{"id": u, "name": f"host-{i}", "fabric": "f"} for i, u in enumerate(U)],
+            "devices": [
+                {"model": "A100", "count": 2, "fabric": "f"},
+                {"model": "H100", "count": 2, "fabric": "f"},
+            ],
+            "users": [{"name": "admin", "password": PASSWORD}],
+        }
+    )
+    cm = ClusterManagerConfig(
+        cluster=CLUSTER,
+        groups=[
+            NodeGroup(
+                "ng-1",
+                "gpu-workers",
+                (U[0], U[1]),
+                (ResSpec("A100", min=1, max=2), ResSpec("H100", min=0, max=3)),
+            )
+        ],
+    )
+    server = EmulatorServer(conf, tls_dir=tmp_path / "tls", cluster_manager=cm)
+    await server.start()
+    kube = FakeKube(bookmark_interval=60)
+    for i, u in enumerate(U):
+        kube.add(
+            NODES,
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": f"worker-{i}", "labels": {MAX_LABEL: "9"}},
+                "spec": {"providerID": f"fsas-cdi://{u}"},
+            },
+        )
+    fabric = FtiFabric(
+        FabricHttp(base_url=server.url, ca_bundle=str(server.ca_file), timeout=5, retries=2),
+        user="admin",
+        password=Secret(PASSWORD),
+        tenant=DEFAULT_TENANT,
+        models=("A100", "H100"),
+    )
+    nodes = Informer(kube, NODES, name="nodes")  # type: ignore[arg-type]
+    slices = Informer(kube, SLICES, name="slices")  # type: ignore[arg-type]
+    publisher = Publisher(kube, driver="t.cohdi.io", slices=slices, nodes=nodes)  # type: ignore[arg-type]
+    task = asyncio.create_task(nodes.run())
+    await nodes.synced.wait()
+    publisher.inventory = await fabric.inventory()
+    limits = CmLimits(kube, ClusterManager(fabric, CLUSTER), publisher, interval=0.1)  # type: ignore[arg-type]
+    try:
+        yield server, kube, limits
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await fabric.close()
+        await server.stop()
+
+
+def labels(kube: FakeKube, node: str) -> dict[str, Any]:
+    obj = kube.get_obj(f"{NODES}/{node}")
+    assert obj is not None
+    return dict(obj["metadata"].get("labels") or {})
+
+
+async def test_cm_bounds_become_node_limits(
+    setup: tuple[EmulatorServer, FakeKube, CmLimits],
+) -> None:
+    server, kube, limits = setup
+    await limits.sync()
+    for node in ("worker-0", "worker-1"):
+        # A100 1..2 + H100 0..3 -> the node holds 1..5 devices
+        obj = kube.get_obj(f"{NODES}/{node}")
+        assert (node_limit(obj, MIN_LABEL), node_limit(obj, MAX_LABEL)) == (1, 5)
+    # worker-2's machine is in no node group: its own label stays
+    assert labels(kube, "worker-2")[MAX_LABEL] == "9"
+    assert MIN_LABEL not in labels(kube, "worker-2")
+
+    # the CM changes: H100 loses its bound (null) -> no max for the node any more
+    server.cluster_manager.groups[0] = NodeGroup(
+        "ng-1", "gpu-workers", (U[0], U[1]), (ResSpec("A100", 2, 2), ResSpec("H100", 0, None))
+    )
+    await asyncio.sleep(0.05)  # the informer sees our own writes
+    await limits.sync()
+    await asyncio.sleep(0.05)
+    assert labels(kube, "worker-0").get(MIN_LABEL) == "2"
+    assert MAX_LABEL not in labels(kube, "worker-0")
+    writes = len(kube.requests)
+    assert any(r.method == "PATCH" and r.path.endswith("/worker-0") for r in kube.requests)
+    await limits.sync()  # nothing changed: nothing written
+    assert [r.path for r in kube.requests[writes:] if r.method == "PATCH"] == []
+    assert limits.passes == 3
