@@ -372,6 +372,13 @@ class Nvml:
         s = self.ffi.new("nvmlEventSet_t *")
         self._check("nvmlEventSetCreate", self._lib.nvmlEventSetCreate(s))
         self._event_set = s[0]
+        try:
+            return self._register_all(types)
+        except BaseException:
+            self._free_events()  # half armed: the next wait starts again
+            raise
+
+    def _register_all(self, types: int) -> list[NvmlEvent]:
         watched: set[PciAddress] = set()
         found: list[NvmlEvent] = []
         for i in range(self.count()):

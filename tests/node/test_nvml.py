@@ -267,3 +267,27 @@ def test_real_nvml() -> None:  # pragma: no cover - runs only where a GPU exists
             assert isinstance(n.compute_processes(n.handle_by_uuid(info.uuid)), list)
     finally:
         n.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    ctypes.util.find_library("nvidia-ml") is None, reason="no libnvidia-ml on this machine"
+)
+def test_real_nvml_event_wait() -> None:  # pragma: no cover - runs only where a GPU exists
+    """The health event set on a real driver: armed with what each GPU supports, a wait that
+    times out cleanly, freed by a re-init and armed again."""
+    n = Nvml()
+    n.init()
+    try:
+        expected = {
+            info.bus_id
+            for info in n.all()
+            if n.supported_events(n.handle_by_bus_id(info.bus_id)) & HEALTH_EVENTS
+        }
+        for _ in range(2):
+            assert isinstance(n.next_events(HEALTH_EVENTS, 10), list)
+            assert n.watched == expected
+            n.reinit()
+            assert n.watched == frozenset()
+    finally:
+        n.shutdown()
