@@ -21,7 +21,14 @@ The data model, read from the standard places (`Oem.Cohdi` only where the standa
   `Links.ResourceBlocks` (a ComputerSystem has no zone link of its own); a block's fabric is its
   zone (the first one that has a machine, when it is in several);
 - the PCI address of an attached device: `Oem.Cohdi.PciAddress` (the standard omits the address
-  of a fabric-attached PCIe function).
+  of a fabric-attached PCIe function);
+- a device's health (`PoolDevice.health`): the worst of the block's `Status.Health` and
+  `HealthRollup` and its Processor's `Status.Health` ("OK" < "Warning" < "Critical"), why from
+  the first `Status.Conditions[].Message`. Health does not change the composition state: a
+  Critical GPU attached to a pod's node stays attached (the cluster role taints it and swaps it
+  out when the pod ends). A block whose `Status.State` says it cannot be used at all (Absent,
+  Disabled, UnavailableOffline, ...) is FAILED. The Processor is read again only when the block
+  collection expands it inline (`$expand`); otherwise its first read stands.
 
 Reads: collections with `$expand` only when `ProtocolFeaturesSupported.ExpandQuery` says so; a 501
 to it switches this client to per-member reads for good. Every document is read conditionally
@@ -45,7 +52,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -472,8 +479,8 @@ class RedfishFabric:
             raise _malformed(where, field, f"expected an array of links, got {refs!r}"[:200])
         uris = [_ref(r, where, f"{field}[{i}]") for i, r in enumerate(refs or [])]
         for u, r in zip(uris, refs or [], strict=True):
-            if set(r) - {"@odata.id", "@odata.etag"}:  # expanded inline
-                self._processors.setdefault(u, r)
+            if set(r) - {"@odata.id", "@odata.etag"}:  # expanded inline: the current one
+                self._processors[u] = r
         procs = [await self._processor(u) for u in uris]
         pooled = [
             (u, p)
@@ -728,11 +735,12 @@ def _device(
         machine = None
     elif state == DeviceState.ATTACHED and machine is None:
         state, reason = DeviceState.FAILED, f"{raw} to no system (Links.ComputerSystems is empty)"
-    if state != DeviceState.FAILED and (
-        health.get("State") in _UNUSABLE or health.get("Health") == "Critical"
-    ):
+    if state != DeviceState.FAILED and health.get("State") in _UNUSABLE:
         state = DeviceState.FAILED
         reason = reason or f"Status {health.get('State')}/{health.get('Health')}"
+    raw_status = proc.get("Status")
+    proc_status: dict[str, Any] = raw_status if isinstance(raw_status, dict) else {}
+    worst, why = _health(health, proc_status)
     return PoolDevice(
         id=DeviceId(_segment(uri)),
         fabric=fabric,
@@ -749,7 +757,25 @@ def _device(
         machine=MachineId(machine) if machine else None,
         pci_address=str(oem.get("PciAddress") or "") if machine else "",
         reason=reason if state == DeviceState.FAILED else "",
+        health=worst,
+        health_reason=why,
     )
+
+
+_HEALTH_ORDER: Final = ("OK", "Warning", "Critical")
+
+
+def _health(block: dict[str, Any], proc: dict[str, Any]) -> tuple[str, str]:
+    """(worst health, why) of a block's `Status` and its Processor's: `Health`, `HealthRollup`
+    (DMTF Resource.Health: OK, Warning, Critical; anything else or absent counts as OK)."""
+    worst, why = "OK", ""
+    for status, fields in ((block, ("Health", "HealthRollup")), (proc, ("Health",))):
+        for field in fields:
+            value = status.get(field)
+            if value in _HEALTH_ORDER and _HEALTH_ORDER.index(value) > _HEALTH_ORDER.index(worst):
+                worst = str(value)
+                why = _condition(status) or f"Status.{field} {value}"
+    return worst, why
 
 
 def _zone_index(blocks: _Read, zones: _Read) -> dict[str, list[str]]:

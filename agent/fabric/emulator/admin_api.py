@@ -1,6 +1,8 @@
 """`/emulator/v1/...`: the test and demo operator's handle on the emulator — read the whole state,
-set faults, heal a failed device, expire every session and token. Not part of any real fabric
-manager's API; never behind the fault knobs."""
+set faults, heal a failed device, set a device's health (`PUT .../devices/<id>/health` with
+`{"health": "OK"|"Warning"|"Critical", "reason": "..."}`) or flap its link (`PUT
+.../devices/<id>/faults` with `{"link_flap_period": <s>}`), expire every session and token.
+Not part of any real fabric manager's API; never behind the fault knobs."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class AdminApi:
         r.add_put(f"{A}/faults", self.put_faults)
         r.add_put(f"{A}/devices/{{id}}/faults", self.put_device_faults)
         r.add_post(f"{A}/devices/{{id}}/heal", self.heal)
+        r.add_put(f"{A}/devices/{{id}}/health", self.put_health)
         r.add_post(f"{A}/expire-credentials", self.expire)
         r.add_get(f"{A}/counters", self.counters)
 
@@ -44,7 +47,23 @@ class AdminApi:
             return json_response({"error": str(exc)}, status=exc.status)
         faults = self.state.device_faults(request.match_info["id"])
         body = await request.json()
-        return self._set(faults, body, {f.name for f in dataclasses.fields(DeviceFaults)})
+        answer = self._set(faults, body, {f.name for f in dataclasses.fields(DeviceFaults)})
+        if faults.link_flap_period > 0:
+            self.state.start_link_flap(request.match_info["id"])
+        return answer
+
+    async def put_health(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if not isinstance(body, dict) or set(body) - {"health", "reason"}:
+            return json_response({"error": "expected {health, reason}"}, status=400)
+        try:
+            self.state.set_health(
+                request.match_info["id"], str(body.get("health")), str(body.get("reason") or "")
+            )
+        except EmulatorError as exc:
+            return json_response({"error": str(exc)}, status=exc.status)
+        dev = self.state.device(request.match_info["id"])
+        return json_response({"health": dev.health, "reason": dev.health_reason})
 
     def _set(self, target: Any, body: Any, known: set[str]) -> web.Response:
         if not isinstance(body, dict) or set(body) - known:

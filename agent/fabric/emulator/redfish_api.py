@@ -942,7 +942,8 @@ class RedfishApi:
             [{"@odata.id": f"{SYSTEMS}/{dev.machine}"}] if attached else []
         )
         health = doc.setdefault("Status", {"State": "Enabled"})
-        health["Health"] = "Critical" if dev.state == DeviceState.FAILED else "OK"
+        health["Health"] = "Critical" if dev.state == DeviceState.FAILED else dev.health
+        health["HealthRollup"] = health["Health"]
         if dev.state == DeviceState.FAILED:
             health["Conditions"] = [
                 {
@@ -951,6 +952,8 @@ class RedfishApi:
                     "Severity": "Critical",
                 }
             ]
+        elif dev.health != "OK":
+            health["Conditions"] = [_health_condition(dev)]
         else:
             health.pop("Conditions", None)
         doc["@odata.etag"] = f'W/"{s.id}-{dev.revision}"'
@@ -1082,7 +1085,8 @@ class RedfishApi:
             "SerialNumber": s.serial,
             "UUID": s.serial.removeprefix("GPU-"),
             "ProcessorMemory": [{"CapacityMiB": s.memory // 2**20, "MemoryType": "HBM2"}],
-            "Status": {"State": "Enabled", "Health": "OK"},
+            "Status": {"State": "Enabled", "Health": dev.health}
+            | ({"Conditions": [_health_condition(dev)]} if dev.health != "OK" else {}),
         }
 
     async def zones(self, request: web.Request) -> web.Response:
@@ -1225,3 +1229,12 @@ def _apply_array_patch(current: list[str], patch: list[Any]) -> list[str] | None
         out.append(str(item["@odata.id"]))
     out.extend(current[len(patch) :])
     return out
+
+
+def _health_condition(dev: Device) -> dict[str, Any]:
+    """A `Status.Conditions[]` entry (Resource.Condition) for a device's own health."""
+    return {
+        "MessageId": "Base.1.8.GeneralError",
+        "Message": dev.health_reason or f"the device's health is {dev.health}",
+        "Severity": dev.health,
+    }

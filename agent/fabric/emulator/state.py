@@ -55,6 +55,12 @@ class Device:
     machine: str | None = None
     pci_address: str = ""
     reason: str = ""
+    #: The device's own health, whatever its composition: "OK", "Warning" or "Critical"
+    #: (Redfish `Status.Health` of its block and Processor; FTI's resource status), set from the
+    #: admin API (`set_health`) or a link flap (`DeviceFaults.link_flap_period`).
+    health: str = "OK"
+    #: Why the health is not "OK", in words (Redfish `Status.Conditions[].Message`).
+    health_reason: str = ""
     #: Bumped on every change; the Redfish ETag of the block.
     revision: int = 1
 
@@ -78,6 +84,9 @@ class DeviceFaults:
     stuck: bool = False
     #: While attached, flip between healthy and failed every `flap_period` seconds (0: off).
     flap_period: float = 0.0
+    #: A flapping link, attached or free: the device's health flips between "Critical" (link
+    #: down) and "OK" every `link_flap_period` seconds, its composition untouched (0: off).
+    link_flap_period: float = 0.0
 
 
 @dataclass
@@ -251,6 +260,37 @@ class EmulatorState:
         if machine is not None and state in (DeviceState.ATTACHED, DeviceState.FAILED):
             dev.pci_address = self._pci_address_for(machine)
 
+    HEALTHS: ClassVar[tuple[str, ...]] = ("OK", "Warning", "Critical")
+
+    def set_health(self, device_id: str, health: str, reason: str = "") -> None:
+        """Set a device's own health (a fault the fabric detected on it, or its repair)."""
+        if health not in self.HEALTHS:
+            raise EmulatorError(f"health {health!r}: one of {list(self.HEALTHS)}")
+        dev = self.device(device_id)
+        reason = "" if health == "OK" else reason or f"injected {health} health"
+        if (dev.health, dev.health_reason) != (health, reason):
+            dev.health, dev.health_reason = health, reason
+            self._changed_now(dev)
+
+    def start_link_flap(self, device_id: str) -> None:
+        """Run the device's link flap (`DeviceFaults.link_flap_period`) until it is set to 0;
+        the device ends healthy."""
+        key = f"link-flap:{device_id}"
+        if key not in self._transitions:
+            self._transitions[key] = asyncio.create_task(self._link_flap(device_id, key))
+
+    async def _link_flap(self, device_id: str, key: str) -> None:
+        faults = self.device_faults(device_id)
+        try:
+            while faults.link_flap_period > 0:
+                await asyncio.sleep(faults.link_flap_period)
+                down = self.device(device_id).health == "OK"
+                self.set_health(device_id, "Critical" if down else "OK", "link down (flapping)")
+            self.set_health(device_id, "OK")
+        finally:
+            if self._transitions.get(key) is asyncio.current_task():
+                self._transitions.pop(key, None)
+
     def heal(self, device_id: str) -> None:
         """An operator repaired a failed device: back to the free pool."""
         dev = self.device(device_id)
@@ -383,6 +423,8 @@ class EmulatorState:
                     "machine": d.machine,
                     "pci_address": d.pci_address,
                     "reason": d.reason,
+                    "health": d.health,
+                    "health_reason": d.health_reason,
                     "revision": d.revision,
                 }
                 for d in self.devices.values()
@@ -408,6 +450,8 @@ class EmulatorState:
                 dev.machine = rec["machine"]
                 dev.pci_address = rec.get("pci_address", "")
                 dev.reason = rec.get("reason", "")
+                dev.health = rec.get("health", "OK")
+                dev.health_reason = rec.get("health_reason", "")
                 dev.revision = int(rec.get("revision", 1))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EmulatorError(
@@ -446,6 +490,8 @@ class EmulatorState:
                     "machine": d.machine,
                     "pci_address": d.pci_address,
                     "reason": d.reason,
+                    "health": d.health,
+                    "health_reason": d.health_reason,
                 }
                 for d in self.devices.values()
             ],
