@@ -41,11 +41,11 @@ from agent.model import names
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceId, DeviceState, Inventory, MachineId, PoolDevice
 from agent.model.objects import (
+    DRIVER_LABEL,
     attached_device,
     deleted_at,
     devices_of,
     fabric_device,
-    mine,
     name_of,
     target_node,
 )
@@ -100,6 +100,8 @@ class Composer:
         #: log line done): a retry after a failed finalizer write (a 409 when the node wrote
         #: meanwhile) only removes the finalizer, it does not detach, announce or count again
         self._detached: set[str] = set()
+        #: uid -> monotonic time an unlabelled resource we cannot serve was first seen
+        self._unclaimed: dict[str, float] = {}
         resources.add_handler(self._on_event)
         publisher.on_inventory.append(self._on_inventory)
         publisher.nodes.add_handler(self._on_node)
@@ -113,6 +115,7 @@ class Composer:
         if event.type == "DELETED":
             self._attached.discard(obj["metadata"].get("uid", ""))
             self._detached.discard(obj["metadata"].get("uid", ""))
+            self._unclaimed.pop(obj["metadata"].get("uid", ""), None)
             self._written.pop(name, None)
             for dev in devices_of(obj):
                 if self._claimed.get(dev) == name:
@@ -172,8 +175,8 @@ class Composer:
         cr = self.resources.get("", name)
         if cr is None or self._stale(cr):
             return
-        if self.driver_label and not mine(cr, self.driver_label):
-            return  # another deployment's (another --driver): never ours to attach or detach
+        if self.driver_label and not await self._ours(cr):
+            return
         if deleting(cr):
             await self._remove(cr)
             return
@@ -200,6 +203,62 @@ class Composer:
             return
         if state(cr) in ("", "Attaching") and cr["metadata"].get("uid") not in self._attached:
             await self._attach(cr)
+
+    async def _ours(self, cr: Obj) -> bool:
+        """May this deployment act on `cr` now (`decide.adoption`)? Another deployment's: never.
+        One nobody labelled (CoHDI's operator's, or hand-written) whose node is on our fabric, or
+        that names one of our devices: labelled ours first (the update event brings it back), so
+        that no other deployment acts on it; one we cannot serve: left to the others for
+        `UNCLAIMED_GRACE` seconds."""
+        name = name_of(cr)
+        uid = str(cr["metadata"].get("uid", ""))
+        serves = self.publisher.machine_of_node(target_node(cr)) is not None or any(
+            self.publisher.device(d) is not None for d in devices_of(cr)
+        )
+        first = self._unclaimed.setdefault(uid, self.mono())
+        verdict, after = decide.adoption(
+            cr,
+            self.driver_label,
+            serves=serves,
+            unclaimed_for=self.mono() - first,
+            grace=decide.UNCLAIMED_GRACE,
+        )
+        if verdict is not decide.Adoption.WAIT:
+            self._unclaimed.pop(uid, None)
+        if verdict is decide.Adoption.FOREIGN:
+            return False  # another deployment's (another --driver): never ours to touch
+        if verdict is decide.Adoption.WAIT:
+            self.queue.enqueue_after(name, after)
+            return False
+        if verdict is decide.Adoption.LABEL:
+            try:
+                self._wrote(
+                    await self.kube.patch(
+                        f"{RESOURCES}/{name}",
+                        {
+                            "metadata": {
+                                "labels": {DRIVER_LABEL: self.driver_label},
+                                "resourceVersion": cr["metadata"]["resourceVersion"],
+                            }
+                        },
+                    )
+                )
+            except errors.KubeNotFound:
+                return False
+            except errors.KubeConflict:
+                self.queue.enqueue_after(name, 0.1)  # changed meanwhile (another took it?)
+                return False
+            logger.info(
+                "%s: adopted (no deployment's label; %s %s is on our fabric): labelled %s=%s",
+                name,
+                state(cr) or "new",
+                fabric_device(cr) or target_node(cr),
+                DRIVER_LABEL,
+                self.driver_label,
+                extra=logs.fields(resource=name, node=target_node(cr), device=fabric_device(cr)),
+            )
+            return False  # the update event brings us back
+        return True
 
     async def _node_gone(self, cr: Obj) -> bool:
         """A live resource whose Node has been gone for `--node-gone-grace` is deleted (with a

@@ -33,6 +33,7 @@ from agent.kube.client import MERGE_PATCH, Kube, Obj
 from agent.kube.eventing import Recorder
 from agent.kube.resources import FINALIZER, GROUP, REQUESTS, RESOURCES, VERSION, deleting
 from agent.kube.watching import Event, Informer
+from agent.model import composing as composemodel
 from agent.model import names
 from agent.model import requests as model
 from agent.model.objects import DRIVER_LABEL, fabric_device, name_of, state
@@ -101,6 +102,8 @@ class Requester:
         self._memory: dict[str, _Memory] = {}
         #: requests with members waiting for a free device
         self._waiting: set[str] = set()
+        #: uid -> monotonic time an unlabelled request we cannot serve was first seen
+        self._unclaimed: dict[str, float] = {}
         requests.add_handler(self._on_request)
         resources.add_handler(self._on_resource)
 
@@ -198,10 +201,60 @@ class Requester:
         now = self.clock()
         owned = self._owned(req, memory)
         members = self._members(owned, memory, now)
-        decision = model.decide(
-            req, members, self._fabric(), self.limits, now=now, reserved=memory.foreign
-        )
+        fabric = self._fabric()
+        if self.made_by and not await self._ours(obj, model.serves(req.want, fabric, members)):
+            return
+        decision = model.decide(req, members, fabric, self.limits, now=now, reserved=memory.foreign)
         await self._act(obj, req, decision, memory, {name_of(o): o for o in owned})
+
+    async def _ours(self, obj: Obj, serves: bool) -> bool:
+        """May this deployment act on the request now (`agent.model.composing.adoption`, the
+        composer's rule for resources)? Another deployment's: never. One no deployment labelled
+        (CoHDI's, or hand-written) that we can serve (`model.serves`): labelled ours first (the
+        update event brings it back); one we cannot: left to the others for a grace."""
+        name = name_of(obj)
+        uid = str(obj["metadata"].get("uid", ""))
+        first = self._unclaimed.setdefault(uid, time.monotonic())
+        verdict, after = composemodel.adoption(
+            obj,
+            self.made_by[DRIVER_LABEL],
+            serves=serves,
+            unclaimed_for=time.monotonic() - first,
+            grace=composemodel.UNCLAIMED_GRACE,
+        )
+        if verdict is not composemodel.Adoption.WAIT:
+            self._unclaimed.pop(uid, None)
+        if verdict is composemodel.Adoption.FOREIGN:
+            return False
+        if verdict is composemodel.Adoption.WAIT:
+            self.queue.enqueue_after(name, after)
+            return False
+        if verdict is composemodel.Adoption.LABEL:
+            try:
+                await self.kube.patch(
+                    f"{REQUESTS}/{name}",
+                    {
+                        "metadata": {
+                            "labels": dict(self.made_by),
+                            "resourceVersion": obj["metadata"]["resourceVersion"],
+                        }
+                    },
+                )
+            except errors.KubeNotFound:
+                return False
+            except errors.KubeConflict:
+                self.queue.enqueue_after(name, 0.1)  # changed meanwhile (another took it?)
+                return False
+            logger.info(
+                "ComposabilityRequest %s adopted (no deployment's label, and ours to serve): "
+                "labelled %s=%s",
+                name,
+                DRIVER_LABEL,
+                self.made_by[DRIVER_LABEL],
+                extra=logs.fields(request=name),
+            )
+            return False  # the update event brings us back
+        return True
 
     async def _act(
         self,

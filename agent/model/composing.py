@@ -19,6 +19,7 @@ from typing import Final
 from agent.model import slots
 from agent.model.fabric import DeviceState, Inventory
 from agent.model.objects import (
+    DRIVER_LABEL,
     NODE_READY,
     NODE_RELEASED,
     Obj,
@@ -232,3 +233,44 @@ def decide_remove(
     return RemoveDecision(
         RemoveStep.DETACH, why=f"its node is gone (for {gone_for:.0f} s): detaching without it"
     )
+
+
+# --- which deployment acts on an object no deployment has labelled ------------------------------
+
+#: Seconds an unlabelled ComposableResource or ComposabilityRequest that this deployment cannot
+#: serve is left for another deployment (another --driver and fabric) to label as its own, before
+#: this one acts on it as a lone deployment would (and refuses it: not on our fabric).
+UNCLAIMED_GRACE: Final = 10.0
+
+
+class Adoption(StrEnum):
+    OURS = "ours"  # labelled with our driver: act
+    FOREIGN = "foreign"  # labelled with another deployment's driver: never touch
+    LABEL = "label"  # unlabelled and on our fabric: label it ours (adopt), then act
+    WAIT = "wait"  # unlabelled, not ours to serve: give another deployment time to take it
+    UNCLAIMED = "unclaimed"  # nobody took it within the grace: act (refuse) without labelling
+
+
+def adoption(
+    obj: Obj, driver_label: str, *, serves: bool, unclaimed_for: float, grace: float
+) -> tuple[Adoption, float]:
+    """Whose is `obj` (a ComposableResource or a ComposabilityRequest), and what may this
+    deployment do with it? Returns the verdict and, for WAIT, the seconds left of the grace.
+
+    The `cohdi.io/driver` label names the deployment that owns an object. Objects without it are
+    hand-written or CoHDI's operator's (it writes no such label): the deployment that can serve
+    one (`serves`: its node is wired to one of our fabrics, or it names a device of ours) labels
+    it as its own — that is the adoption, and from then on every other deployment leaves it
+    alone. One that cannot serve it waits `grace` seconds (`unclaimed_for`: since it first saw
+    it) for another deployment to do so, and only then acts on it (a lone deployment's
+    refusal: node not on the fabric), still unlabelled so a deployment that comes later may take
+    it. Two deployments that can both serve it race on the label's write (resourceVersion
+    precondition): one wins, the other sees the winner's label."""
+    made_by = ((obj.get("metadata") or {}).get("labels") or {}).get(DRIVER_LABEL)
+    if made_by is not None:
+        return (Adoption.OURS if made_by == driver_label else Adoption.FOREIGN), 0.0
+    if serves:
+        return Adoption.LABEL, 0.0
+    if unclaimed_for < grace:
+        return Adoption.WAIT, grace - unclaimed_for
+    return Adoption.UNCLAIMED, 0.0

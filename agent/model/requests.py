@@ -822,3 +822,15 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
         if k not in new:
             patch[k] = None
     return patch
+
+
+def serves(want: Want, fabric: Fabric, members: Iterable[Member]) -> bool:
+    """Can this deployment serve a request no deployment has labelled yet (CoHDI's, or
+    hand-written)? Its `target_node` is wired to one of our fabrics; without one, a member it
+    already has is on such a node, or, with no members, one of our fabrics has its model."""
+    if want.target_node:
+        return want.target_node in fabric.nodes
+    nodes = [m.node for m in members if m.node]
+    if nodes:
+        return any(n in fabric.nodes for n in nodes)
+    return any(fabric.total.get((f, want.model), 0) for f in set(fabric.nodes.values()))

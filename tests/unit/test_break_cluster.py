@@ -13,9 +13,12 @@ import pytest
 from agent import errors, settings
 from agent.controllers import running
 from agent.kube.resources import REQUESTS, RESOURCES, resource_name
+from agent.model import composing as composemodel
+from agent.model import names
 from agent.model import pool as poolmodel
 from agent.model import requests as rq
 from agent.model.fabric import DeviceId, FabricId, Machine, MachineId, PoolDevice
+from agent.model.objects import DRIVER_LABEL
 from tests.unit import test_cluster_role_fake as fake
 from tests.unit.test_cluster_role_fake import (
     A100,
@@ -226,12 +229,6 @@ async def test_a_node_that_comes_back_gets_its_claims_devices_again() -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ComposabilityRequests are not scoped to a deployment: with two (another --driver and "
-    "fabric), both requesters reconcile every request, and its status flips between Running and "
-    "Failed NoNode without end (~200 status writes and ~90 Events a second on the real API server)",
-)
 async def test_a_second_deployment_leaves_our_requests_alone() -> None:
     """Seen on the real control plane at 1ad0b0b (after resources were scoped by driver): the
     deployment of brk.cohdi.io and one of other.cohdi.io (a second emulator, no Node of this
@@ -270,13 +267,6 @@ async def test_a_second_deployment_leaves_our_requests_alone() -> None:
         assert not w.events("NoNode")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a ComposableResource without the cohdi.io/driver label (hand-written, or CoHDI's) is "
-    "acted on by every deployment: another deployment, whose fabric does not reach the node, "
-    "sets it Failed NodeNotOnFabric, and on delete answers 'nothing to detach' and removes the "
-    "finalizer, possibly before the deployment that attached the GPU has detached it",
-)
 async def test_a_second_deployment_leaves_an_unlabelled_resource_on_our_node_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -301,3 +291,49 @@ async def test_a_second_deployment_leaves_an_unlabelled_resource_on_our_node_alo
         await w.wait(lambda: _status(w, "handw").get("state") == "Online", "handw online")
         await asyncio.sleep(0.3)
         assert not w.events("NodeNotOnFabric")
+        # adopted: labelled ours, so the other deployment keeps off it from now on
+        labels = (w.resource("handw") or {})["metadata"].get("labels") or {}
+        assert labels.get(DRIVER_LABEL) == names.label_value(fake.DRIVER)
+        device = str(_status(w, "handw")["cdi_device_id"])
+        w.kube.remove(f"{RESOURCES}/handw")
+        await w.wait(lambda: w.resource("handw") is None, "handw gone")
+        assert w.fabric.detaches == [device], "detached by the deployment that attached it"
+        assert w.fabric.attached_to(device) is None
+
+
+async def test_an_unlabelled_resource_no_deployment_can_serve_is_refused_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone deployment still says why it does not act on a resource for a node that is not on
+    its fabric, once no other deployment has taken it for the grace; and it does not label it (a
+    deployment that comes later may)."""
+    monkeypatch.setattr(composemodel, "UNCLAIMED_GRACE", 0.3)
+    async with world() as w:
+        _hand_written(w, "far", {"target_node": "node-9"})
+        await asyncio.sleep(0.15)
+        assert not _status(w, "far"), "within the grace: left for another deployment"
+        await w.wait(lambda: _status(w, "far").get("reason") == "NodeNotOnFabric", "refused")
+        labels = (w.resource("far") or {})["metadata"].get("labels") or {}
+        assert DRIVER_LABEL not in labels
+
+
+async def test_an_unlabelled_request_on_our_node_is_labelled_ours() -> None:
+    async with world() as w:
+        w.kube.add(
+            REQUESTS,
+            {
+                "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                "kind": "ComposabilityRequest",
+                "metadata": {"name": "mine"},
+                "spec": {
+                    "resource": {"type": "gpu", "model": A100, "size": 1, "target_node": "node-1"}
+                },
+            },
+        )
+
+        def labels() -> dict[str, str]:
+            obj = w.kube.get_obj(f"{REQUESTS}/mine") or {}
+            return dict(obj.get("metadata", {}).get("labels") or {})
+
+        await w.wait(lambda: labels().get(DRIVER_LABEL), "the request labelled")
+        assert labels()[DRIVER_LABEL] == names.label_value(fake.DRIVER)
