@@ -182,13 +182,17 @@ async def run(cfg: settings.Settings) -> int:
     loop.add_signal_handler(signal.SIGTERM, terminate)
     if cfg.cluster.stall_on_sigusr2:
         loop.add_signal_handler(signal.SIGUSR2, sdnotify.stall, cfg.cluster.stall_on_sigusr2)
-    fabric = open_fabric(cfg.fabric) if "cluster" in roles else None  # bad settings exit here
+    cohdi_ns = cfg.cluster.cohdi_config_namespace if "cluster" in roles else ""
+    # bad settings exit here (with CoHDI's configuration: once it has been read, below)
+    fabric = open_fabric(cfg.fabric) if "cluster" in roles and not cohdi_ns else None
     board = health.Health()
     try:
         async with await Kube.connect(
             kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
         ) as kube:
             units: dict[str, _Role] = {}
+            if cohdi_ns:
+                cfg, fabric, units["cohdi-config"] = await _cohdi_source(kube, cfg, cohdi_ns)
             if "node" in roles:
                 units["node"] = _NodeRole(kube, cfg)
             if fabric is not None:
@@ -203,6 +207,19 @@ async def run(cfg: settings.Settings) -> int:
             notifier.stopping()  # also when a setting or Ctrl-C ended the run
             notifier.close()
     return 0
+
+
+async def _cohdi_source(
+    kube: Kube, cfg: settings.Settings, namespace: str
+) -> tuple[settings.Settings, FabricManager, _Role]:
+    """--cohdi-config-namespace: CoHDI's ConfigMap and Secret read (ConfigError when missing or
+    invalid), the settings and the fabric client they give, and the unit that watches them."""
+    from agent.controllers.cohdiconfig import CohdiSource
+
+    source = CohdiSource(kube, namespace, environ=os.environ)
+    await source.load()
+    cfg = source.settings_for(cfg)
+    return cfg, source.open_fabric(cfg.fabric), source
 
 
 class _Role(Protocol):

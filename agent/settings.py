@@ -623,6 +623,9 @@ def implied_roles(cfg: Settings, *, is_dir: Callable[[Path], bool]) -> tuple[tup
         return tuple(r for r in ROLES if r in given), f"from {flag}"
     if cfg.fabric.url:
         return ("cluster",), f"{flag} not given; {flag_of('fabric', 'url')} is set"
+    if cfg.cluster.cohdi_config_namespace:
+        cohdi = flag_of("cluster", "cohdi_config_namespace")
+        return ("cluster",), f"{flag} not given; {cohdi} is set"
     registry = Path(cfg.node.kubelet_dir) / "plugins_registry"
     if is_dir(registry):
         return ("node",), f"{flag} not given; kubelet's plugin registry {registry} exists"
