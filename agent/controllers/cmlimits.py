@@ -17,6 +17,7 @@ from agent import errors, logs
 from agent.controllers.publishing import NODES, Publisher
 from agent.fabric.cm import ClusterManager, node_totals
 from agent.kube.client import Kube
+from agent.model.fabric import MachineId
 from agent.model.scaling import MAX_LABEL, MIN_LABEL
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,10 @@ class CmLimits:
             return
         limits = await self.cm.limits([m.id for m in inventory.machines])
         for machine, node in sorted(self.publisher.node_of_machine().items()):
-            if machine not in limits:
+            bounds = limits.get(MachineId(machine))
+            if bounds is None:
                 continue
-            low, high = node_totals(limits[machine])
+            low, high = node_totals(bounds)
             want = {
                 MIN_LABEL: None if low is None else str(low),
                 MAX_LABEL: None if high is None else str(high),

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -186,6 +187,20 @@ class FtiFabric:
             return reply.json(f"GET {full}")
 
         return await self.http.retrying(f"GET {full}", op)
+
+    def trust_ca(self, pem: str, *, where: str) -> None:
+        """Trust the CA certificate(s) in `pem` for new connections to the fabric manager (beside
+        those trusted already: an SSL context cannot forget a CA). ConfigError naming `where`
+        when it is not PEM. Nothing to do over plain http."""
+        context = self.http._ssl  # the transport's context, made for this URL
+        if context is None:
+            return
+        try:
+            context.load_verify_locations(cadata=pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise errors.ConfigError(
+                where, pem[:40], f"is not a PEM CA certificate ({exc})"
+            ) from exc
 
     def reconfigure(
         self,
