@@ -120,16 +120,18 @@ class Vendoring:
         if "/" in ref:
             ns, name = ref.split("/", 1)
             self.queue.enqueue((ns, name))
-        self._refresh()
+        self._refresh(slices=False)
 
     def _on_slice(self, _event: Event) -> None:
         self._refresh()
         for key in self._waiting:
             self.queue.enqueue(key)
 
-    def _refresh(self) -> None:
-        """The vendor's devices and which of them are our GPUs, from the informers' stores."""
-        self.index = decide.vendor_index(self.vendor_slices.store.values(), self.vendor)
+    def _refresh(self, *, slices: bool = True) -> None:
+        """The vendor's devices (re-read from the slices' store when `slices`) and which of them
+        are our GPUs."""
+        if slices:
+            self.index = decide.vendor_index(self.vendor_slices.store.values(), self.vendor)
         ours = [o for o in self.resources.store.values() if mine(o, self.driver_label)]
         self.publisher.aliases = decide.aliases(self.index, ours)
 
