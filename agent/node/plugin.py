@@ -209,7 +209,7 @@ class Preparer:
 
     def device_health(self, device: str) -> tuple[drahealth.HealthStatus, str]:
         """(dra-health HealthStatus, message) of a published device name on this node."""
-        obj = self._resource_of(device)
+        obj = self.resource_of(device)
         if obj is None:
             return drahealth.UNKNOWN, f"{device} is not attached to this node"
         if deleting(obj) or not condition(obj, NODE_READY):
@@ -325,14 +325,14 @@ class Preparer:
     async def _local(self, pool: str, device: str) -> tuple[str, str, int | None]:
         """(PCI address, GPU UUID, minor) of a pool device, from the ComposableResource the node
         reported on."""
-        obj = self._resource_of(device)
+        obj = self.resource_of(device)
         if obj is None:
             raise errors.PrepareError(f"no attached device {pool}/{device} on this node")
         st = obj.get("status") or {}
         bdf = st.get("pci_address") or ""
         return bdf, st.get("device_id") or "", await self._minor(bdf)
 
-    def _resource_of(self, device: str) -> dict[str, Any] | None:
+    def resource_of(self, device: str) -> dict[str, Any] | None:
         """The ComposableResource of this node whose device is published as `device`."""
         for obj in self.reporter.resources.store.values():
             # The claim holds the name the device was published under: the resource's identity
