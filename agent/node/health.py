@@ -16,12 +16,16 @@ Facts used (nvml.h; NVIDIA's Xid catalogue, docs.nvidia.com/deploy/xid-errors, A
   reboot, 3 drain P2P, 4 drain and reset.
 - A GPU that fell off the bus answers NVML_ERROR_GPU_IS_LOST; its PCI function may vanish from
   the tree too (`FellOffBus`, decided by the node reporter, which knows what is attached).
+- The kernel's PCIe error recovery (AER) sends a `change` uevent with `ERROR_EVENT=
+  BEGIN_RECOVERY|SUCCESSFUL_RECOVERY|FAILED_RECOVERY` and `DEVICE_ONLINE=0|1` (drivers/pci
+  `pci_uevent_ers`): FAILED_RECOVERY is a fault (`PcieRecoveryFailed`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -104,6 +108,17 @@ def classify(event: nvml.NvmlEvent, fatal_xids: frozenset[int]) -> Fault | None:
     return None
 
 
+def pcie_fault(action: str, properties: Mapping[str, str], bus_id: str) -> Fault | None:
+    """The fault a PCI uevent means: a failed AER recovery, else None."""
+    if action == "change" and properties.get("ERROR_EVENT") == "FAILED_RECOVERY":
+        return Fault(
+            "PcieRecoveryFailed",
+            f"the kernel could not recover {bus_id} from a PCIe error "
+            f"(DEVICE_ONLINE={properties.get('DEVICE_ONLINE', '?')})",
+        )
+    return None
+
+
 @dataclass(slots=True)
 class _Held:
     fault: Fault
@@ -132,6 +147,11 @@ class HealthBook:
             self._faults[event.bus_id] = _Held(fault, time.monotonic())
             self.notify()
         return fault
+
+    def hold_fault(self, bus_id: str, fault: Fault) -> None:
+        """Hold a fault found by another source than NVML (the kernel's PCIe error recovery)."""
+        self._faults[PciAddress(bus_id)] = _Held(fault, time.monotonic())
+        self.notify()
 
     def fault(self, bus_id: str) -> Fault | None:
         held = self._faults.get(PciAddress(bus_id))

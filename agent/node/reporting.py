@@ -115,6 +115,16 @@ class NodeReporter:
         health.HOTPLUG_EVENTS.labels(source, ev.action or "unknown").inc()
         if ev.address:
             self.events_seen.setdefault(ev.address, ev.received)
+        fault = gpuhealth.pcie_fault(ev.action, ev.properties, ev.address)
+        if fault is not None:
+            self.health.hold_fault(ev.address, fault)
+            logger.warning(
+                "node %s: %s: %s",
+                self.node,
+                fault.reason,
+                fault.message,
+                extra=logs.fields(decision="gpu-fault", node=self.node, reason=fault.reason),
+            )
         self._rescan_wanted = True
         self._pending.update(n for _, n in self.resources.store)
         self._wake.set()

@@ -24,16 +24,18 @@ from agent import errors
 from agent import health as metrics
 from agent.kube.resources import RESOURCES, resource_name
 from agent.model.objects import DEVICE_HEALTHY
+from agent.model.pci import PciAddress
 from agent.model.pool import device_name
 from agent.native import nvml
 from agent.node import health
+from agent.node.hotplug import PciEvent
 from agent.node.plugin import KubeletPlugin
 from agent.simulated import stubnvml
 from tests import kubelet
 from tests.node.simnode import DRIVER, POOL, SimNode, make_node
 from tests.waiting import until
 
-A_BDF, B_BDF = "0000:41:00.0", "0000:42:00.0"
+A_BDF, B_BDF = PciAddress("0000:41:00.0"), PciAddress("0000:42:00.0")
 HOLD = 0.3  # --node-health-hold for these tests (s)
 
 
@@ -225,6 +227,26 @@ async def test_double_bit_ecc_is_a_fault_and_a_non_fatal_xid_is_not(
     assert cond["reason"] == "DoubleBitEcc"
     assert not (tmp_path / "xid").read_text(), "both events were taken"
     assert healthy_condition(n, "gpu-a") is None
+
+
+async def test_a_failed_pcie_recovery_is_a_fault_until_the_gpu_answers_for_the_hold(
+    node: tuple[SimNode, KubeletPlugin],
+) -> None:
+    """The kernel's AER uevents: SUCCESSFUL_RECOVERY says nothing, FAILED_RECOVERY is a fault;
+    the stub GPU keeps answering NVML, so the fault clears after the hold."""
+    n, _ = node
+    now = time.monotonic()
+    ok = {"ERROR_EVENT": "SUCCESSFUL_RECOVERY", "DEVICE_ONLINE": "1"}
+    n.reporter._on_pci(PciEvent("change", A_BDF, ok, now))
+    failed = {"ERROR_EVENT": "FAILED_RECOVERY", "DEVICE_ONLINE": "0"}
+    n.reporter._on_pci(PciEvent("change", B_BDF, failed, now))
+    cond, _ = await wait_condition(n, "gpu-b", "False")
+    assert cond["reason"] == "PcieRecoveryFailed"
+    assert "DEVICE_ONLINE=0" in cond["message"]
+    assert healthy_condition(n, "gpu-a") is None
+    assert n.reporter.health.fault(B_BDF) is not None
+    cond, _ = await wait_condition(n, "gpu-b", "True")
+    assert cond["reason"] == "Healthy"
 
 
 def test_fatal_xids_setting() -> None:

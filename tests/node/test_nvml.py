@@ -28,6 +28,7 @@ from agent.native.nvml import (
     NvmlLibraryNotFound,
     NvmlNotFound,
 )
+from agent.model.pci import PciAddress
 from agent.simulated import stubnvml
 from agent.simulated.stubnvml import StubGpu, write_gpus
 
@@ -153,12 +154,12 @@ async def test_async_calls_and_events(stub_library: Path, gpus_file: Path, tmp_p
 
         watching = asyncio.create_task(a.watch_events(on_event, stop))
         stubnvml.inject_event(tmp_path / "xid", A.bus_id, 79)
-        assert await next_event() == NvmlEvent(A.bus_id, EVENT_XID_CRITICAL, 79)
+        assert await next_event() == NvmlEvent(PciAddress(A.bus_id), EVENT_XID_CRITICAL, 79)
         assert a.nvml.watched == {A.bus_id}
         write_gpus(gpus_file, [A, B])  # hot-add: the node re-inits NVML on its own thread
         await a.call(a.nvml.reinit)
         stubnvml.inject_event(tmp_path / "xid", B.bus_id, 0, stubnvml.DOUBLE_BIT_ECC)
-        assert await next_event() == NvmlEvent(B.bus_id, EVENT_DOUBLE_BIT_ECC, 0)
+        assert await next_event() == NvmlEvent(PciAddress(B.bus_id), EVENT_DOUBLE_BIT_ECC, 0)
         assert a.nvml.watched == {A.bus_id, B.bus_id}
         stop.set()
         await watching
@@ -225,9 +226,10 @@ def test_queries_and_event_wait_share_no_buffer(
             answers.add((n.pci_info(h)[0], n.uuid(h), n.name(h), n.minor(h)))
         stop.set()
         thread.join()
-        assert events == [NvmlEvent(B.bus_id, EVENT_XID_CRITICAL, 48)] * 20
+        assert events == [NvmlEvent(PciAddress(B.bus_id), EVENT_XID_CRITICAL, 48)] * 20
         assert answers == {(A.bus_id, A.uuid, A.name, A.minor)}
-        query, wait = (recorder.buffers[t] for t in (threading.get_ident(), thread.ident))
+        query = recorder.buffers[threading.get_ident()]
+        wait = recorder.buffers[thread.ident or 0]
         assert query
         assert wait
         assert query.isdisjoint(wait), "a buffer passed to NVML from both threads"
