@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from agent import settings
+from agent.model.pci import PciAddress
 from agent.native import nvml as nvmlmod
 from agent.native.nvml import (
     EVENT_DOUBLE_BIT_ECC,
@@ -28,7 +29,6 @@ from agent.native.nvml import (
     NvmlLibraryNotFound,
     NvmlNotFound,
 )
-from agent.model.pci import PciAddress
 from agent.simulated import stubnvml
 from agent.simulated.stubnvml import StubGpu, write_gpus
 
