@@ -992,7 +992,7 @@ class Scaler:
             assert h is not None
             metrics.TAINTS.labels("added").inc()
             message = (
-                f"{device} is unhealthy ({h.reason}: {h.message}, said by the {h.source}): "
+                f"{device} is unhealthy ({_why(h)}, said by the {h.source}): "
                 f"tainted {healthmodel.TAINT_KEY}={taints[0]['value']}:{taints[0]['effect']}"
             )
             logger.warning(
@@ -1016,9 +1016,14 @@ class Scaler:
             self.recorder.emit(
                 cr,
                 "DeviceUnhealthy",
-                f"{device} is unhealthy ({h.reason}: {h.message})",
+                f"{device} is unhealthy ({_why(h)})",
                 warning=True,
             )
+
+
+def _why(h: healthmodel.Health) -> str:
+    """`<reason>: <message>`, or the reason alone when there is no message."""
+    return f"{h.reason}: {h.message}" if h.message else h.reason
 
 
 def _epoch(stamp: str) -> float:

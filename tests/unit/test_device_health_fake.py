@@ -14,12 +14,13 @@ import dataclasses
 import time
 from typing import Any
 
-from agent.controllers import metrics
+from agent import settings
+from agent.controllers import metrics, running
 from agent.kube.resources import RESOURCES, resource_name
 from agent.model import health as healthmodel
 from agent.model.fabric import DeviceState
 from agent.model.objects import DEVICE_HEALTHY, Obj
-from tests.unit.test_cluster_role_fake import World, model_only, scale_up, world
+from tests.unit.test_cluster_role_fake import DRIVER, World, model_only, scale_up, world
 
 
 def set_node_health(
@@ -233,3 +234,35 @@ async def test_taints_dropped_by_the_api_server_fall_back_to_withholding(caplog:
         await w.wait(lambda: w.device_name("gpu-1") not in w.offered(), "gpu-1 withheld")
         said = [r for r in caplog.records if "DRADeviceTaints" in r.getMessage()]
         assert len(said) == 1
+
+
+async def test_a_new_leader_keeps_the_node_reported_taint_of_a_detached_gpu() -> None:
+    """The node's word on a detached GPU lives only in the leader's memory and the slice: a new
+    leader reads the taint back before its first write, so the GPU is never offered untainted."""
+    async with world(gpus=2, health_grace=0.2) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        set_node_health(w, "gpu-0", "False", "Xid79")
+        taints = await w.wait(lambda: taints_of(w, "gpu-0"), "gpu-0 tainted")
+        w.release("c1")
+        await w.wait(lambda: w.fabric.devices["gpu-0"].state == DeviceState.FREE, "detached")
+        await w.wait(
+            lambda: (w.offered().get(w.device_name("gpu-0")) or {}).get("bindsToNode"),
+            "gpu-0 free, tainted",
+        )
+        old = w.tasks.pop(0)
+        old.cancel()
+        await asyncio.gather(old, return_exceptions=True)
+        seen: list[list[dict[str, Any]] | None] = []
+        cfg = settings.Settings(
+            cluster=settings.ClusterSettings(
+                driver=DRIVER, idle_grace=300.0, scale_down_settle=0.05, health_grace=0.2
+            )
+        )
+        role = running.build(w.kube, w.fabric, cfg, identity="next")  # type: ignore[arg-type]
+        w.tasks.append(asyncio.create_task(role.run()))
+        await w.wait(lambda: role.publisher.syncs >= 1, "the new leader published", timeout=60)
+        seen.append(taints_of(w, "gpu-0"))
+        await asyncio.sleep(0.5)  # past the grace: the node has said nothing new
+        seen.append(taints_of(w, "gpu-0"))
+        assert seen == [taints, taints]
+        assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
