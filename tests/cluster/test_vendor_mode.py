@@ -74,19 +74,30 @@ class StandInVendor:
         )
 
 
-def vendor_claim(name: str, vendor: str) -> Obj:
+def vendor_claim(name: str, vendor: str, *, node_first: bool = False) -> Obj:
+    """A claim for one GPU of the vendor's DeviceClass; `node_first` writes it the way CoHDI's
+    chart tells users to: `firstAvailable` [a GPU already on a node (`uuid != ""`), any GPU] —
+    kube-scheduler then scores the node where the first alternative fits higher, so the second
+    allocation goes where the GPU was attached."""
     by_model = {"cel": {"expression": f'device.attributes["{vendor}"].productName == "{A100}"'}}
+    request: dict[str, Any] = {
+        "name": "gpu",
+        "exactly": {"deviceClassName": vendor, "selectors": [by_model]},
+    }
+    if node_first:
+        on_node = {"cel": {"expression": f'device.attributes["{vendor}"].uuid != ""'}}
+        request = {
+            "name": "gpu",
+            "firstAvailable": [
+                {"name": "node-gpu", "deviceClassName": vendor, "selectors": [by_model, on_node]},
+                {"name": "fabric-gpu", "deviceClassName": vendor, "selectors": [by_model]},
+            ],
+        }
     return {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceClaim",
         "metadata": {"name": name},
-        "spec": {
-            "devices": {
-                "requests": [
-                    {"name": "gpu", "exactly": {"deviceClassName": vendor, "selectors": [by_model]}}
-                ]
-            }
-        },
+        "spec": {"devices": {"requests": [request]}},
     }
 
 
@@ -131,6 +142,18 @@ class Reschedules:
 
 @pytest.mark.parametrize("world", [{"nodes": 1, "gpus": 4}], indirect=True)
 async def test_pod_ends_on_the_vendors_device_with_one_attach(world: World) -> None:
+    await vendor_case(world, node_first=False)
+
+
+@pytest.mark.parametrize("world", [{"nodes": 3, "gpus": 6}], indirect=True)
+async def test_cohdis_claim_pattern_lands_on_the_node_that_got_the_gpu(world: World) -> None:
+    """With several nodes, nothing in KEP-5007 pins the second allocation to the node the GPU
+    was attached to; CoHDI's claim pattern (`firstAvailable`, the node's GPU first) makes the
+    scheduler prefer it."""
+    await vendor_case(world, node_first=True)
+
+
+async def vendor_case(world: World, *, node_first: bool) -> None:
     vendor = f"gpu.v{world.suffix}.example"
     await world.kube.create(
         DEVICE_CLASSES,
@@ -158,7 +181,7 @@ async def test_pod_ends_on_the_vendors_device_with_one_attach(world: World) -> N
     role = await world.start_role()
     await asyncio.wait_for(role.publisher.synced.wait(), 30)
     try:
-        await world.kube.create(CLAIMS, vendor_claim(name, vendor))
+        await world.kube.create(CLAIMS, vendor_claim(name, vendor, node_first=node_first))
         await world.kube.create(PODS, vendor_pod(name, world.suffix))
 
         async def bound() -> str | None:
@@ -175,11 +198,12 @@ async def test_pod_ends_on_the_vendors_device_with_one_attach(world: World) -> N
             f"attaches started: {world.emulator.state.attach_started}; "
             f"FabricDeviceReschedule set {seen.count}x (written by us {written}x)"
         )
-        assert node == world.nodes[0]
+        assert [d.machine for d in attached] == [world.machine_of(node)], "on the pod's node"
         assert (result["driver"], result["pool"], result["device"]) == (vendor, node, "gpu-0")
         assert "bindingConditions" not in result, "the vendor's node-local device, not our pool"
+        if node_first:
+            assert result["request"] == "gpu/node-gpu"
         assert world.emulator.state.attach_started == 1
-        assert [d.machine for d in attached] == [world.machine_of(node)]
         assert seen.count == 1
         assert role.vendoring is not None
         assert role.vendoring.written == 1
