@@ -9,18 +9,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 from typing import Any
 
 import pytest
 
 from agent import errors, settings
 from agent.controllers import running
-from agent.controllers.publishing import SLICES
-from agent.kube.client import Obj
+from agent.controllers.publishing import NODES, SLICES, Publisher
+from agent.kube.client import Kube, Obj
 from agent.kube.resources import RESOURCES
+from agent.kube.watching import Informer
 from agent.model import claims as claimmodel
 from agent.model import health as healthmodel
-from agent.model.fabric import DeviceState
+from agent.model.fabric import DeviceId, DeviceState, FabricId, Inventory, PoolDevice
 from agent.model.objects import DEVICE_HEALTHY, attached_device, fabric_device
 from tests.cluster.conftest import CLAIMS, PODS, World, finish
 from tests.waiting import until
@@ -213,3 +215,44 @@ async def _offered_free(w: World, device: str) -> dict[str, Any] | None:
 
 async def _is(value: Any, want: Any) -> bool:
     return bool(await value == want)
+
+
+async def test_the_api_server_takes_a_tainted_pool_of_130_devices(kube: Kube) -> None:
+    """With taints the API server allows 64 devices a slice, not 128: a pool of 130 with one
+    unhealthy device is rewritten in slices of 64 and every write is taken."""
+    driver = f"t{uuid.uuid4().hex[:6]}.cohdi.io"
+    slices = Informer(kube, SLICES, field_selector=f"spec.driver={driver}")
+    nodes = Informer(kube, NODES)
+    tasks = [asyncio.create_task(slices.run()), asyncio.create_task(nodes.run())]
+    try:
+        await asyncio.wait_for(slices.synced.wait(), 30)
+        await asyncio.wait_for(nodes.synced.wait(), 30)
+        publisher = Publisher(kube, driver=driver, slices=slices, nodes=nodes)
+        f = FabricId(f"fab-{driver[:7]}")
+        publisher.update_inventory(
+            Inventory(
+                (),
+                tuple(
+                    PoolDevice(DeviceId(f"gpu-{i:03d}"), f, "A100", DeviceState.FREE)
+                    for i in range(130)
+                ),
+            )
+        )
+        await publisher.sync()
+        sick = healthmodel.Health(healthmodel.Source.NODE, "Xid79", "", added=time.time())
+        publisher.set_taints("gpu-100", healthmodel.taints(sick, evict=False))
+        await publisher.sync()
+        stored = (await kube.get(SLICES, fieldSelector=f"spec.driver={driver}"))["items"]
+        sizes = sorted(len(s["spec"]["devices"]) for s in stored)
+        assert sizes == [2, 64, 64]
+        generations = {s["spec"]["pool"]["generation"] for s in stored}
+        assert len(generations) == 1  # the pool rewritten whole, in a new generation
+        assert generations != {1}
+        tainted = [d["name"] for s in stored for d in s["spec"]["devices"] if d.get("taints")]
+        assert tainted == ["gpu-100"]
+        for s in stored:
+            await kube.delete(f"{SLICES}/{s['metadata']['name']}")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

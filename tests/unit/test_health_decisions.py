@@ -183,3 +183,26 @@ def test_decide_bind_fails_a_waiting_claim_on_an_unhealthy_device() -> None:
         deadline=480.0,
     )
     assert healthy.step == decide.BindStep.WAIT
+
+
+def test_a_pool_with_a_tainted_device_has_at_most_64_devices_a_slice() -> None:
+    from agent.model import pool
+    from agent.model.fabric import Inventory, Machine, MachineId
+
+    f = FabricId("f")
+    inv = Inventory(
+        (Machine(MachineId("m0"), "n0", f, "n0"),),
+        tuple(
+            PoolDevice(DeviceId(f"gpu-{i:03d}"), f, "A100", DeviceState.FREE) for i in range(130)
+        ),
+    )
+    plain = pool.desired_slices(driver="d.example.com", inventory=inv, node_of_machine={})
+    assert [len(s.spec["devices"]) for s in plain["f"]] == [128, 2]
+    sick = h.taints(h.Health(NODE, "Xid79", "", added=0), evict=False)
+    tainted = pool.desired_slices(
+        driver="d.example.com", inventory=inv, node_of_machine={}, taints={"gpu-007": sick}
+    )
+    assert [len(s.spec["devices"]) for s in tainted["f"]] == [64, 64, 2]
+    entry = next(d for s in tainted["f"] for d in s.spec["devices"] if d["name"] == "gpu-007")
+    assert entry["taints"] == sick
+    assert sum("taints" in d for s in tainted["f"] for d in s.spec["devices"]) == 1
