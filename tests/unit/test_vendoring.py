@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from agent import settings
+from agent import app, settings
 from agent.controllers import running
 from agent.controllers.vendoring import Vendoring
 from agent.kube.resources import resource_name
@@ -29,6 +32,7 @@ from tests.unit.test_cluster_role_fake import (
     World,
     make_node,
 )
+from tests.waiting import until
 
 VENDOR = "gpu.vendor.example"
 
@@ -327,3 +331,44 @@ async def test_a_claim_already_rescheduled_is_not_written_again() -> None:
         await asyncio.sleep(0.3)
         assert vendoring(w).written == 0
         assert conditions(w, "c1") == [vm.RESCHEDULE]
+
+
+# --- the node role ---------------------------------------------------------------------------
+
+
+async def test_node_role_runs_without_its_kubelet_plugin_in_vendor_mode() -> None:
+    """The vendor's kubelet plugin prepares the GPUs: ours registers no socket, and the role is
+    ready once its first PCI scan is done (hot-plug, identification and safe removal only)."""
+    root = Path(tempfile.mkdtemp(prefix="vnd-", dir="/tmp"))  # short: unix socket paths
+    try:
+        (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
+        kube = FakeKube(bookmark_interval=60)
+        kube.selectable("composableresources", "spec.target_node")
+        cfg = settings.Settings(
+            cluster=settings.ClusterSettings(driver=DRIVER, vendor_driver=VENDOR),
+            node=settings.NodeSettings(
+                name="node-0",
+                sysfs_root=str(root / "sys"),
+                nvml_path=str(root / "no-nvml.so"),
+                rescan="never",
+                kubelet_dir=str(root / "kubelet"),
+                cdi_dir=str(root / "cdi"),
+            ),
+        )
+        role = app._NodeRole(kube, cfg)  # type: ignore[arg-type]
+        task = asyncio.create_task(role.run())
+        try:
+
+            async def scanned() -> bool:
+                return role.reporter is not None and role.reporter.scanned.is_set()
+
+            await until(scanned, what="the first PCI scan", timeout=10)
+            assert role.not_ready() == []
+            assert role.plugin is None
+            assert not list((root / "kubelet").rglob("*.sock")), "no plugin socket"
+            assert VENDOR in role.status()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
