@@ -101,6 +101,8 @@ class NodeReporter:
         #: the GPUs' faults (NVML events), and the reason each resource is reported unhealthy for
         self.health = gpuhealth.HealthBook(gpuhealth.parse_xids(cfg.fatal_xids), cfg.health_hold)
         self._unhealthy: dict[str, str] = {}
+        #: resources with a probe timer pending (a faulty GPU is probed until its fault clears)
+        self._probing: set[str] = set()
         self._events_stop = threading.Event()
 
     # --- inputs ----------------------------------------------------------------------------------
@@ -203,6 +205,7 @@ class NodeReporter:
             for timer in self._timers:
                 timer.cancel()
             self._timers.clear()
+            self._probing.clear()
             source.stop()
             await self.nvml.close()
             self._sysfs.shutdown(wait=False)
@@ -274,6 +277,7 @@ class NodeReporter:
             )
 
     def _retry(self, name: str) -> None:
+        self._probing.discard(name)
         self._pending.add(name)
         self._wake.set()
 
@@ -388,8 +392,9 @@ class NodeReporter:
                 await self._conditions(obj, DEVICE_HEALTHY, status, reason, message)
                 self.health.notify()
             self._count_unhealthy(name, reason if status == gpuhealth.UNHEALTHY else None)
-        if self.health.fault(bdf) is not None:
+        if self.health.fault(bdf) is not None and name not in self._probing:
             wait = self.health.clears_in(bdf) or PROBE_INTERVAL
+            self._probing.add(name)  # one timer per resource, however often it is handled
             self._retry_later(max(0.05, min(PROBE_INTERVAL, wait)), name)
 
     def _count_unhealthy(self, name: str, reason: str | None) -> None:

@@ -183,8 +183,15 @@ async def test_xid_79_on_one_gpu_reaches_its_resource_and_kubelets_stream(
         assert healthy_condition(n, "gpu-b") is None, "the other GPU is untouched"
         assert unhealthy_gauge("Xid79") == unhealthy_before + 1
 
-        # Still lost after the hold: still unhealthy (the probes fail).
+        # Still lost after the hold: still unhealthy (the probes fail). Hot-plug events make the
+        # reporter look at every resource again: still one probe timer for the faulty GPU.
+        for _ in range(5):
+            n.reporter._on_pci(PciEvent("change", B_BDF, {}, time.monotonic()))
+            await asyncio.sleep(0.02)
         await asyncio.sleep(HOLD * 3)
+        loop = asyncio.get_running_loop()
+        assert n.reporter._probing == {resource_name("gpu-a")}
+        assert len([t for t in n.reporter._timers if t.when() > loop.time()]) == 1
         still = healthy_condition(n, "gpu-a")
         assert still is not None
         assert still["status"] == "False"
