@@ -16,11 +16,11 @@ from typing import Any
 
 from agent import settings
 from agent.controllers import metrics, running
-from agent.kube.resources import RESOURCES, resource_name
+from agent.kube.resources import REQUESTS, RESOURCES, resource_name
 from agent.model import health as healthmodel
 from agent.model.fabric import DeviceState
 from agent.model.objects import DEVICE_HEALTHY, Obj
-from tests.unit.test_cluster_role_fake import DRIVER, World, model_only, scale_up, world
+from tests.unit.test_cluster_role_fake import A100, DRIVER, World, model_only, scale_up, world
 
 
 def set_node_health(
@@ -266,3 +266,58 @@ async def test_a_new_leader_keeps_the_node_reported_taint_of_a_detached_gpu() ->
         seen.append(taints_of(w, "gpu-0"))
         assert seen == [taints, taints]
         assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
+
+
+async def test_a_request_member_on_an_unhealthy_gpu_is_swapped_for_a_healthy_one() -> None:
+    """A ComposabilityRequest keeps N GPUs on a node: its member whose GPU turns unhealthy is
+    detached (no claim holds it), and the requester's new member gets a healthy GPU."""
+    async with world(gpus=3) as w:
+        w.kube.add(
+            REQUESTS,
+            {
+                "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                "kind": "ComposabilityRequest",
+                "metadata": {"name": "keep"},
+                "spec": {
+                    "resource": {
+                        "type": "gpu",
+                        "model": A100,
+                        "size": 1,
+                        "allocation_policy": "samenode",
+                        "target_node": "node-0",
+                    }
+                },
+            },
+        )
+
+        def online_member() -> Obj | None:
+            return next(
+                (
+                    o
+                    for o in w.kube.objects("composableresources")
+                    if o["metadata"]["name"].startswith("keep-")
+                    and (o.get("status") or {}).get("state") == "Online"
+                    and "deletionTimestamp" not in o["metadata"]
+                ),
+                None,
+            )
+
+        member = await w.wait(online_member, "the request's member online")
+        sick = member["status"]["cdi_device_id"]
+
+        def write(obj: Obj) -> None:
+            obj["status"].setdefault("conditions", []).append(
+                {"type": DEVICE_HEALTHY, "status": "False", "reason": "Xid79", "message": ""}
+            )
+
+        w.kube.edit(f"{RESOURCES}/{member['metadata']['name']}", write)
+        await w.wait(lambda: w.fabric.devices[sick].state == DeviceState.FREE, "sick GPU detached")
+        replacement = await w.wait(
+            lambda: (m := online_member()) and m["status"]["cdi_device_id"] != sick and m,
+            "a new member on a healthy GPU",
+        )
+        assert w.fabric.attached_to(replacement["status"]["cdi_device_id"]) == "m-node-0"
+        # free again, the sick one is offered only tainted
+        free = await w.wait(lambda: w.offered().get(w.device_name(sick)), "sick GPU offered")
+        assert free.get("bindsToNode")
+        assert free["taints"][0]["value"] == "Xid79"
