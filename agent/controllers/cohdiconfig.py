@@ -273,7 +273,7 @@ class CohdiSource:
                 "CoHDI configuration changed (%s): applied%s",
                 ", ".join(changed),
                 "; the old CA stays trusted until a restart" if "certificate" in changed else "",
-                extra=logs.fields(changed=",".join(changed)),
+                extra=logs.fields(reason=",".join(changed)),
             )
         return True
 
