@@ -90,9 +90,10 @@ HEALTH_EVENTS: Final = (
     | EVENT_GPU_UNAVAILABLE
     | EVENT_GPU_RECOVERY_ACTION
 )
-#: How long one `nvmlEventSetWait_v2` may block (ms): a re-init waits at most this long for the
-#: event thread to let go of the event set.
-EVENT_SLICE_MS: Final = 20
+#: How long one `nvmlEventSetWait_v2` may block (ms): a re-init (on the hot-add path) waits at
+#: most this long for the event thread to let go of the event set, ~half of it on average; the
+#: price is a wake-up of the event thread every slice (a poll in the driver, microseconds).
+EVENT_SLICE_MS: Final = 10
 
 # Return codes (nvml.h) -> (name, what to tell the operator)
 _CODES: Final = {
