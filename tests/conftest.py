@@ -19,6 +19,22 @@ from agent.devcluster.controlplane import ControlPlane
 from agent.kube.client import Kube
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts the real control plane must say so (marker `controlplane`): `./dev
+    test` runs the unmarked tests in parallel workers, where each would start its own."""
+    unmarked = [
+        i.nodeid
+        for i in items
+        if "control_plane" in getattr(i, "fixturenames", ())
+        and not i.get_closest_marker("controlplane")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the control_plane fixture but lack the `controlplane` marker: "
+            + ", ".join(unmarked[:10])
+        )
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     binaries = local.binaries(settings.Settings().cache_dir)
