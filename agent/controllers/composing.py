@@ -415,6 +415,11 @@ class Composer:
             await self._fail(cr, *refusal, marking)
             return
         chosen = ""
+        if not device and decide.reclaimed_device(cr):
+            # CoHDI's orphan-reclaim resource: its GPU (already on the machine), not a new one
+            device = chosen = decide.reclaimed_device(cr)
+            self._choosing[name] = device
+            self.publisher.withhold(device, reason="choosing")
         if not device:
             # A request-made resource names only a model: choose a free device, and record the
             # choice before attaching, so a restart attaches that same device, not another one.

@@ -41,6 +41,21 @@ DEVICE_OWNED: Final = "DeviceOwned"
 NO_FREE_DEVICE: Final = "NoFreeDevice"
 
 
+#: Labels CoHDI's operator puts on the ComposableResource its upstream syncer makes for a GPU the
+#: fabric has attached with no resource (an orphan to reclaim): the GPU's UUID and the fabric's id.
+READY_TO_DETACH_DEVICE: Final = "cohdi.io/ready-to-detach-device-id"
+READY_TO_DETACH_CDI_DEVICE: Final = "cohdi.io/ready-to-detach-cdi-device-id"
+
+
+def reclaimed_device(obj: Obj) -> str:
+    """The fabric device a CoHDI orphan-reclaim resource stands for (its
+    `cohdi.io/ready-to-detach-cdi-device-id` label), "" for any other resource. Such a resource
+    names no device in its spec; it must take that GPU (attached already: the attach sends
+    nothing), never a new one. It is then an idle GPU like any other, scaled down safely."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return str(labels.get(READY_TO_DETACH_CDI_DEVICE) or "")
+
+
 def refused(obj: Obj) -> bool:
     """The composer refused this resource because another one owns its device."""
     return state(obj) == "Failed" and (obj.get("status") or {}).get("reason") == DEVICE_OWNED

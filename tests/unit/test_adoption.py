@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from agent.kube.resources import FINALIZER, RESOURCES
 from agent.model import composing as cm
 from agent.model import requests as rq
+from agent.model.fabric import DeviceState
 from agent.model.objects import DRIVER_LABEL, Obj
+from tests.unit import test_cluster_role_fake as fake
 
 
 def _obj(label: str | None = None) -> Obj:
@@ -52,3 +55,35 @@ def test_a_request_is_ours_to_serve_by_its_node_its_members_or_its_model() -> No
     assert rq.serves(_want(), FABRIC, [])
     assert not rq.serves(_want(model="H100"), FABRIC, [])
     assert not rq.serves(_want(), rq.Fabric({}), [])
+
+
+async def test_cohdis_orphan_reclaim_resource_takes_its_gpu_not_a_new_one() -> None:
+    """CoHDI's upstream syncer leaves, for a GPU attached with no resource, a resource that names
+    only a model plus the labels `cohdi.io/ready-to-detach-*`: taken over in its first state, it
+    must stand for that GPU (already attached), not get a free one attached."""
+    async with fake.world(gpus=3) as w:
+        w.fabric.set("gpu-2", DeviceState.ATTACHED, "m-node-0")
+        w.kube.add(
+            RESOURCES,
+            {
+                "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                "kind": "ComposableResource",
+                "metadata": {
+                    "name": "gpu-6f1c",
+                    "labels": {
+                        cm.READY_TO_DETACH_DEVICE: "GPU-2",
+                        cm.READY_TO_DETACH_CDI_DEVICE: "gpu-2",
+                    },
+                    "finalizers": [FINALIZER],
+                },
+                "spec": {"type": "gpu", "model": fake.A100, "target_node": "node-0"},
+            },
+        )
+
+        def status() -> dict[str, object]:
+            return dict((w.resource("gpu-6f1c") or {}).get("status") or {})
+
+        await w.wait(lambda: status().get("state") == "Online", "the resource Online")
+        assert status()["cdi_device_id"] == "gpu-2"
+        attached = {d for d in w.fabric.devices if w.fabric.attached_to(d)}
+        assert attached == {"gpu-2"}, "no other GPU attached for it"
