@@ -49,7 +49,14 @@ logger = logging.getLogger(__name__)
 FM = "/fabric_manager/api/v1"
 CM = "/cluster_manager/cluster_autoscaler"
 _REFRESH_MARGIN = 30.0
-_STATE = {2: DeviceState.ATTACHING, 4: DeviceState.ATTACHED, 6: DeviceState.DETACHING}
+#: `res_status` -> state (CoHDI's mock: 4 attached; the emulator: 2 attaching, 6 detaching, 9
+#: failed). Anything else reads as attached: the FM lists only resources on the machine.
+_STATE = {
+    2: DeviceState.ATTACHING,
+    4: DeviceState.ATTACHED,
+    6: DeviceState.DETACHING,
+    9: DeviceState.FAILED,
+}
 
 
 class FtiFabric:
@@ -382,7 +389,8 @@ class FtiFabric:
                     "attach answered without data.machines[0].resources[0]"
                 ) from None
             result = _resource(res, fabric, machine)
-            if result.state == DeviceState.FAILED:
+            # CoHDI's operator: an attach answered with res_op_status 2 (critical) failed
+            if result.state == DeviceState.FAILED or result.health == "Critical":
                 raise errors.DeviceFailed(
                     f"attach of {result.id} to {machine}: res_op_status {res.get('res_op_status')}"
                 )
@@ -505,11 +513,7 @@ def _resource(r: dict[str, Any], fabric: FabricId, machine: MachineId) -> PoolDe
         reason = op[1:] if health != "OK" else ""
         if health == "Warning" and op[0] not in _HEALTH:
             reason = f"unknown res_op_status {op!r}"
-        state = (
-            DeviceState.FAILED
-            if health == "Critical"
-            else _STATE.get(_number(r.get("res_status"), 4), DeviceState.ATTACHED)
-        )
+        state = _STATE.get(_number(r.get("res_status"), 4), DeviceState.ATTACHED)
         res_uuid = r["res_uuid"]
         if not isinstance(res_uuid, str) or not res_uuid:
             raise TypeError(f"res_uuid must be a non-empty string, got {res_uuid!r}")

@@ -473,6 +473,34 @@ async def test_emulator_answers_every_endpoint_as_the_table_says(
     assert problems == []
 
 
+async def test_emulator_device_health_reaches_pool_device_health(
+    emulator: RecordingEmulator,
+) -> None:
+    """The emulator's device health in `res_op_status` (0 / 1 warning / 2 critical), read by our
+    client into PoolDevice.health and health_reason."""
+    fabric = client(emulator)
+    try:
+        inv = await fabric.inventory()
+        got = await fabric.attach(
+            DeviceId(f"{inv.machines[0].fabric}.{MODEL}.free-0"), MachineId(M1)
+        )
+        healths = []
+        for health in ("Warning", "Critical", "OK"):
+            emulator.state.set_health(
+                got.id, health, f"{health.lower()} ecc" if health != "OK" else ""
+            )
+            dev = (await fabric.inventory()).device(got.id)
+            assert dev is not None
+            healths.append((dev.state, dev.health, dev.health_reason))
+    finally:
+        await fabric.close()
+    assert healths == [
+        (DeviceState.ATTACHED, "Warning", "warning ecc"),
+        (DeviceState.ATTACHED, "Critical", "critical ecc"),
+        (DeviceState.ATTACHED, "OK", ""),
+    ]
+
+
 def test_the_table_catches_a_string_mach_id() -> None:
     """The reference, not the emulator, decides: a machine whose `mach_id` is a string (what the
     emulator sent before, and what made CoHDI's operator fail to decode an attach) is reported."""
@@ -655,11 +683,16 @@ async def test_client_maps_res_op_status_to_health() -> None:
         "Warning",
         "ECC errors rising",
     )
-    assert (by_id["r-c"].state, by_id["r-c"].health, by_id["r-c"].reason) == (
-        DeviceState.FAILED,
+    assert (by_id["r-c"].state, by_id["r-c"].health, by_id["r-c"].health_reason) == (
+        DeviceState.ATTACHED,
         "Critical",
         "link down",
     )
+    failed = {**res, "res_uuid": "r-f", "res_status": 9, "res_op_status": "2attach failed"}
+    inv = await read_with(fm_app(real_machine(resources=[failed])), models=())
+    assert [(d.state, d.reason, d.health) for d in inv.devices] == [
+        (DeviceState.FAILED, "attach failed", "Critical")
+    ]
     assert (by_id["r-n"].state, by_id["r-n"].health) == (DeviceState.ATTACHED, "OK")
 
 

@@ -47,13 +47,12 @@ _OP_STATUS = {"OK": "0", "Warning": "1", "Critical": "2"}
 
 
 def op_status(dev: Device) -> str:
-    """The resource's `res_op_status`: "2<reason>" for a failed device, else the first character
-    of its health ("0", "1<reason>", "2<reason>"; a device without a health field is "0")."""
+    """The resource's `res_op_status`: "2<reason>" for a failed device (`res_status` 9), else
+    its health as "0", "1<reason>" (Warning) or "2<reason>" (Critical)."""
     if dev.state == DeviceState.FAILED:
         return "2" + dev.reason
-    health = str(getattr(dev, "health", "OK"))
-    code = _OP_STATUS.get(health, "0")
-    return code if code == "0" else code + str(getattr(dev, "health_reason", "") or health)
+    code = _OP_STATUS.get(dev.health, "0")
+    return code if code == "0" else code + (dev.health_reason or dev.health)
 
 
 class FtiApi:
