@@ -84,10 +84,9 @@ async def test_an_attached_gpu_turns_critical_and_stays_attached(
         )
         dev = await device(fabric, attached.id)
         assert dev is not None
-        # Redfish keeps the composition (CompositionState Composed); the FTI client takes a
-        # critical res_op_status as a failed resource, still on its machine
-        want = DeviceState.ATTACHED if backend == "redfish" else DeviceState.FAILED
-        assert (dev.state, dev.machine) == (want, "m-node-0")
+        # Redfish keeps the composition (CompositionState Composed); FTI keeps res_status 4
+        # (attached) and says critical in res_op_status
+        assert (dev.state, dev.machine) == (DeviceState.ATTACHED, "m-node-0")
         assert dev.health == "Critical"
         assert "Xid" in dev.health_reason
     finally:
