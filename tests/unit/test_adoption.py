@@ -87,3 +87,32 @@ async def test_cohdis_orphan_reclaim_resource_takes_its_gpu_not_a_new_one() -> N
         assert status()["cdi_device_id"] == "gpu-2"
         attached = {d for d in w.fabric.devices if w.fabric.attached_to(d)}
         assert attached == {"gpu-2"}, "no other GPU attached for it"
+
+
+async def test_cohdis_attaching_resource_with_its_ids_keeps_its_gpu() -> None:
+    """CoHDI's operator stopped while a resource was `Attaching` with its ids recorded (waiting
+    for the vendor's plugin to see the GPU): taken over, it goes Online with that GPU and no
+    other is attached."""
+    async with fake.world(gpus=3) as w:
+        w.fabric.set("gpu-1", DeviceState.ATTACHED, "m-node-1")
+        w.kube.add(
+            RESOURCES,
+            {
+                "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                "kind": "ComposableResource",
+                "metadata": {
+                    "name": "gpu-a2b7",
+                    "labels": {"app.kubernetes.io/managed-by": "composability-x1"},
+                    "finalizers": [FINALIZER],
+                },
+                "spec": {"type": "gpu", "model": fake.A100, "target_node": "node-1"},
+                "status": {"state": "Attaching", "device_id": "GPU-1", "cdi_device_id": "gpu-1"},
+            },
+        )
+        await w.wait(
+            lambda: ((w.resource("gpu-a2b7") or {}).get("status") or {}).get("state") == "Online",
+            "the resource Online",
+        )
+        attached = {d for d in w.fabric.devices if w.fabric.attached_to(d)}
+        assert attached == {"gpu-1"}
+        assert w.fabric.attached_to("gpu-1") == "m-node-1"
