@@ -15,6 +15,7 @@ from agent.controllers.cmlimits import CmLimits
 from agent.controllers.publishing import NODES, SLICES, Publisher
 from agent.fabric.cm import ClusterManager
 from agent.fabric.credentials import Secret
+from agent.fabric.emulator import cm_api
 from agent.fabric.emulator import config as emuconfig
 from agent.fabric.emulator.cm_api import ClusterManagerConfig, NodeGroup, ResSpec
 from agent.fabric.emulator.config import DEFAULT_TENANT
@@ -122,3 +123,25 @@ async def test_cm_bounds_become_node_limits(
     await limits.sync()  # nothing changed: nothing written
     assert [r.path for r in kube.requests[writes:] if r.method == "PATCH"] == []
     assert limits.passes == 3
+
+
+def test_node_groups_from_the_emulators_file(tmp_path: Path) -> None:
+    path = tmp_path / "emulator.yaml"
+    path.write_text(
+        "machines: [{id: m-1, name: n1, fabric: f}]\n"
+        "cluster_manager:\n"
+        f"  cluster: {CLUSTER}\n"
+        "  node_groups:\n"
+        "    - {uuid: ng-1, name: gpu, machines: [m-1],\n"
+        "       resspecs: [{model: A100, min: 0, max: 2}]}\n"
+    )
+    got = cm_api.from_file(path)
+    assert got.cluster == CLUSTER
+    assert got.groups == [NodeGroup("ng-1", "gpu", ("m-1",), (ResSpec("A100", 0, 2),))]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "cluster_manager:\n"
+        "  node_groups: [{uuid: g, machines: [m], resspecs: [{model: A, max: -1}]}]\n"
+    )
+    with pytest.raises(emuconfig.EmulatorConfigError, match=r"node_groups\[0\].resspecs"):
+        cm_api.from_file(bad)

@@ -11,19 +11,29 @@ Paths and fields as CoHDI's clients use them:
   [{"column": "model", "operator": "eq", "value"}]}}, "min_resspec_count", "max_resspec_count",
   "device_count", "devices": [...]}]}}}}`
 
-The node groups are configuration (`ClusterManagerConfig`); tests change them while the emulator
-runs. Without any, every fabric is one node group of all its machines with no limits (the counts
-are `null`, which CoHDI reads as "no label").
+The node groups are configuration (`ClusterManagerConfig`; in the emulator's file, the key
+`cluster_manager`, read by `parse_config`); tests change them while the emulator runs. Without
+any, every fabric is one node group of all its machines with no limits (the counts are `null`,
+which CoHDI reads as "no label")::
+
+    cluster_manager:
+      cluster: 6c0e1c2a-...               # CoHDI's CLUSTER_ID
+      node_groups:
+        - {uuid: ng-1, name: gpu-workers, machines: [m-node-0, m-node-1],
+           resspecs: [{model: NVIDIA-A100-PCIE-40GB, min: 0, max: 2}]}
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 
+from agent.fabric.emulator.config import EmulatorConfigError
 from agent.fabric.emulator.fti_api import fm_error, op_status
 from agent.fabric.emulator.http import Credentials, json_response
 from agent.fabric.emulator.state import EmulatorState
@@ -156,3 +166,47 @@ class CmApi:
                 for d in devices
             ],
         }
+
+
+def parse_config(doc: Any) -> ClusterManagerConfig:
+    """The `cluster_manager` key of the emulator's configuration file (None: the default);
+    `EmulatorConfigError` naming the path of a bad value."""
+    if doc is None:
+        return ClusterManagerConfig()
+    if not isinstance(doc, dict):
+        raise EmulatorConfigError("cluster_manager: must be a mapping")
+    groups = []
+    for i, g in enumerate(doc.get("node_groups") or []):
+        where = f"cluster_manager.node_groups[{i}]"
+        try:
+            specs = tuple(
+                ResSpec(str(r["model"]), _bound(r.get("min"), where), _bound(r.get("max"), where))
+                for r in g.get("resspecs") or []
+            )
+            groups.append(
+                NodeGroup(
+                    str(g["uuid"]), str(g.get("name", g["uuid"])), tuple(g["machines"]), specs
+                )
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise EmulatorConfigError(
+                f"{where}: needs uuid, machines and resspecs ({exc})"
+            ) from exc
+    return ClusterManagerConfig(str(doc.get("cluster", DEFAULT_CLUSTER)), groups)
+
+
+def _bound(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EmulatorConfigError(f"{where}.resspecs: min/max must be integers >= 0 or null")
+    return value
+
+
+def from_file(path: Path) -> ClusterManagerConfig:
+    """The `cluster_manager` key of the emulator's configuration file at `path`."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise EmulatorConfigError(f"cannot read {path}: {exc}") from exc
+    return parse_config(doc.get("cluster_manager") if isinstance(doc, dict) else None)
