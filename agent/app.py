@@ -96,12 +96,15 @@ async def fabric_emulator(cfg: settings.Settings) -> int:
     from agent.fabric.emulator.server import EmulatorServer
 
     em = cfg.emulator
+    from agent.fabric.emulator import cm_api
+
     server = EmulatorServer(
         _emulator_config(cfg),
         state_file=Path(em.state_file) if em.state_file else None,
         tls_dir=Path(em.tls_dir) if em.tls_dir else None,
         host=em.host,
         port=em.port,
+        cluster_manager=cm_api.from_file(Path(em.config)) if em.config else None,
     )
     url = await server.start()
     print(f"fabric emulator: {url}", flush=True)
