@@ -36,6 +36,7 @@ from agent.kube.resources import CLAIM_ANNOTATION, resource_name
 from agent.kube.watching import Event, Informer
 from agent.model import claims as claimmodel
 from agent.model import names
+from agent.model import scaling as scalemodel
 from agent.model import vendoring as decide
 from agent.model.objects import mine
 
@@ -55,13 +56,23 @@ class VendorScaler(Scaler):
         self.driver_label = names.label_value(driver)
 
     async def _ready(self, claim: Obj, b: claimmodel.Binding, device: str) -> None:
-        logger.debug(
-            "claim %s/%s: %s ready on %s; waiting for the vendor's slice",
-            b.namespace,
-            b.claim,
-            device,
-            b.node,
+        """Attached and ready on the node: `Vendoring` hands the claim over once the vendor
+        offers the GPU; here only the claim's deadline is kept (`decide.handed_over_or_late`)."""
+        resource = self.resources.get("", resource_name(device))
+        d = decide.handed_over_or_late(
+            self.claims.get(b.namespace, b.claim) or claim,
+            b,
+            vendor=self.driver,
+            device=device,
+            made_for_claim=resource is not None
+            and scalemodel.made_for(resource, scalemodel.claim_ref(b)),
+            now=self.wall(),
+            deadline=self.deadline,
         )
+        if d.step == scalemodel.BindStep.FAIL:
+            await self._fail(claim, b, device, d)
+        elif d.after:
+            self.queue.enqueue_after((b.namespace, b.claim), d.after)
 
 
 class Vendoring:

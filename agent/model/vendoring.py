@@ -34,6 +34,7 @@ from typing import Any, Final
 from agent.model import claims as claimmodel
 from agent.model.objects import Obj, fabric_device, state, target_node
 from agent.model.pool import FAILED, READY, SliceSpec
+from agent.model.scaling import BindDecision, BindStep
 
 #: The failure condition that tells the scheduler to allocate again (CoHDI's "success").
 RESCHEDULE: Final = "FabricDeviceReschedule"
@@ -181,3 +182,33 @@ def decide(
     if found is None:
         return Decision(Step.WAIT, f"{uuid} is not in {vendor}'s slices of {b.node} yet")
     return Decision(Step.RESCHEDULE, f"{uuid} is {vendor}'s {found[0]}/{found[1]}", found)
+
+
+def handed_over_or_late(
+    claim: Obj,
+    b: claimmodel.Binding,
+    *,
+    vendor: str,
+    device: str,
+    made_for_claim: bool,
+    now: float,
+    deadline: float,
+) -> BindDecision:
+    """The scaler's step, in vendor mode, for an allocation whose GPU is attached and ready on
+    the node (where our own mode sets `FabricDeviceReady`): nothing once `FabricDeviceReschedule`
+    is set (the scheduler reallocates it); else wait for the vendor's slice until the claim's
+    deadline (`--claim-deadline`, seconds from its allocationTimestamp; `now`: epoch seconds),
+    then fail it (`AttachDeadline`: the vendor's plugin never offered the GPU), deleting the
+    resource when it was made for this claim."""
+    if rescheduled(claim, vendor, b.pool, b.device):
+        return BindDecision(BindStep.WAIT, after=0.0)
+    remaining = b.allocated_at + deadline - now if b.allocated_at else deadline
+    if remaining > 0:
+        return BindDecision(BindStep.WAIT, after=remaining)
+    return BindDecision(
+        BindStep.FAIL,
+        reason="AttachDeadline",
+        message=f"{device} is attached to {b.node}, but {vendor} did not offer it there within "
+        f"{deadline:.0f} s of allocation",
+        delete_resource=made_for_claim,
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import shutil
 import tempfile
@@ -185,7 +186,7 @@ def test_aliases_name_our_gpu_behind_the_vendors_device() -> None:
 
 
 @contextlib.asynccontextmanager
-async def vendor_world(gpus: int = 4) -> AsyncIterator[World]:
+async def vendor_world(gpus: int = 4, claim_deadline: float = 480.0) -> AsyncIterator[World]:
     kube = FakeKube(bookmark_interval=60)
     kube.selectable("composableresources", "spec.target_node")
     names = ["node-0", "node-1"]
@@ -193,7 +194,9 @@ async def vendor_world(gpus: int = 4) -> AsyncIterator[World]:
         make_node(kube, n)
     fabric = FakeFabric(names, gpus)
     cfg = settings.Settings(
-        cluster=settings.ClusterSettings(driver=DRIVER, vendor_driver=VENDOR, idle_grace=300.0)
+        cluster=settings.ClusterSettings(
+            driver=DRIVER, vendor_driver=VENDOR, idle_grace=300.0, claim_deadline=claim_deadline
+        )
     )
     role = running.build(kube, fabric, cfg, identity="test")  # type: ignore[arg-type]
     w = World(kube, fabric, role, names)
@@ -331,6 +334,36 @@ async def test_a_claim_already_rescheduled_is_not_written_again() -> None:
         await asyncio.sleep(0.3)
         assert vendoring(w).written == 0
         assert conditions(w, "c1") == [vm.RESCHEDULE]
+
+
+def test_a_claim_the_vendor_never_takes_fails_at_its_deadline() -> None:
+    claim, b = _claim([])
+    b = dataclasses.replace(b, allocated_at=1000.0)
+
+    def late(now: float, made: bool = True) -> tuple[str, float, bool]:
+        d = vm.handed_over_or_late(
+            claim, b, vendor=VENDOR, device="fab-1", made_for_claim=made, now=now, deadline=60
+        )
+        return str(d.step), d.after, d.delete_resource
+
+    assert late(1010.0) == ("wait", 50.0, False)
+    assert late(1061.0) == ("fail", 0.0, True)
+    assert late(1061.0, made=False) == ("fail", 0.0, False)
+    done, b2 = _claim([vm.RESCHEDULE])
+    d = vm.handed_over_or_late(
+        done, b2, vendor=VENDOR, device="fab-1", made_for_claim=True, now=9e9, deadline=60
+    )
+    assert (d.step, d.after) == ("wait", 0.0), "handed over: nothing more to do"
+
+
+async def test_claim_fails_when_the_vendor_never_offers_the_gpu() -> None:
+    async with vendor_world(claim_deadline=1.0) as w:
+        w.new_claim("c1")
+        allocate(w, "c1", POOL, w.device_name("gpu-3"), "node-1", pooled=True)
+        await w.wait(lambda: poolmodel.FAILED in conditions(w, "c1"), "FabricDeviceFailed")
+        assert vm.RESCHEDULE not in conditions(w, "c1")
+        await w.wait(lambda: w.resource(resource_name("gpu-3")) is None, "its resource deleted")
+        assert w.fabric.attached_to("gpu-3") is None, "the GPU detached again"
 
 
 # --- the node role ---------------------------------------------------------------------------
