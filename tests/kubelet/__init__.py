@@ -5,6 +5,7 @@ k8s.io/kubelet v0.36.3 from the Go module proxy, `go mod tidy`, `go build`."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -32,4 +33,48 @@ def build() -> Path:
         done = subprocess.run(args, cwd=src, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed in {src}:\n{done.stderr[-3000:]}")
+    return out
+
+
+MANAGER = Path(__file__).with_name("pluginmanager") / "main.go"
+KUBERNETES = "v1.36.3"
+
+
+def build_manager() -> Path:
+    """Build tests/kubelet/pluginmanager/main.go (kubelet's own DRA plugin manager from
+    k8s.io/kubernetes) into the cache: a wrapper module requiring k8s.io/kubernetes with its
+    staging modules replaced by their published versions (as the control plane is built),
+    `go mod tidy`, `go build`. Raises RuntimeError with the end of Go's stderr on failure."""
+    from agent.devcluster.building import staging_replaces
+
+    cache = settings.Settings().cache_dir
+    digest = hashlib.sha256(MANAGER.read_bytes() + KUBERNETES.encode()).hexdigest()[:12]
+    out = cache / "kubelet-dra-manager" / digest / "kubelet-dra-manager"
+    if out.exists():
+        return out
+    src = out.parent / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(MANAGER, src / "main.go")
+    env = {**os.environ, "GOFLAGS": "-mod=mod"}
+
+    def go(*args: str) -> str:
+        done = subprocess.run(
+            ["go", *args], cwd=src, env=env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"go {' '.join(args)} failed in {src}:\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    (src / "go.mod").write_text("module cohdi.local/kubelet-dra-manager\n\ngo 1.26.0\n")
+    info = json.loads(go("mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES}"))
+    replaces = staging_replaces(Path(info["GoMod"]).read_text(), KUBERNETES)
+    (src / "go.mod").write_text(
+        "module cohdi.local/kubelet-dra-manager\n\ngo 1.26.0\n\n"
+        f"require k8s.io/kubernetes {KUBERNETES}\n\n"
+        "replace (\n" + "\n".join(replaces) + "\n)\n"
+    )
+    tmp = out.with_name(".kubelet-dra-manager.tmp")
+    go("mod", "tidy")
+    go("build", "-o", str(tmp), ".")
+    tmp.replace(out)
     return out

@@ -28,6 +28,7 @@ from agent.model.pci import PciAddress
 from agent.model.pool import device_name
 from agent.native import nvml
 from agent.node import health
+from agent.node import plugin as plugin_module
 from agent.node.hotplug import PciEvent
 from agent.node.plugin import KubeletPlugin
 from agent.simulated import stubnvml
@@ -206,6 +207,70 @@ async def test_xid_79_on_one_gpu_reaches_its_resource_and_kubelets_stream(
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def run_manager(
+    binary: Path, plugin: KubeletPlugin, until: str, seconds: float
+) -> tuple[list[dict[str, Any]], str]:
+    """kubelet's own DRA plugin manager (tests/kubelet/pluginmanager) registered with the plugin
+    for `seconds`: the responses its stream handler got, up to the first line containing `until`,
+    and kubelet's log."""
+    proc = await asyncio.create_subprocess_exec(
+        str(binary),
+        *("-registration", str(plugin.reg_socket), "-duration", f"{seconds}s", "-v", "4"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    lines: list[dict[str, Any]] = []
+    try:
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), seconds + 10)
+            assert line, "kubelet's plugin manager ended before " + until
+            lines.append(json.loads(line))
+            if until in line.decode():
+                break
+    finally:
+        proc.kill()
+        log = (await proc.stderr.read()).decode()
+        await proc.wait()
+    return lines, log
+
+
+async def test_kubelets_own_plugin_manager_streams_our_health(
+    node: tuple[SimNode, KubeletPlugin], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The code kubelet 1.36 runs (k8s.io/kubernetes pkg/kubelet/cm/dra/plugin) registers the
+    plugin and opens NodeWatchResources: it gets the device's health, Unhealthy after an Xid 79,
+    and logs no error. Against a plugin without the service (what this plugin was), the same
+    code gets Unimplemented, which kubelet logs every 5 s."""
+    n, plugin = node
+    binary = await asyncio.to_thread(kubelet.build)
+    manager = await asyncio.to_thread(kubelet.build_manager)
+    claim = n.claim("c1", ["gpu-a"])
+    await asyncio.to_thread(drive, binary, plugin, "prepare", claim)
+    device = device_name("gpu-a")
+    lines, log = await run_manager(manager, plugin, '"HEALTHY"', 20)
+    (seen,) = lines[-1]["devices"]
+    assert (seen["pool"], seen["device"], seen["health"]) == (POOL, device, "HEALTHY")
+    assert "Successfully started WatchResources health stream" in log
+    assert "Unimplemented" not in log
+    assert not [line for line in lines if "error" in line]
+
+    stubnvml.inject_event(tmp_path / "xid", A_BDF, 79)
+    lines, log = await run_manager(manager, plugin, '"UNHEALTHY"', 20)
+    assert lines[-1]["devices"][0]["message"].startswith("Xid79: ")
+    assert "Unimplemented" not in log
+
+    # The plugin as it was, without the resource-health service: kubelet's code gets Unimplemented.
+    await plugin.stop()
+    monkeypatch.setattr(
+        plugin_module.drahealth_grpc, "add_DRAResourceHealthServicer_to_server", lambda *a: None
+    )
+    await plugin.start()
+    lines, log = await run_manager(manager, plugin, '"error"', 20)
+    assert "Unimplemented" in lines[-1]["error"]
 
 
 async def test_a_gpu_whose_function_is_gone_while_attached_fell_off_the_bus(
