@@ -111,7 +111,11 @@ class Publisher:
         self.node_mapping = nodemap.NodeMapping()
         self.recorder: Recorder | None = None
         self._unmapped_told: dict[str, str] = {}
-        nodes.add_handler(lambda _e: self.changed())
+        #: (machines, nodes generation, mapping) -> the map made of them: node_of_machine is
+        #: asked many times per sync, and Nodes change seldom
+        self._map_cache: tuple[object, int, nodemap.NodeMapping, nodemap.NodeMap] | None = None
+        self._nodes_gen = 0
+        nodes.add_handler(self._on_node)
         if resources is not None:
             resources.add_handler(self._on_resource)
 
@@ -387,14 +391,26 @@ class Publisher:
         fabric identity names no machine gets one Warning Event (NodeNotMapped) per reason."""
         if self.inventory is None:
             return {}
-        found = nodemap.map_nodes(
-            self.inventory.machines, self.nodes.store.values(), self.node_mapping
-        )
+        machines, mapping = self.inventory.machines, self.node_mapping
+        cached = self._map_cache
+        if (
+            cached is not None
+            and cached[0] is machines
+            and cached[1] == self._nodes_gen
+            and cached[2] == mapping
+        ):
+            return dict(cached[3].node_of)
+        found = nodemap.map_nodes(machines, self.nodes.store.values(), mapping)
+        self._map_cache = (machines, self._nodes_gen, mapping, found)
         for node, why in found.unmapped.items():
             if self._unmapped_told.get(node) != why:
                 self._unmapped_told[node] = why
                 self._tell_unmapped(node, why)
-        return found.node_of
+        return dict(found.node_of)
+
+    def _on_node(self, _event: Any) -> None:
+        self._nodes_gen += 1
+        self.changed()
 
     def _tell_unmapped(self, node: str, why: str) -> None:
         logger.warning("node %s maps to no fabric machine: %s", node, why)
