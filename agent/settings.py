@@ -569,6 +569,13 @@ class Settings:
     dev: DevClusterSettings = field(default_factory=DevClusterSettings)
 
     def __post_init__(self) -> None:
+        fab = self.fabric
+        if fab.cm_cluster and fab.backend != "fti" and not self.cluster.cohdi_config_namespace:
+            raise errors.ConfigError(
+                flag_of("fabric", "cm_cluster"),
+                fab.cm_cluster,
+                "the cluster manager is an FTI API: it needs --fabric-backend fti",
+            )
         ld = self.leader
         if not ld.renew_deadline < ld.duration:
             raise errors.ConfigError(
