@@ -343,3 +343,11 @@ async def _until(probe: Any) -> None:
         return probe()
 
     await until(check, what=f"the change applied ({probe})", timeout=5.0, interval=0.02)
+
+
+def test_cluster_manager_needs_the_fti_backend() -> None:
+    with pytest.raises(errors.ConfigError) as exc:
+        settings.load({"--fabric-cm-cluster": TENANT})
+    assert exc.value.setting == "--fabric-cm-cluster"
+    cfg = settings.load({"--fabric-cm-cluster": TENANT, "--fabric-backend": "fti"})
+    assert cfg.fabric.cm_cluster == TENANT
