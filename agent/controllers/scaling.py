@@ -211,8 +211,12 @@ class Scaler:
                 self.publisher.unpin(device)
                 self.last_used[device] = now
                 self.idle.enqueue_after(device, self.idle_grace)
-                if device in self.health:
-                    self.sick.enqueue(device)  # unhealthy: swapped out now that it is free
+                if self.health:
+                    # unhealthy: swapped out now that it is free (a slot: the GPU behind it)
+                    cr = self._resource_of(device)
+                    for gpu in ({device} | devices_of(cr)) if cr else {device}:
+                        if gpu in self.health:
+                            self.sick.enqueue(gpu)
                 self.moves.enqueue(device)  # idle now: to its node's pool
                 self._warm_nodes_changed()
         for pool, name in now_held:

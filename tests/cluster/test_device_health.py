@@ -146,6 +146,41 @@ async def test_node_xid79_taints_the_gpu_the_scheduler_avoids_it_and_it_is_swapp
     assert {"DeviceUnhealthy", "UnhealthyDetach"} <= reasons
 
 
+@pytest.mark.parametrize("backend", ["fti"], indirect=True)
+@pytest.mark.parametrize("world", [{"nodes": 2, "gpus": 3, "settle": 0.5}], indirect=True)
+async def test_on_fti_the_held_slot_carries_its_gpus_taint_and_the_gpu_is_swapped_out(
+    world: World,
+) -> None:
+    """FTI names no free GPU: the claim holds a slot, the node names the GPU behind it. The
+    taint goes on the slot (the identity the scheduler sees), and the GPU is detached when the
+    pod ends. (Once detached, FTI's free count cannot tell it from the other free GPUs.)"""
+    role = await start(world)
+    first = f"p{world.suffix}-a"
+    await world.claim_and_pod(first)
+    await until(lambda: pod_node(world, first), what="the first pod bound", timeout=60)
+    slot = await device_of(world, role, first)
+    gpu = attached_device(await resource_for(world, slot))
+    assert gpu != slot
+    started = time.monotonic()
+    await write_device_healthy(world, slot, "False", "Xid79")
+
+    async def tainted() -> list[dict[str, Any]]:
+        return list((await entries(world)).get(slot, {}).get("taints") or [])
+
+    taints = await until(tainted, what="the slot tainted", timeout=30, interval=0.01)
+    print(f"FTI: DeviceHealthy=False -> taint on the held slot: {time.monotonic() - started:.3f} s")
+    assert taints[0]["value"] == "Xid79"
+    second = f"p{world.suffix}-b"
+    await world.claim_and_pod(second)
+    await until(lambda: pod_node(world, second), what="the second pod bound", timeout=60)
+    other = attached_device(await resource_for(world, await device_of(world, role, second)))
+    assert other != gpu
+    await finish(world.kube, first)
+    await until(lambda: _free(world, gpu), what="the unhealthy GPU detached", timeout=60)
+    events = (await world.kube.get("/api/v1/namespaces/default/events"))["items"]
+    assert any(e["reason"] == "UnhealthyDetach" and gpu in str(e.get("message")) for e in events)
+
+
 @pytest.mark.parametrize("world", [{"nodes": 2, "gpus": 2, "settle": 0.5}], indirect=True)
 async def test_a_cleared_condition_lifts_the_taint_after_the_grace(world: World) -> None:
     role = await start(world)

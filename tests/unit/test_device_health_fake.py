@@ -18,9 +18,18 @@ from agent import settings
 from agent.controllers import metrics, running
 from agent.kube.resources import REQUESTS, RESOURCES, resource_name
 from agent.model import health as healthmodel
+from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceState
 from agent.model.objects import DEVICE_HEALTHY, Obj
-from tests.unit.test_cluster_role_fake import A100, DRIVER, World, model_only, scale_up, world
+from tests.unit.test_cluster_role_fake import (
+    A100,
+    DRIVER,
+    FABRIC,
+    World,
+    model_only,
+    scale_up,
+    world,
+)
 
 
 def set_node_health(
@@ -321,3 +330,30 @@ async def test_a_request_member_on_an_unhealthy_gpu_is_swapped_for_a_healthy_one
         free = await w.wait(lambda: w.offered().get(w.device_name(sick)), "sick GPU offered")
         assert free.get("bindsToNode")
         assert free["taints"][0]["value"] == "Xid79"
+
+
+async def test_a_slot_held_gpu_is_tainted_under_the_slot_and_swapped_when_its_claim_ends() -> None:
+    """An anonymous fabric (FTI): the claim holds a slot, the node names the GPU behind it."""
+    async with world(gpus=2, anonymous=True) as w:
+        slot = slotmodel.slot_id(FABRIC, A100, 0)
+        w.new_claim("c1")
+        w.allocate("c1", slot, "node-0")
+        await w.wait(lambda: w.condition("c1", "FabricDeviceReady"), "c1 ready")
+        resource = w.resource(resource_name(slot))
+        assert resource is not None
+        gpu = resource["status"]["cdi_device_id"]
+        assert gpu != slot
+
+        def write(obj: Obj) -> None:
+            obj["status"].setdefault("conditions", []).append(
+                {"type": DEVICE_HEALTHY, "status": "False", "reason": "Xid79", "message": ""}
+            )
+
+        w.kube.edit(f"{RESOURCES}/{resource_name(slot)}", write)
+        taints = await w.wait(lambda: taints_of(w, slot), "the slot tainted")
+        assert taints[0]["value"] == "Xid79"
+        await asyncio.sleep(0.2)
+        assert w.fabric.detaches == []  # its pod still runs
+        w.release("c1")
+        await w.wait(lambda: w.fabric.devices[gpu].state == DeviceState.FREE, "the GPU detached")
+        assert w.events("UnhealthyDetach")
