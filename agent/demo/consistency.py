@@ -48,7 +48,9 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
         if s["spec"]["driver"] == world.driver:
             for d in s["spec"].get("devices") or []:  # a pool may have an empty slice
                 did = d["attributes"]["fabricDeviceId"]["string"]
-                entries[did] = d
+                # a node's own pool names its node once, on the slice, not on each device
+                node_name = s["spec"].get("nodeName")
+                entries[did] = {"nodeName": node_name, **d} if node_name else d
                 pools[did] = s["spec"]["pool"]["name"]
     held = {  # (pool, device name) a claim is allocated
         (r["pool"], r["device"])

@@ -313,6 +313,14 @@ def warm_kept(warm: int, *, nodes: int, gpus: int) -> int:
     return sum(min(count, warm * nodes) for count in per_model)
 
 
+def _warm_ready(world: worlds.World, kept: int) -> bool:
+    """Warm capacity in place: `kept` GPUs attached and none attaching."""
+    devices = list(world.emulator.state.devices.values())
+    if any(d.state == DeviceState.ATTACHING for d in devices):
+        return False
+    return sum(d.state == DeviceState.ATTACHED for d in devices) >= kept
+
+
 def _settled(world: worlds.World, kept: int) -> bool:
     """Nothing attaching or detaching, and no more GPUs attached than warm capacity keeps."""
     devices = list(world.emulator.state.devices.values())
@@ -352,6 +360,15 @@ async def _run(
             f"{gpus} pooled GPUs; submitting {pods} pods in three bursts\n"
         )
         models = worlds.MODELS
+        kept = warm_kept(cfg.cluster.warm_devices, nodes=nodes, gpus=gpus)
+        if kept:
+            # Warm capacity is there before demand on a real site: let it fill before the
+            # first burst, so every burst shows what warm capacity does.
+            _say(f"waiting for warm capacity: {kept} idle GPUs attached ...")
+            warm_by = time.monotonic() + 120
+            while time.monotonic() < warm_by and not _warm_ready(world, kept):
+                view.draw()
+                await asyncio.sleep(1.0)
         waves = [
             (0.0, pods - 2 * (pods // 3)),
             (duration * 0.25, pods // 3),
@@ -376,7 +393,6 @@ async def _run(
             if all(r.finished or r.error for r in workload.records.values()):
                 break
             await asyncio.sleep(1.0)
-        kept = warm_kept(cfg.cluster.warm_devices, nodes=nodes, gpus=gpus)
         _say(
             "\nworkload finished; waiting for idle GPUs to go back to the pool"
             + (f" (all but the {kept} kept warm)" if kept else "")
@@ -389,7 +405,13 @@ async def _run(
         records = list(workload.records.values())
         _say("\n" + summary(records))
         (workdir / "summary.json").write_text(json.dumps(figures(records), indent=2) + "\n")
+        # The three views converge (a GPU moving to its node's pool is withheld for a few
+        # seconds on the way): look until they agree, for at most 30 s.
+        agree_by = time.monotonic() + 30
         rows, problems = await consistency.check(world)
+        while problems and time.monotonic() < agree_by:
+            await asyncio.sleep(1.0)
+            rows, problems = await consistency.check(world)
         if problems:
             _say("\nfabric, API server and node checkpoints DISAGREE:\n  " + "\n  ".join(problems))
             _say(consistency.table(rows))

@@ -113,8 +113,15 @@ class Workload:
 
     async def submit(self, name: str, model: str) -> None:
         self.records[name] = PodRecord(name, model, time.monotonic())
+        # Written as the README advises: GPUs already on a node first (a prioritized list), so
+        # the scheduler sends the pod to a node with an idle attached GPU when there is one.
         await objects.submit(
-            self.world.kube, name, self.world.driver, model, {"cohdi.io/demo": "true"}
+            self.world.kube,
+            name,
+            self.world.driver,
+            model,
+            {"cohdi.io/demo": "true"},
+            prefer_attached=True,
         )
 
     async def _run(self, rec: PodRecord) -> None:
