@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from agent import app, settings
+import pytest
+
+from agent import app, errors, settings
 from agent.controllers import running
 from agent.controllers.vendoring import Vendoring
 from agent.kube.resources import resource_name
@@ -405,3 +407,12 @@ async def test_node_role_runs_without_its_kubelet_plugin_in_vendor_mode() -> Non
             await asyncio.gather(task, return_exceptions=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_vendor_driver_setting_is_checked_like_the_driver() -> None:
+    assert settings.load({"--vendor-driver": "gpu.nvidia.com"}).cluster.vendor_driver == (
+        "gpu.nvidia.com"
+    )
+    assert settings.load({}).cluster.vendor_driver == "", "off by default"
+    with pytest.raises(errors.ConfigError, match="--vendor-driver"):
+        settings.load({"--vendor-driver": "GPU_nvidia"})
