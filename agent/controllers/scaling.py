@@ -322,7 +322,7 @@ class Scaler:
             room_on_node=self._room_on(b.node),
             now=self.wall(),
             deadline=self.deadline,
-            unhealthy=self.unhealthy_reason(device) if device else "",
+            unhealthy=self._unhealthy_behind(device, resource),
         )
         if d.step == decide.BindStep.WAIT:
             self.queue.enqueue_after(key, d.after)
@@ -891,6 +891,14 @@ class Scaler:
         h = self.health.get(device)
         return h.reason if h is not None and not h.recovering else ""
 
+    def _unhealthy_behind(self, device: str | None, resource: Obj | None) -> str:
+        """Why the GPU a claim's device names is unhealthy: the device itself, or the GPU that
+        arrived through it (a slot's resource records it)."""
+        if not device:
+            return ""
+        gpu = attached_device(resource) if resource is not None else device
+        return self.unhealthy_reason(device) or self.unhealthy_reason(gpu)
+
     def _on_node_health(self, event: Event) -> None:
         """A resource's `DeviceHealthy` condition (the node's word on its GPU) changed."""
         if event.type == "DELETED" or not mine(event.obj, self.driver_label):
@@ -961,8 +969,11 @@ class Scaler:
         cr = self._resource_of(device)
         self._publish_health(device, prev, h, cr)
         if h is not None and prev is None:
-            for key in self._holders(device):
-                self.queue.enqueue(key)  # a claim still waiting for it fails (DeviceUnhealthy)
+            # a claim still waiting for it fails (DeviceUnhealthy), under whichever identity it
+            # holds the GPU (a slot: the GPU behind it)
+            for identity in {device} | ({fabric_device(cr)} if cr is not None else set()):
+                for key in self._holders(identity):
+                    self.queue.enqueue(key)
         wait = healthmodel.lifts_in(h, now=now, grace=self.health_grace)
         if wait is not None:
             self.sick.enqueue_after(device, wait)
