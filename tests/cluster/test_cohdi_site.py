@@ -4,7 +4,9 @@ their machines, the emulator serving the FTI fabric manager and cluster manager 
 `cohdi-agent run` given only `--cohdi-config-namespace` (plus what this test bed needs: the
 kubeconfig, a Lease of its own and a driver name of its own, so tests on the shared control
 plane do not see each other), with CoHDI's deployment variables (CDI_ENDPOINT, TENANT_ID,
-CLUSTER_ID, USE_CM) in its environment as CoHDI's Deployment sets them."""
+CLUSTER_ID, USE_CM) in its environment as CoHDI's Deployment sets them. Then the fabric manager's
+password is rotated and CoHDI's Secret with it: the same process logs in anew and the next pod
+gets its GPU."""
 
 from __future__ import annotations
 
@@ -253,6 +255,32 @@ async def test_cohdi_site_runs_on_cohdi_configuration_alone(
         ]
         assert "FabricDeviceReady" in conditions
         await finish(s.kube, name)
+
+        # the fabric manager's password is rotated, then CoHDI's Secret: the running agent
+        # logs in with the new one (no restart) and the next pod gets its GPU
+        s.emulator.creds.accounts[USER].password = "rotated-pass-2"
+        s.emulator.creds.expire_all()
+        await s.kube.patch(
+            f"/api/v1/namespaces/{s.namespace}/secrets/composable-dra-secret",
+            {"stringData": {"password": "rotated-pass-2"}},
+        )
+
+        async def logged_in_anew() -> bool:  # a token exists only after a good login
+            return bool(s.emulator.creds.tokens)
+
+        await until(logged_in_anew, what="a login with the rotated password", timeout=60)
+        second = f"cohdi2-{s.suffix}"
+        await objects.submit(s.kube, second, s.driver, "a100", {"test-world": s.suffix})
+
+        async def second_bound() -> str | None:
+            pod = await s.kube.get(f"{PODS}/{second}")
+            return pod["spec"].get("nodeName") or None
+
+        node2 = await until(second_bound, what="the second pod bound", timeout=90)
+        print(f"after the Secret's password changed: second pod bound to {node2}")
+        assert proc.poll() is None  # the same process
+        assert "CoHDI configuration changed (credentials)" in log.read_text()
+        await finish(s.kube, second)
     except BaseException:
         print(log.read_text()[-6000:])
         raise
