@@ -411,11 +411,18 @@ class ResourceHealth(drahealth_grpc.DRAResourceHealthServicer):  # type: ignore[
 
     def __init__(self, preparer: Preparer) -> None:
         self.preparer = preparer
+        #: set by `close`: every stream ends (kubelet sees the end and dials again, 5 s later)
+        self.closing = False
+
+    def close(self) -> None:
+        """End the open streams now, so that stopping the server need not wait out its grace."""
+        self.closing = True
+        self.preparer.reporter.health.notify()
 
     async def NodeWatchResources(self, request: Any, context: Any) -> AsyncIterator[Any]:
         book = self.preparer.reporter.health
         logger.info("kubelet watches the health of this node's devices")
-        while True:
+        while not self.closing:
             changed = book.changes()  # before reading: a change while we send is not missed
             yield await self.preparer.health_response()
             with contextlib.suppress(TimeoutError):
@@ -471,6 +478,7 @@ class KubeletPlugin:
             kube, driver=driver, reporter=reporter, plugin_dir=self.plugin_dir, cdi_dir=cdi_dir
         )
         self.registration = Registration(driver, str(self.dra_socket))
+        self.health = ResourceHealth(self.preparer)
         self._servers: list[grpc.aio.Server] = []
         #: public socket path -> the identity of the socket this process bound there
         self._sockets: dict[Path, Identity] = {}
@@ -493,7 +501,8 @@ class KubeletPlugin:
         v1beta1_grpc.add_DRAPluginServicer_to_server(
             _servicer(v1beta1, v1beta1_grpc.DRAPluginServicer, self.preparer), dra
         )
-        drahealth_grpc.add_DRAResourceHealthServicer_to_server(ResourceHealth(self.preparer), dra)
+        self.health.closing = False
+        drahealth_grpc.add_DRAResourceHealthServicer_to_server(self.health, dra)
         await self._serve(dra, self.dra_socket)  # the DRA service first, then announce it
         registration = grpc.aio.server()
         reg_grpc.add_RegistrationServicer_to_server(self.registration, registration)
@@ -525,6 +534,7 @@ class KubeletPlugin:
             await asyncio.to_thread(shutil.rmtree, private, True)
 
     async def stop(self) -> None:
+        self.health.close()
         for server in reversed(self._servers):
             await server.stop(grace=1.0)
         self._servers.clear()

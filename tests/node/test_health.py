@@ -18,10 +18,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from agent import errors
 from agent import health as metrics
+from agent._proto.drahealth.v1alpha1 import api_pb2 as drahealth
+from agent._proto.drahealth.v1alpha1 import api_pb2_grpc as drahealth_grpc
 from agent.kube.resources import RESOURCES, resource_name
 from agent.model.objects import DEVICE_HEALTHY
 from agent.model.pci import PciAddress
@@ -271,6 +274,23 @@ async def test_kubelets_own_plugin_manager_streams_our_health(
     await plugin.start()
     lines, log = await run_manager(manager, plugin, '"error"', 20)
     assert "Unimplemented" in lines[-1]["error"]
+
+
+async def test_stopping_the_plugin_ends_the_health_streams_cleanly(
+    node: tuple[SimNode, KubeletPlugin],
+) -> None:
+    """kubelet keeps a stream open for as long as the plugin runs: stopping ends it with OK at
+    once (kubelet dials the next process), rather than the server cancelling it after its grace."""
+    _, plugin = node
+    async with grpc.aio.insecure_channel(f"unix://{plugin.dra_socket}") as channel:
+        call = drahealth_grpc.DRAResourceHealthStub(channel).NodeWatchResources(
+            drahealth.NodeWatchResourcesRequest()
+        )
+        first = await call.read()
+        assert first is not grpc.aio.EOF
+        await plugin.stop()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
 
 
 async def test_a_gpu_whose_function_is_gone_while_attached_fell_off_the_bus(
