@@ -406,6 +406,8 @@ class Publisher:
             if self._unmapped_told.get(node) != why:
                 self._unmapped_told[node] = why
                 self._tell_unmapped(node, why)
+        for node in self._unmapped_told.keys() - found.unmapped.keys():
+            del self._unmapped_told[node]  # mapped (or gone): a later relapse is told again
         return dict(found.node_of)
 
     def _on_node(self, _event: Any) -> None:
