@@ -20,6 +20,7 @@ from agent.model.pci import PciAddress
 from agent.native import nvml as nvmlmod
 from agent.native.nvml import (
     EVENT_DOUBLE_BIT_ECC,
+    EVENT_GPU_UNAVAILABLE,
     EVENT_XID_CRITICAL,
     HEALTH_EVENTS,
     AsyncNvml,
@@ -246,6 +247,18 @@ def test_lost_gpu_is_a_typed_error_and_comes_back(nvml: Nvml, tmp_path: Path) ->
     assert nvml.pci_info(h)[0] == A.bus_id  # still named, so events can be attributed
     stubnvml.set_lost(tmp_path / "lost", [])
     assert nvml.memory(h)[0] == A.memory
+
+
+def test_a_gpu_lost_when_the_event_set_is_armed_is_reported_unavailable(
+    nvml: Nvml, gpus_file: Path, tmp_path: Path
+) -> None:
+    write_gpus(gpus_file, [A, B])
+    nvml.reinit()
+    stubnvml.set_lost(tmp_path / "lost", [A.bus_id])
+    assert nvml.next_events(HEALTH_EVENTS, 5) == [
+        NvmlEvent(PciAddress(A.bus_id), EVENT_GPU_UNAVAILABLE, 0)
+    ]
+    assert nvml.watched == {B.bus_id}
 
 
 def test_error_codes_map_to_classes() -> None:
