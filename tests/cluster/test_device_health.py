@@ -291,3 +291,26 @@ async def test_the_api_server_takes_a_tainted_pool_of_130_devices(kube: Kube) ->
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize("world", [{"nodes": 2, "gpus": 2}], indirect=True)
+async def test_a_flapping_link_holds_one_steady_taint_until_it_stops(world: World) -> None:
+    """The emulator's link flap (Critical/OK every 0.3 s) on a free GPU: one taint, never lifted
+    or re-added while it flaps (the grace is longer than the flap), lifted after it stops."""
+    role = await start(world)
+    gpu = sorted(world.emulator.state.devices)[0]
+    world.emulator.state.device_faults(gpu).link_flap_period = 0.3
+    world.emulator.state.start_link_flap(gpu)
+
+    async def tainted() -> list[Any]:
+        return list((await entries(world)).get(gpu, {}).get("taints") or [])
+
+    first = await until(tainted, what="the flapping GPU tainted", timeout=30)
+    seen = []
+    for _ in range(20):  # 3 s of flapping, ten flips
+        seen.append(await tainted())
+        await asyncio.sleep(0.15)
+    assert all(t == first for t in seen), "the taint was lifted or rewritten while flapping"
+    world.emulator.state.device_faults(gpu).link_flap_period = 0
+    await until(lambda: _is(tainted(), []), what="the taint lifted", timeout=30)
+    assert role.scaler.unhealthy_reason(gpu) == ""
