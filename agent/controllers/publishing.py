@@ -483,7 +483,6 @@ class Publisher:
         assert self.inventory is not None
         view = self.view
         assert view is not None
-        await self._label_nodes()
         taints, withheld = self._published_taints()
         desired = poolmodel.desired_slices(
             driver=self.driver,
@@ -514,6 +513,9 @@ class Publisher:
                 current.setdefault(spec["pool"]["name"], {})[obj["metadata"]["name"]] = obj
         for pool in sorted(set(desired) | set(current)):
             await self._sync_pool(pool, desired.get(pool, []), current.get(pool, {}))
+        # After the slices: a Node that lacks its label only keeps pods off free devices there
+        # a moment longer, and thousands of labels no longer hold back the first slice.
+        await self._label_nodes()
         self.syncs += 1
         self.synced.set()
 
@@ -620,26 +622,47 @@ class Publisher:
         self._stored[name] = stored
 
     async def _label_nodes(self) -> None:
+        """Label every Node wired to a fabric `cohdi.io/fabric=<fabric>` (free devices' node
+        selectors match it). Only Nodes whose label differs are patched, up to 16 at a time
+        (5,000 Nodes one PATCH after another took 18 s), with one INFO line for all of them.
+        Raises the first failed PATCH's error after the others are done (the sync retries)."""
         assert self.inventory is not None
         fabric_of: dict[str, str] = {
             m.id: poolmodel.fabric_label(m.fabric) for m in self.inventory.machines if m.fabric
         }
+        todo: list[tuple[str, str]] = []
         for machine, node in self.node_of_machine().items():
             obj = self.nodes.get("", node)
             want = fabric_of.get(machine, "")
             if obj is None or not want:
                 continue
             if obj["metadata"].get("labels", {}).get(poolmodel.FABRIC_LABEL) != want:
+                todo.append((node, want))
+        if not todo:
+            return
+        limit = asyncio.Semaphore(16)
+
+        async def label(node: str, want: str) -> None:
+            async with limit:
                 await self.kube.patch(
                     f"{NODES}/{node}", {"metadata": {"labels": {poolmodel.FABRIC_LABEL: want}}}
                 )
-                logger.info(
-                    "labelled node %s %s=%s",
-                    node,
-                    poolmodel.FABRIC_LABEL,
-                    want,
-                    extra=logs.fields(node=node, fabric=want),
-                )
+            logger.debug("labelled node %s %s=%s", node, poolmodel.FABRIC_LABEL, want)
+
+        results = await asyncio.gather(*(label(n, w) for n, w in todo), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        done = [n for (n, _), r in zip(todo, results, strict=True) if r is None]
+        if done:
+            shown = ", ".join(done[:5]) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
+            logger.info(
+                "labelled %d node(s) with their fabric (%s): %s",
+                len(done),
+                poolmodel.FABRIC_LABEL,
+                shown,
+                extra=logs.fields(node=done[0] if len(done) == 1 else None),
+            )
+        if failed:
+            raise failed[0]
 
 
 def _newer(a: Obj, b: Obj) -> bool:
