@@ -53,6 +53,32 @@ async def test_redfish_health_fault_on_a_free_gpu(emulator: EmulatorServer) -> N
         await fabric.close()
 
 
+async def test_fti_never_counts_or_hands_out_a_sick_free_gpu(emulator: EmulatorServer) -> None:
+    """FTI names no free GPU (it counts them per model and picks one on attach): a free GPU with
+    a health fault is not counted and never picked, so no slot can lead to it."""
+    fabric = make_client(emulator, "fti")
+    try:
+        a100s = sorted(d.spec.id for d in emulator.state.devices.values() if d.spec.model == A100)
+        sick = a100s[0]
+
+        async def free_slots() -> list[PoolDevice]:
+            inv = await fabric.inventory()
+            return [d for d in inv.devices if d.model == A100 and d.state == DeviceState.FREE]
+
+        assert len(await free_slots()) == len(a100s)
+        await admin(emulator, "PUT", f"/devices/{sick}/health", {"health": "Critical"})
+        slots = await free_slots()
+        assert len(slots) == len(a100s) - 1
+        got = [await fabric.attach(s.id, MachineId("m-node-0"), model=A100) for s in slots]
+        assert sick not in {d.id for d in got}
+        assert emulator.state.devices[sick].state == DeviceState.FREE
+        assert await free_slots() == []
+        await admin(emulator, "PUT", f"/devices/{sick}/health", {"health": "OK"})
+        assert len(await free_slots()) == 1  # repaired: offered again
+    finally:
+        await fabric.close()
+
+
 async def test_redfish_renders_health_on_the_block_and_the_processor(
     emulator: EmulatorServer,
 ) -> None:

@@ -175,10 +175,16 @@ class FtiApi:
                 "E40000",
                 'condition must be JSON like {"column":"model","operator":"eq","value":"<model>"}',
             )
+        # A fabric manager does not hand out a GPU it knows is sick: one whose own health is not
+        # OK is neither counted free nor picked by model (it is still listed, with its
+        # res_op_status, among the machine's resources when attached).
         free = [
             d
             for d in self.state.devices.values()
-            if d.spec.fabric == m.fabric and d.spec.model == model and d.state == DeviceState.FREE
+            if d.spec.fabric == m.fabric
+            and d.spec.model == model
+            and d.state == DeviceState.FREE
+            and d.health == "OK"
         ]
         return json_response(
             {"reserved_res_num_per_fabric": len(free), "fabric_id": self.fabric_index[m.fabric]}
@@ -225,6 +231,7 @@ class FtiApi:
                         if d.spec.fabric == machine.fabric
                         and d.spec.model == model
                         and d.state == DeviceState.FREE
+                        and d.health == "OK"
                     ),
                     None,
                 )
