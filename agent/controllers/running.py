@@ -172,6 +172,8 @@ def build(
         settle=c.scale_down_settle,
         warm=c.warm_devices,
         workers=c.workers,
+        health_grace=c.health_grace,
+        health_evict=c.health_fatal_effect == "NoExecute",
     )
     composer = Composer(
         kube,
