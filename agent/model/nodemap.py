@@ -9,6 +9,12 @@ Three ways, strongest first; a machine or a node taken by a stronger way is not 
 3. The node's name equals (case-insensitively: fabrics report host names in any case) the
    machine's host name (`Machine.node_name`), its name or its id.
 
+Machine ids are compared case-insensitively in all three (a UUID is the same UUID in upper case,
+RFC 9562 §4). When two nodes name one machine the same way, the older Node (creationTimestamp,
+then name) has it, whatever order the nodes come in: an informer lists them in another order
+after a restart, and the machine — with the GPUs attached to it — must not move to the other
+node then.
+
 A node that carries a fabric identity (a providerID of a configured scheme, or one of the keys)
 which names no machine is *unmapped*: `NodeMap.unmapped` says why, for an Event. A node with no
 such identity that matches no name is simply not on the fabric (a control-plane node, a CPU
@@ -73,12 +79,20 @@ def keyed_machine(node: Mapping[str, Any], keys: Iterable[str]) -> tuple[str, st
     return None
 
 
+def _seniority(node: Mapping[str, Any]) -> tuple[str, str]:
+    """Sort key, older Nodes first: (creationTimestamp, name). RFC 3339 UTC timestamps as the
+    API server writes them (`2026-01-01T00:00:00Z`) sort as strings; a Node without one (a test's
+    hand-made object) sorts by name among the others without one, before them."""
+    meta = node.get("metadata") or {}
+    return str(meta.get("creationTimestamp") or ""), str(meta.get("name") or "")
+
+
 def map_nodes(
     machines: Iterable[Machine], nodes: Iterable[Mapping[str, Any]], mapping: NodeMapping
 ) -> NodeMap:
     """Match `nodes` (Node objects) to `machines`; see the module's docstring for the order."""
-    by_id = {m.id: m for m in machines}
-    node_list = [n for n in nodes if (n.get("metadata") or {}).get("name")]
+    by_id = {m.id.lower(): m for m in machines}
+    node_list = sorted((n for n in nodes if (n.get("metadata") or {}).get("name")), key=_seniority)
     node_of: dict[str, str] = {}
     how: dict[str, str] = {}
     taken: set[str] = set()  # node names already matched
@@ -92,13 +106,14 @@ def map_nodes(
     for n in node_list:  # 1. providerID
         name = n["metadata"]["name"]
         pid = (n.get("spec") or {}).get("providerID") or ""
-        mid = provider_machine(pid, mapping.schemes)
-        if mid is None:
+        named = provider_machine(pid, mapping.schemes)
+        if named is None:
             continue
-        if mid in by_id and mid not in node_of:
-            take(mid, name, "providerID")
-        elif mid in node_of:
-            unmapped[name] = f"providerID {pid} names machine {mid}, already node {node_of[mid]}"
+        m = by_id.get(named.lower())
+        if m is not None and m.id not in node_of:
+            take(m.id, name, "providerID")
+        elif m is not None:
+            unmapped[name] = f"providerID {pid} names machine {m.id}, already node {node_of[m.id]}"
         else:
             unmapped[name] = f"providerID {pid} names no machine of the fabric"
     for n in node_list:  # 2. label / annotation
@@ -106,11 +121,12 @@ def map_nodes(
         found = keyed_machine(n, mapping.keys)
         if name in taken or found is None:
             continue
-        mid, word = found
-        if mid in by_id and mid not in node_of:
-            take(mid, name, word)
+        named, word = found
+        m = by_id.get(named.lower())
+        if m is not None and m.id not in node_of:
+            take(m.id, name, word)
         elif name not in unmapped:
-            unmapped[name] = f"{word} machine={mid} names no free machine of the fabric"
+            unmapped[name] = f"{word} machine={named} names no free machine of the fabric"
     lowered = {n["metadata"]["name"].lower(): n["metadata"]["name"] for n in node_list}
     for m in by_id.values():  # 3. names
         if m.id in node_of:

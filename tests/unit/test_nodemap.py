@@ -176,3 +176,58 @@ async def test_publisher_maps_by_provider_id_and_tells_an_unmapped_node_once() -
         assert len(events) == 1
         assert events[0]["involvedObject"]["name"] == "stray"
         assert "providerID fsas-cdi://nope names no machine of the fabric" in events[0]["message"]
+
+
+# --- attacks: contested identities, odd provider ids ----------------------------------------------
+
+
+def aged(obj: dict[str, Any], created: str) -> dict[str, Any]:
+    obj["metadata"]["creationTimestamp"] = created
+    return obj
+
+
+@pytest.mark.parametrize("way", ["providerID", "label"])
+def test_two_nodes_claiming_one_machine_map_the_same_way_in_any_order(way: str) -> None:
+    """Two Nodes that both name one machine: one of them gets it, and always the same one —
+    the older Node (the one that had it before the other appeared), whatever order the informer
+    lists them in (a watch appends a new Node; a relist after a restart sorts by name). An order-
+    dependent winner moved the machine, and the GPUs attached to it, to the other node on
+    restart."""
+
+    def claimant(name: str) -> dict[str, Any]:
+        if way == "providerID":
+            return node(name, provider=f"fsas-cdi://{U1}")
+        return node(name, labels={"cohdi.io/machine": U1})
+
+    old = aged(claimant("zz-old"), "2026-01-01T00:00:00Z")
+    new = aged(claimant("aa-new"), "2026-06-01T00:00:00Z")
+    for order in ([old, new], [new, old]):
+        got = map_nodes([machine(U1)], order, DEFAULT)
+        assert got.node_of == {U1: "zz-old"}
+        assert set(got.unmapped) == {"aa-new"}
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [f"fsas-cdi://{U1.upper()}", f"fsas-cdi://{U1.upper()}/", f"fsas-cdi:///zone/{U1.upper()}"],
+)
+def test_a_provider_id_uuid_in_upper_case_is_the_machine(provider: str) -> None:
+    """UUIDs are case-insensitive (RFC 9562 §4): `fsas-cdi://<UUID in upper case>` is the
+    machine the fabric names in lower case, not "no machine of the fabric"."""
+    got = map_nodes([machine(U1)], [node("w", provider=provider)], DEFAULT)
+    assert got.node_of == {U1: "w"}
+    assert got.how == {U1: "providerID"}
+    assert got.unmapped == {}
+
+
+def test_a_machine_key_in_another_case_is_the_machine_and_still_one_node_per_machine() -> None:
+    got = map_nodes(
+        [machine(U1)],
+        [
+            aged(node("a", labels={"cohdi.io/machine": U1.upper()}), "2026-01-01T00:00:00Z"),
+            aged(node("b", provider=f"fsas-cdi://{U1}"), "2026-01-02T00:00:00Z"),
+        ],
+        DEFAULT,
+    )
+    assert got.node_of == {U1: "b"}  # providerID is stronger than a label
+    assert set(got.unmapped) == {"a"}
