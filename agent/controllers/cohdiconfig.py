@@ -224,14 +224,7 @@ class CohdiSource:
             devices = devices_of(cm, self.cm_where)
             creds = credentials_of(secret, self.secret_where)
         except errors.ConfigError as exc:
-            if str(exc) != self.error:
-                logger.error(
-                    "CoHDI configuration change refused, the last good one stays: %s",
-                    exc,
-                    extra=logs.fields(error=str(exc)),
-                )
-            self.error = str(exc)
-            return False
+            return self._refuse(exc)
         if self.error:
             logger.info("CoHDI configuration valid again (after: %s)", self.error)
         self.error = ""
@@ -256,6 +249,12 @@ class CohdiSource:
         ]
         fabric = self.fabric
         if fabric is not None:
+            if "certificate" in changed and creds.certificate:
+                # before anything else is applied: a CA the context refuses refuses the change
+                try:
+                    fabric.trust_ca(creds.certificate, where=f"{self.secret_where} certificate")
+                except errors.ConfigError as exc:
+                    return self._refuse(exc)
             fabric.reconfigure(
                 user=creds.username,
                 password=Secret(creds.password),
@@ -264,8 +263,6 @@ class CohdiSource:
                 client_secret=Secret(creds.client_secret),
                 models=devices.models,
             )
-            if "certificate" in changed and creds.certificate:
-                fabric.trust_ca(creds.certificate, where=f"{self.secret_where} certificate")
         self.devices, self.credentials = devices, creds
         self.applied += 1
         if changed:
@@ -276,6 +273,17 @@ class CohdiSource:
                 extra=logs.fields(reason=",".join(changed)),
             )
         return True
+
+    def _refuse(self, exc: errors.ConfigError) -> bool:
+        """Refuse a change (logged once per reason, named in /readyz); the last good one stays."""
+        if str(exc) != self.error:
+            logger.error(
+                "CoHDI configuration change refused, the last good one stays: %s",
+                exc,
+                extra=logs.fields(error=str(exc)),
+            )
+        self.error = str(exc)
+        return False
 
     # --- as a unit of `cohdi-agent run` ----------------------------------------------------------
 

@@ -22,6 +22,7 @@ device-info[1].k8s-device-name`).
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -235,7 +236,19 @@ def parse_credentials(data: Mapping[str, str], *, where: str) -> Credentials:
         raise _fail(f"{where} certificate", f"{len(cert)} bytes", "must be under 10 kB")
     if cert and "-----BEGIN CERTIFICATE-----" not in cert:
         raise _fail(f"{where} certificate", cert[:40], "must be a PEM certificate")
+    if cert:
+        _check_pem(cert, f"{where} certificate")
     return Credentials(certificate=cert, **values)
+
+
+def _check_pem(pem: str, where: str) -> None:
+    """ConfigError unless every block of `pem` decodes as an X.509 certificate — PEM armour around
+    garbage is refused when the Secret is read, not later when a TLS context loads it (and over
+    plain http, never). A throwaway client context does the decoding (OpenSSL's parser, no I/O)."""
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise _fail(where, pem[:40], f"is not a PEM CA certificate ({exc})") from exc
 
 
 def parse_deployment(env: Mapping[str, str], *, where: str = "environment") -> Deployment:

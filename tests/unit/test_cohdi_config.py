@@ -351,3 +351,109 @@ def test_cluster_manager_needs_the_fti_backend() -> None:
     assert exc.value.setting == "--fabric-cm-cluster"
     cfg = settings.load({"--fabric-cm-cluster": TENANT, "--fabric-backend": "fti"})
     assert cfg.fabric.cm_cluster == TENANT
+
+
+# --- attacks: certificate garbage, the objects deleted and recreated ------------------------------
+
+GARBAGE_PEM = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.parametrize("tail", ["", "\n" + GARBAGE_PEM])
+def test_a_pem_shaped_certificate_that_is_garbage_is_refused_by_the_parse(tail: str) -> None:
+    """PEM armour around garbage (or a good CA followed by garbage) is refused when the Secret is
+    read, naming the key — not later, when a TLS context happens to load it (over plain http,
+    never)."""
+    pem = GARBAGE_PEM if not tail else _a_real_ca() + tail
+    with pytest.raises(errors.ConfigError) as exc:
+        cohdi.parse_credentials({**SECRET, "certificate": pem}, where="Secret ns/s")
+    assert exc.value.setting == "Secret ns/s certificate"
+
+
+def _a_real_ca() -> str:
+    import ssl
+
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.openssl_cafile):
+        if path and Path(path).is_file():
+            text = Path(path).read_text()
+            end = text.find("-----END CERTIFICATE-----")
+            start = text.rfind("-----BEGIN CERTIFICATE-----", 0, end)
+            if start >= 0:
+                return text[start : end + len("-----END CERTIFICATE-----")] + "\n"
+    pytest.skip("no system CA bundle to take a real certificate from")
+
+
+async def test_a_secret_change_with_a_garbage_certificate_is_refused_whole(
+    emulator: EmulatorServer,
+) -> None:
+    """A Secret edited to a new password and a PEM-shaped garbage certificate while running: the
+    change is refused as a whole (named in /readyz), the watch keeps running, the old password
+    stays in force (not half of the change applied), and a later good edit is applied."""
+    assert emulator.ca_file is not None
+    ca = emulator.ca_file.read_text()
+    kube = FakeKube(bookmark_interval=60)
+    kube.add(configmap_path(NS), configmap_obj(CHART_DEVICE_INFO))
+    kube.add(secret_path(NS), secret_obj(PASSWORD, ca))
+    env = {"CDI_ENDPOINT": emulator.url, "TENANT_ID": TENANT}
+    source = CohdiSource(kube, NS, environ=env)  # type: ignore[arg-type]
+    await source.load()
+    fabric = source.open_fabric(source.settings_for(settings.Settings()).fabric)
+    watch = asyncio.create_task(source.run())
+    try:
+        await _until(lambda: source.synced.is_set())
+        kube.edit(
+            f"{secret_path(NS)}/{cohdi.SECRET}",
+            lambda o: o["data"].update(secret_obj("other-pass", GARBAGE_PEM)["data"]),
+        )
+        await _until(lambda: bool(source.error) or watch.done())
+        assert not watch.done(), watch.exception()
+        assert f"Secret {NS}/{cohdi.SECRET} certificate" in source.error
+        assert source.credentials is not None
+        assert source.credentials.password == PASSWORD
+        assert len((await fabric.inventory()).machines) == 1  # the old password still works
+        kube.edit(
+            f"{secret_path(NS)}/{cohdi.SECRET}",
+            lambda o: o["data"].update(secret_obj(PASSWORD, ca)["data"]),
+        )
+        await _until(lambda: not source.error)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await fabric.close()
+
+
+async def test_the_configmap_deleted_and_recreated_while_running(
+    emulator: EmulatorServer,
+) -> None:
+    """Deleted: refused and named, the last models stay in force. Recreated with other models:
+    applied. Recreated exactly as before: valid again, nothing refused."""
+    kube = FakeKube(bookmark_interval=60)
+    assert emulator.ca_file is not None
+    ca = emulator.ca_file.read_text()
+    kube.add(configmap_path(NS), configmap_obj(CHART_DEVICE_INFO))
+    kube.add(secret_path(NS), secret_obj(PASSWORD, ca))
+    env = {"CDI_ENDPOINT": emulator.url, "TENANT_ID": TENANT}
+    source = CohdiSource(kube, NS, environ=env)  # type: ignore[arg-type]
+    await source.load()
+    fabric = source.open_fabric(source.settings_for(settings.Settings()).fabric)
+    fti = source.fabric
+    assert fti is not None
+    watch = asyncio.create_task(source.run())
+    try:
+        await _until(lambda: source.synced.is_set())
+        kube.remove(f"{configmap_path(NS)}/{cohdi.CONFIGMAP}")
+        await _until(lambda: "was deleted" in source.error)
+        assert fti.models == ("a100", "L40S")
+        assert sum(d.model == "L40S" for d in (await fabric.inventory()).devices) == 3
+        only_a100 = CHART_DEVICE_INFO.split("- index: 2")[0].replace("[2]", "[]")
+        kube.add(configmap_path(NS), configmap_obj(only_a100))
+        await _until(lambda: not source.error and fti.models == ("a100",))
+        kube.remove(f"{configmap_path(NS)}/{cohdi.CONFIGMAP}")
+        await _until(lambda: bool(source.error))
+        kube.add(configmap_path(NS), configmap_obj(only_a100))
+        await _until(lambda: not source.error)
+        assert not watch.done()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await fabric.close()
