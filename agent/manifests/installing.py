@@ -12,17 +12,19 @@ import yaml
 
 from agent import errors
 from agent.kube.client import Kube, path_of
-from agent.manifests import cluster, crds
+from agent.manifests import cluster, crds, rbac
 
 CRDS = path_of(group="apiextensions.k8s.io", version="v1", plural="customresourcedefinitions")
 CLASSES = path_of(group="resource.k8s.io", version="v1", plural="deviceclasses")
 
 
-def documents(driver: str) -> dict[str, list[dict[str, Any]]]:
+def documents(driver: str, **access: str) -> dict[str, list[dict[str, Any]]]:
+    """The manifests by file name. `access`: `rbac.rbac`'s keywords (namespace, name, lease,
+    vendor_driver, cohdi_config_namespace); packaging/ is made with their defaults."""
     return {
         "crds.yaml": crds.all_crds(),
         "deviceclass.yaml": [cluster.device_class(driver)],
-        "rbac.yaml": cluster.rbac(driver),
+        "rbac.yaml": rbac.rbac(driver, **access),
     }
 
 
@@ -31,17 +33,17 @@ def render(docs: list[dict[str, Any]]) -> str:
     return header + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
 
 
-def stream(driver: str) -> str:
+def stream(driver: str, **access: str) -> str:
     """Every manifest as one multi-document YAML stream (`cohdi-agent manifests --out -`), in
     the order they apply: CRDs, DeviceClass, RBAC."""
-    docs = [d for group in documents(driver).values() for d in group]
+    docs = [d for group in documents(driver, **access).values() for d in group]
     return render(docs)
 
 
-def write(directory: Path, driver: str) -> list[Path]:
+def write(directory: Path, driver: str, **access: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, docs in documents(driver).items():
+    for name, docs in documents(driver, **access).items():
         path = directory / name
         path.write_text(render(docs))
         out.append(path)
