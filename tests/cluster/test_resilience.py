@@ -35,7 +35,7 @@ from cryptography.x509 import load_pem_x509_certificate
 from agent import pki, settings
 from agent.devcluster.controlplane import ControlPlane, certs_of, free_port
 from agent.fabric.emulator.sysfs_hook import SysfsHook
-from agent.manifests import cluster as cluster_manifests
+from agent.manifests import rbac as access
 from agent.model import pool as poolmodel
 from agent.model.fabric import DeviceState
 from agent.simulated import stubnvml
@@ -292,10 +292,15 @@ def limited_rules(driver: str) -> list[dict[str, Any]]:
     """The agent's ClusterRole with every cluster-role write taken away except its Lease and
     Events: ResourceSlices, Node labels, claim status, ComposableResource objects are read-only.
     The node role keeps what it needs: read claims, report on ComposableResources' status."""
-    (_sa, role, _binding) = cluster_manifests.rbac(driver)
+    lease = {
+        "apiGroups": [access.LEASES],
+        "resources": ["leases"],
+        "verbs": ["get", "create", "update"],
+    }
+    grants = [*access.cluster_grants(driver), *access.node_grants()]
     read = ["get", "list", "watch"]
-    rules: list[dict[str, Any]] = []
-    for rule in role["rules"]:
+    rules: list[dict[str, Any]] = [lease]
+    for rule in [g.rule() for g in grants]:
         resources = set(rule["resources"])
         if "leases" in resources or "events" in resources:
             rules.append(rule)
