@@ -171,6 +171,8 @@ class Scaler:
         #: device -> the node's last word on it (kept after its resource is gone: a detached GPU
         #: has no node to speak for it)
         self._node_words: dict[str, healthmodel.Word] = {}
+        #: device -> uid of the resource its node's last word was read from ("" recovered)
+        self._node_word_from: dict[str, str] = {}
         #: device -> the fabric's word, for devices the fabric reports unhealthy
         self._fabric_words: dict[str, healthmodel.Word] = {}
         #: device -> its health while unhealthy or recovering (agent.model.health)
@@ -905,9 +907,15 @@ class Scaler:
             return
         word = healthmodel.node_word(event.obj)
         device = attached_device(event.obj)
-        if word is None or not device or self._node_words.get(device) == word:
+        last = self._node_words.get(device)
+        if word is None and last is not None and not last.healthy:
+            # the GPU on another node (attached again): that node's silence is its word
+            said_by = self._node_word_from.get(device, "")
+            word = healthmodel.fresh_node_word(event.obj, said_by=said_by)
+        if word is None or not device or last == word:
             return
         self._node_words[device] = word
+        self._node_word_from[device] = str(event.obj["metadata"].get("uid") or "")
         self.sick.enqueue(device)
 
     def _on_fabric_health(self, inventory: Inventory | None) -> None:

@@ -7,9 +7,10 @@ Two sources, one verdict per fabric device:
   DEVICE_HEALTHY`: "False" with a CamelCase reason such as `Xid79`, `DoubleBitEcc`,
   `FellOffBus` — errors the node counts as fatal; "True" healthy; "Unknown" or absent: no word).
   A node's word outlives its resource: a GPU the node found broken and that was then detached
-  stays unhealthy until a node reports it healthy again (it is attached again on purpose, by a
-  hand-written resource naming it, and its node says `DeviceHealthy=True`), or the leader that
-  remembered it is gone and the taint with it;
+  stays unhealthy until a node has it again and finds it fine: it is attached again on purpose
+  (a hand-written resource naming it) and its new node reports it NodeReady with no
+  `DeviceHealthy=False` (`fresh_node_word`). A new leader reads the word back from the slice's
+  taint (`recovered_word`);
 - the fabric's `PoolDevice.health` ("Critical" unhealthy; "Warning" and "OK" are not: Redfish
   `Status.Health` Warning is "a condition requires attention", not an unusable device). The
   fabric's word is read on every inventory and lifts by itself.
@@ -40,7 +41,7 @@ from typing import Any, Final
 
 from agent.model import names
 from agent.model.fabric import PoolDevice
-from agent.model.objects import DEVICE_HEALTHY, Obj, deleting, state
+from agent.model.objects import DEVICE_HEALTHY, NODE_READY, Obj, condition, deleting, state
 
 #: The taint key of an unhealthy device (a qualified name under our domain).
 TAINT_KEY: Final = "cohdi.io/unhealthy"
@@ -97,6 +98,29 @@ def node_word(resource: Obj | None) -> Word | None:
             return Word(False, taint_value(reason), str(c.get("message") or ""))
         return None
     return None
+
+
+def fresh_node_word(resource: Obj, *, said_by: str) -> Word | None:
+    """The word of a node that has the GPU now and found nothing wrong with it: healthy when
+    `resource` is live, NodeReady, carries no `DeviceHealthy` condition (the node writes none
+    for a GPU it never found unhealthy) and is not the resource the standing unhealthy word came
+    from (`said_by`: its uid; "" when the word was recovered from a slice's taint). None
+    otherwise: no new word. This is how a GPU a node found broken comes back when it is attached
+    again (on purpose) and its new node finds it fine; were the new node to find it broken too,
+    it writes `DeviceHealthy=False` and the taint, held through the grace, never lifts."""
+    uid = str(resource.get("metadata", {}).get("uid") or "")
+    if (
+        not uid
+        or uid == said_by
+        or deleting(resource)
+        or not condition(resource, NODE_READY)
+        or any(
+            c.get("type") == DEVICE_HEALTHY
+            for c in (resource.get("status") or {}).get("conditions") or []
+        )
+    ):
+        return None
+    return Word(True)
 
 
 def fabric_word(dev: PoolDevice | None) -> Word | None:
