@@ -144,7 +144,7 @@ class Vendoring:
         if slices:
             self.index = decide.vendor_index(self.vendor_slices.store.values(), self.vendor)
         ours = [o for o in self.resources.store.values() if mine(o, self.driver_label)]
-        self.publisher.aliases = decide.aliases(self.index, ours)
+        self.publisher.aliases = decide.aliases(self.index, ours, self.publisher.aliases)
 
     async def run(self) -> None:
         await self.claims.synced.wait()

@@ -84,8 +84,15 @@ def vendor_slices(desired: Mapping[str, list[SliceSpec]]) -> dict[str, list[Slic
 
 # --- the vendor's node-local devices ------------------------------------------------------------
 
-#: (node, GPU UUID) -> (pool, device name) of the vendor's node-local device
+#: (node, GPU UUID in lower case) -> (pool, device name) of the vendor's node-local device
 VendorIndex = dict[tuple[str, str], tuple[str, str]]
+
+
+def uuid_key(uuid: str) -> str:
+    """A GPU UUID as the index keys it: the fabric's serial number and the vendor's attribute may
+    differ in case (`GPU-5E3E...` against `GPU-5e3e...`), and a UUID is one UUID in any case
+    (RFC 9562 §4)."""
+    return uuid.strip().lower()
 
 
 def _attribute(attributes: Mapping[str, Any], name: str, driver: str) -> str:
@@ -110,7 +117,7 @@ def vendor_index(slices: Iterable[Obj], vendor: str) -> VendorIndex:
         for device in spec.get("devices") or []:
             uuid = _attribute(device.get("attributes") or {}, UUID_ATTRIBUTE, vendor)
             if uuid:
-                out.setdefault((str(node), uuid), (pool, str(device.get("name") or "")))
+                out.setdefault((str(node), uuid_key(uuid)), (pool, str(device.get("name") or "")))
     return out
 
 
@@ -120,16 +127,36 @@ def gpu_uuid(resource: Obj) -> str:
     return str((resource.get("status") or {}).get("device_id") or "")
 
 
-def aliases(index: VendorIndex, resources: Iterable[Obj]) -> dict[tuple[str, str], str]:
+def aliases(
+    index: VendorIndex,
+    resources: Iterable[Obj],
+    previous: Mapping[tuple[str, str], str] | None = None,
+) -> dict[tuple[str, str], str]:
     """(vendor pool, vendor device name) -> our fabric device, for every Online resource whose
     GPU the vendor offers on the resource's node: a claim holding the vendor's device holds our
     GPU (scale-down must not take it). The device is the resource's identity (`fabric_device`:
-    for a resource made for an anonymous slot, the slot, as the scaler knows it)."""
+    for a resource made for an anonymous slot, the slot, as the scaler knows it).
+
+    `previous` (the aliases in force): an alias whose GPU is still Online with us is kept while
+    the vendor's slice does not list it — its plugin restarting, kubelet removing a plugin's
+    slices when it unregisters — unless our GPU has a new alias or the vendor lists that device
+    as another GPU: a claim
+    holds the vendor's device all that time, and forgetting the alias would make our GPU look
+    idle and scale it down under the claim."""
     out: dict[tuple[str, str], str] = {}
+    online: set[str] = set()
     for r in resources:
-        uuid, node, device = gpu_uuid(r), target_node(r), fabric_device(r)
-        if state(r) == "Online" and uuid and node and device and (node, uuid) in index:
+        uuid, node, device = uuid_key(gpu_uuid(r)), target_node(r), fabric_device(r)
+        if state(r) != "Online" or not device:
+            continue
+        online.add(device)
+        if uuid and node and (node, uuid) in index:
             out[index[(node, uuid)]] = device
+    aliased, listed = set(out.values()), set(index.values())
+    for key, device in (previous or {}).items():
+        # kept unless the vendor now lists that device as another GPU
+        if device in online and device not in aliased and key not in listed:
+            out[key] = device
     return out
 
 
@@ -178,7 +205,7 @@ def decide(
     uuid = gpu_uuid(resource)
     if not uuid:
         return Decision(Step.WAIT, "its GPU UUID is not known yet")
-    found = index.get((b.node, uuid))
+    found = index.get((b.node, uuid_key(uuid)))
     if found is None:
         return Decision(Step.WAIT, f"{uuid} is not in {vendor}'s slices of {b.node} yet")
     return Decision(Step.RESCHEDULE, f"{uuid} is {vendor}'s {found[0]}/{found[1]}", found)

@@ -104,10 +104,10 @@ def test_vendor_index_reads_node_local_slices_of_the_vendor_only() -> None:
     ]
     index = vm.vendor_index([*slices, qualified], VENDOR)
     assert index == {
-        ("n1", "GPU-A"): ("n1", "gpu-0"),
-        ("n2", "GPU-B"): ("n2", "gpu-0"),
-        ("n3", "GPU-Q"): ("n3", "gpu-1"),
-    }
+        ("n1", "gpu-a"): ("n1", "gpu-0"),
+        ("n2", "gpu-b"): ("n2", "gpu-0"),
+        ("n3", "gpu-q"): ("n3", "gpu-1"),
+    }, "keyed by the UUID in lower case"
 
 
 def _resource(state: str, node: str = "n1", uuid: str = "GPU-A") -> Obj:
@@ -159,7 +159,7 @@ def _claim(conditions: list[str]) -> tuple[Obj, claimmodel.Binding]:
 
 def test_reschedule_only_once_the_vendor_offers_the_gpu_on_the_claims_node() -> None:
     claim, b = _claim([])
-    index = {("n1", "GPU-A"): ("n1", "gpu-0")}
+    index = {("n1", "gpu-a"): ("n1", "gpu-0")}
 
     def step(resource: Obj | None, idx: vm.VendorIndex = index) -> vm.Step:
         return vm.decide(claim, b, vendor=VENDOR, resource=resource, index=idx).step
@@ -169,7 +169,7 @@ def test_reschedule_only_once_the_vendor_offers_the_gpu_on_the_claims_node() -> 
     assert step(_resource("Online", node="n2")) == vm.Step.WAIT
     assert step(_resource("Online", uuid="")) == vm.Step.WAIT
     assert step(_resource("Online"), {}) == vm.Step.WAIT, "not in the vendor's slice yet"
-    assert step(_resource("Online"), {("n2", "GPU-A"): ("n2", "gpu-0")}) == vm.Step.WAIT
+    assert step(_resource("Online"), {("n2", "gpu-a"): ("n2", "gpu-0")}) == vm.Step.WAIT
     d = vm.decide(claim, b, vendor=VENDOR, resource=_resource("Online"), index=index)
     assert (d.step, d.vendor_device) == (vm.Step.RESCHEDULE, ("n1", "gpu-0"))
     done, b2 = _claim([vm.RESCHEDULE])
@@ -178,7 +178,7 @@ def test_reschedule_only_once_the_vendor_offers_the_gpu_on_the_claims_node() -> 
 
 
 def test_aliases_name_our_gpu_behind_the_vendors_device() -> None:
-    index = {("n1", "GPU-A"): ("n1", "gpu-0")}
+    index = {("n1", "gpu-a"): ("n1", "gpu-0")}
     assert vm.aliases(index, [_resource("Online")]) == {("n1", "gpu-0"): "fab-1"}
     assert vm.aliases(index, [_resource("Detaching")]) == {}
     assert vm.aliases(index, [_resource("Online", node="n2")]) == {}
@@ -188,7 +188,9 @@ def test_aliases_name_our_gpu_behind_the_vendors_device() -> None:
 
 
 @contextlib.asynccontextmanager
-async def vendor_world(gpus: int = 4, claim_deadline: float = 480.0) -> AsyncIterator[World]:
+async def vendor_world(
+    gpus: int = 4, claim_deadline: float = 480.0, idle_grace: float = 300.0
+) -> AsyncIterator[World]:
     kube = FakeKube(bookmark_interval=60)
     kube.selectable("composableresources", "spec.target_node")
     names = ["node-0", "node-1"]
@@ -197,7 +199,11 @@ async def vendor_world(gpus: int = 4, claim_deadline: float = 480.0) -> AsyncIte
     fabric = FakeFabric(names, gpus)
     cfg = settings.Settings(
         cluster=settings.ClusterSettings(
-            driver=DRIVER, vendor_driver=VENDOR, idle_grace=300.0, claim_deadline=claim_deadline
+            driver=DRIVER,
+            vendor_driver=VENDOR,
+            idle_grace=idle_grace,
+            claim_deadline=claim_deadline,
+            scale_down_settle=0.05,
         )
     )
     role = running.build(kube, fabric, cfg, identity="test")  # type: ignore[arg-type]
@@ -416,3 +422,66 @@ def test_vendor_driver_setting_is_checked_like_the_driver() -> None:
     assert settings.load({}).cluster.vendor_driver == "", "off by default"
     with pytest.raises(errors.ConfigError, match="--vendor-driver"):
         settings.load({"--vendor-driver": "GPU_nvidia"})
+
+
+# --- attacks: the vendor's slice late, elsewhere, in another case, gone again ----------------
+
+
+def test_the_vendors_uuid_in_another_case_is_the_same_gpu() -> None:
+    """The fabric's serial number and the vendor's `uuid` attribute may differ in case (`GPU-A`
+    against `gpu-a`): the same GPU, for the hand-off and for the aliases alike."""
+    claim, b = _claim([])
+    index = vm.vendor_index([_vendor_slice("a", "n1", {"gpu-0": "gpu-a"})], VENDOR)
+    d = vm.decide(claim, b, vendor=VENDOR, resource=_resource("Online", uuid="GPU-A"), index=index)
+    assert (d.step, d.vendor_device) == (vm.Step.RESCHEDULE, ("n1", "gpu-0"))
+    assert vm.aliases(index, [_resource("Online", uuid="GPU-A")]) == {("n1", "gpu-0"): "fab-1"}
+
+
+def test_an_alias_outlives_the_vendors_slice_while_the_gpu_is_online() -> None:
+    index = {("n1", "gpu-a"): ("n1", "gpu-0")}
+    before = vm.aliases(index, [_resource("Online")])
+    assert vm.aliases({}, [_resource("Online")], before) == before, "the slice gone: kept"
+    assert vm.aliases({}, [_resource("Detaching")], before) == {}, "our GPU going: dropped"
+    assert vm.aliases({}, [], before) == {}
+    other = {("n1", "gpu-z"): ("n1", "gpu-0")}  # the vendor's gpu-0 is another GPU now
+    assert vm.aliases(other, [_resource("Online")], before) == {}
+    moved = {("n1", "gpu-a"): ("n1", "gpu-7")}  # our GPU under another name
+    assert vm.aliases(moved, [_resource("Online")], before) == {("n1", "gpu-7"): "fab-1"}
+
+
+async def _handed_over(w: World, gpu: str, node: str, vendor_uuid: str) -> None:
+    """Claim c1 allocated our pool device for `gpu`, attached, the vendor offers it as
+    `vendor_uuid`, FabricDeviceReschedule set, the scheduler reallocates the vendor's device."""
+    w.new_claim("c1")
+    allocate(w, "c1", POOL, w.device_name(gpu), node, pooled=True)
+    await w.wait(lambda: w.fabric.attached_to(gpu), f"{gpu} attached")
+    stand_in_vendor(w, node, vendor_uuid)
+    await w.wait(lambda: vm.RESCHEDULE in conditions(w, "c1"), "FabricDeviceReschedule")
+    w.kube.edit(w.claim_path("c1"), lambda o: o.pop("status", None))
+    allocate(w, "c1", node, "gpu-0", node, pooled=False)
+    await w.wait(
+        lambda: w.role.publisher.device_id_of(node, "gpu-0") == gpu, "the vendor's device is ours"
+    )
+
+
+async def test_a_vendor_uuid_in_lower_case_is_handed_over() -> None:
+    async with vendor_world() as w:
+        await _handed_over(w, "gpu-1", "node-0", "gpu-1")  # the fabric says GPU-1
+        assert w.fabric.attaches == [("gpu-1", "m-node-0")]
+        assert vendoring(w).written == 1
+
+
+async def test_the_vendors_slice_gone_again_does_not_free_the_gpu_under_the_claim() -> None:
+    """The vendor's plugin restarts after the hand-off and its node-local slice is gone for a
+    while (kubelet removes a plugin's slices when it unregisters): the claim still holds the
+    vendor's device, which is still our GPU — scale-down must not take it, however long the
+    slice stays away; the GPU is released once the claim lets go."""
+    async with vendor_world(idle_grace=0.2) as w:
+        await _handed_over(w, "gpu-1", "node-0", "GPU-1")
+        w.kube.remove(f"{SLICES}/{VENDOR}-node-0")
+        await w.wait(lambda: not vendoring(w).index, "the vendor's slice gone from the index")
+        await asyncio.sleep(1.0)  # five idle graces
+        assert w.fabric.attached_to("gpu-1") == "m-node-0", "detached under the claim"
+        assert "gpu-1" in w.role.scaler._held_devices()
+        w.kube.edit(w.claim_path("c1"), lambda o: o.pop("status", None))  # the pod is done
+        await w.wait(lambda: w.fabric.attached_to("gpu-1") is None, "gpu-1 idle, detached")
