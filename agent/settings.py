@@ -722,6 +722,8 @@ def load(raw: Mapping[str, str]) -> Settings:
             value = _convert(info, raw[info.flag])
             if info.name == "driver" or (info.name == "vendor_driver" and value):
                 _check_driver(f"{info.flag} ({info.env})", value)
+            if info.name == "fatal_xids":
+                _check_xids(f"{info.flag} ({info.env})", value)
             groups[info.group][info.name] = value
     return Settings(**{g: _GROUPS[g](**values) for g, values in groups.items()})
 
@@ -731,6 +733,15 @@ def load(raw: Mapping[str, str]) -> Settings:
 #: with a letter: container-device-interface pkg/parser), since the kubelet plugin's CDI kind is
 #: `<driver>/gpu`.
 _DRIVER = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _check_xids(where: str, value: str) -> None:
+    """--node-fatal-xids: comma-separated decimal numbers (ASCII digits) that fit NVML's 64-bit
+    event data (the node role parses them with `agent.node.health.parse_xids`)."""
+    for part in value.split(","):
+        part = part.strip()
+        if part and not (part.isascii() and part.isdigit() and int(part) < 2**64):
+            raise errors.ConfigError(where, value, "comma-separated Xid numbers, e.g. 48,79")
 
 
 def _check_driver(where: str, value: str) -> None:
