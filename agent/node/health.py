@@ -62,15 +62,20 @@ _RECOVERY: Final = {
 }
 
 
+#: NVML hands the Xid over in `nvmlEventData_t.eventData` (unsigned long long).
+XID_MAX: Final = 2**64 - 1
+
+
 def parse_xids(text: str, setting: str = "--node-fatal-xids") -> frozenset[int]:
     """The Xid numbers of a comma-separated list ("48,79"; spaces allowed, empty = none).
-    Raises errors.ConfigError naming `setting` for anything but non-negative integers."""
+    Raises errors.ConfigError naming `setting` for anything but decimal integers (ASCII digits:
+    `str.isdigit` also takes "²", which `int` refuses) from 0 to `XID_MAX`."""
     out: set[int] = set()
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()) or int(part) > XID_MAX:
             raise errors.ConfigError(setting, text, "comma-separated Xid numbers, e.g. 48,79")
         out.add(int(part))
     return frozenset(out)

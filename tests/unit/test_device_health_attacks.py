@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from agent import errors, settings
 from agent.kube.resources import FINALIZER, RESOURCES, resource_name
 from agent.model.fabric import DeviceState
 from agent.model.objects import NODE_READY, Obj, condition
+from agent.node import health as nodehealth
 from tests.unit.test_cluster_role_fake import A100, scale_up, world
 from tests.unit.test_device_health_fake import set_node_health, taints_of
 
@@ -84,3 +88,16 @@ def test_fresh_node_word_only_from_another_live_ready_resource_without_the_condi
     assert h.fresh_node_word(res("b", ready, deleting=True), said_by="a") is None
     assert h.fresh_node_word(res("b", ready, ("DeviceHealthy", "Unknown")), said_by="a") is None
     assert h.fresh_node_word(res("", ready), said_by="a") is None
+
+
+@pytest.mark.parametrize("text", ["²", "١٢", "79,³", "18446744073709551616", "+79", "-1", "7 9"])
+def test_fatal_xids_take_ascii_decimal_numbers_only(text: str) -> None:
+    """`str.isdigit` takes superscripts (which `int` then refuses: a ValueError, not the
+    setting's error) and other scripts' digits; a number past NVML's 64-bit event data can never
+    match. Each is refused naming the setting, when the settings are loaded (before the node
+    role connects to anything) and by the parser."""
+    with pytest.raises(errors.ConfigError, match="--node-fatal-xids"):
+        nodehealth.parse_xids(text)
+    with pytest.raises(errors.ConfigError, match="--node-fatal-xids"):
+        settings.load({"--node-fatal-xids": text})
+    assert nodehealth.parse_xids(" 79 ,18446744073709551615") == {79, 2**64 - 1}
