@@ -182,6 +182,13 @@ class Scaler:
         #: device id -> monotonic time it was last held by a claim
         self.last_used: dict[str, float] = {}
         self._held: dict[ClaimKey, set[tuple[str, str]]] = {}
+        #: The node each allocated claim is pinned to, and the claims pinned to each node: a
+        #: Node that comes back requeues its own claims without a scan of every claim (5,000
+        #: Nodes listed at start times 2,000 claims was 12 % of the leader's CPU).
+        self._claim_node: dict[ClaimKey, str] = {}
+        self._pinned_to: dict[str, set[ClaimKey]] = {}
+        #: Nodes carrying the warm-capacity label (kept from Node events, not scanned per claim).
+        self._warm_labelled: set[str] = set()
         #: resources we created that our informer has not shown yet: name -> node
         self._created: dict[str, str] = {}
         #: devices being scaled down -> set when a claim names one meanwhile (abort)
@@ -220,15 +227,27 @@ class Scaler:
                         if gpu in self.health:
                             self.sick.enqueue(gpu)
                 self.moves.enqueue(device)  # idle now: to its node's pool
-                self._warm_nodes_changed()
         for pool, name in now_held:
             device = self.publisher.device_id_of(pool, name)
             if device:
                 self.last_used[device] = now
                 if device in self._draining:
                     self._draining[device].set()  # the scheduler took it: abort the scale-down
+        old_node = self._claim_node.pop(key, "")
+        if old_node:
+            self._pinned_to.get(old_node, set()).discard(key)
+            if not self._pinned_to.get(old_node):
+                self._pinned_to.pop(old_node, None)
+        new_node = (
+            ""
+            if event.type == "DELETED"
+            else claimmodel.node_of((event.obj.get("status") or {}).get("allocation") or {})
+        )
+        if new_node:
+            self._claim_node[key] = new_node
+            self._pinned_to.setdefault(new_node, set()).add(key)
         if now_held != before:
-            self._warm_nodes_changed()
+            self._warm_nodes_changed({old_node, new_node} - {""})
         if now_held:
             self._held[key] = now_held
         else:
@@ -265,13 +284,15 @@ class Scaler:
         """A node's labels (warm capacity, limits) may have changed, or a Node came back: look
         at its warm capacity and at the claims pinned to it (a returning node gets its GPUs)."""
         node = event.obj["metadata"]["name"]
+        if event.type != "DELETED" and (event.obj["metadata"].get("labels") or {}).get(WARM_LABEL):
+            self._warm_labelled.add(node)
+        else:
+            self._warm_labelled.discard(node)
         self.warmth.enqueue(node)
         self.labels.enqueue(node)
         if event.type == "ADDED":
-            for key, claim in self.claims.store.items():
-                allocation = (claim.get("status") or {}).get("allocation") or {}
-                if claimmodel.node_of(allocation) == node:
-                    self.queue.enqueue(key)
+            for key in sorted(self._pinned_to.get(node, ())):
+                self.queue.enqueue(key)
 
     def _holders(self, device: str) -> list[ClaimKey]:
         return [
@@ -694,13 +715,13 @@ class Scaler:
 
     # --- warm capacity ---------------------------------------------------------------------------
 
-    def _warm_nodes_changed(self) -> None:
-        if self.warm or any(
-            (n.get("metadata", {}).get("labels") or {}).get(WARM_LABEL)
-            for n in self.nodes.store.values()
-        ):
-            for machine_node in self.publisher.node_of_machine().values():
-                self.warmth.enqueue(machine_node)
+    def _warm_nodes_changed(self, nodes: set[str] | None = None) -> None:
+        """Look at warm capacity again on `nodes` (a claim there took or gave back a GPU), or on
+        every node wired to a fabric; nothing when warm capacity is off everywhere."""
+        if not (self.warm or self._warm_labelled):
+            return
+        for node in self.publisher.node_of_machine().values() if nodes is None else nodes:
+            self.warmth.enqueue(node)
 
     async def _keep_warm(self, node: str) -> None:
         """Keep `warm` idle GPUs of each model attached on `node`: model-only resources
