@@ -94,8 +94,7 @@ def node_word(resource: Obj | None) -> Word | None:
         if status == "True":
             return Word(True)
         if status == "False":
-            reason = str(c.get("reason") or "Unhealthy")
-            return Word(False, taint_value(reason), str(c.get("message") or ""))
+            return Word(False, node_reason(str(c.get("reason") or "")), str(c.get("message") or ""))
         return None
     return None
 
@@ -135,6 +134,16 @@ def fabric_word(dev: PoolDevice | None) -> Word | None:
             dev.health_reason or "the fabric says Critical",
         )
     return Word(True)
+
+
+def node_reason(reason: str) -> str:
+    """A node's reason as a taint value that never passes for the fabric's (`recovered_word`
+    tells them apart by the `FABRIC_REASON_PREFIX`): `Node` is put before one that begins with
+    it ("FabricLinkDown" -> "NodeFabricLinkDown"); an empty one is "Unhealthy"."""
+    value = taint_value(reason)
+    if value.startswith(FABRIC_REASON_PREFIX):
+        value = taint_value("Node" + value)
+    return value
 
 
 def taint_value(reason: str) -> str:

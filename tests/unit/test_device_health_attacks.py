@@ -5,15 +5,18 @@ attack is handled."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from agent import errors, settings
+from agent.controllers import running
 from agent.kube.resources import FINALIZER, RESOURCES, resource_name
+from agent.model import health as healthmodel
 from agent.model.fabric import DeviceState
 from agent.model.objects import NODE_READY, Obj, condition
 from agent.node import health as nodehealth
-from tests.unit.test_cluster_role_fake import A100, scale_up, world
+from tests.unit.test_cluster_role_fake import A100, DRIVER, World, scale_up, world
 from tests.unit.test_device_health_fake import set_node_health, taints_of
 
 
@@ -69,7 +72,7 @@ async def test_the_node_that_found_it_broken_keeps_its_word_without_a_condition_
 
 
 def test_fresh_node_word_only_from_another_live_ready_resource_without_the_condition() -> None:
-    from agent.model import health as h
+    h = healthmodel
 
     def res(uid: str, *conds: tuple[str, str], deleting: bool = False) -> Obj:
         meta: dict[str, str] = {"name": "r", "uid": uid}
@@ -101,3 +104,53 @@ def test_fatal_xids_take_ascii_decimal_numbers_only(text: str) -> None:
     with pytest.raises(errors.ConfigError, match="--node-fatal-xids"):
         settings.load({"--node-fatal-xids": text})
     assert nodehealth.parse_xids(" 79 ,18446744073709551615") == {79, 2**64 - 1}
+
+
+async def test_a_node_reason_that_starts_like_the_fabrics_survives_a_new_leader() -> None:
+    """A new leader tells a node-reported taint (kept: the node cannot say it again for a
+    detached GPU) from a fabric-reported one (dropped: the fabric says it again) by its value.
+    A node reason that began with "Fabric" (a node's word is any CamelCase reason) passed for
+    the fabric's: after a fail-over the broken GPU was offered untainted."""
+    async with world(gpus=2, health_grace=0.2) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        set_node_health(w, "gpu-0", "False", "FabricLinkDown")
+        taints = await w.wait(lambda: taints_of(w, "gpu-0"), "tainted")
+        assert not taints[0]["value"].startswith(healthmodel.FABRIC_REASON_PREFIX)
+        w.release("c1")
+        await w.wait(lambda: w.fabric.devices["gpu-0"].state == DeviceState.FREE, "detached")
+        await w.wait(
+            lambda: (w.offered().get(w.device_name("gpu-0")) or {}).get("bindsToNode"),
+            "gpu-0 free, tainted",
+        )
+        role = await new_leader(w, health_grace=0.2)
+        await asyncio.sleep(0.5)  # past the grace
+        assert taints_of(w, "gpu-0") == taints
+        assert role.scaler.unhealthy_reason("gpu-0") == taints[0]["value"]
+
+
+async def new_leader(w: World, **cluster: Any) -> running.ClusterRole:
+    """Cancel the running cluster role and start another on the same world (a fail-over)."""
+    old = w.tasks.pop(0)
+    old.cancel()
+    await asyncio.gather(old, return_exceptions=True)
+    cfg = settings.Settings(
+        cluster=settings.ClusterSettings(
+            driver=DRIVER, idle_grace=300.0, scale_down_settle=0.05, **cluster
+        )
+    )
+    role = running.build(w.kube, w.fabric, cfg, identity="next")  # type: ignore[arg-type]
+    w.tasks.insert(0, asyncio.create_task(role.run()))
+    await w.wait(lambda: role.publisher.syncs >= 1, "the new leader published", timeout=60)
+    return role
+
+
+@pytest.mark.parametrize(
+    "reason", ["FabricLinkDown", "Fabric" + "x" * 57, "fabric", "FabricCritical"]
+)
+def test_a_node_reason_is_never_read_back_as_the_fabrics(reason: str) -> None:
+    value = healthmodel.node_reason(reason)
+    assert not value.startswith(healthmodel.FABRIC_REASON_PREFIX)
+    assert len(value) <= 63
+    word = healthmodel.recovered_word({"key": healthmodel.TAINT_KEY, "value": value})
+    assert word is not None
+    assert word.reason == value
