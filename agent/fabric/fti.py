@@ -23,6 +23,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -250,6 +251,8 @@ class FtiFabric:
             assert isinstance(machines, list)
         except (KeyError, TypeError, AssertionError):
             raise errors.FabricProtocolError("GET /machines: no data.machines list") from None
+        for m in machines:
+            _check_machine(m, "GET /machines")
         return machines
 
     async def inventory(self) -> Inventory:
@@ -266,7 +269,7 @@ class FtiFabric:
                 if fabric:  # a machine with no fabric_id is wired to no fabric (CoHDI drops it)
                     first_of_fabric.setdefault(fabric, mid)
                 devices.extend(_resource(r, fabric, mid) for r in m.get("resources") or [])
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise errors.FabricProtocolError(
                     f"GET /machines: malformed machine {m!r:.200}: {exc}"
                 ) from None
@@ -303,11 +306,11 @@ class FtiFabric:
         doc = await self._get(f"/machines/{machine}")
         try:
             (m,) = doc["data"]["machines"]
-            return dict(m)
         except (KeyError, TypeError, ValueError):
             raise errors.FabricProtocolError(
                 f"GET /machines/{machine}: no single machine in data.machines"
             ) from None
+        return dict(_check_machine(m, f"GET /machines/{machine}"))
 
     def watch(self) -> AsyncIterator[Inventory]:
         """The inventory now, then on every change (this API has no ETag: every poll reads the
@@ -449,11 +452,37 @@ class FtiFabric:
             return PoolDevice(device, FabricId(""), "", DeviceState.FREE)  # not attached anywhere
 
 
+def _check_machine(m: Any, what: str) -> dict[str, Any]:
+    """`m` if it is a machine object whose `resources` (absent or null: none) is a list of
+    objects; FabricProtocolError otherwise, so that every later `.get` reads a dict (an odd
+    answer must be a protocol error the watch retries, never a crash)."""
+    resources = m.get("resources") if isinstance(m, dict) else None
+    if (
+        not isinstance(m, dict)
+        or (resources is not None and not isinstance(resources, list))
+        or not all(isinstance(r, dict) for r in resources or [])
+    ):
+        raise errors.FabricProtocolError(
+            f"{what}: a machine is not an object with a list of resource objects: {m!r:.200}"
+        )
+    return m
+
+
 def _model(r: dict[str, Any]) -> str:
-    for cond in (r.get("res_spec") or {}).get("condition") or []:
+    """The model of a resource: the value of its `res_spec.condition[]` item whose column is
+    `model`, else its `res_name` ("" when null). TypeError for a res_spec, condition list or
+    condition that is not of its JSON type."""
+    spec = r.get("res_spec") or {}
+    conditions = spec.get("condition") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(conditions, list | None):
+        raise TypeError(f"res_spec must be an object with a condition list, got {spec!r}")
+    for cond in conditions or []:
+        if not isinstance(cond, dict):
+            raise TypeError(f"a res_spec condition must be an object, got {cond!r}")
         if cond.get("column") == "model":
-            return str(cond.get("value", ""))
-    return str(r.get("res_name", ""))
+            value = cond.get("value")
+            return "" if value is None else str(value)
+    return _text(r.get("res_name"))
 
 
 def _text(value: Any) -> str:
@@ -484,9 +513,14 @@ def _fabric_of(m: dict[str, Any]) -> FabricId:
     raw = m.get("fabric_id")
     if raw is None:
         return FabricId("")
-    if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit():
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or not _DIGITS.match(str(raw)):
         raise TypeError(f"fabric_id must be an integer or null, got {raw!r}")
     return FabricId(str(int(raw)))
+
+
+#: A non-negative integer as JSON or as a digit string: ASCII digits only (`str.isdigit` and
+#: `int` also take other scripts' digits, which no fabric manager sends).
+_DIGITS = re.compile(r"[0-9]+\Z")
 
 
 def _number(value: Any, default: int) -> int:
@@ -495,6 +529,8 @@ def _number(value: Any, default: int) -> int:
         return default
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise TypeError(f"expected an integer, got {value!r}")
+    if isinstance(value, str) and not _DIGITS.match(value.strip()):
+        raise ValueError(f"expected an integer, got {value!r}")
     return int(value)
 
 
@@ -505,7 +541,8 @@ _HEALTH = {"0": "OK", "1": "Warning", "2": "Critical"}
 
 def _resource(r: dict[str, Any], fabric: FabricId, machine: MachineId) -> PoolDevice:
     try:
-        raw_op = r.get("res_op_status", "0")
+        raw_op = r.get("res_op_status")
+        raw_op = "0" if raw_op is None else raw_op  # null: no report, as absent
         if isinstance(raw_op, bool) or not isinstance(raw_op, str | int):
             raise TypeError(f"res_op_status must be a string, got {raw_op!r}")
         op = str(raw_op) or "0"
@@ -529,7 +566,7 @@ def _resource(r: dict[str, Any], fabric: FabricId, machine: MachineId) -> PoolDe
             health=health,
             health_reason=reason or (f"res_op_status {op}" if health != "OK" else ""),
         )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise errors.FabricProtocolError(f"malformed FTI resource {r!r:.200}: {exc}") from None
 
 

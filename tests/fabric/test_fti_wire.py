@@ -719,3 +719,50 @@ async def test_client_reports_the_error_body_detail() -> None:
     with pytest.raises(errors.AgentError) as info:
         await read_with(fm_app(real_machine(), error=True))
     assert 'E50300 {"reason":"maintenance"}' in str(info.value)
+
+
+# --- attacks: odd shapes are protocol errors, never a crash -------------------------------------
+
+
+def _res(**over: Any) -> dict[str, Any]:
+    return {**real_machine()["resources"][0], **over}
+
+
+@pytest.mark.parametrize(
+    "machine",
+    [
+        real_machine(resources=[_res(res_spec="x")]),
+        real_machine(resources=[_res(res_spec={"condition": [None]})]),
+        real_machine(resources=[_res(res_spec={"condition": "model"})]),
+        real_machine(resources=[["r-1"]]),
+        real_machine(resources="r-1"),
+        real_machine(fabric_id="\u0661"),  # a digit outside ASCII is not an integer on the wire
+        "a machine that is a string",
+        None,
+    ],
+    ids=[
+        "res_spec-text",
+        "condition-null",
+        "condition-text",
+        "resource-list",
+        "resources-text",
+        "fabric-arabic-digit",
+        "machine-text",
+        "machine-null",
+    ],
+)
+async def test_an_answer_of_an_odd_shape_is_a_protocol_error(machine: Any) -> None:
+    """Anything but the error tree escapes the fabric watch as a bug (`agent.fabric.link.poll`)
+    and stops the cluster role: an odd answer must be a FabricProtocolError (the watch records
+    it and reads again)."""
+    with pytest.raises(errors.FabricProtocolError):
+        await read_with(fm_app(machine))
+
+
+async def test_null_where_a_manager_may_send_null() -> None:
+    """`res_op_status` null is no health report (OK); a model condition with a null value is no
+    model (not the model "None")."""
+    res = _res(res_op_status=None, res_spec={"condition": [{"column": "model", "value": None}]})
+    inv = await read_with(fm_app(real_machine(resources=[res])), models=())
+    (d,) = inv.devices
+    assert (d.health, d.model) == ("OK", "")
