@@ -11,7 +11,8 @@ Reads, with the FM client's token (`FtiFabric.cm_get`):
    `min_resspec_count`, `max_resspec_count` (null: no bound) and the model in
    `selector.expression.conditions[{column: model, operator: eq, value}]`.
 
-A malformed answer is a `FabricProtocolError` naming the field.
+A malformed answer is a `FabricProtocolError` naming the field; so is a model whose minimum is
+above its maximum (the pass is refused and the labels stay as they were).
 """
 
 from __future__ import annotations
@@ -96,10 +97,14 @@ def parse_resspecs(doc: Any, *, where: str) -> dict[str, ModelLimits]:
             ) from None
         if not isinstance(model, str):
             raise errors.FabricProtocolError(f"{at}: the model is not a string: {model!r}")
-        out[model] = ModelLimits(
-            _count(spec.get("min_resspec_count"), f"{at}.min_resspec_count"),
-            _count(spec.get("max_resspec_count"), f"{at}.max_resspec_count"),
-        )
+        low = _count(spec.get("min_resspec_count"), f"{at}.min_resspec_count")
+        high = _count(spec.get("max_resspec_count"), f"{at}.max_resspec_count")
+        if low is not None and high is not None and low > high:
+            raise errors.FabricProtocolError(
+                f"{at} ({model}): min_resspec_count {low} > max_resspec_count {high}; "
+                "no bound honours both"
+            )
+        out[model] = ModelLimits(low, high)
     return out
 
 

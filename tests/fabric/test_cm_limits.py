@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from agent import errors
 from agent.controllers.cmlimits import CmLimits
 from agent.controllers.publishing import NODES, SLICES, Publisher
-from agent.fabric.cm import ClusterManager
+from agent.fabric.cm import ClusterManager, ModelLimits, parse_resspecs
 from agent.fabric.credentials import Secret
 from agent.fabric.emulator import cm_api
 from agent.fabric.emulator import config as emuconfig
@@ -145,3 +146,40 @@ def test_node_groups_from_the_emulators_file(tmp_path: Path) -> None:
     )
     with pytest.raises(emuconfig.EmulatorConfigError, match=r"node_groups\[0\].resspecs"):
         cm_api.from_file(bad)
+
+
+def _machine_doc(*specs: tuple[Any, Any]) -> dict[str, Any]:
+    return {
+        "data": {
+            "cluster": {
+                "machine": {
+                    "resspecs": [
+                        {
+                            "selector": {
+                                "expression": {
+                                    "conditions": [
+                                        {"column": "model", "operator": "eq", "value": f"M{i}"}
+                                    ]
+                                }
+                            },
+                            "min_resspec_count": low,
+                            "max_resspec_count": high,
+                        }
+                        for i, (low, high) in enumerate(specs)
+                    ]
+                }
+            }
+        }
+    }
+
+
+def test_a_minimum_above_the_maximum_is_refused_naming_the_resspec() -> None:
+    """min 3 > max 1 for one model: no bound can honour both (the node would get
+    min-devices 3, max-devices 1 and the scaler a floor above its cap); the answer is refused
+    naming the resspec, and the labels stay as they were (`CmLimits.run` logs it)."""
+    assert parse_resspecs(_machine_doc((1, 2), (0, None)), where="m") == {
+        "M0": ModelLimits(1, 2),
+        "M1": ModelLimits(0, None),
+    }
+    with pytest.raises(errors.FabricProtocolError, match=r"m: resspecs\[1\].*3.*1"):
+        parse_resspecs(_machine_doc((1, 2), (3, 1)), where="m")
