@@ -140,6 +140,14 @@ class ControlPlane:
     def pki_dir(self) -> Path:
         return self.state_dir / "pki"
 
+    @property
+    def audit_log(self) -> Path:
+        """kube-apiserver's audit log (JSON lines, level Metadata: user, verb, resource, the
+        authorization decision, the response code) of requests by ServiceAccounts only, so a
+        test can see every call a role's token made and every refusal; the admin's are not
+        logged."""
+        return self.state_dir / "audit.log"
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self, timeout: float = 120.0) -> None:
@@ -251,6 +259,8 @@ class ControlPlane:
                 f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}",
                 f"--service-account-key-file={pki.sa_public}",
                 f"--service-account-signing-key-file={pki.sa_private}",
+                f"--audit-policy-file={self._write_audit_policy()}",
+                f"--audit-log-path={self.audit_log}",
                 "--authorization-mode=Node,RBAC",
                 # No controller-manager runs, so nothing would mint service-account tokens.
                 "--disable-admission-plugins=ServiceAccount",
@@ -340,6 +350,20 @@ class ControlPlane:
             ],
         }
         (self.state_dir / "scheduler.yaml").write_text(yaml.safe_dump(doc))
+
+    def _write_audit_policy(self) -> Path:
+        path = self.state_dir / "audit-policy.yaml"
+        doc = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [
+                {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                {"level": "None"},
+            ],
+        }
+        path.write_text(yaml.safe_dump(doc))
+        return path
 
     def _scheduler_serving_cert(self) -> certs.KeyPair:
         from cryptography import x509
