@@ -235,7 +235,8 @@ def _binding(
 def node_policy(name: str, namespace: str) -> list[dict[str, Any]]:
     """The ValidatingAdmissionPolicy and its binding: the node role's ServiceAccount may write
     only the status of ComposableResources whose spec.target_node is the node its token was
-    issued on. A status PATCH is an UPDATE to admission."""
+    issued on. A status PATCH is an UPDATE to admission. A refusal is 403 Forbidden (the
+    policy's default would be 422 Invalid, as if the body were wrong)."""
     policy = f"{name}-node-own-resources"
     user = f"system:serviceaccount:{namespace}:{service_account_name(name, 'node')}"
     return [
@@ -273,11 +274,13 @@ def node_policy(name: str, namespace: str) -> list[dict[str, Any]]:
                 "validations": [
                     {
                         "expression": 'variables.userNodeName != ""',
+                        "reason": "Forbidden",
                         "message": "no node in this token: the node role must run in a pod on "
                         "its node (a pod-bound ServiceAccount token)",
                     },
                     {
                         "expression": "variables.userNodeName == variables.objectNodeName",
+                        "reason": "Forbidden",
                         "messageExpression": '"the node role on node \'" + '
                         "variables.userNodeName + \"' may not write ComposableResources of "
                         'node \'" + variables.objectNodeName + "\'"',

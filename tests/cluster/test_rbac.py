@@ -1,0 +1,440 @@
+"""The split least-privilege RBAC (`agent.manifests.rbac`) on the real control plane, under real
+ServiceAccount tokens from the TokenRequest API:
+
+- the cluster role (its own process, the cluster ServiceAccount's token) and the node role (its
+  own process, the node ServiceAccount's token bound to a pod on its node) run the scale-up flow
+  (publish, attach, the node's NodeReady, kubelet's prepare and unprepare, scale-down with the
+  node's NodeReleased, the Lease released at SIGTERM) and the audit log shows 0 refusals;
+- every (rule, verb) is taken away in turn and kube-apiserver's authorizer (SubjectAccessReview)
+  shows which request of that flow it would refuse; a grant the flow does not reach is listed in
+  `NOT_IN_THE_FLOW` with the code path that needs it;
+- a node's token is refused writing another node's ComposableResource status (the admission
+  policy), writing anything without a node in its token, and updating a Lease (RBAC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import errors, settings
+from agent.demo import objects
+from agent.devcluster.controlplane import ControlPlane, free_port
+from agent.fabric.emulator.sysfs_hook import SysfsHook
+from agent.kube.client import Kube
+from agent.kube.resources import RESOURCES
+from agent.manifests import installing, rbac
+from agent.simulated import stubnvml
+from tests import kubelet
+from tests.cluster import access
+from tests.cluster.conftest import CLAIMS, World
+from tests.cluster.test_resilience import cluster_args, http_get, spawn, stop
+from tests.cluster.test_scale_up import bound_pods
+from tests.waiting import until
+
+pytestmark = pytest.mark.controlplane
+
+#: Grants (resource, verb) the scale-up flow does not reach, and the code that needs them.
+NOT_IN_THE_FLOW = {
+    ("composableresources", "get"): "requesting: a member's create met AlreadyExists",
+    ("resourceclaims", "get"): "scaling/vendoring: the claim read again after a conflict",
+    ("events", "patch"): "eventing: the same Event again bumps its count",
+    ("composabilityrequests", "patch"): "requesting: a ComposabilityRequest's finalizer",
+    ("composabilityrequests/status", "patch"): "requesting: a ComposabilityRequest's status",
+}
+
+
+def _user(namespace: str, account: str) -> str:
+    return f"system:serviceaccount:{namespace}:{account}"
+
+
+def _matches(grant: rbac.Grant, verb: str, call: access.Call) -> bool:
+    resource = f"{call.resource}/{call.subresource}" if call.subresource else call.resource
+    return call.verb == verb and call.group == grant.group and resource in grant.resources
+
+
+def _sentinel(grant: rbac.Grant, namespace: str) -> access.Call:
+    """A request the grant allows (to see that RBAC has the probe's role)."""
+    resource, _, sub = grant.resources[0].partition("/")
+    return access.Call(
+        "",
+        grant.verbs[0],
+        grant.group,
+        resource,
+        sub,
+        namespace,
+        grant.names[:1][0] if grant.names else "",
+        0,
+    )
+
+
+async def _probe_denials(
+    kube: Kube,
+    suffix: str,
+    roles: dict[str, tuple[str, list[rbac.Grant], str]],
+    calls: dict[str, list[access.Call]],
+) -> tuple[dict[tuple[str, str, str], list[str]], list[dict[str, Any]]]:
+    """For every (role, grant, verb): a user with that role less that verb; which of the role's
+    calls the API server's authorizer then refuses. Returns ({(role, resource, verb): [refused
+    call]}, [the probe objects made])."""
+    made: list[dict[str, Any]] = []
+    probes: list[tuple[tuple[str, str, str], str, list[access.Call], access.Call]] = []
+    for role, (user, grants, kind) in roles.items():
+        ns = "" if kind == "ClusterRole" else grants_namespace(calls[user])
+        for i, grant in enumerate(grants):
+            for verb in grant.verbs:
+                probe = f"probe-{suffix}-{len(probes)}"
+                less = list(grants)
+                rest = tuple(v for v in grant.verbs if v != verb)
+                if rest:
+                    less[i] = replace(grant, verbs=rest)
+                else:
+                    del less[i]
+                meta: dict[str, Any] = {"name": probe, **({"namespace": ns} if ns else {})}
+                made += [
+                    {
+                        "apiVersion": rbac.RBAC_API,
+                        "kind": kind,
+                        "metadata": meta,
+                        "rules": [g.rule() for g in less],
+                    },
+                    {
+                        "apiVersion": rbac.RBAC_API,
+                        "kind": f"{kind}Binding",
+                        "metadata": meta,
+                        "roleRef": {"apiGroup": rbac.RBAC_GROUP, "kind": kind, "name": probe},
+                        "subjects": [{"apiGroup": rbac.RBAC_GROUP, "kind": "User", "name": probe}],
+                    },
+                ]
+                affected = [c for c in calls[user] if _matches(grant, verb, c)]
+                key = (role, ",".join(grant.resources), verb)
+                probes.append((key, probe, affected, _sentinel(less[0], ns)))
+    await access.apply_all(kube, made)
+
+    async def synced() -> bool:
+        for _key, probe, _affected, sentinel in probes:
+            if not await access.allowed(kube, probe, sentinel):
+                return False
+        return True
+
+    await until(synced, what="RBAC has every probe role", timeout=30)
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for key, probe, affected, _sentinel_call in probes:
+        out[key] = [c.what for c in affected if not await access.allowed(kube, probe, c)]
+    return out, made
+
+
+def grants_namespace(calls: list[access.Call]) -> str:
+    (ns,) = {c.namespace for c in calls if c.resource == "leases"}
+    return ns
+
+
+def _distinct(calls: list[access.Call]) -> list[access.Call]:
+    seen: dict[tuple[str, ...], access.Call] = {}
+    for c in calls:
+        seen.setdefault(
+            (c.user, c.verb, c.group, c.resource, c.subresource, c.namespace, c.name), c
+        )
+    return list(seen.values())
+
+
+async def _node_process(
+    world: World, node: str, kubeconfig: Path, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """The node role alone, on a synthetic sysfs fed by the emulator, with its token."""
+    root = tmp_path / "nodes" / node
+    (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
+    (root / "nvml-gpus").touch()
+    hook = SysfsHook(lambda m: root if m.name == node else None)
+    world.emulator.state.on_appear.append(hook.appear)
+    world.emulator.state.on_disappear.append(hook.disappear)
+    stub = await asyncio.to_thread(stubnvml.build, settings.Settings().cache_dir)
+    kubelet_dir = Path(tempfile.mkdtemp(prefix="kl-", dir="/tmp"))  # socket paths < 108 bytes
+    proc = spawn(
+        [
+            "--kubeconfig",
+            str(kubeconfig),
+            "--roles",
+            "node",
+            "--driver",
+            world.driver,
+            "--node-name",
+            node,
+            "--node-sysfs-root",
+            str(root / "sys"),
+            "--node-nvml-path",
+            str(stub),
+            "--node-kubelet-dir",
+            str(kubelet_dir),
+            "--node-cdi-dir",
+            str(tmp_path / "cdi"),
+            "--node-rescan",
+            "never",
+        ],
+        tmp_path / "node.log",
+        {"STUB_NVML_GPUS": str(root / "nvml-gpus")},
+    )
+    return proc, kubelet_dir, kubelet_dir / "plugins_registry" / f"{world.driver}-reg.sock"
+
+
+async def _kubelet(
+    binary: Path, registration: Path, driver: str, op: str, claim: dict[str, Any]
+) -> str:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            str(binary),
+            "-registration",
+            str(registration),
+            "-driver",
+            driver,
+            "-op",
+            op,
+            "-namespace",
+            claim["metadata"]["namespace"],
+            "-name",
+            claim["metadata"]["name"],
+            "-uid",
+            claim["metadata"]["uid"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    "world",
+    [{"nodes": 1, "gpus": 2, "double": False, "idle_grace": 1.0, "settle": 1.0}],
+    indirect=True,
+)
+async def test_split_roles_run_the_flow_with_no_denial_and_every_rule_is_needed(
+    world: World, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    kube, suffix, node = world.kube, world.suffix, world.nodes[0]
+    ns, name, lease = f"agent-{suffix}", f"ag{suffix}", f"lease-{suffix}"
+    docs = rbac.rbac(world.driver, ns, name=name, lease=lease)
+    cluster_sa = rbac.service_account_name(name, "cluster")
+    node_sa = rbac.service_account_name(name, "node")
+    users = {_user(ns, cluster_sa), _user(ns, node_sa)}
+    binary = await asyncio.to_thread(kubelet.build)
+    await access.ensure_namespace(kube, ns)
+    await access.apply_all(kube, docs)
+    made: list[dict[str, Any]] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    kubelet_dir: Path | None = None
+    try:
+        pod = await access.pod_on(kube, ns, f"node-role-{suffix}", node_sa, node)
+        node_cfg = access.token_kubeconfig(
+            control_plane,
+            await access.token(kube, ns, node_sa, pod=pod),
+            tmp_path / "node.kubeconfig",
+        )
+        cluster_cfg = access.token_kubeconfig(
+            control_plane, await access.token(kube, ns, cluster_sa), tmp_path / "cluster.kubeconfig"
+        )
+        node_proc, kubelet_dir, registration = await _node_process(world, node, node_cfg, tmp_path)
+        procs.append(node_proc)
+        port = free_port()
+        cluster_proc = spawn(
+            [
+                "--kubeconfig",
+                str(cluster_cfg),
+                "--roles",
+                "cluster",
+                *cluster_args(world, world.emulator.url, port, lease),
+                "--lease-namespace",
+                ns,
+                "--idle-grace",
+                "1",
+                "--scale-down-settle",
+                "1",
+            ],
+            tmp_path / "cluster.log",
+        )
+        procs.append(cluster_proc)
+
+        async def ready() -> bool:
+            assert cluster_proc.poll() is None, (tmp_path / "cluster.log").read_text()[-3000:]
+            return (await http_get(port, "/readyz"))[0] == 200
+
+        await until(ready, what="the cluster role ready under its token", timeout=60)
+
+        claim_name = f"p{suffix}-0"
+        await world.claim_and_pod(claim_name)
+        await until(lambda: bound_pods(world, [claim_name]), what="the pod bound", timeout=90)
+        claim = await kube.get(f"{CLAIMS}/{claim_name}")
+        prepared = await _kubelet(binary, registration, world.driver, "prepare", claim)
+        assert f"{world.driver}/gpu=" in prepared, prepared
+        await _kubelet(binary, registration, world.driver, "unprepare", claim)
+        await objects.finish(kube, claim_name)
+
+        async def detached() -> bool:
+            items = (await kube.get(RESOURCES))["items"]
+            return not [r for r in items if r["spec"].get("target_node") == node]
+
+        await until(detached, what="the GPU scaled down and detached", timeout=120)
+        codes = [await stop(p) for p in procs]
+        assert codes == [0, 0], codes
+
+        calls = access.audited(control_plane, users)
+        denied = [f"{c.user}: {c.what} -> {c.code}" for c in calls if c.code in (401, 403)]
+        summary = sorted({f"{c.user.rsplit(':', 1)[1]}: {c.what}" for c in _distinct(calls)})
+        print(f"\n{len(calls)} requests by the two ServiceAccounts, {len(summary)} distinct:")
+        print("\n".join(f"  {s}" for s in summary))
+        assert denied == []
+
+        # Every (rule, verb) taken away in turn: what of this flow breaks.
+        cluster_user, node_user = _user(ns, cluster_sa), _user(ns, node_sa)
+        distinct = {u: _distinct([c for c in calls if c.user == u]) for u in users}
+        distinct[cluster_user] += [
+            replace(
+                c,
+                verb="arbitrary-node:update",
+                resource="resourceclaims",
+                subresource="driver",
+                name=world.driver,
+            )
+            for c in distinct[cluster_user]
+            if (c.resource, c.subresource, c.verb) == ("resourceclaims", "status", "update")
+        ]
+        roles = {
+            "cluster": (cluster_user, rbac.cluster_grants(world.driver), "ClusterRole"),
+            "leader": (cluster_user, rbac.leader_grants(lease), "Role"),
+            "node": (node_user, rbac.node_grants(), "ClusterRole"),
+        }
+        breaks, made = await _probe_denials(kube, suffix, roles, distinct)
+        print("\nwithout   ->   refused in the flow")
+        unexplained = []
+        for (role, resource, verb), refused in breaks.items():
+            why = NOT_IN_THE_FLOW.get((resource, verb)) if role == "cluster" else None
+            shown = "; ".join(refused) if refused else f"(not in this flow: {why})"
+            print(f"  {role}: {resource} {verb}   ->   {shown}")
+            if not refused and why is None:
+                unexplained.append((role, resource, verb))
+        assert unexplained == [], "granted, never used in the flow and no reason given"
+        exercised = {
+            (r, v) for (role, r, v), refused in breaks.items() if refused and role == "cluster"
+        }
+        assert exercised & set(NOT_IN_THE_FLOW) == set(), (
+            "NOT_IN_THE_FLOW lists a grant the flow does use"
+        )
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                await stop(p)
+        if kubelet_dir is not None:
+            shutil.rmtree(kubelet_dir, ignore_errors=True)
+        await access.delete_all(kube, made)
+        await access.delete_all(kube, docs)
+
+
+async def test_a_node_token_writes_only_its_own_node_and_no_lease(
+    kube: Kube, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    ns, name, driver = f"agent-{suffix}", f"ag{suffix}", f"v{suffix}.cohdi.io"
+    mine, other = f"own-{suffix}", f"other-{suffix}"
+    await installing.install(kube, driver)
+    docs = rbac.rbac(driver, ns, name=name, lease=f"lease-{suffix}")
+    node_sa = rbac.service_account_name(name, "node")
+    await access.ensure_namespace(kube, ns)
+    await access.apply_all(kube, docs)
+    crs: list[str] = []
+    try:
+        for target in (mine, other):
+            cr = await kube.create(
+                RESOURCES,
+                {
+                    "apiVersion": f"{rbac.crds.GROUP}/{rbac.crds.VERSION}",
+                    "kind": "ComposableResource",
+                    "metadata": {"name": f"gpu-{target}"},
+                    "spec": {
+                        "type": "gpu",
+                        "model": "NVIDIA-A100-PCIE-40GB",
+                        "target_node": target,
+                    },
+                },
+            )
+            crs.append(cr["metadata"]["name"])
+        pod = await access.pod_on(kube, ns, f"node-role-{suffix}", node_sa, mine)
+        async with (
+            await Kube.connect(
+                kubeconfig=str(
+                    access.token_kubeconfig(
+                        control_plane,
+                        await access.token(kube, ns, node_sa, pod=pod),
+                        tmp_path / "n.kubeconfig",
+                    )
+                )
+            ) as node_kube,
+            await Kube.connect(
+                kubeconfig=str(
+                    access.token_kubeconfig(
+                        control_plane,
+                        await access.token(kube, ns, node_sa),
+                        tmp_path / "u.kubeconfig",
+                    )
+                )
+            ) as unbound,
+        ):
+            status = {"status": {"pci_address": "0000:01:00.0"}}
+
+            async def refused_other() -> str | None:
+                try:
+                    await node_kube.patch(f"{RESOURCES}/gpu-{other}/status", status)
+                except errors.KubeForbidden as exc:
+                    return str(exc) if "may not write ComposableResources" in str(exc) else None
+                return None
+
+            message = await until(
+                refused_other, what="the policy refusing another node", timeout=30
+            )
+            print(f"\nanother node's status: {message}")
+            written = await node_kube.patch(f"{RESOURCES}/gpu-{mine}/status", status)
+            assert written["status"]["pci_address"] == "0000:01:00.0"  # its own node: allowed
+
+            with pytest.raises(errors.KubeForbidden, match="no node in this token"):
+                await unbound.patch(f"{RESOURCES}/gpu-{mine}/status", status)
+
+            lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+            await kube.create(
+                lease_path,
+                {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {"name": f"lease-{suffix}"},
+                },
+            )
+            with pytest.raises(errors.KubeForbidden) as lease_refused:
+                await node_kube.patch(
+                    f"{lease_path}/lease-{suffix}", {"spec": {"holderIdentity": "node"}}
+                )
+            print(f"a Lease: {lease_refused.value}")
+            with pytest.raises(errors.KubeForbidden):
+                await node_kube.replace(
+                    "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kube-scheduler",
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": "kube-scheduler"},
+                    },
+                )
+    finally:
+        for cr in crs:
+            try:
+                await kube.delete(f"{RESOURCES}/{cr}")
+            except errors.AgentError as exc:
+                print(f"clean-up of {cr}: {exc}")
+        await access.delete_all(kube, docs)
