@@ -428,6 +428,10 @@ class Publisher:
     async def run(self) -> None:
         await self.slices.synced.wait()
         await self.nodes.synced.wait()
+        if self.resources is not None:
+            # the resources' DeviceHealthy conditions are taints in the first write (a new
+            # leader offers no GPU a node found broken untainted, even for a moment)
+            await self.resources.synced.wait()
         recovered = False
         while True:
             await self._dirty.wait()

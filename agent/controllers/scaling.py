@@ -937,6 +937,14 @@ class Scaler:
             return
         self._node_words[device] = word
         self._node_word_from[device] = str(event.obj["metadata"].get("uid") or "")
+        if not word.healthy and not self.publisher.synced.is_set() and device not in self.health:
+            # before a new leader's first write: tainted in it (the health queue runs later)
+            self.health[device] = healthmodel.Health(
+                healthmodel.Source.NODE, word.reason, word.message, added=self.wall()
+            )
+            self.publisher.set_taints(
+                device, healthmodel.taints(self.health[device], evict=self.health_evict)
+            )
         self.sick.enqueue(device)
 
     def _on_fabric_health(self, inventory: Inventory | None) -> None:

@@ -154,3 +154,46 @@ def test_a_node_reason_is_never_read_back_as_the_fabrics(reason: str) -> None:
     word = healthmodel.recovered_word({"key": healthmodel.TAINT_KEY, "value": value})
     assert word is not None
     assert word.reason == value
+
+
+async def test_a_new_leader_mid_swap_never_offers_the_unhealthy_gpu_untainted() -> None:
+    """The leader dies while it swaps out an unhealthy GPU (withheld, settling): the slices
+    carry no taint for it then (it is not offered at all), so the new leader learns it only from
+    the resource's DeviceHealthy. Before the fix its first slice write came before it had read
+    the resources (the publisher waited for slices and Nodes only) and before the health queue
+    ran: the GPU was offered untainted, on its node, free of claims — the scheduler's to give.
+    Also: the new leader detaches it once, and it stays tainted."""
+    async with world(gpus=3, health_grace=0.2, scale_down_settle=1.0) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        w.release("c1")
+        await asyncio.sleep(0.1)
+        set_node_health(w, "gpu-0", "False", "Xid79")
+        await w.wait(lambda: "gpu-0" in w.role.scaler._draining, "the swap settling")
+        assert w.device_name("gpu-0") not in w.offered()
+        untainted: list[Obj] = []
+        create, replace = w.kube.create, w.kube.replace
+        name = w.device_name("gpu-0")
+
+        def check(path: str, body: Obj) -> None:
+            if "resourceslices" in path:
+                for d in (body.get("spec") or {}).get("devices") or []:
+                    if d["name"] == name and not d.get("taints"):
+                        untainted.append(body)
+
+        async def create_checked(path: str, body: Obj, **kw: Any) -> Obj:
+            check(path, body)
+            return await create(path, body, **kw)
+
+        async def replace_checked(path: str, body: Obj, **kw: Any) -> Obj:
+            check(path, body)
+            return await replace(path, body, **kw)
+
+        w.kube.create = create_checked  # type: ignore[method-assign]
+        w.kube.replace = replace_checked  # type: ignore[method-assign]
+        role = await new_leader(w, health_grace=0.2)
+        await w.wait(lambda: w.fabric.devices["gpu-0"].state == DeviceState.FREE, "detached")
+        await w.wait(lambda: taints_of(w, "gpu-0"), "offered free, tainted")
+        await asyncio.sleep(0.3)  # past the grace
+        assert untainted == []
+        assert w.fabric.detaches == ["gpu-0"]
+        assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
