@@ -40,13 +40,23 @@ def stream(driver: str, **access: str) -> str:
     return render(docs)
 
 
+#: The Helm chart's CRDs (Helm installs crds/ before the templates), beside the manifests.
+CHART_CRDS = Path("helm/cohdi-agent/crds/crds.yaml")
+
+
 def write(directory: Path, driver: str, **access: str) -> list[Path]:
+    """Write the manifests into `directory`; when it holds the Helm chart (packaging/), the
+    chart's copy of the CRDs too."""
     directory.mkdir(parents=True, exist_ok=True)
     out = []
     for name, docs in documents(driver, **access).items():
         path = directory / name
         path.write_text(render(docs))
         out.append(path)
+    chart_crds = directory / CHART_CRDS
+    if chart_crds.parent.is_dir():
+        chart_crds.write_text(render(crds.all_crds()))
+        out.append(chart_crds)
     return out
 
 

@@ -1,0 +1,208 @@
+"""The Helm chart packaging/helm/cohdi-agent, with the real `helm` (built from the Go module proxy
+into the cache, `agent.devcluster.helm`), no cluster: `helm lint --strict`, and `helm template`
+renders the same RBAC, admission policy, DeviceClass and CRDs as `agent.manifests` (labels
+aside), the workloads the issue asks for, and refuses values its schema does not allow."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent import settings
+from agent.devcluster import helm, local
+from agent.manifests import cluster, crds, installing, rbac
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "packaging" / "helm" / "cohdi-agent"
+ACCESS_KINDS = {
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+
+
+@pytest.fixture(scope="module")
+def helm_bin() -> Path:
+    return helm.ensure_built(settings.Settings().cache_dir, progress=local.progress)
+
+
+def run_helm(binary: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """helm with its cache, config and data under `home` (nothing of the user's is read)."""
+    env = {
+        "HOME": str(home),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+        "PATH": "/usr/bin:/bin",
+    }
+    return subprocess.run(
+        [str(binary), *args], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+
+
+def render(
+    binary: Path, home: Path, release: str, namespace: str, *sets: str
+) -> list[dict[str, Any]]:
+    args = ["template", release, str(CHART), "--namespace", namespace]
+    for s in sets:
+        args += ["--set", s]
+    done = run_helm(binary, home, *args)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def keyed(docs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Objects by (kind, namespace, name), without the chart's bookkeeping labels."""
+    out = {}
+    for d in docs:
+        meta = {k: v for k, v in d["metadata"].items() if k != "labels"}
+        out[(d["kind"], meta.get("namespace", ""), meta["name"])] = {**d, "metadata": meta}
+    return out
+
+
+def test_lint_strict_passes(helm_bin: Path, tmp_path: Path) -> None:
+    for sets in (
+        [],
+        [
+            "fabric.backend=fti",
+            "vendorDriver=gpu.nvidia.com",
+            "cohdiConfigNamespace=composable-dra",
+        ],
+    ):
+        args = ["lint", "--strict", str(CHART)]
+        for s in sets:
+            args += ["--set", s]
+        done = run_helm(helm_bin, tmp_path, *args)
+        print(done.stdout)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "0 chart(s) failed" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("release", "namespace", "sets", "access"),
+    [
+        ("cohdi-agent", "kube-system", [], {}),
+        (
+            "gpus",
+            "gpu-system",
+            [
+                "driver=gpu.example.com",
+                "vendorDriver=gpu.nvidia.com",
+                "cohdiConfigNamespace=composable-dra",
+                "leaderElection.leaseName=the-lease",
+            ],
+            {
+                "name": "gpus-cohdi-agent",
+                "lease": "the-lease",
+                "vendor_driver": "gpu.nvidia.com",
+                "cohdi_config_namespace": "composable-dra",
+            },
+        ),
+    ],
+)
+def test_template_access_equals_the_generated(
+    helm_bin: Path,
+    tmp_path: Path,
+    release: str,
+    namespace: str,
+    sets: list[str],
+    access: dict[str, str],
+) -> None:
+    docs = render(helm_bin, tmp_path, release, namespace, *sets)
+    driver = next(
+        (s.split("=", 1)[1] for s in sets if s.startswith("driver=")), "composable.cohdi.io"
+    )
+    chart = keyed([d for d in docs if d["kind"] in ACCESS_KINDS])
+    generated = keyed(
+        rbac.rbac(driver, namespace, **{"lease": access.get("name", release), **access})
+    )
+    assert sorted(chart) == sorted(generated)
+    for key, obj in generated.items():
+        assert chart[key] == obj, key
+    (device_class,) = [d for d in docs if d["kind"] == "DeviceClass"]
+    assert keyed([device_class]) == keyed([cluster.device_class(driver)])
+
+
+def test_packaging_rbac_is_the_chart_with_default_values(helm_bin: Path, tmp_path: Path) -> None:
+    docs = render(helm_bin, tmp_path, "cohdi-agent", "kube-system")
+    chart = keyed([d for d in docs if d["kind"] in ACCESS_KINDS])
+    packaged = keyed(list(yaml.safe_load_all((ROOT / "packaging" / "rbac.yaml").read_text())))
+    assert chart == packaged
+
+
+def test_chart_crds_are_the_generated() -> None:
+    text = (CHART / "crds" / "crds.yaml").read_text()
+    assert text == installing.render(crds.all_crds()), "stale: run `cohdi-agent manifests`"
+
+
+def test_workloads(helm_bin: Path, tmp_path: Path) -> None:
+    docs = keyed(
+        render(helm_bin, tmp_path, "cohdi-agent", "gpu-system", "fabric.url=https://fm:443")
+    )
+    ds = docs[("DaemonSet", "gpu-system", "cohdi-agent-node")]
+    dep = docs[("Deployment", "gpu-system", "cohdi-agent-cluster")]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["serviceAccountName"] == "cohdi-agent-node"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert term["matchExpressions"] == [{"key": "cohdi.io/fabric", "operator": "Exists"}]
+    paths = {v["hostPath"]["path"] for v in pod["volumes"]}
+    assert paths == {
+        "/var/lib/kubelet/plugins",
+        "/var/lib/kubelet/plugins_registry",
+        "/var/run/cdi",
+        "/sys",
+        "/dev",
+    }
+    (node,) = pod["containers"]
+    assert "--roles=node" in node["args"]
+    assert "--metrics-address=$(POD_IP)" in node["args"]
+
+    assert dep["spec"]["replicas"] == 2
+    cpod = dep["spec"]["template"]["spec"]
+    assert cpod["serviceAccountName"] == "cohdi-agent-cluster"
+    (agent,) = cpod["containers"]
+    assert {
+        "--roles=cluster",
+        "--lease-namespace=gpu-system",
+        "--lease-name=cohdi-agent",
+        "--fabric-url=https://fm:443",
+        "--fabric-password-file=/etc/cohdi-agent/fabric/password",
+        "--idle-grace=300",
+    } <= set(agent["args"])
+    for c in (node, agent):
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    svc = docs[("Service", "gpu-system", "cohdi-agent-metrics")]
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert ("Secret", "gpu-system", "cohdi-agent-fabric") in docs
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["fabric.backend=soap", "driver=Not_A_Name", "metrics.port=0", "unknownKey=1", "idleGrace=-1"],
+)
+def test_schema_refuses_bad_values(helm_bin: Path, tmp_path: Path, bad: str) -> None:
+    done = run_helm(helm_bin, tmp_path, "template", "x", str(CHART), "--set", bad)
+    assert done.returncode != 0
+    assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
+
+
+def test_kube_version_constraint(helm_bin: Path, tmp_path: Path) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.36.0-0"
+    old = run_helm(helm_bin, tmp_path, "template", "x", str(CHART), "--kube-version", "1.35.0")
+    assert old.returncode != 0
+    assert "kubeVersion" in old.stderr or "incompatible" in old.stderr, old.stderr
