@@ -102,6 +102,8 @@ class Composer:
         self._detached: set[str] = set()
         #: uid -> monotonic time an unlabelled resource we cannot serve was first seen
         self._unclaimed: dict[str, float] = {}
+        #: uid -> wall time this composer first saw an adopted resource deleting (`_deleting_for`)
+        self._deleting_seen: dict[str, float] = {}
         resources.add_handler(self._on_event)
         publisher.on_inventory.append(self._on_inventory)
         publisher.nodes.add_handler(self._on_node)
@@ -116,6 +118,7 @@ class Composer:
             self._attached.discard(obj["metadata"].get("uid", ""))
             self._detached.discard(obj["metadata"].get("uid", ""))
             self._unclaimed.pop(obj["metadata"].get("uid", ""), None)
+            self._deleting_seen.pop(obj["metadata"].get("uid", ""), None)
             self._written.pop(name, None)
             for dev in devices_of(obj):
                 if self._claimed.get(dev) == name:
@@ -238,6 +241,7 @@ class Composer:
                         {
                             "metadata": {
                                 "labels": {DRIVER_LABEL: self.driver_label},
+                                "annotations": {decide.ADOPTED_ANNOTATION: state(cr) or "new"},
                                 "resourceVersion": cr["metadata"]["resourceVersion"],
                             }
                         },
@@ -548,6 +552,16 @@ class Composer:
         )
         self.recorder.emit(cr, reason, message, warning=True)
 
+    def _deleting_for(self, cr: Obj) -> float:
+        """Seconds the resource has been deleting, as `decide.decide_remove` counts them: since its
+        deletionTimestamp; for one adopted with its GPU on the node, since this composer first
+        saw it deleting (CoHDI may have deleted it long before our node role could answer)."""
+        since = deleted_at(cr)
+        if decide.adopted_in_use(cr):
+            uid = str(cr["metadata"].get("uid", ""))
+            since = max(since, self._deleting_seen.setdefault(uid, self.wall()))
+        return self.wall() - since
+
     async def _remove(self, cr: Obj) -> None:
         name = name_of(cr)
         finalizers = cr["metadata"].get("finalizers") or []
@@ -566,7 +580,7 @@ class Composer:
             node_missing_since=self._node_missing.get(node),
             now=self.mono(),
             node_gone_grace=self.node_gone_grace,
-            deleting_for=self.wall() - deleted_at(cr),
+            deleting_for=self._deleting_for(cr),
             claimed=self._claimed,
             fabric_machine=self._fabric_machine(attached_device(cr)),
             own_machine=self.publisher.machine_of_node(node),

@@ -56,6 +56,22 @@ def reclaimed_device(obj: Obj) -> str:
     return str(labels.get(READY_TO_DETACH_CDI_DEVICE) or "")
 
 
+#: Written with our driver label when a resource no deployment made is adopted: the state it was
+#: in then (`Online`, `Detaching`...). A resource adopted with its GPU on the node may be in use
+#: there (CoHDI hands GPUs to pods through the vendor's driver) while our node role has not
+#: reported it (`NodeReady`: CoHDI writes no such condition).
+ADOPTED_ANNOTATION: Final = "cohdi.io/adopted"
+
+
+def adopted_in_use(obj: Obj) -> bool:
+    """The resource was adopted while its GPU was on the node (`Online`, or `Detaching` — CoHDI's
+    operator waits there while the GPU is loaded) and our node role has not reported it since
+    (no `NodeReady`): "the node never saw it" cannot be assumed; the node must be asked before
+    a detach."""
+    adopted = ((obj.get("metadata") or {}).get("annotations") or {}).get(ADOPTED_ANNOTATION)
+    return adopted in ("Online", "Detaching") and not condition(obj, NODE_READY)
+
+
 def refused(obj: Obj) -> bool:
     """The composer refused this resource because another one owns its device."""
     return state(obj) == "Failed" and (obj.get("status") or {}).get("reason") == DEVICE_OWNED
@@ -200,12 +216,15 @@ def decide_remove(
 
     `node_missing_since`: monotonic time the composer first saw its Node missing (None when the
     Node exists); `now`: the same clock; `node_gone_grace`: `--node-gone-grace` in seconds;
-    `deleting_for`: seconds since the resource's deletionTimestamp. A node agent that has not
-    answered at all (no `NodeReleased` condition, True or False) for the grace is taken as gone
-    too; one that answered "busy" (`NodeReleased=False`) is alive and is waited for. `claimed`:
-    as for `owner_of`; `fabric_machine`: the machine the fabric has the device attached to (None:
-    free, or unknown); `own_machine`: the machine of this resource's node — a resource never
-    detaches a device from another machine."""
+    `deleting_for`: seconds since the resource's deletionTimestamp (for an adopted resource, since
+    this composer first saw it deleting: CoHDI may have deleted it long before). A node agent
+    that has not answered at all (no `NodeReleased` condition, True or False) for the grace is
+    taken as gone too; one that answered "busy" (`NodeReleased=False`) is alive and is waited
+    for. Without `NodeReady` the node never saw the device and it is detached at once — except
+    for a resource adopted with its GPU on the node (`adopted_in_use`), whose node is asked.
+    `claimed`: as for `owner_of`; `fabric_machine`: the machine the fabric has the device
+    attached to (None: free, or unknown); `own_machine`: the machine of this resource's node — a
+    resource never detaches a device from another machine."""
     device = fabric_device(obj)
     if not device or refused(obj):
         return RemoveDecision(RemoveStep.DROP, why="it never owned a device")
@@ -223,7 +242,7 @@ def decide_remove(
             f"{own_machine}",
         )
     if (
-        not condition(obj, NODE_READY)
+        (not condition(obj, NODE_READY) and not adopted_in_use(obj))
         or condition(obj, NODE_RELEASED)
         or spec(obj).get("force_detach")
     ):

@@ -4,6 +4,8 @@ labelled (CoHDI's operator's, or hand-written): the pure rules `composing.adopti
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from agent.kube.resources import FINALIZER, RESOURCES
@@ -116,3 +118,51 @@ async def test_cohdis_attaching_resource_with_its_ids_keeps_its_gpu() -> None:
         attached = {d for d in w.fabric.devices if w.fabric.attached_to(d)}
         assert attached == {"gpu-1"}
         assert w.fabric.attached_to("gpu-1") == "m-node-1"
+
+
+# --- attacks: CoHDI's resources caught mid-way, deleted before our node role saw them -------------
+
+
+def _cohdi_resource(name: str, state: str, gpu: str, node: str) -> Obj:
+    return {
+        "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+        "kind": "ComposableResource",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "composability-x1"},
+            "finalizers": [FINALIZER],
+        },
+        "spec": {"type": "gpu", "model": fake.A100, "target_node": node},
+        "status": {"state": state, "device_id": gpu.upper(), "cdi_device_id": gpu},
+    }
+
+
+@pytest.mark.parametrize("state", ["Online", "Detaching"])
+async def test_a_cohdi_gpu_deleted_before_our_node_saw_it_waits_for_the_node(state: str) -> None:
+    """CoHDI's resource, Online or Detaching (CoHDI's operator was waiting for the GPU's load to
+    end), deleted: its GPU is on the node and may be in use through the vendor's driver; our node
+    role has not reported it (no NodeReady: CoHDI writes no such condition). It must not be
+    detached on the spot as one our node never saw: the node is asked first (NodeReleased), and
+    only a node silent for --node-gone-grace is done without."""
+    async with fake.world(gpus=3, node_gone_grace=30.0, double=False) as w:
+        w.fabric.set("gpu-1", DeviceState.ATTACHED, "m-node-0")
+        w.kube.add(RESOURCES, _cohdi_resource("gpu-c0de", state, "gpu-1", "node-0"))
+        await w.wait(
+            lambda: DRIVER_LABEL in ((w.resource("gpu-c0de") or {})["metadata"].get("labels")),
+            "adopted",
+        )
+        w.kube.remove(f"{RESOURCES}/gpu-c0de")
+        await asyncio.sleep(0.5)
+        assert w.fabric.attached_to("gpu-1") == "m-node-0", "detached before the node answered"
+        assert w.fabric.detaches == []
+
+        # the node role identifies it (by its UUID) and releases it: detached
+        def seen(o: Obj) -> None:
+            o["status"]["conditions"] = [
+                {"type": "NodeReady", "status": "True"},
+                {"type": "NodeReleased", "status": "True"},
+            ]
+
+        w.kube.edit(f"{RESOURCES}/gpu-c0de", seen)
+        await w.wait(lambda: w.resource("gpu-c0de") is None, "detached after the release")
+        assert w.fabric.attached_to("gpu-1") is None
