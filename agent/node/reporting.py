@@ -41,6 +41,7 @@ from agent.kube.resources import (
     state,
 )
 from agent.kube.watching import Event, Informer
+from agent.model.composing import adopted_in_use
 from agent.model.objects import DEVICE_HEALTHY, devices_of
 from agent.model.pci import PciFunction
 from agent.model.pool import device_name
@@ -245,6 +246,10 @@ class NodeReporter:
                 self._count_unhealthy(name, None)
                 if condition(obj, NODE_READY) and not condition(obj, NODE_RELEASED):
                     await self._release(obj)
+                elif adopted_in_use(obj):
+                    # CoHDI's GPU, deleted before we reported it: report it (its update brings
+                    # us back to release it safely); never leave the composer without an answer
+                    await self._identify(obj)
             elif state(obj) == "Online" and not condition(obj, NODE_READY):
                 await self._identify(obj)
             elif state(obj) == "Online":
@@ -292,6 +297,11 @@ class NodeReporter:
     async def _identify(self, obj: Obj) -> None:
         st = obj.get("status") or {}
         bdf = st.get("pci_address") or ""
+        if not bdf and st.get("device_id") and self.nvml.available:
+            # a GPU CoHDI attached: its resource has the UUID, not the PCI address
+            bdf = await self._nvml_bus_id(str(st["device_id"]))
+            if bdf and bdf not in self.functions:
+                await self._scan()
         fn = self.functions.get(bdf)
         if fn is None:
             await self._maybe_rescan(obj)
@@ -310,6 +320,24 @@ class NodeReporter:
             extra={"pci_address": bdf, "device_id": uuid},
         )
         self.reported[obj["metadata"]["name"]] = time.monotonic()
+
+    async def _nvml_bus_id(self, uuid: str) -> str:
+        """The PCI address of the GPU NVML knows by `uuid` (case as NVML reports it, or upper
+        case), "" when none (after one re-init: NVML snapshots GPUs at init)."""
+        n = self.nvml.nvml
+
+        def lookup() -> str:
+            for attempt in (1, 2):
+                for candidate in dict.fromkeys((uuid, _nvml_form(uuid))):
+                    try:
+                        return str(n.pci_info(n.handle_by_uuid(candidate))[0])
+                    except NvmlError:
+                        health.NVML_ERRORS.inc()
+                if attempt == 1:
+                    n.reinit()
+            return ""
+
+        return str(await self.nvml.call(lookup))
 
     async def _nvml_uuid(self, bdf: str) -> str:
         n = self.nvml.nvml
@@ -534,6 +562,13 @@ class NodeReporter:
                 reason=reason,
             ),
         )
+
+
+def _nvml_form(uuid: str) -> str:
+    """A GPU UUID as NVML writes it (`GPU-` then lower-case hex): CoHDI copies the fabric's serial
+    number, whose case may differ."""
+    prefix, sep, rest = uuid.partition("-")
+    return f"GPU-{rest.lower()}" if sep and prefix.upper() == "GPU" else uuid.lower()
 
 
 def _pci_address(obj: Obj) -> str:
