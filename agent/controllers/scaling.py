@@ -927,7 +927,7 @@ class Scaler:
         if event.type == "DELETED" or not mine(event.obj, self.driver_label):
             return
         word = healthmodel.node_word(event.obj)
-        device = attached_device(event.obj)
+        device = healthmodel.spoken_for(event.obj)
         last = self._node_words.get(device)
         if word is None and last is not None and not last.healthy:
             # the GPU on another node (attached again): that node's silence is its word

@@ -99,6 +99,14 @@ def node_word(resource: Obj | None) -> Word | None:
     return None
 
 
+def spoken_for(resource: Obj) -> str:
+    """The GPU whose health a resource's `DeviceHealthy` speaks for: the one the fabric answered
+    its attach with (`status.cdi_device_id`, a slot's resource the GPU behind it); "" for a
+    resource that never got one (refused for a GPU another resource owns, still attaching): no
+    node has a GPU through it, so a condition written there is nobody's word."""
+    return str((resource.get("status") or {}).get("cdi_device_id") or "")
+
+
 def fresh_node_word(resource: Obj, *, said_by: str) -> Word | None:
     """The word of a node that has the GPU now and found nothing wrong with it: healthy when
     `resource` is live, NodeReady, carries no `DeviceHealthy` condition (the node writes none

@@ -197,3 +197,30 @@ async def test_a_new_leader_mid_swap_never_offers_the_unhealthy_gpu_untainted() 
         assert untainted == []
         assert w.fabric.detaches == ["gpu-0"]
         assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
+
+
+async def test_a_condition_on_a_resource_that_never_got_the_gpu_is_not_its_nodes_word() -> None:
+    """DeviceHealthy=False written on a resource refused for a GPU another resource owns (on
+    another node) tainted that GPU, held by a pod on its own node, and would have swapped it out
+    once free: only a resource the fabric answered with the GPU (`status.cdi_device_id`) has a
+    node that can speak for it."""
+    async with world(gpus=2, health_grace=0.1) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        w.kube.add(RESOURCES, attach_on_purpose("intruder", "gpu-0", "node-1"))
+        await w.wait(
+            lambda: (w.resource("intruder") or {}).get("status", {}).get("reason") == "DeviceOwned",
+            "the intruder refused",
+        )
+
+        def write(obj: Obj) -> None:
+            obj["status"].setdefault("conditions", []).append(
+                {"type": "DeviceHealthy", "status": "False", "reason": "Xid79", "message": ""}
+            )
+
+        w.kube.edit(f"{RESOURCES}/intruder", write)
+        await asyncio.sleep(0.4)
+        assert taints_of(w, "gpu-0") == []
+        assert w.role.scaler.unhealthy_reason("gpu-0") == ""
+        w.release("c1")
+        await asyncio.sleep(0.3)
+        assert w.fabric.detaches == []
