@@ -4,7 +4,8 @@ ServiceAccount tokens from the TokenRequest API:
 - the cluster role (its own process, the cluster ServiceAccount's token) and the node role (its
   own process, the node ServiceAccount's token bound to a pod on its node) run the scale-up flow
   (publish, attach, the node's NodeReady, kubelet's prepare and unprepare, scale-down with the
-  node's NodeReleased, the Lease released at SIGTERM) and the audit log shows 0 refusals;
+  node's NodeReleased, a ComposabilityRequest reconciled and deleted, the Lease released at
+  SIGTERM) and the audit log shows 0 refusals;
 - every (rule, verb) is taken away in turn and kube-apiserver's authorizer (SubjectAccessReview)
   shows which request of that flow it would refuse; a grant the flow does not reach is listed in
   `NOT_IN_THE_FLOW` with the code path that needs it;
@@ -30,12 +31,13 @@ from agent.demo import objects
 from agent.devcluster.controlplane import ControlPlane, free_port
 from agent.fabric.emulator.sysfs_hook import SysfsHook
 from agent.kube.client import Kube
-from agent.kube.resources import RESOURCES
+from agent.kube.resources import REQUESTS, RESOURCES
 from agent.manifests import installing, rbac
+from agent.model import cohdi
 from agent.simulated import stubnvml
 from tests import kubelet
 from tests.cluster import access
-from tests.cluster.conftest import CLAIMS, World
+from tests.cluster.conftest import A100, CLAIMS, World
 from tests.cluster.test_resilience import cluster_args, http_get, spawn, stop
 from tests.cluster.test_scale_up import bound_pods
 from tests.waiting import until
@@ -47,8 +49,6 @@ NOT_IN_THE_FLOW = {
     ("composableresources", "get"): "requesting: a member's create met AlreadyExists",
     ("resourceclaims", "get"): "scaling/vendoring: the claim read again after a conflict",
     ("events", "patch"): "eventing: the same Event again bumps its count",
-    ("composabilityrequests", "patch"): "requesting: a ComposabilityRequest's finalizer",
-    ("composabilityrequests/status", "patch"): "requesting: a ComposabilityRequest's status",
 }
 
 
@@ -285,6 +285,36 @@ async def test_split_roles_run_the_flow_with_no_denial_and_every_rule_is_needed(
             return not [r for r in items if r["spec"].get("target_node") == node]
 
         await until(detached, what="the GPU scaled down and detached", timeout=120)
+
+        # A ComposabilityRequest (CoHDI's way): one member attached and reported, then removed.
+        request = f"req-{suffix}"
+        await kube.create(
+            REQUESTS,
+            {
+                "apiVersion": f"{rbac.crds.GROUP}/{rbac.crds.VERSION}",
+                "kind": "ComposabilityRequest",
+                "metadata": {"name": request},
+                "spec": {
+                    "resource": {"type": "gpu", "model": A100, "size": 1, "target_node": node}
+                },
+            },
+        )
+
+        async def running() -> bool:
+            req = await kube.get(f"{REQUESTS}/{request}")
+            return (req.get("status") or {}).get("state") == "Running"
+
+        await until(running, what="the request Running", timeout=60)
+        await kube.delete(f"{REQUESTS}/{request}")
+
+        async def request_gone() -> bool:
+            try:
+                await kube.get(f"{REQUESTS}/{request}")
+            except errors.KubeNotFound:
+                return await detached()
+            return False
+
+        await until(request_gone, what="the request and its member gone", timeout=120)
         codes = [await stop(p) for p in procs]
         assert codes == [0, 0], codes
 
@@ -437,4 +467,62 @@ async def test_a_node_token_writes_only_its_own_node_and_no_lease(
                 await kube.delete(f"{RESOURCES}/{cr}")
             except errors.AgentError as exc:
                 print(f"clean-up of {cr}: {exc}")
+        await access.delete_all(kube, docs)
+
+
+async def test_cohdi_config_role_reads_only_cohdis_two_objects(
+    kube: Kube, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """--cohdi-config-namespace: the cluster role's token reads CoHDI's ConfigMap and Secret the
+    way the agent does (get, and list/watch with a metadata.name field selector) and nothing
+    else in that namespace."""
+    suffix = uuid.uuid4().hex[:6]
+    ns, cohdi_ns, name = f"agent-{suffix}", f"cohdi-{suffix}", f"ag{suffix}"
+    docs = rbac.rbac(f"c{suffix}.cohdi.io", ns, name=name, cohdi_config_namespace=cohdi_ns)
+    await access.ensure_namespace(kube, ns)
+    await access.ensure_namespace(kube, cohdi_ns)
+    await access.apply_all(kube, docs)
+    try:
+        for kind, obj in (
+            ("configmaps", cohdi.CONFIGMAP),
+            ("secrets", cohdi.SECRET),
+            ("secrets", "other"),
+        ):
+            await kube.create(
+                f"/api/v1/namespaces/{cohdi_ns}/{kind}",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret" if kind == "secrets" else "ConfigMap",
+                    "metadata": {"name": obj},
+                },
+            )
+        bearer = await access.token(kube, ns, rbac.service_account_name(name, "cluster"))
+        cfg = access.token_kubeconfig(control_plane, bearer, tmp_path / "c.kubeconfig")
+        async with await Kube.connect(kubeconfig=str(cfg)) as agent_kube:
+            for kind, obj in (("configmaps", cohdi.CONFIGMAP), ("secrets", cohdi.SECRET)):
+                base = f"/api/v1/namespaces/{cohdi_ns}/{kind}"
+
+                async def readable(base: str = base, obj: str = obj) -> bool:
+                    try:
+                        await agent_kube.get(f"{base}/{obj}")
+                    except errors.KubeForbidden:
+                        return False  # RBAC has not seen the RoleBinding yet
+                    return True
+
+                await until(readable, what=f"{kind}/{obj} readable", timeout=30)
+                listed = await agent_kube.get(base, fieldSelector=f"metadata.name={obj}")
+                assert [i["metadata"]["name"] for i in listed["items"]] == [obj]
+                await agent_kube.get(
+                    base, fieldSelector=f"metadata.name={obj}", watch=1, timeoutSeconds=1
+                )
+                with pytest.raises(errors.KubeForbidden):
+                    await agent_kube.get(base)  # every object of the kind
+            with pytest.raises(errors.KubeForbidden):
+                await agent_kube.get(f"/api/v1/namespaces/{cohdi_ns}/secrets/other")
+            with pytest.raises(errors.KubeForbidden):
+                await agent_kube.get(
+                    f"/api/v1/namespaces/{ns}/secrets",
+                    fieldSelector=f"metadata.name={cohdi.SECRET}",
+                )
+    finally:
         await access.delete_all(kube, docs)
