@@ -68,14 +68,16 @@ async def ensure_namespace(kube: Kube, name: str) -> None:
 async def token(
     kube: Kube, namespace: str, account: str, *, pod: dict[str, Any] | None = None
 ) -> str:
-    """A ServiceAccount token from the TokenRequest API (1 h). Bound to `pod` when given: such a
-    token carries the pod's node in the extra `authentication.kubernetes.io/node-name`, as the
-    token kubelet mounts into a DaemonSet pod does."""
+    """A ServiceAccount token from the TokenRequest API (1 h). Bound to `pod` (a Pod or a Node
+    object as the API returned it) when given: such a token carries the node in the extra
+    `authentication.kubernetes.io/node-name` — the pod's, as the token kubelet mounts into a
+    DaemonSet pod; or the Node itself, as `kubectl create token --bound-object-kind Node` makes
+    for an agent outside a pod."""
     spec: dict[str, Any] = {"expirationSeconds": 3600}
     if pod is not None:
         spec["boundObjectRef"] = {
             "apiVersion": "v1",
-            "kind": "Pod",
+            "kind": pod.get("kind", "Pod"),
             "name": pod["metadata"]["name"],
             "uid": pod["metadata"]["uid"],
         }

@@ -16,6 +16,7 @@ ServiceAccount tokens from the TokenRequest API:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -438,6 +439,16 @@ async def test_a_node_token_writes_only_its_own_node_and_no_lease(
             with pytest.raises(errors.KubeForbidden, match="no node in this token"):
                 await unbound.patch(f"{RESOURCES}/gpu-{mine}/status", status)
 
+            # An agent outside a pod (systemd): a token bound to its Node object names the node.
+            await objects.make_node(kube, mine, {"test-world": suffix})
+            node_obj = await kube.get(f"/api/v1/nodes/{mine}")
+            bearer = await access.token(kube, ns, node_sa, pod=node_obj)
+            cfg = access.token_kubeconfig(control_plane, bearer, tmp_path / "node-bound.kubeconfig")
+            async with await Kube.connect(kubeconfig=str(cfg)) as node_bound:
+                await node_bound.patch(f"{RESOURCES}/gpu-{mine}/status", status)
+                with pytest.raises(errors.KubeForbidden, match="may not write ComposableResources"):
+                    await node_bound.patch(f"{RESOURCES}/gpu-{other}/status", status)
+
             lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
             await kube.create(
                 lease_path,
@@ -462,6 +473,8 @@ async def test_a_node_token_writes_only_its_own_node_and_no_lease(
                     },
                 )
     finally:
+        with contextlib.suppress(errors.KubeNotFound):
+            await kube.delete(f"/api/v1/nodes/{mine}")
         for cr in crs:
             try:
                 await kube.delete(f"{RESOURCES}/{cr}")
