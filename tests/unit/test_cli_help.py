@@ -221,8 +221,15 @@ def test_manifests_to_standard_output(tmp_path: Path) -> None:
         "CustomResourceDefinition",
         "DeviceClass",
         "ServiceAccount",
+        "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ]
     assert docs[2]["metadata"]["name"] == "gpu.example.com"
 
