@@ -173,6 +173,8 @@ class Scaler:
         self._node_words: dict[str, healthmodel.Word] = {}
         #: device -> uid of the resource its node's last word was read from ("" recovered)
         self._node_word_from: dict[str, str] = {}
+        #: device -> the Node its node-reported unhealthy word is kept on (`_keep_word`)
+        self._kept_on: dict[str, str] = {}
         #: device -> the fabric's word, for devices the fabric reports unhealthy
         self._fabric_words: dict[str, healthmodel.Word] = {}
         #: device -> its health while unhealthy or recovering (agent.model.health)
@@ -201,6 +203,7 @@ class Scaler:
         publisher.on_inventory.append(self._on_inventory)
         publisher.on_inventory.append(self._on_fabric_health)
         publisher.slices.add_handler(self._recover_taint)
+        nodes.add_handler(self._recover_kept_word)
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -1004,6 +1007,10 @@ class Scaler:
         else:
             self.health[device] = h
         cr = self._resource_of(device)
+        if not await self._keep_word(device, cr):
+            self.sick.enqueue_after(device, KEEP_RETRY)
+            if h is None:
+                return  # the taint lifts only once the kept word is gone
         self._publish_health(device, prev, h, cr)
         if h is not None and prev is None:
             # a claim still waiting for it fails (DeviceUnhealthy), under whichever identity it
@@ -1024,6 +1031,67 @@ class Scaler:
             assert cr is not None
             assert h is not None
             await self._drain(device, cr, 0.0, unhealthy=h.reason)
+
+    async def _keep_word(self, device: str, cr: Obj | None) -> bool:
+        """Keep the node's unhealthy word on a GPU as an annotation on the Node that said it
+        (`healthmodel.kept_key`), and drop it once the node's word is no longer unhealthy. The
+        slices cannot keep it everywhere: a GPU being swapped out is withheld, then detaching,
+        so it is in no slice, and its resource is gone; a leader dying then left its successor
+        nothing, and the broken GPU was offered untainted. False when a needed write failed
+        (logged; the caller looks again later and lifts no taint meanwhile)."""
+        word = self._node_words.get(device)
+        sick = word is not None and not word.healthy
+        kept = self._kept_on.get(device)
+        key = healthmodel.kept_key(self.driver_label, device)
+        h = self.health.get(device)
+        if sick and kept is None and h is not None and cr is not None and target_node(cr):
+            assert word is not None
+            node, value = target_node(cr), healthmodel.kept_value(
+                self.driver_label, device, word, h.added
+            )
+        elif not sick and kept is not None:
+            node, value = kept, None
+        else:
+            return True
+        try:
+            await self.kube.patch(f"{NODES}/{node}", {"metadata": {"annotations": {key: value}}})
+        except errors.KubeNotFound:
+            pass  # the Node is gone: nothing to keep it on, nothing to undo
+        except errors.AgentError as exc:
+            logger.warning("%s: cannot keep the node's word on Node %s: %s", device, node, exc)
+            return False
+        if value is None:
+            self._kept_on.pop(device, None)
+        else:
+            self._kept_on[device] = node
+        return True
+
+    def _recover_kept_word(self, event: Event) -> None:
+        """A new leader reads the node-reported words its predecessor kept on the Nodes before
+        its first write (the publisher waits for the Nodes): a GPU swapped out meanwhile has
+        no resource and no slice entry to say it."""
+        if self.publisher.synced.is_set() or event.type == "DELETED":
+            return
+        node = event.obj["metadata"]["name"]
+        for key, value in (event.obj["metadata"].get("annotations") or {}).items():
+            kept = healthmodel.kept_word(key, str(value), driver_label=self.driver_label)
+            if kept is None:
+                continue
+            device, word, stamp = kept
+            self._kept_on[device] = node
+            if device in self._node_words:
+                continue
+            self._node_words[device] = word
+            self._node_word_from[device] = ""
+            self.health[device] = healthmodel.Health(
+                healthmodel.Source.NODE,
+                word.reason,
+                word.message,
+                added=_epoch(stamp) or self.wall(),
+            )
+            self.publisher.set_taints(
+                device, healthmodel.taints(self.health[device], evict=self.health_evict)
+            )
 
     def _publish_health(
         self,
@@ -1071,6 +1139,10 @@ class Scaler:
                 f"{device} is unhealthy ({_why(h)})",
                 warning=True,
             )
+
+
+#: Seconds before a device whose kept word could not be written or removed is looked at again.
+KEEP_RETRY = 5.0
 
 
 def _why(h: healthmodel.Health) -> str:

@@ -34,6 +34,7 @@ Times: `now` is any monotonic clock (seconds; only differences matter), `wall` e
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -227,6 +228,51 @@ def recovered_word(taint: Mapping[str, Any]) -> Word | None:
     if value.startswith(FABRIC_REASON_PREFIX):
         return None
     return Word(False, value or "Unhealthy", "recovered from the ResourceSlice's taint")
+
+
+#: Annotations on a Node that keep the node-reported word on a GPU it had (`kept_word`).
+KEPT_PREFIX: Final = "unhealthy.cohdi.io/"
+
+
+def kept_key(driver_label: str, device: str) -> str:
+    """The Node annotation that keeps the node's word on `device` (a qualified name: the
+    prefix, then `<driver label>.<device>` as a name part of at most 63 characters)."""
+    return KEPT_PREFIX + names.qualified_name_part(f"{driver_label}.{device}")
+
+
+def kept_value(driver_label: str, device: str, word: Word, added: float) -> str:
+    """The annotation's value: JSON `{"driver", "device", "reason", "message", "timeAdded"}`
+    (the message cut to 256 characters: an annotation is no log)."""
+    stamp = dt.datetime.fromtimestamp(int(added), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return json.dumps(
+        {
+            "driver": driver_label,
+            "device": device,
+            "reason": word.reason,
+            "message": word.message[:256],
+            "timeAdded": stamp,
+        },
+        sort_keys=True,
+    )
+
+
+def kept_word(key: str, value: str, *, driver_label: str) -> tuple[str, Word, str] | None:
+    """(device, the node's unhealthy word, timeAdded) from one Node annotation, or None when it
+    is not one of ours for this driver (another key, another deployment, malformed)."""
+    if not key.startswith(KEPT_PREFIX):
+        return None
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("driver") != driver_label:
+        return None
+    device, reason = doc.get("device"), doc.get("reason")
+    if not isinstance(device, str) or not device or not isinstance(reason, str):
+        return None
+    message = doc.get("message") if isinstance(doc.get("message"), str) else ""
+    word = Word(False, node_reason(reason), str(message))
+    return device, word, str(doc.get("timeAdded") or "")
 
 
 class SwapStep(StrEnum):

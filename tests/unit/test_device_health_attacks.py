@@ -50,6 +50,7 @@ async def test_a_broken_gpu_attached_on_purpose_to_a_node_that_finds_it_fine_com
         assert w.role.scaler.unhealthy_reason("gpu-0") == ""
         assert w.fabric.attached_to("gpu-0") == "m-node-1"  # not swapped out meanwhile
         assert w.events("DeviceHealthy")
+        assert kept_words(w) == {}  # the word kept on node-0 is gone with it
 
 
 async def test_the_node_that_found_it_broken_keeps_its_word_without_a_condition_change() -> None:
@@ -224,3 +225,79 @@ async def test_a_condition_on_a_resource_that_never_got_the_gpu_is_not_its_nodes
         w.release("c1")
         await asyncio.sleep(0.3)
         assert w.fabric.detaches == []
+
+
+async def test_a_new_leader_while_the_unhealthy_gpu_is_detached_keeps_its_taint() -> None:
+    """The leader dies after the swap deleted the GPU's resource and before the GPU, detached,
+    is offered again (tainted): neither the resource (gone) nor the slices (the GPU withheld or
+    detaching, not in them) carry the node's word. Before the fix the new leader offered the
+    broken GPU free and untainted; now the word is also kept on the Node that said it."""
+    async with world(gpus=3, health_grace=0.2) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        set_node_health(w, "gpu-0", "False", "Xid79", "GPU has fallen off the bus")
+        taints = await w.wait(lambda: taints_of(w, "gpu-0"), "tainted")
+        old = w.tasks[0]
+        patch = w.kube.patch
+
+        async def patch_then_die(path: str, body: Obj, **kw: Any) -> Any:
+            answer = await patch(path, body, **kw)
+            if path.endswith(resource_name("gpu-0")) and "finalizers" in body.get("metadata", {}):
+                old.cancel()  # the finalizer is off, the resource gone: the leader dies here
+            return answer
+
+        w.kube.patch = patch_then_die  # type: ignore[method-assign]
+        w.release("c1")
+        await asyncio.gather(old, return_exceptions=True)
+        assert w.resource(resource_name("gpu-0")) is None
+        assert w.device_name("gpu-0") not in w.offered()  # withheld: no taint to read back
+        role = await new_leader(w, health_grace=0.2)
+        await w.wait(lambda: w.fabric.devices["gpu-0"].state == DeviceState.FREE, "detached")
+        await w.wait(lambda: w.device_name("gpu-0") in w.offered(), "offered again")
+        await asyncio.sleep(0.4)  # past the grace
+        got = taints_of(w, "gpu-0")
+        assert got is not None
+        assert [(t["key"], t["value"], t["effect"]) for t in got] == [
+            (t["key"], t["value"], t["effect"]) for t in taints
+        ]
+        assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
+
+
+def kept_words(w: World) -> dict[str, dict[str, str]]:
+    """Node -> its annotations that keep a node's word on a GPU."""
+    out: dict[str, dict[str, str]] = {}
+    for node in w.kube.objects("nodes"):
+        kept = {
+            k: v
+            for k, v in (node["metadata"].get("annotations") or {}).items()
+            if k.startswith(healthmodel.KEPT_PREFIX)
+        }
+        if kept:
+            out[node["metadata"]["name"]] = kept
+    return out
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("other.io/x", '{"driver": "d", "device": "gpu-0", "reason": "Xid79"}'),
+        ("unhealthy.cohdi.io/x", "not json"),
+        ("unhealthy.cohdi.io/x", "[1]"),
+        ("unhealthy.cohdi.io/x", '{"driver": "other", "device": "gpu-0", "reason": "Xid79"}'),
+        ("unhealthy.cohdi.io/x", '{"driver": "d", "device": "", "reason": "Xid79"}'),
+        ("unhealthy.cohdi.io/x", '{"driver": "d", "device": "gpu-0", "reason": 79}'),
+    ],
+)
+def test_a_kept_word_that_is_not_ours_or_malformed_is_ignored(key: str, value: str) -> None:
+    assert healthmodel.kept_word(key, value, driver_label="d") is None
+
+
+def test_a_kept_word_reads_back() -> None:
+    word = healthmodel.Word(False, "Xid79", "m" * 1000)
+    key = healthmodel.kept_key("d", "gpu-" + "x" * 100)
+    assert key.startswith(healthmodel.KEPT_PREFIX)
+    assert len(key) - len(healthmodel.KEPT_PREFIX) <= 63
+    value = healthmodel.kept_value("d", "gpu-" + "x" * 100, word, 1_800_000_000.0)
+    device, got, stamp = healthmodel.kept_word(key, value, driver_label="d") or ("", None, "")
+    assert device == "gpu-" + "x" * 100
+    assert got == healthmodel.Word(False, "Xid79", "m" * 256)
+    assert stamp == "2027-01-15T08:00:00Z"
