@@ -11,6 +11,8 @@ credentials (`username`, `password`, `realm`, `client_id`, `client_secret`) and 
 Changes while running (CoHDI's driver reads the ConfigMap once; we watch both objects):
 - credentials: applied at once (the cached token is dropped; the next call logs in anew);
 - models: applied at once (the next fabric read asks the new models' free counts);
+- a model's `dra-attributes`: applied at once to its pool devices (vendor-driver mode: the
+  vendor's `productName` and the rest, as CoHDI's driver publishes them);
 - certificate: the new CA is trusted at once for new connections; the old one stays trusted
   until a restart;
 - an invalid change is refused (logged, and /readyz names it); the last good configuration
@@ -98,6 +100,8 @@ class CohdiSource:
         self.devices: cohdi.Devices | None = None
         self.credentials: cohdi.Credentials | None = None
         self.fabric: FtiFabric | None = None
+        #: each model's `dra-attributes`, for the pool devices in vendor-driver mode (live)
+        self.pool_attributes = cohdi.PoolAttributes()
         #: why the latest change was refused, "" when the objects in force are the latest
         self.error = ""
         self.applied = 0
@@ -111,6 +115,7 @@ class CohdiSource:
         secret = await self._get(secret_path(self.namespace), cohdi.SECRET, self.secret_where)
         self.devices = devices_of(cm, self.cm_where)
         self.credentials = credentials_of(secret, self.secret_where)
+        self.pool_attributes.set(self.devices)
         logger.info(
             "CoHDI configuration from namespace %s: models %s, fabric user %s, realm %s",
             self.namespace,
@@ -264,6 +269,7 @@ class CohdiSource:
                 models=devices.models,
             )
         self.devices, self.credentials = devices, creds
+        self.pool_attributes.set(devices)
         self.applied += 1
         if changed:
             logger.info(

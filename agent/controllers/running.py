@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from agent import settings
 from agent.controllers import metrics
 from agent.controllers.composing import Composer
-from agent.controllers.publishing import NODES, SLICES, Publisher
+from agent.controllers.publishing import NODES, SLICES, Publisher, SliceMap
 from agent.controllers.requesting import Requester
 from agent.controllers.scaling import Scaler
 from agent.controllers.vendoring import Vendoring, VendorScaler
@@ -24,6 +24,7 @@ from agent.kube.resources import REQUESTS, RESOURCES
 from agent.kube.watching import Informer
 from agent.model import nodemap
 from agent.model import vendoring as vendormodel
+from agent.model.cohdi import PoolAttributes
 from agent.model.names import label_value
 from agent.model.objects import DRIVER_LABEL
 from agent.model.requests import Limits
@@ -115,9 +116,11 @@ def build(
     *,
     identity: str,
     policy: Policy | None = None,
+    pool_attributes: PoolAttributes | None = None,
 ) -> ClusterRole:
     """The parts of one leadership term, wired together; `policy` sets how failed loops are
-    restarted (the default: agent.supervision.Policy)."""
+    restarted (the default: agent.supervision.Policy); `pool_attributes`: CoHDI's per-model
+    `dra-attributes` (`--cohdi-config-namespace`), put on the pool devices in vendor mode."""
     c, k = cfg.cluster, cfg.kube
 
     def informer(
@@ -200,7 +203,16 @@ def build(
     if vendor:
         if isinstance(scaler, VendorScaler):
             scaler.label_as(c.driver)
-        publisher.shape = vendormodel.vendor_slices
+        attributes = pool_attributes
+
+        def shape(desired: SliceMap) -> SliceMap:
+            return vendormodel.vendor_slices(
+                desired, attributes.by_model if attributes is not None else None
+            )
+
+        publisher.shape = shape
+        if attributes is not None:
+            attributes.listen(publisher.changed)
         vendor_slices = informer(SLICES, "vendor-slices", f"spec.driver={vendor}")
         informers.append(vendor_slices)
         vendoring = Vendoring(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -67,6 +67,28 @@ class Devices:
     def models(self) -> tuple[str, ...]:
         """The fabric models, in `index` order."""
         return tuple(d.model for d in sorted(self.devices, key=lambda d: d.index))
+
+
+class PoolAttributes:
+    """The `dra-attributes` of each model (`cdi-model-name` -> attributes), live: the
+    configuration source replaces them on every valid change and tells the current listener (the
+    leader's publisher, which writes them onto its pool devices in vendor-driver mode)."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, dict[str, str]] = {}
+        self._listener: Callable[[], None] | None = None
+
+    def set(self, devices: Devices) -> None:
+        by_model = {d.model: dict(d.attributes) for d in devices.devices}
+        if by_model != self.by_model:
+            self.by_model = by_model
+            if self._listener is not None:
+                self._listener()
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """`listener` is called after each change (one listener: a new leader term replaces the
+        last one's)."""
+        self._listener = listener
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from agent.model import claims as claimmodel
+from agent.model import names
 from agent.model.objects import Obj, fabric_device, state, target_node
 from agent.model.pool import FAILED, READY, SliceSpec
 from agent.model.scaling import BindDecision, BindStep
@@ -46,11 +47,22 @@ POOL_ATTRIBUTES: Final = {"type": {"string": "gpu"}, UUID_ATTRIBUTE: {"string": 
 MANAGED_BY: Final = ("app.kubernetes.io/managed-by", "cohdi-agent")
 
 
-def vendor_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+#: model (as our entries' `productName` carries it) -> CoHDI's `dra-attributes` for it
+ModelAttributes = Mapping[str, Mapping[str, str]]
+
+
+def vendor_entry(
+    entry: Mapping[str, Any], cohdi: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """A free pool entry as CoHDI publishes it: failure conditions `[FabricDeviceReschedule,
-    FabricDeviceFailed]`, attributes `type: gpu` and `uuid: ""` added (ours kept). A new dict:
-    the publisher's cached entries are never changed."""
+    FabricDeviceFailed]`, attributes `type: gpu` and `uuid: ""` added (ours kept), then `cohdi`
+    — the model's `dra-attributes` from CoHDI's ConfigMap, as string attributes (the vendor's
+    `productName` instead of the fabric's model string) — except `uuid`, which stays "" (a pool
+    device has no GPU yet). A new dict: the publisher's cached entries are never changed."""
     attributes = {**(entry.get("attributes") or {}), **POOL_ATTRIBUTES}
+    for key, value in (cohdi or {}).items():
+        if key != UUID_ATTRIBUTE:
+            attributes[key] = {"string": names.attribute_string(value)}
     return {
         **entry,
         "attributes": attributes,
@@ -59,10 +71,14 @@ def vendor_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def vendor_slices(desired: Mapping[str, list[SliceSpec]]) -> dict[str, list[SliceSpec]]:
+def vendor_slices(
+    desired: Mapping[str, list[SliceSpec]], attributes: ModelAttributes | None = None
+) -> dict[str, list[SliceSpec]]:
     """Our desired slices (`agent.model.pool`) reshaped for vendor mode: node-local pools
     dropped, and in the fabric pools only the devices offered free (`bindsToNode`) kept, each
-    as `vendor_entry`. Slices keep their names and their count, so a device never moves."""
+    as `vendor_entry` with its model's CoHDI attributes (`attributes`, by model; a model it does
+    not name keeps ours). Slices keep their names and their count, so a device never moves."""
+    by_name = {names.attribute_string(m): a for m, a in (attributes or {}).items()}
     out: dict[str, list[SliceSpec]] = {}
     for pool, slices in desired.items():
         if any(s.spec.get("nodeName") for s in slices):
@@ -73,13 +89,20 @@ def vendor_slices(desired: Mapping[str, list[SliceSpec]]) -> dict[str, list[Slic
                 spec={
                     **s.spec,
                     "devices": [
-                        vendor_entry(d) for d in s.spec.get("devices") or [] if d.get("bindsToNode")
+                        vendor_entry(d, by_name.get(_product_name(d)))
+                        for d in s.spec.get("devices") or []
+                        if d.get("bindsToNode")
                     ],
                 },
             )
             for s in slices
         ]
     return out
+
+
+def _product_name(entry: Mapping[str, Any]) -> str:
+    raw = (entry.get("attributes") or {}).get("productName") or {}
+    return str(raw.get("string") or "") if isinstance(raw, Mapping) else ""
 
 
 # --- the vendor's node-local devices ------------------------------------------------------------

@@ -448,6 +448,9 @@ async def test_the_configmap_deleted_and_recreated_while_running(
         only_a100 = CHART_DEVICE_INFO.split("- index: 2")[0].replace("[2]", "[]")
         kube.add(configmap_path(NS), configmap_obj(only_a100))
         await _until(lambda: not source.error and fti.models == ("a100",))
+        assert source.pool_attributes.by_model == {
+            "a100": {"productName": "NVIDIA A100 80GB PCIe"}
+        }, "the pool's attributes follow the ConfigMap"
         kube.remove(f"{configmap_path(NS)}/{cohdi.CONFIGMAP}")
         await _until(lambda: bool(source.error))
         kube.add(configmap_path(NS), configmap_obj(only_a100))

@@ -24,10 +24,12 @@ from agent.kube.resources import resource_name
 from agent.model import claims as claimmodel
 from agent.model import pool as poolmodel
 from agent.model import vendoring as vm
+from agent.model.cohdi import PoolAttributes, parse_devices
 from agent.model.objects import Obj
 from agent.testing.fakekube import FakeKube
 from agent.testing.nodereport import NodeDouble
 from tests.unit.test_cluster_role_fake import (
+    A100,
     DRIVER,
     POOL,
     SLICES,
@@ -189,7 +191,10 @@ def test_aliases_name_our_gpu_behind_the_vendors_device() -> None:
 
 @contextlib.asynccontextmanager
 async def vendor_world(
-    gpus: int = 4, claim_deadline: float = 480.0, idle_grace: float = 300.0
+    gpus: int = 4,
+    claim_deadline: float = 480.0,
+    idle_grace: float = 300.0,
+    pool_attributes: PoolAttributes | None = None,
 ) -> AsyncIterator[World]:
     kube = FakeKube(bookmark_interval=60)
     kube.selectable("composableresources", "spec.target_node")
@@ -206,7 +211,13 @@ async def vendor_world(
             scale_down_settle=0.05,
         )
     )
-    role = running.build(kube, fabric, cfg, identity="test")  # type: ignore[arg-type]
+    role = running.build(
+        kube,
+        fabric,  # type: ignore[arg-type]
+        cfg,
+        identity="test",
+        pool_attributes=pool_attributes,
+    )
     w = World(kube, fabric, role, names)
     w.tasks.append(asyncio.create_task(role.run()))
     w.tasks.append(asyncio.create_task(NodeDouble(kube, set(names)).run()))
@@ -485,3 +496,66 @@ async def test_the_vendors_slice_gone_again_does_not_free_the_gpu_under_the_clai
         assert "gpu-1" in w.role.scaler._held_devices()
         w.kube.edit(w.claim_path("c1"), lambda o: o.pop("status", None))  # the pod is done
         await w.wait(lambda: w.fabric.attached_to("gpu-1") is None, "gpu-1 idle, detached")
+
+
+# --- attacks: CoHDI's dra-attributes on the pool ----------------------------------------------
+
+
+def test_pool_devices_carry_cohdis_dra_attributes_for_their_model() -> None:
+    """CoHDI publishes each model's pool devices with its ConfigMap's `dra-attributes` — the
+    vendor's `productName` ("NVIDIA A100 80GB PCIe"), not the fabric's model string ("a100") —
+    so that one CEL selector (`productName == "NVIDIA A100 80GB PCIe"`) matches the pool device
+    and the vendor's own device alike (the chart's `firstAvailable` claims). A model the
+    ConfigMap does not name keeps ours."""
+
+    def free(name: str, model: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "attributes": {"productName": {"string": model}},
+            "bindsToNode": True,
+        }
+
+    desired = {"fab": [_slice_spec("fab", [free("d1", "a100"), free("d2", "h100")])]}
+    cohdi = {"a100": {"productName": "NVIDIA A100 80GB PCIe", "type": "gpu", "uuid": "x"}}
+    d1, d2 = vm.vendor_slices(desired, cohdi)["fab"][0].spec["devices"]
+    assert d1["attributes"]["productName"] == {"string": "NVIDIA A100 80GB PCIe"}
+    assert d1["attributes"]["type"] == {"string": "gpu"}
+    assert d1["attributes"]["uuid"] == {"string": ""}, "a pool device has no GPU, whatever said"
+    assert d2["attributes"]["productName"] == {"string": "h100"}
+
+
+def _devices(product: str) -> Any:
+    return parse_devices(
+        "cohdi.io",
+        [
+            {
+                "index": 0,
+                "cdi-model-name": A100,
+                "dra-attributes": {"productName": product, "type": "gpu", "uuid": ""},
+                "driver-name": VENDOR,
+                "k8s-device-name": "vendor-a100",
+                "cannot-coexist-with": [],
+            }
+        ],
+        where="ConfigMap composable-dra/composable-dra-dds",
+    )
+
+
+async def test_the_pool_carries_cohdis_attributes_and_follows_their_change() -> None:
+    """With CoHDI's configuration as the source, the published pool devices carry the model's
+    `dra-attributes` (the vendor's productName), and an edit of them is published at once."""
+    attributes = PoolAttributes()
+    attributes.set(_devices("NVIDIA A100 80GB PCIe"))
+    async with vendor_world(pool_attributes=attributes) as w:
+        entries = pool_entries(w)
+        assert {e["attributes"]["productName"]["string"] for e in entries.values()} == {
+            "NVIDIA A100 80GB PCIe"
+        }
+        attributes.set(_devices("NVIDIA A100-SXM4-80GB"))
+        await w.wait(
+            lambda: (
+                {e["attributes"]["productName"]["string"] for e in pool_entries(w).values()}
+                == {"NVIDIA A100-SXM4-80GB"}
+            ),
+            "the new productName published",
+        )
