@@ -15,10 +15,12 @@ from agent import KUBERNETES_VERSION, __version__, errors, health, sdnotify, set
 from agent.devcluster import local
 
 if TYPE_CHECKING:  # imported where used: `version` and `manifests` start without them
+    from agent.controllers.cohdiconfig import CohdiSource
     from agent.controllers.running import ClusterRole
     from agent.fabric.protocol import FabricManager
     from agent.kube.client import Kube
     from agent.kube.leasing import LeaderElector
+    from agent.model.cohdi import PoolAttributes
     from agent.node.plugin import KubeletPlugin
     from agent.node.reporting import NodeReporter
 
@@ -194,12 +196,16 @@ async def run(cfg: settings.Settings) -> int:
             kubeconfig=cfg.kube.kubeconfig, request_timeout=cfg.kube.kube_request_timeout
         ) as kube:
             units: dict[str, _Role] = {}
+            source: CohdiSource | None = None
             if cohdi_ns:
-                cfg, fabric, units["cohdi-config"] = await _cohdi_source(kube, cfg, cohdi_ns)
+                cfg, fabric, source = await _cohdi_source(kube, cfg, cohdi_ns)
+                units["cohdi-config"] = source
             if "node" in roles:
                 units["node"] = _NodeRole(kube, cfg)
             if fabric is not None:
-                units["cluster"] = _ClusterRole(kube, cfg, fabric)
+                cluster = _ClusterRole(kube, cfg, fabric)
+                cluster.pool_attributes = source.pool_attributes if source else None
+                units["cluster"] = cluster
             await run_roles(units, board, cfg, notifier=notifier)
     except asyncio.CancelledError:
         return 0
@@ -214,7 +220,7 @@ async def run(cfg: settings.Settings) -> int:
 
 async def _cohdi_source(
     kube: Kube, cfg: settings.Settings, namespace: str
-) -> tuple[settings.Settings, FabricManager, _Role]:
+) -> tuple[settings.Settings, FabricManager, CohdiSource]:
     """--cohdi-config-namespace: CoHDI's ConfigMap and Secret read (ConfigError when missing or
     invalid), the settings and the fabric client they give, and the unit that watches them."""
     from agent.controllers.cohdiconfig import CohdiSource
@@ -332,6 +338,8 @@ class _ClusterRole:
         self.campaigning = False
         self.term: ClusterRole | None = None
         self.elector: LeaderElector | None = None
+        #: CoHDI's per-model dra-attributes (--cohdi-config-namespace), for vendor mode's pool
+        self.pool_attributes: PoolAttributes | None = None
 
     async def run(self) -> None:
         from agent.controllers import running
@@ -349,7 +357,13 @@ class _ClusterRole:
         )
 
         async def lead() -> None:
-            self.term = term = running.build(self.kube, self.fabric, cfg, identity=cfg.identity)
+            self.term = term = running.build(
+                self.kube,
+                self.fabric,
+                cfg,
+                identity=cfg.identity,
+                pool_attributes=self.pool_attributes,
+            )
             try:
                 await term.run()
             finally:
