@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent import settings
+from agent import cli, settings
 from agent.devcluster import helm, local
 from agent.manifests import cluster, crds, installing, rbac
 
@@ -206,3 +206,48 @@ def test_kube_version_constraint(helm_bin: Path, tmp_path: Path) -> None:
     old = run_helm(helm_bin, tmp_path, "template", "x", str(CHART), "--kube-version", "1.35.0")
     assert old.returncode != 0
     assert "kubeVersion" in old.stderr or "incompatible" in old.stderr, old.stderr
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["fabric.url=https://fm:443", "fabric.user=admin", "fabric.ca=PEM"],
+        [
+            "fabric.backend=fti",
+            "fabric.url=https://fm:443",
+            "fabric.tenant=00000000-0000-0000-0000-000000000001",
+            "fabric.clientId=cohdi",
+            "fabric.models={NVIDIA-A100-PCIE-40GB,NVIDIA-H100-PCIe}",
+            "vendorDriver=gpu.nvidia.com",
+        ],
+        ["cohdiConfigNamespace=composable-dra"],
+    ],
+)
+def test_every_container_command_is_one_the_agent_accepts(
+    helm_bin: Path, tmp_path: Path, sets: list[str]
+) -> None:
+    """The rendered command lines go through the agent's own parser and settings checks (what
+    `cohdi-agent run` does before anything else): no unknown flag, no value it refuses."""
+    docs = keyed(render(helm_bin, tmp_path, "cohdi-agent", "gpu-system", *sets))
+    roles = {}
+    for kind, name in (("Deployment", "cohdi-agent-cluster"), ("DaemonSet", "cohdi-agent-node")):
+        (container,) = docs[(kind, "gpu-system", name)]["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["cohdi-agent"]
+        argv = [
+            a.replace("$(POD_IP)", "10.1.2.3").replace("$(POD_NAME)", "pod-0")
+            for a in container["args"]
+        ]
+        cfg = cli.load_settings(cli.build_parser().parse_args(argv), {"NODE_NAME": "gpu-node-1"})
+        roles[cfg.cluster.roles] = cfg
+    cluster_cfg, node_cfg = roles["cluster"], roles["node"]
+    assert cluster_cfg.leader.namespace == "gpu-system"
+    assert cluster_cfg.leader.identity == "pod-0"
+    assert node_cfg.node.kubelet_dir == "/var/lib/kubelet"
+    for cfg in (cluster_cfg, node_cfg):
+        assert cfg.cluster.metrics_address == "10.1.2.3"
+        assert cfg.cluster.metrics_port == 9464
+    if "cohdiConfigNamespace=composable-dra" in sets:
+        assert cluster_cfg.cluster.cohdi_config_namespace == "composable-dra"
+        assert cluster_cfg.fabric.password_file == ""  # CoHDI's Secret has the credentials
+    else:
+        assert cluster_cfg.fabric.password_file == "/etc/cohdi-agent/fabric/password"
