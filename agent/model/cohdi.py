@@ -5,7 +5,9 @@
   at most 100 integers, optional) and `device-info`, a list whose items have `index` (0..10000,
   unique), `cdi-model-name` (the fabric manager's model, at most 1000 characters, unique),
   `dra-attributes` (at most 32 entries, keys qualified names with a name part of at most 63
-  characters, values at most 64 characters, `productName` required), `driver-name` (a DNS
+  characters, values at most 64 characters, `productName` required; keys must also be DRA
+  attribute names — a C identifier of at most 32 after the optional domain — since they are
+  published on the pool devices), `driver-name` (a DNS
   subdomain of at most 63 characters), `k8s-device-name` (a DNS label of at most 50 characters,
   unique) and `cannot-coexist-with` (a list of at most 100 other items' indexes, required).
 - Secret `composable-dra-secret`: `username`, `password`, `realm`, `client_id`,
@@ -201,6 +203,13 @@ def _device(item: Any, where: str) -> DeviceInfo:
         at = f"{where}.dra-attributes.{key}"
         if not isinstance(key, str) or not _qualified(key):
             raise _fail(at, key, "must be a qualified name ([<DNS subdomain>/]<name of <= 63>)")
+        if not _attribute_name(key):
+            raise _fail(
+                at,
+                key,
+                "must be a DRA device attribute name ([<DNS subdomain>/]<C identifier of <= 32>): "
+                "the API server refuses a ResourceSlice with any other",
+            )
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise _fail(at, value, "must be a string")
         text = str(value)
@@ -229,6 +238,18 @@ def _device(item: Any, where: str) -> DeviceInfo:
             for j, v in enumerate(coexist)
         ),
     )
+
+
+_C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _attribute_name(key: str) -> bool:
+    """A ResourceSlice device attribute name (Kubernetes `validateQualifiedName` for devices):
+    an optional domain of at most 63 characters, then a C identifier of at most 32."""
+    domain, _, name = key.rpartition("/")
+    if domain and len(domain) > 63:
+        return False
+    return len(name) <= 32 and bool(_C_IDENTIFIER.match(name))
 
 
 def _qualified(key: str) -> bool:

@@ -43,6 +43,9 @@ RESCHEDULE: Final = "FabricDeviceReschedule"
 UUID_ATTRIBUTE: Final = "uuid"
 #: The attributes CoHDI's chart gives pool devices besides `productName`.
 POOL_ATTRIBUTES: Final = {"type": {"string": "gpu"}, UUID_ATTRIBUTE: {"string": ""}}
+#: Attributes and capacities a device may have (the API server's
+#: `ResourceSliceMaxAttributesAndCapacitiesPerDevice`).
+MAX_ATTRIBUTES: Final = 32
 #: Our slices carry this label (`agent.controllers.publishing`): never read as the vendor's.
 MANAGED_BY: Final = ("app.kubernetes.io/managed-by", "cohdi-agent")
 
@@ -58,11 +61,17 @@ def vendor_entry(
     FabricDeviceFailed]`, attributes `type: gpu` and `uuid: ""` added (ours kept), then `cohdi`
     — the model's `dra-attributes` from CoHDI's ConfigMap, as string attributes (the vendor's
     `productName` instead of the fabric's model string) — except `uuid`, which stays "" (a pool
-    device has no GPU yet). A new dict: the publisher's cached entries are never changed."""
+    device has no GPU yet). At most `MAX_ATTRIBUTES` (CoHDI's first, then `uuid` and `type`, ours
+    as room allows). A new dict: the publisher's cached entries are never changed."""
     attributes = {**(entry.get("attributes") or {}), **POOL_ATTRIBUTES}
     for key, value in (cohdi or {}).items():
         if key != UUID_ATTRIBUTE:
             attributes[key] = {"string": names.attribute_string(value)}
+    if len(attributes) > MAX_ATTRIBUTES:
+        # CoHDI's first, then uuid and type, then ours as room allows
+        order = [*(cohdi or {}), UUID_ATTRIBUTE, "type", *attributes]
+        attributes = {k: attributes[k] for k in dict.fromkeys(order)}
+        attributes = dict(list(attributes.items())[:MAX_ATTRIBUTES])
     return {
         **entry,
         "attributes": attributes,

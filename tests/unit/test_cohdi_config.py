@@ -106,6 +106,18 @@ def edit(i: int, **change: Any) -> list[dict[str, Any]]:
             None,
             "device-info[0].dra-attributes",
         ),
+        (  # a label-key name CoHDI takes, but not a DRA attribute name: the slice is refused
+            "cohdi.io",
+            edit(0, dra_attributes={"productName": "p", "product-name": "v"}),
+            None,
+            "device-info[0].dra-attributes.product-name",
+        ),
+        (
+            "cohdi.io",
+            edit(0, dra_attributes={"productName": "p", "c" * 33: "v"}),
+            None,
+            f"device-info[0].dra-attributes.{'c' * 33}",
+        ),
         ("cohdi.io", edit(0, driver_name="GPU.nvidia.com"), None, "device-info[0].driver-name"),
         ("cohdi.io", edit(0, driver_name="g" * 64), None, "device-info[0].driver-name"),
         ("cohdi.io", edit(0, k8s_device_name="n" * 51), None, "device-info[0].k8s-device-name"),

@@ -559,3 +559,17 @@ async def test_the_pool_carries_cohdis_attributes_and_follows_their_change() -> 
             ),
             "the new productName published",
         )
+
+
+def test_a_pool_device_keeps_within_the_api_servers_32_attributes() -> None:
+    """CoHDI allows 32 dra-attributes; with ours beside them a device would have more than the
+    32 attributes the API server takes (and the whole slice would be refused): CoHDI's are kept
+    first, then `uuid` and `type`, ours only as room allows."""
+    many = {"productName": "P", **{f"a{i}": "v" for i in range(30)}}
+    entry = vm.vendor_entry(
+        {"name": "d", "attributes": {"productName": {"string": "m"}, "fabric": {"string": "f"}}},
+        many,
+    )
+    assert len(entry["attributes"]) == 32
+    assert all(k in entry["attributes"] for k in many)
+    assert entry["attributes"]["uuid"] == {"string": ""}
