@@ -135,6 +135,16 @@ class CohdiSource:
         assert self.devices is not None
         assert self.credentials is not None
         dep = cohdi.parse_deployment(self.environ)
+        vendor = cfg.cluster.vendor_driver
+        for i, d in enumerate(self.devices.devices):
+            if vendor and d.driver != vendor:
+                raise errors.ConfigError(
+                    "--vendor-driver",
+                    vendor,
+                    f"differs from {self.cm_where} device-info[{i}].driver-name {d.driver!r}: "
+                    "the pool would be published under another driver than the DeviceClass "
+                    "CoHDI's claims ask for",
+                )
         url = cfg.fabric.url or dep.endpoint
         if not url:
             raise errors.ConfigError(

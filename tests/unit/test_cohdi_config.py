@@ -472,3 +472,19 @@ async def test_the_configmap_deleted_and_recreated_while_running(
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
         await fabric.close()
+
+
+def test_a_vendor_driver_other_than_cohdis_driver_name_stops_the_start() -> None:
+    """--vendor-driver publishes the pool under that driver; CoHDI's claims ask for the DeviceClass
+    of device-info's `driver-name`. Different: no claim would ever match the pool — refused at
+    start, naming the item."""
+    source = CohdiSource(None, NS, environ={"CDI_ENDPOINT": "https://fm", "TENANT_ID": TENANT})  # type: ignore[arg-type]
+    source.devices = cohdi.parse_devices("cohdi.io", items(), where=W)
+    source.credentials = cohdi.parse_credentials(SECRET, where="s")
+    ok = settings.Settings(cluster=settings.ClusterSettings(vendor_driver="gpu.nvidia.com"))
+    assert source.settings_for(ok).fabric.backend == "fti"
+    other = settings.Settings(cluster=settings.ClusterSettings(vendor_driver="gpu.example.com"))
+    with pytest.raises(errors.ConfigError) as exc:
+        source.settings_for(other)
+    assert exc.value.setting == "--vendor-driver"
+    assert f"{W} device-info[0].driver-name" in str(exc.value)
