@@ -105,6 +105,8 @@ class CohdiSource:
         #: why the latest change was refused, "" when the objects in force are the latest
         self.error = ""
         self.applied = 0
+        #: --vendor-driver (set by `settings_for`): every item's driver-name must be it
+        self.vendor = ""
         self.synced = asyncio.Event()
         self._dirty = asyncio.Event()
 
@@ -135,16 +137,8 @@ class CohdiSource:
         assert self.devices is not None
         assert self.credentials is not None
         dep = cohdi.parse_deployment(self.environ)
-        vendor = cfg.cluster.vendor_driver
-        for i, d in enumerate(self.devices.devices):
-            if vendor and d.driver != vendor:
-                raise errors.ConfigError(
-                    "--vendor-driver",
-                    vendor,
-                    f"differs from {self.cm_where} device-info[{i}].driver-name {d.driver!r}: "
-                    "the pool would be published under another driver than the DeviceClass "
-                    "CoHDI's claims ask for",
-                )
+        self.vendor = cfg.cluster.vendor_driver
+        self._check_vendor(self.devices)
         url = cfg.fabric.url or dep.endpoint
         if not url:
             raise errors.ConfigError(
@@ -167,6 +161,19 @@ class CohdiSource:
             models=",".join(self.devices.models),
         )
         return dataclasses.replace(cfg, fabric=fabric)
+
+    def _check_vendor(self, devices: cohdi.Devices) -> None:
+        """ConfigError when --vendor-driver is set and an item's `driver-name` differs: the pool
+        would be published under another driver than the DeviceClass CoHDI's claims ask for."""
+        for i, d in enumerate(devices.devices):
+            if self.vendor and d.driver != self.vendor:
+                raise errors.ConfigError(
+                    "--vendor-driver",
+                    self.vendor,
+                    f"differs from {self.cm_where} device-info[{i}].driver-name {d.driver!r}: "
+                    "the pool would be published under another driver than the DeviceClass "
+                    "CoHDI's claims ask for",
+                )
 
     def open_fabric(self, cfg: settings.FabricSettings) -> FabricManager:
         """The FTI client for `cfg` (from `settings_for`) with the Secret's password, client
@@ -238,6 +245,7 @@ class CohdiSource:
                 raise errors.ConfigError(FLAG, self.namespace, f"{gone} was deleted")
             devices = devices_of(cm, self.cm_where)
             creds = credentials_of(secret, self.secret_where)
+            self._check_vendor(devices)
         except errors.ConfigError as exc:
             return self._refuse(exc)
         if self.error:

@@ -488,3 +488,13 @@ def test_a_vendor_driver_other_than_cohdis_driver_name_stops_the_start() -> None
         source.settings_for(other)
     assert exc.value.setting == "--vendor-driver"
     assert f"{W} device-info[0].driver-name" in str(exc.value)
+
+    # while running: a ConfigMap edit to another driver-name is refused, the last one stays
+    source.error = ""
+    source.settings_for(ok)
+    cm = configmap_obj(CHART_DEVICE_INFO.replace('"gpu.nvidia.com"', '"gpu.example.com"'))
+    secret = secret_obj("p", "")
+    assert not source.apply(cm, secret)
+    assert "--vendor-driver" in source.error
+    assert source.devices is not None
+    assert {d.driver for d in source.devices.devices} == {"gpu.nvidia.com"}
