@@ -119,14 +119,15 @@ async def fabric_emulator(cfg: settings.Settings) -> int:
     return 0
 
 
-def manifests(cfg: settings.Settings, out: str) -> int:
-    """Write the manifests into the directory `out`, or to standard output when it is "-"."""
+def manifests(cfg: settings.Settings, out: str, namespace: str = "kube-system") -> int:
+    """Write the manifests into the directory `out`, or to standard output when it is "-";
+    the ServiceAccounts and the Lease's Role in `namespace`."""
     from agent.manifests import installing
 
     if out == "-":
-        sys.stdout.write(installing.stream(cfg.cluster.driver))
+        sys.stdout.write(installing.stream(cfg.cluster.driver, namespace=namespace))
         return 0
-    for path in installing.write(Path(out), cfg.cluster.driver):
+    for path in installing.write(Path(out), cfg.cluster.driver, namespace=namespace):
         print(f"wrote {path}")
     return 0
 

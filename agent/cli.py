@@ -202,11 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
             Needs no cluster.
             """,
     )
-    manifests.add_argument_group("the manifests").add_argument(
+    manifests_args = manifests.add_argument_group("the manifests")
+    manifests_args.add_argument(
         "--out",
         default="packaging",
         metavar="DIR|-",
         help="directory to write, or - for standard output (default: packaging)",
+    )
+    manifests_args.add_argument(
+        "--namespace",
+        default="kube-system",
+        metavar="NAMESPACE",
+        help="namespace of the agent's ServiceAccounts and of the cluster role's Lease (give "
+        "`run` the same Lease namespace; default: kube-system)",
     )
 
     _command(
@@ -283,7 +291,7 @@ def main(argv: list[str], *, run_async: RunAsync) -> int:
         if args.command == "install-crds":
             return run_async(lambda: app.install_crds(cfg))
         if args.command == "manifests":
-            return app.manifests(cfg, args.out)
+            return app.manifests(cfg, args.out, args.namespace)
         if args.command == "fabric-emulator":
             return run_async(lambda: app.fabric_emulator(cfg))
         if args.command == "demo":

@@ -3,7 +3,11 @@ least-privilege roles, nothing tied to kube-system, the Lease and the driver nam
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
+
+import yaml
 
 from agent.manifests import rbac
 
@@ -89,3 +93,19 @@ def test_every_grant_says_why() -> None:
         *rbac.cohdi_config_grants(),
     ]
     assert all(len(g.why) > 20 for g in grants)
+
+
+def test_manifests_command_takes_the_namespace() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "manifests", "--out", "-", "--namespace", "gpu-system"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert [d for d in docs if d["kind"] == "ServiceAccount"] == [
+        d for d in rbac.rbac(DRIVER, "gpu-system") if d["kind"] == "ServiceAccount"
+    ]
+    assert "kube-system" not in done.stdout
