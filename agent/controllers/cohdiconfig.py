@@ -238,25 +238,49 @@ class CohdiSource:
 
     def apply(self, cm: Obj | None, secret: Obj | None) -> bool:
         """Validate the objects as they are now and apply what changed; False (and `error`
-        set) when one is missing or invalid, leaving the last good configuration in force."""
+        set) when one is missing or invalid. Each object stands alone: an invalid (or deleted)
+        one keeps its last good content in force while a valid change of the other is applied
+        (a rotated password must not wait for an unrelated ConfigMap fix)."""
+        assert self.devices is not None
+        assert self.credentials is not None
+        problems: list[errors.ConfigError] = []
+        devices, creds = self.devices, self.credentials
         try:
-            if cm is None or secret is None:
-                gone = self.cm_where if cm is None else self.secret_where
-                raise errors.ConfigError(FLAG, self.namespace, f"{gone} was deleted")
+            if cm is None:
+                raise errors.ConfigError(FLAG, self.namespace, f"{self.cm_where} was deleted")
             devices = devices_of(cm, self.cm_where)
-            creds = credentials_of(secret, self.secret_where)
             self._check_vendor(devices)
         except errors.ConfigError as exc:
-            return self._refuse(exc)
+            problems.append(exc)
+            devices = self.devices
+        try:
+            if secret is None:
+                raise errors.ConfigError(FLAG, self.namespace, f"{self.secret_where} was deleted")
+            creds = credentials_of(secret, self.secret_where)
+            fabric, ca = self.fabric, creds.certificate
+            if fabric is not None and ca and ca != self.credentials.certificate:
+                # before anything is applied: a CA the TLS context refuses refuses the Secret
+                fabric.trust_ca(ca, where=f"{self.secret_where} certificate")
+        except errors.ConfigError as exc:
+            problems.append(exc)
+            creds = self.credentials
+        self._apply(devices, creds)
+        if problems:
+            return self._refuse("; ".join(str(p) for p in problems))
         if self.error:
             logger.info("CoHDI configuration valid again (after: %s)", self.error)
         self.error = ""
+        return True
+
+    def _apply(self, devices: cohdi.Devices, creds: cohdi.Credentials) -> None:
+        """Put valid `devices` and `creds` in force (nothing when nothing changed)."""
         if devices == self.devices and creds == self.credentials:
-            return True
+            return
         changed = [
             what
             for what, old, new in (
                 ("models", self.devices and self.devices.models, devices.models),
+                ("attributes", self.devices, devices),
                 (
                     "credentials",
                     self.credentials and dataclasses.replace(self.credentials, certificate=""),
@@ -270,15 +294,10 @@ class CohdiSource:
             )
             if old != new
         ]
-        fabric = self.fabric
-        if fabric is not None:
-            if "certificate" in changed and creds.certificate:
-                # before anything else is applied: a CA the context refuses refuses the change
-                try:
-                    fabric.trust_ca(creds.certificate, where=f"{self.secret_where} certificate")
-                except errors.ConfigError as exc:
-                    return self._refuse(exc)
-            fabric.reconfigure(
+        if "models" in changed:
+            changed.remove("attributes")
+        if self.fabric is not None:
+            self.fabric.reconfigure(
                 user=creds.username,
                 password=Secret(creds.password),
                 realm=creds.realm,
@@ -289,24 +308,22 @@ class CohdiSource:
         self.devices, self.credentials = devices, creds
         self.pool_attributes.set(devices)
         self.applied += 1
-        if changed:
-            logger.info(
-                "CoHDI configuration changed (%s): applied%s",
-                ", ".join(changed),
-                "; the old CA stays trusted until a restart" if "certificate" in changed else "",
-                extra=logs.fields(reason=",".join(changed)),
-            )
-        return True
+        logger.info(
+            "CoHDI configuration changed (%s): applied%s",
+            ", ".join(changed),
+            "; the old CA stays trusted until a restart" if "certificate" in changed else "",
+            extra=logs.fields(reason=",".join(changed)),
+        )
 
-    def _refuse(self, exc: errors.ConfigError) -> bool:
+    def _refuse(self, why: str) -> bool:
         """Refuse a change (logged once per reason, named in /readyz); the last good one stays."""
-        if str(exc) != self.error:
+        if why != self.error:
             logger.error(
                 "CoHDI configuration change refused, the last good one stays: %s",
-                exc,
-                extra=logs.fields(error=str(exc)),
+                why,
+                extra=logs.fields(error=why),
             )
-        self.error = str(exc)
+        self.error = why
         return False
 
     # --- as a unit of `cohdi-agent run` ----------------------------------------------------------

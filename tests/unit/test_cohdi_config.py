@@ -498,3 +498,46 @@ def test_a_vendor_driver_other_than_cohdis_driver_name_stops_the_start() -> None
     assert "--vendor-driver" in source.error
     assert source.devices is not None
     assert {d.driver for d in source.devices.devices} == {"gpu.nvidia.com"}
+
+
+async def test_a_valid_secret_change_applies_while_the_configmap_is_invalid(
+    emulator: EmulatorServer,
+) -> None:
+    """The fabric manager's password rotates (and the Secret with it) while someone's ConfigMap
+    edit is invalid: the new password is applied — each object stands alone, the invalid one
+    keeping its last good content — and both are named until the ConfigMap is fixed."""
+    assert emulator.ca_file is not None
+    ca = emulator.ca_file.read_text()
+    kube = FakeKube(bookmark_interval=60)
+    kube.add(configmap_path(NS), configmap_obj(CHART_DEVICE_INFO))
+    kube.add(secret_path(NS), secret_obj(PASSWORD, ca))
+    env = {"CDI_ENDPOINT": emulator.url, "TENANT_ID": TENANT}
+    source = CohdiSource(kube, NS, environ=env)  # type: ignore[arg-type]
+    await source.load()
+    fabric = source.open_fabric(source.settings_for(settings.Settings()).fabric)
+    watch = asyncio.create_task(source.run())
+    try:
+        await _until(lambda: source.synced.is_set())
+        kube.edit(
+            f"{configmap_path(NS)}/{cohdi.CONFIGMAP}",
+            lambda o: o["data"].update({"label-prefix": "example.com"}),
+        )
+        await _until(lambda: f"{W} label-prefix" in source.error)
+        emulator.creds.accounts["admin"].password = "rotated-3"
+        emulator.creds.expire_all()
+        kube.edit(
+            f"{secret_path(NS)}/{cohdi.SECRET}",
+            lambda o: o["data"].update(secret_obj("rotated-3", ca)["data"]),
+        )
+        await _until(lambda: source.credentials and source.credentials.password == "rotated-3")
+        assert len((await fabric.inventory()).machines) == 1, "logged in with the new password"
+        assert f"{W} label-prefix" in source.error, "the ConfigMap is still named"
+        kube.edit(
+            f"{configmap_path(NS)}/{cohdi.CONFIGMAP}",
+            lambda o: o["data"].update({"label-prefix": "cohdi.io"}),
+        )
+        await _until(lambda: not source.error)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await fabric.close()
