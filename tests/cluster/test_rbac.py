@@ -539,3 +539,58 @@ async def test_cohdi_config_role_reads_only_cohdis_two_objects(
                 )
     finally:
         await access.delete_all(kube, docs)
+
+
+async def test_claim_device_status_only_for_our_driver(
+    kube: Kube, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """kube-apiserver itself (not a review) enforces the name-limited `resourceclaims/driver`
+    grant: the cluster role's token writes status.devices entries of its driver, and an entry of
+    another driver in the same claim is refused."""
+    suffix = uuid.uuid4().hex[:6]
+    ns, name, driver, other = (
+        f"agent-{suffix}",
+        f"ag{suffix}",
+        f"d{suffix}.cohdi.io",
+        "gpu.other.example",
+    )
+    docs = rbac.rbac(driver, ns, name=name)
+    await access.ensure_namespace(kube, ns)
+    await access.apply_all(kube, docs)
+    claims = f"/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims"
+    try:
+        claim = await kube.create(
+            claims, {**objects.gpu_claim("c", driver, A100), "metadata": {"name": "c"}}
+        )
+        results = [
+            {"request": "gpu", "driver": d, "pool": "p", "device": f"g{i}"}
+            for i, d in enumerate((driver, other))
+        ]
+        claim["status"] = {"allocation": {"devices": {"results": results}}}
+        await kube.replace(f"{claims}/c/status", claim)  # the scheduler's part, as the admin
+        bearer = await access.token(kube, ns, rbac.service_account_name(name, "cluster"))
+        cfg = access.token_kubeconfig(control_plane, bearer, tmp_path / "c.kubeconfig")
+        entry = {"pool": "p", "conditions": [], "data": None}
+        async with await Kube.connect(kubeconfig=str(cfg)) as agent_kube:
+
+            async def ours_written() -> bool:
+                current = await agent_kube.get(f"{claims}/c")
+                current["status"]["devices"] = [{**entry, "driver": driver, "device": "g0"}]
+                try:
+                    await agent_kube.replace(f"{claims}/c/status", current)
+                except errors.KubeForbidden:
+                    return False  # RBAC has not seen the binding yet
+                return True
+
+            await until(ours_written, what="our driver's entry written", timeout=30)
+            current = await agent_kube.get(f"{claims}/c")
+            current["status"]["devices"].append({**entry, "driver": other, "device": "g1"})
+            with pytest.raises(errors.KubeError) as refused:
+                await agent_kube.replace(f"{claims}/c/status", current)
+            print(f"\nanother driver's entry: {refused.value}")
+            assert "resourceclaims/driver" in str(refused.value)
+            assert refused.value.status in (403, 422)
+    finally:
+        with contextlib.suppress(errors.KubeNotFound):
+            await kube.delete(f"{claims}/c")
+        await access.delete_all(kube, docs)
