@@ -17,7 +17,7 @@ from agent.model.fabric import DeviceState
 from agent.model.objects import NODE_READY, Obj, condition
 from agent.node import health as nodehealth
 from tests.unit.test_cluster_role_fake import A100, DRIVER, World, scale_up, world
-from tests.unit.test_device_health_fake import set_node_health, taints_of
+from tests.unit.test_device_health_fake import counter, set_node_health, taints_of
 
 
 def attach_on_purpose(name: str, device: str, node: str) -> Obj:
@@ -301,3 +301,55 @@ def test_a_kept_word_reads_back() -> None:
     assert device == "gpu-" + "x" * 100
     assert got == healthmodel.Word(False, "Xid79", "m" * 256)
     assert stamp == "2027-01-15T08:00:00Z"
+
+
+async def test_a_condition_flipping_fast_ends_in_one_taint_then_one_lift() -> None:
+    """41 flips of DeviceHealthy within a fraction of the grace: one taint added, its timeAdded
+    kept, and it lifts once, a grace after the last True."""
+    async with world(gpus=2, health_grace=0.5) as w:
+        added = counter("cohdi_device_taints_total", change="added")
+        removed = counter("cohdi_device_taints_total", change="removed")
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        set_node_health(w, "gpu-0", "False", "Xid79")
+        first = await w.wait(lambda: taints_of(w, "gpu-0"), "tainted")
+        for i in range(41):  # ends True
+            set_node_health(w, "gpu-0", "True" if i % 2 == 0 else "False", "Xid79")
+            await asyncio.sleep(0.005)
+        assert taints_of(w, "gpu-0") == first  # ended True, still within the grace
+        await w.wait(lambda: taints_of(w, "gpu-0") == [], "lifted")
+        assert counter("cohdi_device_taints_total", change="added") == added + 1
+        assert counter("cohdi_device_taints_total", change="removed") == removed + 1
+        assert w.fabric.detaches == []  # held all along
+
+
+@pytest.mark.parametrize("size", [63, 64, 65, 127, 128, 129, 257])
+@pytest.mark.parametrize("where", ["first", "last", "64th"])
+def test_a_tainted_pool_of_any_size_keeps_64_a_slice_and_every_device(
+    size: int, where: str
+) -> None:
+    from agent.model import pool
+    from agent.model.fabric import DeviceId, FabricId, Inventory, Machine, MachineId, PoolDevice
+
+    f = FabricId("f")
+    inv = Inventory(
+        (Machine(MachineId("m0"), "n0", f, "n0"),),
+        tuple(
+            PoolDevice(DeviceId(f"gpu-{i:03d}"), f, "A100", DeviceState.FREE) for i in range(size)
+        ),
+    )
+    sick = {"first": 0, "last": size - 1, "64th": min(63, size - 1)}[where]
+    taint = healthmodel.taints(
+        healthmodel.Health(healthmodel.Source.NODE, "Xid79", "", added=0), evict=False
+    )
+    slices = pool.desired_slices(
+        driver="d.example.com",
+        inventory=inv,
+        node_of_machine={},
+        taints={f"gpu-{sick:03d}": taint},
+    )["f"]
+    sizes = [len(s.spec["devices"]) for s in slices]
+    assert max(sizes) <= 64
+    assert sum(sizes) == size
+    assert {s.spec["pool"]["resourceSliceCount"] for s in slices} == {len(slices)}
+    names = [d["name"] for s in slices for d in s.spec["devices"]]
+    assert len(set(names)) == size
