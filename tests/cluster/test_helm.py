@@ -1,5 +1,6 @@
 """`helm install` of packaging/helm/cohdi-agent into the real control plane creates every object,
-its access control works under real ServiceAccount tokens, and `helm uninstall` removes it all.
+its access control works under real ServiceAccount tokens, `helm upgrade` to a new image
+changes the workloads' templates, and `helm uninstall` removes it all.
 
 The test bed has no kubelet and no kube-controller-manager: the Deployment and the DaemonSet are
 created, but no pod of theirs is (nothing turns them into pods); the workloads' pods, and the
@@ -127,6 +128,27 @@ async def test_helm_install_creates_everything_and_uninstall_removes_it(
             print(await until(refused, what="the chart's policy refusing another node", timeout=30))
             await node_kube.patch(f"{RESOURCES}/gpu-mine-{suffix}/status", status_patch)
         await kube.delete(f"/api/v1/namespaces/{ns}/pods/node-{suffix}")
+
+        # A new image: the DaemonSet's template changes, its surge-first strategy stays.
+        upgraded = run_helm(
+            binary,
+            tmp_path,
+            "upgrade",
+            release,
+            str(CHART),
+            *base,
+            "--reuse-values",
+            "--set",
+            "image.tag=0.2.0",
+        )
+        assert upgraded.returncode == 0, upgraded.stderr
+        ds = await kube.get(paths["node DaemonSet"])
+        (container,) = ds["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == "cohdi-agent:0.2.0"
+        assert ds["metadata"]["generation"] == 2
+        assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] == 1
+        dep = await kube.get(paths["cluster Deployment"])
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "cohdi-agent:0.2.0"
     finally:
         for target in ("mine", "other"):
             try:
