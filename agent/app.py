@@ -35,11 +35,15 @@ def version() -> int:
 def dev_cluster(cfg: settings.Settings, action: str) -> int:
     state_dir = cfg.dev_state_dir
     if action == "build":
+        from agent.devcluster import helm
+
         b = local.binaries(cfg.cache_dir)
+        helm_bin = helm.ensure_built(cfg.cache_dir, progress=local.progress)
         print(
             f"etcd:           {b.etcd}\n"
             f"kube-apiserver: {b.kube_apiserver}\n"
-            f"kube-scheduler: {b.kube_scheduler}"
+            f"kube-scheduler: {b.kube_scheduler}\n"
+            f"helm:           {helm_bin}"
         )
         return 0
     if action == "up":
