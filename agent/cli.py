@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="build, start or stop the local control plane by hand",
         usage=" {build,up,down,env,status}",
         description="""\
-            build  build etcd, kube-apiserver and kube-scheduler into the cache (once)
+            build  build etcd, kube-apiserver, kube-scheduler and helm into the cache (once)
             up     start a cluster in the background; prints how to use it
             down   stop the cluster `up` started (by pid)
             env    print `export KUBECONFIG=...` for the running cluster
