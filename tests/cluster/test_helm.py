@@ -46,6 +46,7 @@ def _objects(ns: str, name: str, driver: str) -> dict[str, str]:
         "metrics Service": f"/api/v1/namespaces/{ns}/services/{name}-metrics",
         "cluster Deployment": f"/apis/apps/v1/namespaces/{ns}/deployments/{name}-cluster",
         "node DaemonSet": f"/apis/apps/v1/namespaces/{ns}/daemonsets/{name}-node",
+        "cluster PDB": f"/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/{name}-cluster",
     }
 
 

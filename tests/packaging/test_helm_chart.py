@@ -188,6 +188,9 @@ def test_workloads(helm_bin: Path, tmp_path: Path) -> None:
     svc = docs[("Service", "gpu-system", "cohdi-agent-metrics")]
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     assert ("Secret", "gpu-system", "cohdi-agent-fabric") in docs
+    pdb = docs[("PodDisruptionBudget", "gpu-system", "cohdi-agent-cluster")]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"] == dep["spec"]["selector"]
 
 
 @pytest.mark.parametrize(
