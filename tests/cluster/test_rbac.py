@@ -38,7 +38,7 @@ from agent.model import cohdi
 from agent.simulated import stubnvml
 from tests import kubelet
 from tests.cluster import access
-from tests.cluster.conftest import A100, CLAIMS, World
+from tests.cluster.conftest import A100, CLAIMS, NS, World
 from tests.cluster.test_resilience import cluster_args, http_get, spawn, stop
 from tests.cluster.test_scale_up import bound_pods
 from tests.waiting import until
@@ -593,4 +593,95 @@ async def test_claim_device_status_only_for_our_driver(
     finally:
         with contextlib.suppress(errors.KubeNotFound):
             await kube.delete(f"{claims}/c")
+        await access.delete_all(kube, docs)
+
+
+@pytest.mark.parametrize("world", [{"nodes": 1, "gpus": 2}], indirect=True)
+async def test_vendor_driver_mode_runs_under_its_token_with_no_denial(
+    world: World, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """--vendor-driver: the cluster role, in its own process under the cluster ServiceAccount's
+    token from `rbac(..., vendor_driver=...)`, publishes under the vendor's name, attaches, and
+    writes FabricDeviceReschedule into the vendor driver's entry of the claim (the reason the
+    vendor's name is in the resourceclaims/driver grant); the scheduler moves the claim onto the
+    vendor's device; 0 refusals."""
+    from tests.cluster.test_vendor_mode import (
+        DEVICE_CLASSES,
+        Reschedules,
+        StandInVendor,
+        vendor_claim,
+        vendor_pod,
+    )
+
+    kube, suffix = world.kube, world.suffix
+    vendor = f"gpu.v{suffix}.example"
+    ns, name, lease = f"agent-{suffix}", f"ag{suffix}", f"lease-{suffix}"
+    docs = rbac.rbac(world.driver, ns, name=name, lease=lease, vendor_driver=vendor)
+    cluster_sa = rbac.service_account_name(name, "cluster")
+    await access.ensure_namespace(kube, ns)
+    await access.apply_all(kube, docs)
+    expression = f'device.driver == "{vendor}" && device.attributes["{vendor}"].type == "gpu"'
+    await kube.create(
+        DEVICE_CLASSES,
+        {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "DeviceClass",
+            "metadata": {"name": vendor},
+            "spec": {"selectors": [{"cel": {"expression": expression}}]},
+        },
+    )
+    StandInVendor(world, vendor)
+    claim = f"v{suffix}"
+    seen = Reschedules(world, claim)
+    world.tasks.append(asyncio.create_task(seen.informer.run()))
+    cfg = access.token_kubeconfig(
+        control_plane, await access.token(kube, ns, cluster_sa), tmp_path / "c.kubeconfig"
+    )
+    port = free_port()
+    proc = spawn(
+        [
+            "--kubeconfig",
+            str(cfg),
+            "--roles",
+            "cluster",
+            *cluster_args(world, world.emulator.url, port, lease),
+            "--lease-namespace",
+            ns,
+            "--vendor-driver",
+            vendor,
+            "--claim-deadline",
+            "120",
+        ],
+        tmp_path / "cluster.log",
+    )
+    try:
+
+        async def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "cluster.log").read_text()[-3000:]
+            return (await http_get(port, "/readyz"))[0] == 200
+
+        await until(ready, what="the cluster role ready under its token", timeout=60)
+        await kube.create(CLAIMS, vendor_claim(claim, vendor))
+        await kube.create(f"/api/v1/namespaces/{NS}/pods", vendor_pod(claim, suffix))
+
+        async def on_vendors_device() -> bool:
+            got = await kube.get(f"{CLAIMS}/{claim}")
+            results = ((got.get("status") or {}).get("allocation") or {}).get("devices") or {}
+            return [(r["driver"], r["pool"]) for r in results.get("results") or []] == [
+                (vendor, world.nodes[0])
+            ]
+
+        await until(on_vendors_device, what="the claim on the vendor's device", timeout=120)
+        assert seen.count == 1
+        assert await stop(proc) == 0
+        calls = access.audited(control_plane, {_user(ns, cluster_sa)})
+        writes = [c.what for c in calls if c.verb in ("update", "patch", "create", "delete")]
+        print(f"\nvendor mode, cluster token: {len(calls)} requests; writes: {sorted(set(writes))}")
+        assert [c.what for c in calls if c.code in (401, 403)] == []
+        assert any(c.resource == "resourceclaims" and c.subresource == "status" for c in calls)
+    finally:
+        if proc.poll() is None:
+            await stop(proc)
+        with contextlib.suppress(errors.AgentError):
+            await kube.delete(f"{DEVICE_CLASSES}/{vendor}")
         await access.delete_all(kube, docs)
