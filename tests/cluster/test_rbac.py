@@ -10,7 +10,10 @@ ServiceAccount tokens from the TokenRequest API:
   shows which request of that flow it would refuse; a grant the flow does not reach is listed in
   `NOT_IN_THE_FLOW` with the code path that needs it;
 - a node's token is refused writing another node's ComposableResource status (the admission
-  policy), writing anything without a node in its token, and updating a Lease (RBAC).
+  policy), writing anything without a node in its token, and updating a Lease (RBAC);
+- kube-apiserver refuses the cluster token a claim's status.devices entry of another driver;
+- with --cohdi-config-namespace the cluster token reads CoHDI's two objects there, nothing else;
+- vendor-driver mode runs under its token with no refusal.
 """
 
 from __future__ import annotations
