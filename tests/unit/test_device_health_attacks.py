@@ -5,6 +5,7 @@ attack is handled."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import pytest
@@ -353,3 +354,37 @@ def test_a_tainted_pool_of_any_size_keeps_64_a_slice_and_every_device(
     assert {s.spec["pool"]["resourceSliceCount"] for s in slices} == {len(slices)}
     names = [d["name"] for s in slices for d in s.spec["devices"]]
     assert len(set(names)) == size
+
+
+async def test_with_taints_dropped_a_new_leader_still_withholds_the_broken_detached_gpu() -> None:
+    """DRADeviceTaints off: the slices never carry a taint, so a new leader could not read the
+    node's word on a swapped-out GPU back from them at all; it offered the GPU as healthy. The
+    word kept on the Node brings it back: the GPU stays withheld."""
+    async with world(gpus=3, health_grace=0.1) as w:
+        create, replace = w.kube.create, w.kube.replace
+
+        def strip(body: Obj) -> Obj:
+            body = copy.deepcopy(body)
+            for dev in (body.get("spec") or {}).get("devices") or []:
+                dev.pop("taints", None)
+            return body
+
+        async def create_without(path: str, body: Obj, **kw: Any) -> Obj:
+            return await create(path, strip(body) if "resourceslices" in path else body, **kw)
+
+        async def replace_without(path: str, body: Obj, **kw: Any) -> Obj:
+            return await replace(path, strip(body) if "resourceslices" in path else body, **kw)
+
+        w.kube.create = create_without  # type: ignore[method-assign]
+        w.kube.replace = replace_without  # type: ignore[method-assign]
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        set_node_health(w, "gpu-0", "False", "Xid79")
+        await w.wait(lambda: w.role.publisher.taints_supported is False, "taints dropped")
+        w.release("c1")
+        await w.wait(lambda: w.fabric.devices["gpu-0"].state == DeviceState.FREE, "detached")
+        await w.wait(lambda: w.resource(resource_name("gpu-0")) is None, "its resource gone")
+        role = await new_leader(w, health_grace=0.1)
+        await w.wait(lambda: role.publisher.taints_supported is False, "the new leader learnt it")
+        await asyncio.sleep(0.3)  # past the grace
+        assert w.device_name("gpu-0") not in w.offered()
+        assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
