@@ -28,6 +28,7 @@ from typing import Any
 
 from agent import errors, logs
 from agent.controllers import metrics
+from agent.controllers.freshness import FreshClaims
 from agent.controllers.publishing import Publisher
 from agent.controllers.queueing import KeyedQueue
 from agent.fabric.protocol import FabricManager
@@ -38,6 +39,7 @@ from agent.kube.watching import Event, Informer
 from agent.manifests import crds
 from agent.model import composing as decide
 from agent.model import names
+from agent.model import scaling as scalemodel
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceId, DeviceState, Inventory, MachineId, PoolDevice
 from agent.model.objects import (
@@ -68,8 +70,15 @@ class Composer:
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         driver: str = "",
+        fresh: FreshClaims | None = None,
+        choose_settle: float = 0.0,
     ) -> None:
         self.kube = kube
+        #: Fresh claims LISTs (shared with the scaler) and how long a device chosen for a
+        #: model-only resource stays withheld before that LIST: kube-scheduler may be writing
+        #: an allocation it made from the slice it saw before the withhold.
+        self.fresh = fresh or FreshClaims(kube, mono=mono)
+        self.choose_settle = choose_settle
         self.fabric = fabric
         self.resources = resources
         self.publisher = publisher
@@ -441,6 +450,19 @@ class Composer:
             device = chosen = found
             self._choosing[name] = device
             self.publisher.withhold(device, reason="choosing")  # not offered while it attaches
+            if not await self._still_unclaimed(device):
+                # the scheduler gave it to a claim from the slice it still saw: that claim's
+                # (its attach follows), and this resource chooses again
+                self._choosing.pop(name, None)
+                self.publisher.release(device, reason="choosing")
+                logger.info(
+                    "%s: %s was allocated to a claim while chosen; choosing another",
+                    name,
+                    device,
+                    extra=logs.fields(resource=name, device=device),
+                )
+                self.queue.enqueue(name)
+                return
         try:
             if chosen:
                 await self._status(name, cdi_device_id=device)
@@ -454,6 +476,25 @@ class Composer:
         finally:
             if chosen:
                 self.publisher.release(device, reason="choosing")
+
+    async def _still_unclaimed(self, device: str) -> bool:
+        """After `device` was withheld for a model-only choice: the slice write awaited, left to
+        settle `choose_settle` seconds, then a fresh LIST of claims — True when no claim holds
+        it. Only then is it safe to attach it to this resource's node (else a claim pinned to
+        another node would get a GPU attached elsewhere: DeviceOnOtherNode, a second scheduling
+        cycle). A LIST that fails counts as held (the attempt is retried)."""
+        if self.choose_settle <= 0:
+            return True
+        try:
+            async with asyncio.timeout(30):
+                await self.publisher.flush()
+            await asyncio.sleep(self.choose_settle)
+            claims = await self.fresh.since(self.mono())
+        except (errors.AgentError, TimeoutError) as exc:
+            logger.info("fresh claims read for %s failed (%s); trying again", device, exc)
+            return False
+        held = scalemodel.held_devices(claims, self.publisher.driver, self.publisher.device_index())
+        return device not in held
 
     async def _attach_and_record(
         self, cr: Obj, device: str, machine: str, marking: asyncio.Task[Obj] | None

@@ -187,6 +187,8 @@ def build(
         workers=c.workers,
         node_gone_grace=c.node_gone_grace,
         driver=c.driver,
+        fresh=scaler.fresh,
+        choose_settle=min(1.0, c.scale_down_settle),
     )
     requester = Requester(
         kube,

@@ -662,6 +662,40 @@ async def test_model_only_choices_never_take_a_device_twice() -> None:
         )
 
 
+async def test_a_model_only_choice_the_scheduler_allocated_meanwhile_is_given_up() -> None:
+    """Warm capacity (or a request member) picks a free device while kube-scheduler allocates the
+    same device, from the slice it still saw, to a claim for another node: the composer looks
+    again (a fresh LIST after the withhold has settled), leaves that device to the claim and
+    takes another — instead of attaching it to its own node and failing the claim
+    (DeviceOnOtherNode, a second scheduling cycle). Seen in the demo with warm capacity on."""
+    async with world(gpus=2, scale_down_settle=0.5) as w:
+        publisher = w.role.publisher
+        withhold = publisher.withhold
+        chosen: list[str] = []
+
+        def the_scheduler_writes_meanwhile(device_id: str, *, reason: str) -> None:
+            withhold(device_id, reason=reason)
+            if reason == "choosing" and not chosen:
+                chosen.append(device_id)  # the moment the composer has chosen it ...
+                w.new_claim("c1")  # ... the scheduler's allocation of it lands
+                w.allocate("c1", device_id, "node-1")
+
+        publisher.withhold = the_scheduler_writes_meanwhile  # type: ignore[method-assign]
+        model_only(w, "warm-0", "node-0")
+        await w.wait(lambda: chosen, "the composer chose a device")
+        (choosing,) = chosen
+        await w.wait(lambda: w.condition("c1", poolmodel.READY), "c1 ready")
+        await w.wait(
+            lambda: (w.resource("warm-0") or {}).get("status", {}).get("state") == "Online",
+            "warm-0 online",
+        )
+        assert w.fabric.attached_to(choosing) == "m-node-1"  # the claim's, on the claim's node
+        other = w.resource("warm-0")["status"]["cdi_device_id"]  # type: ignore[index]
+        assert other != choosing
+        assert w.fabric.attached_to(other) == "m-node-0"
+        assert not w.condition("c1", poolmodel.FAILED)
+
+
 async def test_failed_model_only_attach_releases_its_withhold() -> None:
     async with world(gpus=2) as w:
         w.fabric.fail_attach["gpu-0"] = errors.DeviceFailed("gpu-0 broke")
