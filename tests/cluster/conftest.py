@@ -64,7 +64,8 @@ class World:
     def machine_of(self, node: str) -> str:
         return f"m-{node}"
 
-    async def start_role(self) -> running.ClusterRole:
+    async def start_role(self, **build: Any) -> running.ClusterRole:
+        """The cluster role over the emulator; `build`: more keywords for `running.build`."""
         http = FabricHttp(base_url=self.emulator.url, ca_bundle=str(self.emulator.ca_file))
         fabric: FabricManager
         if self.backend == "fti":
@@ -78,7 +79,9 @@ class World:
             )
         else:
             fabric = RedfishFabric(http, user="admin", password=Secret(PASSWORD), poll_interval=0.5)
-        self.role = running.build(self.kube, fabric, self.cfg, identity=f"test-{self.suffix}")
+        self.role = running.build(
+            self.kube, fabric, self.cfg, identity=f"test-{self.suffix}", **build
+        )
         self.tasks.append(asyncio.create_task(self.role.run()))
         return self.role
 

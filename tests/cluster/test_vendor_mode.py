@@ -18,6 +18,7 @@ from agent.kube.client import Obj
 from agent.kube.resources import RESOURCES
 from agent.kube.watching import Event, Informer
 from agent.model import vendoring as vm
+from agent.model.cohdi import PoolAttributes, parse_devices
 from agent.model.fabric import DeviceState
 from agent.model.objects import fabric_device
 from tests.cluster.conftest import A100, BACKENDS, CLAIMS, PODS, World, world_config
@@ -36,9 +37,10 @@ class StandInVendor:
     node's machine (the emulator's hot-plug hook), a node-local ResourceSlice of the vendor's
     driver lists it with its `uuid` attribute."""
 
-    def __init__(self, w: World, vendor: str) -> None:
+    def __init__(self, w: World, vendor: str, product: str = A100) -> None:
         self.w = w
         self.vendor = vendor
+        self.product = product
         self.node_of = {w.machine_of(n): n for n in w.nodes}
         self.tasks: list[asyncio.Task[Any]] = []
         w.emulator.state.on_appear.append(self._appeared)
@@ -65,7 +67,7 @@ class StandInVendor:
                             "attributes": {
                                 "uuid": {"string": dev.spec.serial},
                                 "type": {"string": "gpu"},
-                                "productName": {"string": A100},
+                                "productName": {"string": self.product},
                             },
                         }
                     ],
@@ -74,12 +76,12 @@ class StandInVendor:
         )
 
 
-def vendor_claim(name: str, vendor: str, *, node_first: bool = False) -> Obj:
+def vendor_claim(name: str, vendor: str, *, node_first: bool = False, product: str = A100) -> Obj:
     """A claim for one GPU of the vendor's DeviceClass; `node_first` writes it the way CoHDI's
     chart tells users to: `firstAvailable` [a GPU already on a node (`uuid != ""`), any GPU] —
     kube-scheduler then scores the node where the first alternative fits higher, so the second
     allocation goes where the GPU was attached."""
-    by_model = {"cel": {"expression": f'device.attributes["{vendor}"].productName == "{A100}"'}}
+    by_model = {"cel": {"expression": f'device.attributes["{vendor}"].productName == "{product}"'}}
     request: dict[str, Any] = {
         "name": "gpu",
         "exactly": {"deviceClassName": vendor, "selectors": [by_model]},
@@ -153,7 +155,38 @@ async def test_cohdis_claim_pattern_lands_on_the_node_that_got_the_gpu(world: Wo
     await vendor_case(world, node_first=True)
 
 
-async def vendor_case(world: World, *, node_first: bool) -> None:
+@pytest.mark.parametrize("world", [{"nodes": 1, "gpus": 4}], indirect=True)
+async def test_cohdis_dra_attributes_let_its_claims_match_the_pool(world: World) -> None:
+    """CoHDI's claims select the vendor's productName (`NVIDIA A100 80GB PCIe`), which the
+    vendor's devices carry and CoHDI's ConfigMap gives the pool devices (`dra-attributes`); the
+    fabric's model string is another (here `NVIDIA-A100-PCIE-40GB`). With the ConfigMap's
+    attributes on the pool the claim's selector matches it, and the pod ends bound as before."""
+    attributes = PoolAttributes()
+    attributes.set(
+        parse_devices(
+            "cohdi.io",
+            [
+                {
+                    "index": 0,
+                    "cdi-model-name": A100,
+                    "dra-attributes": {"productName": VENDOR_NAME, "type": "gpu", "uuid": ""},
+                    "driver-name": "gpu.nvidia.com",
+                    "k8s-device-name": "nvidia-a100",
+                    "cannot-coexist-with": [],
+                }
+            ],
+            where="ConfigMap composable-dra/composable-dra-dds",
+        )
+    )
+    await vendor_case(world, node_first=True, product=VENDOR_NAME, pool_attributes=attributes)
+
+
+VENDOR_NAME = "NVIDIA A100 80GB PCIe"
+
+
+async def vendor_case(
+    world: World, *, node_first: bool, product: str = A100, pool_attributes: Any = None
+) -> None:
     vendor = f"gpu.v{world.suffix}.example"
     await world.kube.create(
         DEVICE_CLASSES,
@@ -174,14 +207,16 @@ async def vendor_case(world: World, *, node_first: bool) -> None:
         },
     )
     world.cfg = world_config(world.driver, world.suffix, vendor_driver=vendor, claim_deadline=120)
-    stand_in = StandInVendor(world, vendor)
+    stand_in = StandInVendor(world, vendor, product)
     name = f"v{world.suffix}"
     seen = Reschedules(world, name)
     world.tasks.append(asyncio.create_task(seen.informer.run()))
-    role = await world.start_role()
+    role = await world.start_role(pool_attributes=pool_attributes)
     await asyncio.wait_for(role.publisher.synced.wait(), 30)
     try:
-        await world.kube.create(CLAIMS, vendor_claim(name, vendor, node_first=node_first))
+        await world.kube.create(
+            CLAIMS, vendor_claim(name, vendor, node_first=node_first, product=product)
+        )
         await world.kube.create(PODS, vendor_pod(name, world.suffix))
 
         async def bound() -> str | None:
