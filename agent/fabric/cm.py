@@ -91,7 +91,7 @@ def parse_resspecs(doc: Any, *, where: str) -> dict[str, ModelLimits]:
                 for c in conds
                 if c.get("column") == "model" and c.get("operator", "eq") == "eq"
             )
-        except (KeyError, TypeError, StopIteration):
+        except (KeyError, TypeError, AttributeError, StopIteration):
             raise errors.FabricProtocolError(
                 f"{at}: no selector.expression.conditions[{{column: model, operator: eq}}]"
             ) from None

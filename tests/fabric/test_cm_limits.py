@@ -183,3 +183,19 @@ def test_a_minimum_above_the_maximum_is_refused_naming_the_resspec() -> None:
     }
     with pytest.raises(errors.FabricProtocolError, match=r"m: resspecs\[1\].*3.*1"):
         parse_resspecs(_machine_doc((1, 2), (3, 1)), where="m")
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [["model"], {"column": "model", "value": "M0"}, [None], "model"],
+    ids=["text-item", "object-not-list", "null-item", "text"],
+)
+def test_a_resspec_of_an_odd_shape_is_a_protocol_error(conditions: Any) -> None:
+    """Anything but the error tree stops the limits loop (`CmLimits.run` retries AgentErrors
+    only): an odd cluster-manager answer must be a FabricProtocolError naming the resspec."""
+    doc = _machine_doc((1, 2))
+    doc["data"]["cluster"]["machine"]["resspecs"][0]["selector"]["expression"]["conditions"] = (
+        conditions
+    )
+    with pytest.raises(errors.FabricProtocolError, match=r"m: resspecs\[0\]"):
+        parse_resspecs(doc, where="m")
