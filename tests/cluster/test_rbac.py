@@ -14,6 +14,8 @@ ServiceAccount tokens from the TokenRequest API:
 - kube-apiserver refuses the cluster token a claim's status.devices entry of another driver;
 - with --cohdi-config-namespace the cluster token reads CoHDI's two objects there, nothing else;
 - vendor-driver mode runs under its token with no refusal.
+The flow runs twice: with the objects of agent/manifests applied, and under the ServiceAccounts
+the Helm chart installs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ import pytest
 
 from agent import errors, settings
 from agent.demo import objects
+from agent.devcluster import helm
 from agent.devcluster.controlplane import ControlPlane, free_port
 from agent.fabric.emulator.sysfs_hook import SysfsHook
 from agent.kube.client import Kube
@@ -44,6 +48,7 @@ from tests.cluster import access
 from tests.cluster.conftest import A100, CLAIMS, NS, World
 from tests.cluster.test_resilience import cluster_args, http_get, spawn, stop
 from tests.cluster.test_scale_up import bound_pods
+from tests.packaging.test_helm_chart import CHART, run_helm
 from tests.waiting import until
 
 pytestmark = pytest.mark.controlplane
@@ -218,23 +223,61 @@ async def _kubelet(
     return done.stdout
 
 
+async def _install_access(
+    how: str, world: World, cp: ControlPlane, tmp_path: Path, ns: str, name: str, lease: str
+) -> Callable[[], Awaitable[None]]:
+    """The access control of `name` in `ns`, from agent/manifests ("manifests") or by `helm
+    install` of the chart ("helm", which also creates its workloads: no pod runs here); returns
+    what removes it."""
+    kube = world.kube
+    await access.ensure_namespace(kube, ns)
+    if how == "manifests":
+        docs = rbac.rbac(world.driver, ns, name=name, lease=lease)
+        await access.apply_all(kube, docs)
+        return lambda: access.delete_all(kube, docs)
+    binary = await asyncio.to_thread(
+        helm.ensure_built, settings.Settings().cache_dir, progress=print
+    )
+    # the world installed the DeviceClass; the chart makes the same one and owns it
+    await kube.delete(f"{installing.CLASSES}/{world.device_class}")
+    base = ["--kubeconfig", str(cp.kubeconfig), "--namespace", ns]
+    sets = [
+        f"fullnameOverride={name}",
+        f"driver={world.driver}",
+        f"leaderElection.leaseName={lease}",
+    ]
+    args = ["install", name, str(CHART), *base, *[a for s in sets for a in ("--set", s)]]
+    done = await asyncio.to_thread(run_helm, binary, tmp_path / "helm", *args)
+    assert done.returncode == 0, done.stderr
+
+    async def uninstall() -> None:
+        gone = await asyncio.to_thread(
+            run_helm, binary, tmp_path / "helm", "uninstall", name, *base
+        )
+        if gone.returncode != 0:
+            print(f"helm uninstall: {gone.stderr}")
+
+    return uninstall
+
+
+@pytest.mark.parametrize("install", ["manifests", "helm"])
 @pytest.mark.parametrize(
     "world",
     [{"nodes": 1, "gpus": 2, "double": False, "idle_grace": 1.0, "settle": 1.0}],
     indirect=True,
 )
 async def test_split_roles_run_the_flow_with_no_denial_and_every_rule_is_needed(
-    world: World, control_plane: ControlPlane, tmp_path: Path
+    world: World, control_plane: ControlPlane, tmp_path: Path, install: str
 ) -> None:
+    """`install`: the access control applied from agent/manifests, or installed by the chart
+    (the chart's two ServiceAccounts run the flow)."""
     kube, suffix, node = world.kube, world.suffix, world.nodes[0]
     ns, name, lease = f"agent-{suffix}", f"ag{suffix}", f"lease-{suffix}"
-    docs = rbac.rbac(world.driver, ns, name=name, lease=lease)
     cluster_sa = rbac.service_account_name(name, "cluster")
     node_sa = rbac.service_account_name(name, "node")
     users = {_user(ns, cluster_sa), _user(ns, node_sa)}
     binary = await asyncio.to_thread(kubelet.build)
-    await access.ensure_namespace(kube, ns)
-    await access.apply_all(kube, docs)
+    remove = await _install_access(install, world, control_plane, tmp_path, ns, name, lease)
     made: list[dict[str, Any]] = []
     procs: list[subprocess.Popen[bytes]] = []
     kubelet_dir: Path | None = None
@@ -371,7 +414,7 @@ async def test_split_roles_run_the_flow_with_no_denial_and_every_rule_is_needed(
         if kubelet_dir is not None:
             shutil.rmtree(kubelet_dir, ignore_errors=True)
         await access.delete_all(kube, made)
-        await access.delete_all(kube, docs)
+        await remove()
 
 
 async def test_a_node_token_writes_only_its_own_node_and_no_lease(
