@@ -36,7 +36,8 @@ from agent.kube.watching import Event, Informer
 from agent.model import composing as composemodel
 from agent.model import names
 from agent.model import requests as model
-from agent.model.objects import DRIVER_LABEL, fabric_device, name_of, state
+from agent.model import scaling as scalemodel
+from agent.model.objects import DRIVER_LABEL, devices_of, fabric_device, name_of, state
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,11 @@ class Requester:
         clock: Callable[[], float] = time.time,
         batch: int = 16,
         workers: int = 8,
+        claims: Informer | None = None,
     ) -> None:
         self.kube = kube
+        #: the claims, to keep the members they hold when a request shrinks (None: not known)
+        self.claims = claims
         self.requests = requests
         self.resources = resources
         self.nodes = nodes
@@ -187,7 +191,24 @@ class Requester:
         memory.failed_since = {
             n: memory.failed_since.get(n, now) for n in failed
         }  # forget members no longer Failed
-        return [model.Member.of(o, failed_since=memory.failed_since.get(name_of(o))) for o in owned]
+        held = self._held()
+        return [
+            model.Member.of(
+                o,
+                failed_since=memory.failed_since.get(name_of(o)),
+                held=bool(devices_of(o) & held),
+            )
+            for o in owned
+        ]
+
+    def _held(self) -> set[str]:
+        """Fabric devices a claim holds (our pool's devices, and in vendor mode the vendor's
+        devices that are our GPUs: `Publisher.device_index` knows both); empty without claims."""
+        if self.claims is None:
+            return set()
+        return scalemodel.held_devices(
+            self.claims.store.values(), self.publisher.driver, self.publisher.device_index()
+        )
 
     # --- decide and act ---------------------------------------------------------------------
 

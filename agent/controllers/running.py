@@ -199,6 +199,7 @@ def build(
         recorder=recorder,
         limits=Limits(max_size=c.request_max_size),
         driver=c.driver,
+        claims=claims,
     )
     informers = [claims, slices, nodes, resources, requests]
     vendoring = None

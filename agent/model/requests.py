@@ -47,7 +47,7 @@ Placement: `target_node` → every member there. `samenode` without a target →
 members already are on, else the wired node whose fabric has the most free devices of the model
 (then most in all, then name). `differentnode` → at most one member a node, new members on unused
 nodes in that same order. Surplus members are deleted Failed first, then those without a device,
-Online last.
+Online last, and of the Online ones those no claim holds first (`Member.held`).
 """
 
 from __future__ import annotations
@@ -224,9 +224,11 @@ class Member:
     legacy: bool = False
     #: When it was first seen Failed (epoch seconds); None when it is not Failed.
     failed_since: float | None = None
+    #: A claim holds its GPU (a pod may be using it): kept before any other member.
+    held: bool = False
 
     @classmethod
-    def of(cls, obj: Obj, *, failed_since: float | None = None) -> Member:
+    def of(cls, obj: Obj, *, failed_since: float | None = None, held: bool = False) -> Member:
         s, st = spec(obj), obj.get("status") or {}
         return cls(
             name=name_of(obj),
@@ -244,6 +246,7 @@ class Member:
                 r.get("kind") == KIND for r in obj["metadata"].get("ownerReferences") or []
             ),
             failed_since=failed_since if state(obj) == "Failed" else None,
+            held=held,
         )
 
 
@@ -545,8 +548,9 @@ _RANK = {"Online": 0, "Attaching": 1, "": 2, "Failed": 4}
 
 
 def _keep_rank(m: Member) -> tuple[int, int, str]:
-    """Order in which members are kept (the reverse: deleted first)."""
-    rank = _RANK.get(m.state, 3)
+    """Order in which members are kept (the reverse: deleted first): one a claim holds first
+    (surplus must never take a GPU from a pod while an idle member can go), then by state."""
+    rank = -1 if m.held and m.state == "Online" else _RANK.get(m.state, 3)
     if m.state == "Attaching" and not m.cdi_device_id:
         rank = 2
     if m.state == "Failed" and m.reason == NO_FREE_DEVICE:

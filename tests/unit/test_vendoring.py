@@ -20,11 +20,12 @@ import pytest
 from agent import app, errors, settings
 from agent.controllers import running
 from agent.controllers.vendoring import Vendoring
-from agent.kube.resources import resource_name
+from agent.kube.resources import FINALIZER, REQUESTS, RESOURCES, resource_name
 from agent.model import claims as claimmodel
 from agent.model import pool as poolmodel
 from agent.model import vendoring as vm
 from agent.model.cohdi import PoolAttributes, parse_devices
+from agent.model.fabric import DeviceState
 from agent.model.objects import Obj
 from agent.testing.fakekube import FakeKube
 from agent.testing.nodereport import NodeDouble
@@ -573,3 +574,49 @@ def test_a_pool_device_keeps_within_the_api_servers_32_attributes() -> None:
     assert len(entry["attributes"]) == 32
     assert all(k in entry["attributes"] for k in many)
     assert entry["attributes"]["uuid"] == {"string": ""}
+
+
+async def test_a_request_scaled_down_keeps_the_member_a_claim_holds() -> None:
+    """CoHDI's request, adopted with two Online members; a pod holds one of them through the
+    vendor's device. The request's size goes to 1: the idle member is the one detached, never the
+    GPU under the pod (a member held by a claim is kept before any other)."""
+    async with vendor_world(gpus=4) as w:
+        for gpu, name in (("gpu-1", "gpu-aaaa"), ("gpu-2", "gpu-bbbbb")):
+            w.fabric.set(gpu, DeviceState.ATTACHED, "m-node-0")
+            w.kube.add(
+                RESOURCES,
+                {
+                    "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                    "kind": "ComposableResource",
+                    "metadata": {
+                        "name": name,
+                        "labels": {"app.kubernetes.io/managed-by": "composability-x1"},
+                        "finalizers": [FINALIZER],
+                    },
+                    "spec": {"type": "gpu", "model": A100, "target_node": "node-0"},
+                    "status": {"state": "Online", "device_id": gpu.upper(), "cdi_device_id": gpu},
+                },
+            )
+        w.kube.add(
+            REQUESTS,
+            {
+                "apiVersion": "cro.hpsys.ibm.ie.com/v1alpha1",
+                "kind": "ComposabilityRequest",
+                "metadata": {"name": "composability-x1", "finalizers": [FINALIZER]},
+                "spec": {
+                    "resource": {"type": "gpu", "model": A100, "size": 2, "target_node": "node-0"}
+                },
+                "status": {"state": "Running"},
+            },
+        )
+        w.kube.add(
+            SLICES, _vendor_slice(f"{VENDOR}-node-0", "node-0", {"v0": "GPU-1", "v1": "GPU-2"})
+        )
+        w.new_claim("c1")
+        allocate(w, "c1", "node-0", "v1", "node-0", pooled=False)  # the pod holds GPU-2
+        await w.wait(lambda: "gpu-2" in w.role.scaler._held_devices(), "gpu-2 held")
+        w.kube.edit(f"{REQUESTS}/composability-x1", lambda o: o["spec"]["resource"].update(size=1))
+        await w.wait(lambda: w.fabric.detaches, "a member detached")
+        await asyncio.sleep(0.3)
+        assert w.fabric.detaches == ["gpu-1"], "the GPU under the pod was detached"
+        assert w.fabric.attached_to("gpu-2") == "m-node-0"
