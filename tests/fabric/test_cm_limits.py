@@ -26,6 +26,7 @@ from agent.fabric.transport import FabricHttp
 from agent.kube.watching import Informer
 from agent.model.scaling import MAX_LABEL, MIN_LABEL, node_limit
 from agent.testing.fakekube import FakeKube
+from tests.waiting import until
 
 PASSWORD = "cm-pass-1"
 CLUSTER = "6c0e1c2a-2222-4a4a-8b8b-0123456789ab"
@@ -199,3 +200,42 @@ def test_a_resspec_of_an_odd_shape_is_a_protocol_error(conditions: Any) -> None:
     )
     with pytest.raises(errors.FabricProtocolError, match=r"m: resspecs\[0\]"):
         parse_resspecs(doc, where="m")
+
+
+async def _until(probe: Any, what: str) -> None:
+    async def check() -> Any:
+        return probe()
+
+    await until(check, what=what, timeout=10.0, interval=0.02)
+
+
+async def test_a_cluster_manager_in_error_leaves_the_labels_and_the_loop_goes_on(
+    setup: tuple[EmulatorServer, FakeKube, CmLimits],
+) -> None:
+    """Good bounds written; then the cluster manager answers min 3 > max 1, then an error (an
+    unknown cluster: 404): the labels stay as they were, the error is kept for the log, and the
+    loop keeps reading — the next good answer is written."""
+    server, kube, limits = setup
+    task = asyncio.create_task(limits.run())
+    try:
+        await _until(lambda: labels(kube, "worker-0").get(MAX_LABEL) == "5", "the first bounds")
+        before = labels(kube, "worker-0")
+        assert before[MIN_LABEL] == "1"
+        server.cluster_manager.groups[0] = NodeGroup(
+            "ng-1", "gpu-workers", (U[0], U[1]), (ResSpec("A100", 3, 1), ResSpec("H100", 0, 3))
+        )
+        await _until(lambda: "max_resspec_count 1" in limits.error, "min > max refused")
+        assert labels(kube, "worker-0") == before
+        limits.cm.cluster = "00000000-0000-4000-8000-000000000000"
+        await _until(lambda: "404" in limits.error, "the unknown cluster's 404")
+        assert labels(kube, "worker-0") == before
+        assert not task.done()
+        limits.cm.cluster = CLUSTER
+        server.cluster_manager.groups[0] = NodeGroup(
+            "ng-1", "gpu-workers", (U[0], U[1]), (ResSpec("A100", 2, 2), ResSpec("H100", 0, 3))
+        )
+        await _until(lambda: labels(kube, "worker-0").get(MIN_LABEL) == "2", "good bounds again")
+        assert limits.error == ""
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
