@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import errors, logs
-from agent.controllers import metrics
+from agent.controllers import metrics, taintprobe
 from agent.kube.client import Kube, Obj, path_of
 from agent.kube.eventing import Recorder
 from agent.kube.watching import Informer
@@ -483,10 +483,19 @@ class Publisher:
         self.error = message
         asyncio.get_running_loop().call_later(delay, self.changed)
 
+    #: whether the API server was asked if it keeps device taints (`taintprobe`)
+    _taints_probed = False
+
     async def sync(self) -> None:
         assert self.inventory is not None
         view = self.view
         assert view is not None
+        if self._taints and not self._taints_probed:
+            # asked before the first write with a taint, which would offer the device untainted
+            self._taints_probed = True
+            stored, probe = await taintprobe.taints_stored(self.kube)
+            if stored is False:
+                self._taints_dropped(probe)
         taints, withheld = self._published_taints()
         desired = poolmodel.desired_slices(
             driver=self.driver,

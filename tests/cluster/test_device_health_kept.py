@@ -1,6 +1,8 @@
 """The node's word kept on a Node (`agent.model.health.kept_key`/`kept_value`) as the real API
 server validates it: the annotation key is a qualified name for any device id (long ones
-hashed), the value is taken, merge-patching null removes it, and the word reads back."""
+hashed), the value is taken, merge-patching null removes it, and the word reads back. And the
+publisher's device-taint probe (`agent.controllers.taintprobe`) as the real API server answers
+it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import uuid
 
 import pytest
 
-from agent.controllers.publishing import NODES
+from agent.controllers import taintprobe
+from agent.controllers.publishing import NODES, SLICES
 from agent.kube.client import Kube
 from agent.model import health as healthmodel
 
@@ -37,3 +40,13 @@ async def test_the_api_server_takes_and_drops_a_kept_word(kube: Kube, device: st
         assert key not in after
     finally:
         await kube.delete(f"{NODES}/{node}")
+
+
+async def test_the_taint_probe_is_answered_and_leaves_nothing(kube: Kube) -> None:
+    """The API server (DRADeviceTaints on, the 1.36 default) keeps the probe's taint; the probe
+    slice, which no node could take, is gone afterwards."""
+    stored, name = await taintprobe.taints_stored(kube)
+    assert stored is True
+    left = await kube.get(SLICES, fieldSelector=f"spec.driver={taintprobe.PROBE_DRIVER}")
+    assert [s["metadata"]["name"] for s in left["items"]] == []
+    assert name.startswith("cohdi-taint-probe-")

@@ -359,14 +359,18 @@ def test_a_tainted_pool_of_any_size_keeps_64_a_slice_and_every_device(
 async def test_with_taints_dropped_a_new_leader_still_withholds_the_broken_detached_gpu() -> None:
     """DRADeviceTaints off: the slices never carry a taint, so a new leader could not read the
     node's word on a swapped-out GPU back from them at all; it offered the GPU as healthy. The
-    word kept on the Node brings it back: the GPU stays withheld."""
+    word kept on the Node brings it back: the GPU stays withheld. And the new leader asks the
+    API server before its first write with a taint (a probe slice no claim can get): before,
+    that write itself offered the GPU, its taint dropped, until the next write."""
     async with world(gpus=3, health_grace=0.1) as w:
         create, replace = w.kube.create, w.kube.replace
+        dropped: list[str] = []  # our devices whose taints the server dropped
 
         def strip(body: Obj) -> Obj:
             body = copy.deepcopy(body)
             for dev in (body.get("spec") or {}).get("devices") or []:
-                dev.pop("taints", None)
+                if dev.pop("taints", None) and body["spec"]["driver"] == DRIVER:
+                    dropped.append(dev["name"])
             return body
 
         async def create_without(path: str, body: Obj, **kw: Any) -> Obj:
@@ -383,8 +387,12 @@ async def test_with_taints_dropped_a_new_leader_still_withholds_the_broken_detac
         w.release("c1")
         await w.wait(lambda: w.fabric.devices["gpu-0"].state == DeviceState.FREE, "detached")
         await w.wait(lambda: w.resource(resource_name("gpu-0")) is None, "its resource gone")
+        await asyncio.sleep(0.1)
+        dropped.clear()
         role = await new_leader(w, health_grace=0.1)
         await w.wait(lambda: role.publisher.taints_supported is False, "the new leader learnt it")
         await asyncio.sleep(0.3)  # past the grace
         assert w.device_name("gpu-0") not in w.offered()
+        assert dropped == []  # no write of ours offered it with its taint stripped
+        assert [s for s in w.kube.objects("resourceslices") if s["spec"]["driver"] != DRIVER] == []
         assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
