@@ -1037,8 +1037,10 @@ class Scaler:
         (`healthmodel.kept_key`), and drop it once the node's word is no longer unhealthy. The
         slices cannot keep it everywhere: a GPU being swapped out is withheld, then detaching,
         so it is in no slice, and its resource is gone; a leader dying then left its successor
-        nothing, and the broken GPU was offered untainted. False when a needed write failed
-        (logged; the caller looks again later and lifts no taint meanwhile)."""
+        nothing, and the broken GPU was offered untainted. False when a needed write failed for
+        now (a transient error, logged: the caller looks again later and lifts no taint
+        meanwhile); one refused for good (403, 422) is logged and given up, so that a refusal
+        never holds a taint forever."""
         word = self._node_words.get(device)
         sick = word is not None and not word.healthy
         kept = self._kept_on.get(device)
@@ -1058,8 +1060,16 @@ class Scaler:
         except errors.KubeNotFound:
             pass  # the Node is gone: nothing to keep it on, nothing to undo
         except errors.AgentError as exc:
-            logger.warning("%s: cannot keep the node's word on Node %s: %s", device, node, exc)
-            return False
+            logger.warning(
+                "%s: cannot %s the node's word on Node %s%s: %s",
+                device,
+                "keep" if value is not None else "remove",
+                node,
+                "" if exc.transient else " (given up)",
+                exc,
+            )
+            if exc.transient:
+                return False
         if value is None:
             self._kept_on.pop(device, None)
         else:

@@ -396,3 +396,39 @@ async def test_with_taints_dropped_a_new_leader_still_withholds_the_broken_detac
         assert dropped == []  # no write of ours offered it with its taint stripped
         assert [s for s in w.kube.objects("resourceslices") if s["spec"]["driver"] != DRIVER] == []
         assert role.scaler.unhealthy_reason("gpu-0") == "Xid79"
+
+
+@pytest.mark.parametrize("failure", ["forbidden", "unavailable"])
+async def test_a_node_annotation_that_cannot_be_written_never_holds_a_taint_forever(
+    failure: str,
+) -> None:
+    """The word kept on the Node must be gone before the taint lifts — but its removal refused
+    for good (a 403: RBAC changed under the running agent) held the taint forever, retried
+    every 5 s. Now a permanent refusal is logged and given up (the taint lifts after the
+    grace); a transient one is retried and the taint lifts once the removal goes through."""
+    from agent import errors as errs
+
+    async with world(gpus=2, health_grace=0.1) as w:
+        patch = w.kube.patch
+        failing = {"on": True}
+
+        async def refuse_nodes(path: str, body: Obj, **kw: Any) -> Any:
+            notes = body.get("metadata", {}).get("annotations") or {}
+            if "/nodes/" in path and failing["on"] and None in notes.values():  # a removal
+                if failure == "forbidden":
+                    raise errs.KubeForbidden("nodes is forbidden: cannot patch")
+                raise errs.KubeUnavailable("no answer")
+            return await patch(path, body, **kw)
+
+        w.kube.patch = refuse_nodes  # type: ignore[method-assign]
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        set_node_health(w, "gpu-0", "False", "Xid79")
+        await w.wait(lambda: taints_of(w, "gpu-0"), "tainted")
+        set_node_health(w, "gpu-0", "True")
+        if failure == "unavailable":
+            await asyncio.sleep(0.4)
+            assert taints_of(w, "gpu-0")  # not lifted while the word may still be kept
+            failing["on"] = False
+            w.role.scaler.sick.enqueue("gpu-0")  # (the retry comes 5 s later)
+        await w.wait(lambda: taints_of(w, "gpu-0") == [], "lifted")
+        assert bool(kept_words(w)) == (failure == "forbidden")  # left behind only if refused
