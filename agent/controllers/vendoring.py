@@ -17,6 +17,10 @@ hot-plugged GPU by itself, or be restarted by its own operator).
 
 It also tells the publisher which vendor devices are our GPUs (`Publisher.aliases`), so a claim
 holding the vendor's device holds our GPU and scale-down never takes it.
+
+A GPU attached for the claim's node that the vendor offers on another node (a Node mapped to the
+wrong machine) is never handed over there; the claim waits for its deadline, and one Warning Event
+`GPUOnOtherNode` on the claim names the node it showed on and points at the Nodes' providerIDs.
 """
 
 from __future__ import annotations
@@ -105,6 +109,8 @@ class Vendoring:
         self._done: set[tuple[str, str, str]] = set()
         #: claims with one of our pool devices waiting
         self._waiting: set[ClaimKey] = set()
+        #: (claim uid, device, nodes) whose GPU was told to be on another node (once each)
+        self._told_elsewhere: set[tuple[str, str, tuple[str, ...]]] = set()
         #: reschedules written (tests and the log read it)
         self.written = 0
         self.queue: KeyedQueue[ClaimKey] = KeyedQueue(
@@ -170,6 +176,28 @@ class Vendoring:
             d = decide.decide(claim, b, vendor=self.vendor, resource=resource, index=self.index)
             if d.step == decide.Step.RESCHEDULE:
                 await self._reschedule(claim, b, device or "", d)
+            elif d.elsewhere and resource is not None:
+                self._tell_elsewhere(claim, b, resource, d.elsewhere)
+
+    def _tell_elsewhere(
+        self, claim: Obj, b: claimmodel.Binding, resource: Obj, nodes: tuple[str, ...]
+    ) -> None:
+        """One Warning Event (per claim, device and nodes) when the GPU attached for the claim's
+        node shows on another node: the claim cannot get it there, and the likely cause is a
+        Node mapped to the wrong machine."""
+        key = (b.uid, b.device, nodes)
+        if key in self._told_elsewhere:
+            return
+        self._told_elsewhere.add(key)
+        gpu = decide.gpu_uuid(resource)
+        machine = str((resource.get("status") or {}).get("machine") or "its machine")
+        message = (
+            f"{gpu}, attached to {machine} for node {b.node}, is offered by {self.vendor} on "
+            f"{', '.join(nodes)}, not on {b.node}: check the Nodes' spec.providerID (or machine "
+            "label), which say which machine each node is"
+        )
+        logger.warning("claim %s/%s: %s", b.namespace, b.claim, message)
+        self.recorder.emit(claim, "GPUOnOtherNode", message, warning=True)
 
     async def _reschedule(
         self, claim: Obj, b: claimmodel.Binding, device: str, d: decide.Decision

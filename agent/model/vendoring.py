@@ -206,6 +206,9 @@ class Decision:
     step: Step
     why: str = ""
     vendor_device: tuple[str, str] | None = None  # (pool, device) the vendor offers it as
+    #: nodes whose vendor slices list the GPU while the claim's node does not (a node mapped to
+    #: the wrong machine: providerIDs swapped, a label naming another machine)
+    elsewhere: tuple[str, ...] = ()
 
 
 def rescheduled(claim: Obj, driver: str, pool: str, device: str) -> bool:
@@ -237,9 +240,13 @@ def decide(
     uuid = gpu_uuid(resource)
     if not uuid:
         return Decision(Step.WAIT, "its GPU UUID is not known yet")
-    found = index.get((b.node, uuid_key(uuid)))
+    key = uuid_key(uuid)
+    found = index.get((b.node, key))
     if found is None:
-        return Decision(Step.WAIT, f"{uuid} is not in {vendor}'s slices of {b.node} yet")
+        elsewhere = tuple(sorted(n for n, u in index if u == key))
+        return Decision(
+            Step.WAIT, f"{uuid} is not in {vendor}'s slices of {b.node} yet", elsewhere=elsewhere
+        )
     return Decision(Step.RESCHEDULE, f"{uuid} is {vendor}'s {found[0]}/{found[1]}", found)
 
 

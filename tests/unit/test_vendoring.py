@@ -620,3 +620,32 @@ async def test_a_request_scaled_down_keeps_the_member_a_claim_holds() -> None:
         await asyncio.sleep(0.3)
         assert w.fabric.detaches == ["gpu-1"], "the GPU under the pod was detached"
         assert w.fabric.attached_to("gpu-2") == "m-node-0"
+
+
+def test_a_gpu_the_vendor_offers_on_another_node_is_named() -> None:
+    """Our GPU appears in the vendor's slice of another node than the claim's (two Nodes'
+    providerIDs swapped: the fabric put it on the machine we mapped to n1, which is n2): still a
+    wait — the scheduler's node is n1 — but the decision says where it is, for the operator."""
+    claim, b = _claim([])
+    d = vm.decide(
+        claim,
+        b,
+        vendor=VENDOR,
+        resource=_resource("Online"),
+        index={("n2", "gpu-a"): ("n2", "gpu-0")},
+    )
+    assert d.step == vm.Step.WAIT
+    assert d.elsewhere == ("n2",)
+
+
+async def test_a_gpu_on_another_node_gets_one_warning_event() -> None:
+    async with vendor_world() as w:
+        w.new_claim("c1")
+        allocate(w, "c1", POOL, w.device_name("gpu-1"), "node-0", pooled=True)
+        await w.wait(lambda: w.fabric.attached_to("gpu-1"), "gpu-1 attached")
+        stand_in_vendor(w, "node-1", "GPU-1")  # the vendor found it on node-1
+        await w.wait(lambda: w.events("GPUOnOtherNode"), "the GPUOnOtherNode event")
+        (event,) = w.events("GPUOnOtherNode")
+        assert "node-1" in event["message"]
+        assert "providerID" in event["message"]
+        assert vm.RESCHEDULE not in conditions(w, "c1")
