@@ -29,7 +29,8 @@ from agent.fabric.emulator.cm_api import ClusterManagerConfig, NodeGroup, ResSpe
 from agent.fabric.emulator.config import DEFAULT_TENANT
 from agent.fabric.emulator.server import EmulatorServer
 from agent.fabric.fti import FtiFabric
-from agent.fabric.transport import FabricHttp
+from agent.fabric.fti import _detail as fti_detail
+from agent.fabric.transport import FabricHttp, Reply
 from agent.model.fabric import DeviceId, DeviceState, MachineId
 
 PASSWORD = "wire-pass-1"
@@ -766,3 +767,23 @@ async def test_null_where_a_manager_may_send_null() -> None:
     inv = await read_with(fm_app(real_machine(resources=[res])), models=())
     (d,) = inv.devices
     assert (d.health, d.model) == ("OK", "")
+
+
+@pytest.mark.parametrize(
+    ("body", "shown"),
+    [
+        (b'{"status":409,"detail":{"code":"E40900","message":"busy","data":{}}}', "E40900 busy"),
+        (b'{"status":500,"detail":{"code":"E5","message":{"why":"x"}}}', 'E5 {"why":"x"}'),
+        (b'{"detail":"text"}', '{"detail":"text"}'),
+        (b'{"detail":null}', "{'detail': None}"),
+        (b"[1,2]", "[1,2]"),
+        (b"<html>bad gateway</html>", "<html>bad gateway</html>"),
+        (b"\xff\xfe", "\ufffd\ufffd"),
+        (b"", ""),
+    ],
+    ids=["cohdi", "json-message", "detail-text", "detail-null", "list", "html", "binary", "empty"],
+)
+def test_error_bodies_of_any_shape_are_shown_never_raised(body: bytes, shown: str) -> None:
+    """An FM error body is `{"status", "detail": {"code", "message", "data"}}`; any other shape
+    (a proxy's HTML page, a list, bytes) is shown as it came, never an exception of its own."""
+    assert fti_detail(Reply(502, {}, body)) == shown
