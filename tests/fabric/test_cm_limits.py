@@ -239,3 +239,23 @@ async def test_a_cluster_manager_in_error_leaves_the_labels_and_the_loop_goes_on
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_machine_that_leaves_its_node_group_loses_the_limits_the_cm_gave(
+    setup: tuple[EmulatorServer, FakeKube, CmLimits],
+) -> None:
+    """worker-1's machine leaves the node group: the bounds the cluster manager wrote on it are
+    removed (they are no one's word any more), while worker-2's own label — never the cluster
+    manager's — stays."""
+    server, kube, limits = setup
+    await limits.sync()
+    assert labels(kube, "worker-1")[MAX_LABEL] == "5"
+    server.cluster_manager.groups[0] = NodeGroup(
+        "ng-1", "gpu-workers", (U[0],), (ResSpec("A100", 1, 2), ResSpec("H100", 0, 3))
+    )
+    await asyncio.sleep(0.05)
+    await limits.sync()
+    await _until(lambda: MAX_LABEL not in labels(kube, "worker-1"), "worker-1's bounds removed")
+    assert MIN_LABEL not in labels(kube, "worker-1")
+    assert labels(kube, "worker-0")[MAX_LABEL] == "5"
+    assert labels(kube, "worker-2")[MAX_LABEL] == "9", "its own label, not the CM's"
