@@ -298,7 +298,7 @@ class FtiFabric:
             {"res_type": "gpu", "condition": cond},
         )
         count = doc.get("reserved_res_num_per_fabric") if isinstance(doc, dict) else None
-        if not isinstance(count, int) or count < 0:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise errors.FabricProtocolError(f"available-reserved-resources: bad count {count!r}")
         return count
 

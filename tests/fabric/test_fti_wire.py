@@ -591,7 +591,7 @@ async def test_client_requests_are_the_tables(emulator: RecordingEmulator) -> No
 # --- our client parsing what real fabric managers send --------------------------------------------
 
 
-def fm_app(machine: dict[str, Any], *, error: bool = False) -> web.Application:
+def fm_app(machine: Any, *, error: bool = False, count: Any = 1) -> web.Application:
     """A fabric manager that answers the table's documents (and nothing our emulator makes)."""
     jwt = "eyJhbGciOiJub25lIn0.eyJleHAiOjMyNTAzNjgwMDAwfQ.sig"
 
@@ -610,7 +610,7 @@ def fm_app(machine: dict[str, Any], *, error: bool = False) -> web.Application:
         return web.json_response({"data": {"machines": [machine]}})
 
     async def available(_r: web.Request) -> web.Response:
-        return web.json_response({"reserved_res_num_per_fabric": 1, "fabric_id": 3})
+        return web.json_response({"reserved_res_num_per_fabric": count, "fabric_id": 3})
 
     app = web.Application()
     app.router.add_post("/id_manager/realms/cdi/protocol/openid-connect/token", token)
@@ -787,3 +787,10 @@ def test_error_bodies_of_any_shape_are_shown_never_raised(body: bytes, shown: st
     """An FM error body is `{"status", "detail": {"code", "message", "data"}}`; any other shape
     (a proxy's HTML page, a list, bytes) is shown as it came, never an exception of its own."""
     assert fti_detail(Reply(502, {}, body)) == shown
+
+
+@pytest.mark.parametrize("count", [True, -1, "2", 1.5, None], ids=str)
+async def test_a_free_count_that_is_not_a_count_is_a_protocol_error(count: Any) -> None:
+    """`reserved_res_num_per_fabric` is an integer >= 0 (CoHDI's Go int); JSON `true` is not 1."""
+    with pytest.raises(errors.FabricProtocolError, match="bad count"):
+        await read_with(fm_app(real_machine(), count=count))
