@@ -58,8 +58,8 @@ def provider_machine(provider_id: str, schemes: Iterable[str]) -> str | None:
     """The machine id in a providerID of one of `schemes` (the last non-empty `/`-segment after
     `<scheme>://`), else None: `fsas-cdi://U` → `U`, `fsas-cdi:///zone/U` → `U`."""
     scheme, sep, rest = provider_id.partition("://")
-    if not sep or scheme not in schemes:
-        return None
+    if not sep or scheme.lower() not in {s.lower() for s in schemes}:
+        return None  # (a URI scheme is case-insensitive: RFC 3986 §3.1)
     segments = [s for s in rest.split("/") if s]
     return segments[-1] if segments else None
 

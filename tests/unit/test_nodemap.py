@@ -44,6 +44,7 @@ def node(
         (f"fsas-cdi://{U1}", U1),
         (f"fsas-cdi:///zone-a/{U1}", U1),
         (f"fsas-cdi://{U1}/", U1),
+        (f"FSAS-CDI://{U1}", U1),  # a URI scheme is case-insensitive (RFC 3986 §3.1)
         ("fsas-cdi://", None),
         (f"aws:///us-east-1a/{U1}", None),
         (U1, None),
