@@ -91,11 +91,16 @@ class FabricHttp:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.retries = retries
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         #: Bounds fabric operations in flight across devices.
         self.slots = asyncio.Semaphore(concurrency)
         self._device_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def session(self) -> aiohttp.ClientSession:
+        """The HTTP session, opened on first use. Raises `FabricUnavailable` after `close()`: a
+        task still running when the client was closed must not open a session nobody closes."""
+        if self._closed:
+            raise errors.FabricUnavailable(f"the fabric client for {self.base_url} is closed")
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl else True, limit=256),
@@ -104,6 +109,7 @@ class FabricHttp:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
