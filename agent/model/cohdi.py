@@ -23,8 +23,9 @@ device-info[1].k8s-device-name`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -284,14 +285,42 @@ def parse_credentials(data: Mapping[str, str], *, where: str) -> Credentials:
     return Credentials(certificate=cert, **values)
 
 
+_PEM_BLOCK: Final = re.compile(
+    r"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]*?)\s*-----END CERTIFICATE-----"
+)
+
+
 def _check_pem(pem: str, where: str) -> None:
-    """ConfigError unless every block of `pem` decodes as an X.509 certificate — PEM armour around
-    garbage is refused when the Secret is read, not later when a TLS context loads it (and over
-    plain http, never). A throwaway client context does the decoding (OpenSSL's parser, no I/O)."""
-    try:
-        ssl.create_default_context(cadata=pem)
-    except (ssl.SSLError, ValueError) as exc:
-        raise _fail(where, pem[:40], f"is not a PEM CA certificate ({exc})") from exc
+    """ConfigError unless `pem` is nothing but PEM certificate blocks, each the base64 of one
+    DER SEQUENCE whose length covers it exactly (the outer shape of an X.509 certificate, RFC
+    5280 section 4.1; RFC 7468 for the armour). PEM armour around garbage is refused when the
+    Secret is read, not later when a TLS context loads it (and over plain http, never). Pure
+    (no OpenSSL): the TLS context that later loads it is the full check."""
+    blocks = _PEM_BLOCK.findall(pem)
+    if not blocks or _PEM_BLOCK.sub("", pem).strip():
+        raise _fail(where, pem[:40], "must be PEM certificates and nothing else")
+    for i, body in enumerate(blocks):
+        try:
+            der = base64.b64decode("".join(body.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _fail(where, pem[:40], f"certificate {i + 1} is not base64 ({exc})") from exc
+        if not _one_der_sequence(der):
+            raise _fail(where, pem[:40], f"certificate {i + 1} is not a DER certificate")
+
+
+def _one_der_sequence(der: bytes) -> bool:
+    """`der` is exactly one DER SEQUENCE (tag 0x30, definite length)."""
+    if len(der) < 2 or der[0] != 0x30:
+        return False
+    first = der[1]
+    if first < 0x80:
+        head, length = 2, first
+    else:
+        width = first & 0x7F
+        if not 1 <= width <= 4 or len(der) < 2 + width:
+            return False
+        head, length = 2 + width, int.from_bytes(der[2 : 2 + width], "big")
+    return head + length == len(der)
 
 
 def parse_deployment(env: Mapping[str, str], *, where: str = "environment") -> Deployment:
