@@ -27,7 +27,7 @@ from agent.node.reporting import NodeReporter
 from agent.simulated import stubnvml
 from tests import kubelet
 from tests.cluster.conftest import CLAIMS, World
-from tests.cluster.test_scale_up import bound_pods
+from tests.cluster.test_scale_up import bound_pods, our_slices
 from tests.waiting import until
 
 pytestmark = pytest.mark.controlplane
@@ -131,6 +131,22 @@ async def test_xid_79_becomes_device_healthy_false_and_unhealthy_for_kubelet(
         took = time.monotonic() - started
         print(f"\nXid 79 injected -> DeviceHealthy=False in the API server in {took * 1000:.0f} ms")
         assert cond["reason"] == "Xid79"
+
+        async def tainted() -> list[Any]:
+            # end to end: the node's word on the resource, read by the cluster role, published
+            for sl in await our_slices(world):
+                for d in sl["spec"].get("devices") or []:
+                    if d["name"] == device and d.get("taints"):
+                        return list(d["taints"])
+            return []
+
+        taints = await until(
+            tainted, what="the taint in the GPU's slice", timeout=30, interval=0.01
+        )
+        took = time.monotonic() - started
+        print(f"Xid 79 injected -> taint in its ResourceSlice in {took * 1000:.0f} ms")
+        assert taints[0]["key"] == "cohdi.io/unhealthy"
+        assert "Xid79" in taints[0]["value"]
         assert (await stream_until(proc, device, "UNHEALTHY")).startswith("Xid79: ")
 
         stubnvml.set_lost(tmp_path / "lost", [])
