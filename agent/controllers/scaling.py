@@ -1048,8 +1048,9 @@ class Scaler:
         h = self.health.get(device)
         if sick and kept is None and h is not None and cr is not None and target_node(cr):
             assert word is not None
-            node, value = target_node(cr), healthmodel.kept_value(
-                self.driver_label, device, word, h.added
+            node, value = (
+                target_node(cr),
+                healthmodel.kept_value(self.driver_label, device, word, h.added),
             )
         elif not sick and kept is not None:
             node, value = kept, None
