@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from agent import errors, logs
@@ -524,7 +524,17 @@ class Publisher:
             spec = obj.get("spec", {})
             if spec.get("driver") == self.driver:
                 current.setdefault(spec["pool"]["name"], {})[obj["metadata"]["name"]] = obj
-        for pool in sorted(set(desired) | set(current)):
+        pools = sorted(set(desired) | set(current))
+        # Pools that stop offering a device are written before pools that start offering one:
+        # a slot name let go by one pool and taken up by another (an anonymous fabric's free
+        # slot numbers), or a GPU leaving a node's pool, never stands in two pools at once.
+        losing = {
+            p
+            for p in pools
+            if _offered_ids(current.get(p, {}).values())
+            - _offered_ids(w.spec for w in desired.get(p, []))
+        }
+        for pool in [p for p in pools if p in losing] + [p for p in pools if p not in losing]:
             await self._sync_pool(pool, desired.get(pool, []), current.get(pool, {}))
         # After the slices: a Node that lacks its label only keeps pods off free devices there
         # a moment longer, and thousands of labels no longer hold back the first slice.
@@ -680,6 +690,18 @@ class Publisher:
             )
         if failed:
             raise failed[0]
+
+
+def _offered_ids(slices: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The fabric device ids (the `fabricDeviceId` attribute) offered in `slices`: slice objects
+    (with `spec`) or slice specs."""
+    out: set[str] = set()
+    for sl in slices:
+        spec = sl.get("spec", sl)
+        for d in spec.get("devices") or []:
+            attr = (d.get("attributes") or {}).get(poolmodel.DEVICE_ID_ATTRIBUTE) or {}
+            out.add(str(attr.get("string", d.get("name", ""))))
+    return out
 
 
 def _newer(a: Obj, b: Obj) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import pytest
 
@@ -88,14 +88,28 @@ class Invariants:
                         f"pod {name} bound on {node} to {device}, which is {emu.state.value} "
                         f"on {emu.machine}"
                     )
-        # 2. one allocatable identity per GPU: no fabric device offered twice across our slices
-        offered = Counter(
-            d["attributes"][DEVICE_ID_ATTRIBUTE]["string"]
-            for s in self.slices.store.values()
-            if s["spec"]["driver"] == self.w.driver
-            for d in s["spec"].get("devices") or []
+        # 2. one allocatable identity per GPU: no fabric device offered twice across our slices,
+        # counted as kube-scheduler counts them: of each pool only its newest generation (while a
+        # pool is rewritten under a new generation, the old generation's slices are ignored)
+        ours = [s for s in self.slices.store.values() if s["spec"]["driver"] == self.w.driver]
+        newest: dict[str, int] = {}
+        for s in ours:
+            pool = s["spec"]["pool"]
+            newest[pool["name"]] = max(newest.get(pool["name"], 0), int(pool["generation"]))
+        where: dict[str, list[str]] = defaultdict(list)
+        for s in ours:
+            pool = s["spec"]["pool"]
+            if int(pool["generation"]) != newest[pool["name"]]:
+                continue
+            for d in s["spec"].get("devices") or []:
+                where[d["attributes"][DEVICE_ID_ATTRIBUTE]["string"]].append(
+                    f"{pool['name']}@{pool['generation']}:{s['metadata']['name']}"
+                )
+        self.violations.extend(
+            f"{dev} offered {len(at)} times ({', '.join(at)})"
+            for dev, at in where.items()
+            if len(at) > 1
         )
-        self.violations.extend(f"{dev} offered {n} times" for dev, n in offered.items() if n > 1)
         # 3. no GPU held by two claims (through whatever identity)
         behind = {
             fabric_device(o): attached_device(o)

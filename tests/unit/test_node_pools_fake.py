@@ -7,6 +7,7 @@ writes is checked as it is written."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -134,4 +135,50 @@ async def test_warm_capacity_keeps_an_idle_gpu_attached_on_every_node() -> None:
         await w.wait(lambda: len(warm_on("node-0")) == 1, "back to one warm GPU", timeout=10)
         assert len([o for o in w.kube.objects("composableresources")]) >= 2
         assert w.kube.get_obj(f"{RESOURCES}/x") is None
+        assert watch.twins == []
+
+
+async def test_a_device_leaving_one_pool_for_another_is_never_in_both() -> None:
+    """One sync in which a device leaves a pool and appears in another (a GPU leaving its node's
+    pool as the fabric pool takes it up; an anonymous fabric's free slot number let go by one
+    pool and offered by another): the pool that stops offering it is written first, so after
+    every single slice write it stands in one pool at most. (Pools used to be written in name
+    order, and the fabric pool's name sorts before its node pools': CI's churn on FTI saw a
+    slot offered twice.)"""
+    async with world(gpus=3, scale_down_settle=0.2) as w:
+        await scale_up(w, "c1", "gpu-0", "node-0")
+        w.release("c1")
+        name = w.device_name("gpu-0")
+        await w.wait(
+            lambda: offered_by_pool(w).get(NODE_POOL_0, {}).get(name), "gpu-0 in node-0's pool"
+        )
+        watch = IdentityWatch(w)
+        fabric_pool = poolmodel.pool_name(FABRIC)
+
+        def move_back(desired: dict[str, list[poolmodel.SliceSpec]]) -> Any:
+            out = dict(desired)
+            entry = None
+            kept = []
+            for sl in out.get(NODE_POOL_0, []):
+                devices = [d for d in sl.spec["devices"] if d["name"] != name]
+                entry = entry or next((d for d in sl.spec["devices"] if d["name"] == name), None)
+                kept.append(dataclasses.replace(sl, spec={**sl.spec, "devices": devices}))
+            out[NODE_POOL_0] = kept
+            assert entry is not None
+            first, *rest = out[fabric_pool]
+            moved = {**entry, "nodeName": "node-0"}
+            grown = {**first.spec, "devices": [*first.spec["devices"], moved]}
+            out[fabric_pool] = [dataclasses.replace(first, spec=grown), *rest]
+            return out
+
+        w.role.publisher.shape = move_back
+        w.role.publisher.changed()
+        await w.wait(
+            lambda: (
+                name in offered_by_pool(w).get(fabric_pool, {})
+                and name not in offered_by_pool(w).get(NODE_POOL_0, {})
+            ),
+            "gpu-0 moved to the fabric pool",
+        )
+        assert watch.writes >= 2
         assert watch.twins == []
