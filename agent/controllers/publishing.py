@@ -71,6 +71,8 @@ class Publisher:
         #: device id -> why it is not offered ("scale-down", "failed", "choosing"): each user of
         #: withholding releases only its own reason, so one cannot undo another's.
         self._withheld: dict[str, set[str]] = {}
+        #: withheld device id -> fabric reads in a row that did not list it (`_release_gone`)
+        self._gone_reads: dict[str, int] = {}
         self.pinned: set[str] = set()
         #: device id -> its DRA device taints (`agent.model.health`: unhealthy GPUs); withheld
         #: instead while the API server drops taints (the DRADeviceTaints gate off)
@@ -125,6 +127,7 @@ class Publisher:
     def update_inventory(self, inventory: Inventory) -> None:
         self.inventory = inventory
         self._forget_placements()
+        self._release_gone(inventory)
         self._release_freed()
         self.changed()
         for callback in self.on_inventory:
@@ -145,6 +148,17 @@ class Publisher:
         next fabric poll (which confirms it)."""
         if self.inventory is None or slotmodel.is_slot(dev.id):
             return  # a slot is a count, not a device: the next read brings the new count
+        if dev.anonymous and dev.state == DeviceState.FREE:
+            # Detached on a fabric that counts its free GPUs (FTI): the GPU is back in the count
+            # and has no identity of its own any more, so it leaves the inventory (offered under
+            # its own id it would be a free device the fabric cannot attach by name). Its
+            # withhold stays until fabric reads stop listing it (`_release_gone`): a read that
+            # was under way during the detach still shows it attached to its old node.
+            devices = [d for d in self.inventory.devices if d.id != dev.id]
+            self.inventory = Inventory(self.inventory.machines, tuple(devices), version="local")
+            self._forget_placements()
+            self.changed()
+            return
         old = self.inventory.device(dev.id)
         if old is not None and not dev.fabric:  # a partial answer (FTI detach): keep what we know
             dev = PoolDevice(
@@ -233,6 +247,23 @@ class Publisher:
         for d in view.devices:
             if d.state == DeviceState.FREE and d.id in self._withheld:
                 self._release_reasons(d.id, {"failed", "scale-down", "detaching"})
+
+    def _release_gone(self, inventory: Inventory) -> None:
+        """A device withheld for a detach (or a scale-down, or a failed claim) that two fabric
+        reads in a row no longer list is gone from the fabric's named devices (an anonymous
+        fabric's GPU back in its free count): its withhold lifts. Two reads, because one that
+        was already under way when the detach finished may still list it on its old node."""
+        listed = {d.id for d in inventory.devices}
+        for device_id in list(self._withheld):
+            if device_id in listed or slotmodel.is_slot(device_id):
+                self._gone_reads.pop(device_id, None)
+                continue
+            reads = self._gone_reads.get(device_id, 0) + 1
+            if reads >= 2:
+                self._gone_reads.pop(device_id, None)
+                self._release_reasons(device_id, {"failed", "scale-down", "detaching"})
+            else:
+                self._gone_reads[device_id] = reads
 
     def _forget_placements(self) -> None:
         """A placement lasts while its device stays attached to that node: detached (free),

@@ -442,14 +442,18 @@ class FtiFabric:
                             timeout=self.operation_timeout,
                         )
                         check_status(reply, f"detach {device} from {machine}", _detail(reply))
+                        # back in the fabric's free count: it has no identity of its own
+                        # there (FTI names no free GPU), hence anonymous
                         return PoolDevice(
                             device,
                             fabric,
                             model,
                             DeviceState.FREE,
                             gpu_uuid=_text(r.get("res_serial_num")),
+                            anonymous=True,
                         )
-            return PoolDevice(device, FabricId(""), "", DeviceState.FREE)  # not attached anywhere
+            # not attached anywhere
+            return PoolDevice(device, FabricId(""), "", DeviceState.FREE, anonymous=True)
 
 
 def _check_machine(m: Any, what: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class FakeFabric:
         }
         self.attaches: list[tuple[str, str]] = []
         self.detaches: list[str] = []
+        #: seconds between a change and the watch's next inventory (a polling backend's lag)
+        self.watch_lag = 0.0
         self.fail_attach: dict[str, errors.AgentError] = {}
         self._changed = asyncio.Event()
         self._version = 0
@@ -136,7 +139,11 @@ class FakeFabric:
         self.detaches.append(device)
         if self.devices[device].state not in (DeviceState.FREE, DeviceState.FAILED):
             self.set(device, DeviceState.FREE)
-        return self.devices[device]
+        dev = self.devices[device]
+        if self.anonymous and dev.state == DeviceState.FREE:
+            # like the FTI client: back in the free count, no identity of its own any more
+            return dataclasses.replace(dev, anonymous=True)
+        return dev
 
     async def watch(self) -> AsyncIterator[Inventory]:
         while True:
@@ -144,6 +151,8 @@ class FakeFabric:
             self.link.reached()
             yield await self.inventory()
             await self._changed.wait()
+            if self.watch_lag:  # a polling fabric sees a change this much later
+                await asyncio.sleep(self.watch_lag)
 
     async def close(self) -> None:
         return None

@@ -150,3 +150,42 @@ async def test_an_orphan_a_claim_holds_is_kept() -> None:
         await asyncio.sleep(1.0)
         assert w.fabric.attached_to("gpu-1") == "m-node-1"  # held: never scaled down
         assert w.kube.get_obj(f"{RESOURCES}/{resource_name('gpu-1')}") is not None
+
+
+async def test_a_gpu_detached_back_into_the_free_count_is_never_offered_under_its_own_id() -> None:
+    """On a fabric that counts its free GPUs (FTI), the detach's answer names the GPU, which
+    is now back in the count with no identity of its own: offered under its own id it would be a
+    free device the fabric cannot attach by name (claims got `UnknownDevice`), or — from a read
+    still under way during the detach — an attached GPU on its old node that no resource holds.
+    (CI's churn on FTI: a pod bound on one node to a GPU attached on another.)"""
+    async with world(anonymous=True, gpus=3, idle_grace=0.2) as w:
+        real = {w.device_name(d) for d in w.fabric.devices}
+        seen: list[str] = []
+
+        def check(req: Any) -> None:
+            if req.method in ("POST", "PUT") and "resourceslices" in req.path:
+                asyncio.get_running_loop().call_soon(
+                    lambda: seen.extend(sorted(real & set(w.offered())))
+                )
+
+        w.kube.on_request(check)
+        w.fabric.watch_lag = 1.0  # the fabric is polled: its reads trail the composer's answers
+        w.new_claim("c1")
+        w.allocate("c1", slot(0), "node-0")
+        await w.wait(lambda: w.condition("c1", poolmodel.READY), "c1 ready")
+        gpu = attached_device(w.resource(resource_name(slot(0))) or {})
+        w.release("c1")
+        await w.wait(lambda: w.fabric.detaches, "the idle GPU detached")
+        assert w.fabric.devices[gpu].state == DeviceState.FREE
+        await w.wait(
+            lambda: (
+                sorted(n for n, e in w.offered().items() if e.get("bindsToNode"))
+                == sorted(w.device_name(slot(n)) for n in range(3))
+            ),
+            "three free slots offered again",
+        )
+        await asyncio.sleep(0.3)
+        assert seen == [], f"offered under its own id: {sorted(set(seen))}"
+        inventory = w.role.publisher.inventory
+        assert inventory is not None
+        assert inventory.device(gpu) is None  # in the count, not a device of its own
