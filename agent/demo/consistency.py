@@ -4,7 +4,8 @@ device and the disagreements found.
 
 An attached GPU is published attached (`nodeName` of its node, in its node's own pool), or, while
 a claim holds it through the free entry the claim was allocated, still as that entry (the
-publisher keeps it exactly as allocated until the claim lets go)."""
+publisher keeps it exactly as allocated until the claim lets go). A free GPU is offered under its
+own id, or — on a fabric that counts its free GPUs (FTI) — as one of the anonymous free slots."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from agent.kube.resources import RESOURCES, deleting, state
 from agent.model.fabric import DeviceState
 from agent.model.objects import attached_device, fabric_device
 from agent.model.pool import device_name
+from agent.model.slots import is_slot
 from agent.node.checkpoint import Checkpoint
 
 
@@ -68,6 +70,13 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
             for uid, c in Checkpoint(path).load().items():
                 for d in c.devices:
                     prepared.setdefault(f"{node}/{d['device']}", []).append(uid)
+    # a fabric that counts its free GPUs (FTI) offers them as anonymous slots, not by their ids:
+    # so many free slots offered cover so many free GPUs
+    free_slots = sum(
+        1
+        for did, e in entries.items()
+        if is_slot(did) and e.get("bindsToNode") and (pools.get(did), e["name"]) not in held
+    )
     rows, problems = [], []
     for dev in sorted(world.emulator.state.devices.values(), key=lambda d: d.spec.id):
         did = dev.spec.id
@@ -86,6 +95,9 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
         )
         if slice_view == "free" and (pools.get(identity), device_name(identity)) in held:
             slice_view = "free, held by a claim"
+        if entry is None and cr is None and dev.state == DeviceState.FREE and free_slots:
+            free_slots -= 1
+            slice_view = "free (a slot)"
         uids = prepared.get(f"{node}/{device_name(identity)}", []) if node else []
         rows.append(Row(did, fabric, api, slice_view, ",".join(uids) or "-"))
         if dev.state == DeviceState.ATTACHED:
@@ -100,7 +112,7 @@ async def check(world: World) -> tuple[list[Row], list[str]]:
                 problems.append(f"{did}: free on the fabric, but its resource is Online")
             if uids:
                 problems.append(f"{did}: free on the fabric, but prepared for claims {uids}")
-            if slice_view not in ("free", "absent", "free, held by a claim"):
+            if slice_view not in ("free", "free (a slot)", "absent", "free, held by a claim"):
                 problems.append(f"{did}: free on the fabric, the slice says {slice_view}")
     return rows, problems
 

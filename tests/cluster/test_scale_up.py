@@ -186,7 +186,7 @@ async def test_idle_devices_are_detached_and_offered_free_again(world: World) ->
     await until(all_free, what="idle devices detached", timeout=30)
 
     async def slices_free() -> bool:
-        devices = [d for s in await our_slices(world) for d in s["spec"]["devices"]]
+        devices = [d for s in await our_slices(world) for d in s["spec"].get("devices") or []]
         return len(devices) == 4 and all(
             d.get("bindsToNode") and "nodeName" not in d for d in devices
         )
