@@ -470,31 +470,16 @@ class Scaler:
     async def _set_condition(
         self, b: claimmodel.Binding, ctype: str, reason: str, message: str
     ) -> bool:
-        path = f"{claims_path(b.namespace)}/{b.claim}"
-        for attempt in range(8):
-            # First from the informer (usually current: saves a GET); after a conflict, fresh.
-            cached = self.claims.get(b.namespace, b.claim) if attempt == 0 else None
-            claim = cached if cached is not None else await self.kube.get(path)
-            if claim["metadata"].get("uid") != b.uid:
-                return False
-            updated = claimmodel.with_condition(
-                claim,
-                driver=self.driver,
-                pool=b.pool,
-                device=b.device,
-                ctype=ctype,
-                reason=reason,
-                message=message,
-                now=self.wall(),
-            )
-            if updated is None:
-                return False  # deallocated meanwhile
-            try:
-                await self.kube.replace(f"{path}/status", updated)
-                return True
-            except errors.KubeConflict:
-                continue
-        raise errors.KubeConflict(f"claim {b.namespace}/{b.claim}: status kept changing under us")
+        return await set_claim_condition(
+            self.kube,
+            self.claims,
+            b,
+            driver=self.driver,
+            ctype=ctype,
+            reason=reason,
+            message=message,
+            wall=self.wall,
+        )
 
     # --- claims holding a device that is not on their node ---------------------------------------
 
@@ -1179,3 +1164,52 @@ def _pods(claim: Obj) -> str:
 
 
 __all__ = ["MAX_LABEL", "MIN_LABEL", "Scaler", "claims_path"]
+
+
+async def set_claim_condition(
+    kube: Kube,
+    claims: Informer,
+    b: claimmodel.Binding,
+    *,
+    driver: str,
+    ctype: str,
+    reason: str,
+    message: str,
+    wall: Callable[[], float],
+    unless: Callable[[Obj], bool] | None = None,
+    missing_ok: bool = False,
+) -> bool:
+    """`ctype`=True in exactly the (driver, pool, device) entry of `b`'s claim: read-modify-write
+    on the resourceVersion, the first read from the informer (usually current: saves a GET),
+    after a conflict a fresh GET. False when the claim was replaced (another uid), the
+    allocation is gone, `unless(claim)` holds, or (with `missing_ok`) the claim is gone. Raises
+    `KubeConflict` after 8 conflicts in a row, `KubeNotFound` for a missing claim otherwise."""
+    path = f"{claims_path(b.namespace)}/{b.claim}"
+    for attempt in range(8):
+        cached = claims.get(b.namespace, b.claim) if attempt == 0 else None
+        try:
+            claim = cached if cached is not None else await kube.get(path)
+        except errors.KubeNotFound:
+            if missing_ok:
+                return False
+            raise
+        if claim["metadata"].get("uid") != b.uid or (unless is not None and unless(claim)):
+            return False
+        updated = claimmodel.with_condition(
+            claim,
+            driver=driver,
+            pool=b.pool,
+            device=b.device,
+            ctype=ctype,
+            reason=reason,
+            message=message,
+            now=wall(),
+        )
+        if updated is None:
+            return False  # deallocated meanwhile
+        try:
+            await kube.replace(f"{path}/status", updated)
+            return True
+        except errors.KubeConflict:
+            continue
+    raise errors.KubeConflict(f"claim {b.namespace}/{b.claim}: status kept changing under us")

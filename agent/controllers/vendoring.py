@@ -29,11 +29,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from agent import errors, logs
+from agent import logs
 from agent.controllers import metrics
 from agent.controllers.publishing import Publisher
 from agent.controllers.queueing import KeyedQueue
-from agent.controllers.scaling import Scaler, claims_path
+from agent.controllers.scaling import Scaler, set_claim_condition
 from agent.kube.client import Kube, Obj
 from agent.kube.eventing import Recorder
 from agent.kube.resources import CLAIM_ANNOTATION, resource_name
@@ -227,35 +227,18 @@ class Vendoring:
         self.recorder.emit(claim, "Rescheduled", message + "; FabricDeviceReschedule=True")
 
     async def _set_condition(self, b: claimmodel.Binding, message: str) -> bool:
-        """FabricDeviceReschedule=True in exactly our (driver, pool, device) entry, read-modify-
-        write on the resourceVersion; False when the claim or that allocation is gone, or the
-        condition is there already (someone else wrote it: it is never written twice)."""
-        path = f"{claims_path(b.namespace)}/{b.claim}"
-        for attempt in range(8):
-            cached = self.claims.get(b.namespace, b.claim) if attempt == 0 else None
-            try:
-                claim = cached if cached is not None else await self.kube.get(path)
-            except errors.KubeNotFound:
-                return False
-            if claim["metadata"].get("uid") != b.uid or decide.rescheduled(
-                claim, self.vendor, b.pool, b.device
-            ):
-                return False
-            updated = claimmodel.with_condition(
-                claim,
-                driver=self.vendor,
-                pool=b.pool,
-                device=b.device,
-                ctype=decide.RESCHEDULE,
-                reason="AttachedToNode",
-                message=message,
-                now=self.wall(),
-            )
-            if updated is None:
-                return False
-            try:
-                await self.kube.replace(f"{path}/status", updated)
-                return True
-            except errors.KubeConflict:
-                continue
-        raise errors.KubeConflict(f"claim {b.namespace}/{b.claim}: status kept changing under us")
+        """FabricDeviceReschedule=True in exactly our (driver, pool, device) entry; False when the
+        claim or that allocation is gone, or the condition is there already (someone else wrote
+        it: it is never written twice)."""
+        return await set_claim_condition(
+            self.kube,
+            self.claims,
+            b,
+            driver=self.vendor,
+            ctype=decide.RESCHEDULE,
+            reason="AttachedToNode",
+            message=message,
+            wall=self.wall,
+            unless=lambda claim: decide.rescheduled(claim, self.vendor, b.pool, b.device),
+            missing_ok=True,
+        )
