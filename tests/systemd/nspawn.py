@@ -184,7 +184,7 @@ class Machine:
     def wait_booted(self, timeout: float = 120) -> str:
         """Wait for PID 1 of the container and `systemctl is-system-running` to settle."""
         deadline = time.monotonic() + timeout
-        state = ""
+        state = "no systemd in a PID namespace of its own among the descendants of `script`"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the container exited: {self.console_tail()}")
@@ -233,7 +233,7 @@ class Machine:
         if self.proc.poll() is None and self.init:
             self.sh("systemctl poweroff --no-block", check=False)
         try:
-            self.proc.wait(timeout)
+            self.proc.wait(timeout if self.init else 1)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -246,19 +246,23 @@ class Machine:
 
 
 def _container_init(script_pid: int) -> int:
-    """PID 1 of the container: the child of systemd-nspawn (itself a child of `script`) that
-    runs systemd in a PID namespace of its own; 0 while there is none yet. nspawn's outer child,
-    also a child of nspawn for a moment before it exits, is not it."""
+    """PID 1 of the container: the descendant of `script` that runs systemd in a PID namespace
+    of its own; 0 while there is none yet. Searched through all descendants, not a fixed depth:
+    `script` runs its command through $SHELL, or /bin/sh when SHELL is unset (as under CI), and
+    dash forks nspawn where bash execs it. nspawn's outer child, also a child of nspawn for a
+    moment before it exits, is in our PID namespace and so is not it."""
     ours = _pid_namespace(os.getpid())
-    for nspawn in _children(script_pid):
+    todo, seen = [script_pid], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
         with contextlib.suppress(OSError):
-            if "nspawn" not in Path(f"/proc/{nspawn}/comm").read_text():
-                continue
-            for kid in _children(nspawn):
-                with contextlib.suppress(OSError):
-                    comm = Path(f"/proc/{kid}/comm").read_text().strip()
-                    if comm == "systemd" and _pid_namespace(kid) != ours:
-                        return kid
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            if pid != script_pid and comm == "systemd" and _pid_namespace(pid) != ours:
+                return pid
+        todo.extend(_children(pid))
     return 0
 
 
@@ -267,11 +271,22 @@ def _pid_namespace(pid: int) -> str:
 
 
 def _children(pid: int) -> list[int]:
+    """The children of `pid`: /proc's children list where the kernel has one
+    (CONFIG_PROC_CHILDREN), else every process whose parent (field 4 of /proc/<pid>/stat) it is."""
     try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        pass
     except OSError:
         return []
-    return [int(p) for p in text.split()]
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                    kids.append(int(entry.name))
+    return kids
 
 
 def _run(argv: list[str], cwd: Path | None = None, timeout: float = 600) -> str:
