@@ -37,7 +37,7 @@ def dev_cluster(cfg: settings.Settings, action: str) -> int:
     if action == "build":
         from agent.devcluster import helm
 
-        b = local.binaries(cfg.cache_dir)
+        b = local.binaries(cfg.cache_dir, cfg.dev.kube_version)
         helm_bin = helm.ensure_built(cfg.cache_dir, progress=local.progress)
         print(
             f"etcd:           {b.etcd}\n"
@@ -47,7 +47,12 @@ def dev_cluster(cfg: settings.Settings, action: str) -> int:
         )
         return 0
     if action == "up":
-        cp = local.up(cfg.cache_dir, state_dir, binding_timeout=cfg.dev.binding_timeout)
+        cp = local.up(
+            cfg.cache_dir,
+            state_dir,
+            binding_timeout=cfg.dev.binding_timeout,
+            kube_version=cfg.dev.kube_version,
+        )
         print(f"dev cluster running: {cp.server}")
         print(f"  export KUBECONFIG={cp.kubeconfig}")
         print(f"  logs: {state_dir}/*.log   stop: cohdi-agent dev-cluster down")

@@ -20,9 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, TypeVar
 
-from agent import errors
+from agent import KUBERNETES_VERSION, errors
 
 T = TypeVar("T")
+
+#: The Kubernetes releases the local control plane is built at (`--dev-kube-version`) and the test
+#: suite runs against: the first, the release this version targets, is the default; `./dev test`
+#: runs the tests marked `all_kube_versions` again on each of the others.
+KUBE_VERSIONS: Final = (KUBERNETES_VERSION, "v1.37.2")
 
 
 #: Every command of the CLI, in the order `cohdi-agent --help` lists them. A group's `COMMANDS`
@@ -545,6 +550,11 @@ class DevClusterSettings:
         "Where `dev-cluster up` keeps certificates, etcd data, logs and its pid file. "
         "Empty: <cache dir>/dev-cluster.",
         metavar="DIR",
+    )
+    kube_version: str = setting(
+        KUBE_VERSIONS[0],
+        "The Kubernetes release of the local control plane (each is built once and cached).",
+        choices=KUBE_VERSIONS,
     )
     binding_timeout: float = setting(
         600.0,

@@ -125,7 +125,7 @@ async def _start(
     if kubeconfig:
         kubeconfig_path = Path(kubeconfig)
     else:
-        binaries = await asyncio.to_thread(local.binaries, cfg.cache_dir)
+        binaries = await asyncio.to_thread(local.binaries, cfg.cache_dir, cfg.dev.kube_version)
         cp = ControlPlane(
             binaries=binaries,
             state_dir=workdir / "control-plane",

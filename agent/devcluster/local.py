@@ -24,9 +24,11 @@ def progress(message: str) -> None:
     print(f"[dev-cluster] {message}", file=sys.stderr, flush=True)
 
 
-def binaries(cache_dir: Path) -> building.Binaries:
+def binaries(cache_dir: Path, kube_version: str = KUBERNETES_VERSION) -> building.Binaries:
+    """The control plane's binaries at `kube_version` (one of `settings.KUBE_VERSIONS`), built on
+    first use into `cache_dir`."""
     return building.ensure_built(
-        cache_dir, kube_version=KUBERNETES_VERSION, etcd_version=ETCD_VERSION, progress=progress
+        cache_dir, kube_version=kube_version, etcd_version=ETCD_VERSION, progress=progress
     )
 
 
@@ -68,9 +70,11 @@ def up(
     binding_timeout: float,
     scheduler_qps: float | None = None,
     scheduler_burst: int | None = None,
+    kube_version: str = KUBERNETES_VERSION,
 ) -> ControlPlane:
     """Start a background cluster in `state_dir` (wiped first). `scheduler_qps`/`_burst`: the
-    scheduler's API client limiter (None: its defaults, qps 50 / burst 100)."""
+    scheduler's API client limiter (None: its defaults, qps 50 / burst 100); `kube_version`: the
+    Kubernetes release it runs."""
     from agent.devcluster.controlplane import ControlPlane  # before any build: MissingExtra first
 
     state = read_state(state_dir)
@@ -82,7 +86,7 @@ def up(
     if state_dir.exists():
         shutil.rmtree(state_dir)
     cp = ControlPlane(
-        binaries=binaries(cache_dir),
+        binaries=binaries(cache_dir, kube_version),
         state_dir=state_dir,
         binding_timeout_s=binding_timeout,
         scheduler_qps=scheduler_qps,
