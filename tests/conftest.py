@@ -33,6 +33,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    kube_version(config)  # a release we cannot build fails the run at once, not at first use
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"control plane: Kubernetes {kube_version(config)}"
 

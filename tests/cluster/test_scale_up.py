@@ -21,6 +21,7 @@ from tests.waiting import until
 
 pytestmark = [
     pytest.mark.controlplane,
+    pytest.mark.all_kube_versions,
     pytest.mark.parametrize("backend", BACKENDS, indirect=True),
 ]
 

@@ -17,7 +17,7 @@ from agent.kube.client import Kube, Obj, path_of
 from agent.kube.watching import Event, Informer
 from tests.waiting import until
 
-pytestmark = pytest.mark.controlplane
+pytestmark = [pytest.mark.controlplane, pytest.mark.all_kube_versions]
 
 DRIVER = "platform.cohdi.io"
 NS = "default"
