@@ -453,6 +453,7 @@ class _NodeRole:
             kubelet_dir=Path(cfg.node.kubelet_dir),
             cdi_dir=Path(cfg.node.cdi_dir),
             reporter=reporter,
+            not_ready=self.not_ready,  # its gRPC health service follows the role's readiness
         )
         self.plugin = plugin
         try:

@@ -19,6 +19,13 @@ fact or the set of prepared devices changes, and every `HEALTH_RESEND` seconds (
 device it has not heard of for `HEALTH_TIMEOUT` seconds to Unknown). Healthy/Unhealthy come from
 the node reporter's verdict on the GPU (NVML events, the PCI function gone); Unknown when it cannot
 tell (no NVML, or the device is not a ready GPU of this node).
+
+Both sockets also serve the standard gRPC health service, grpc.health.v1.Health (gRPC's own
+servicer from grpcio-health-checking; `PluginHealth`): Check and Watch for "" (the socket's server)
+and for each service it serves; SERVING while the plugin serves and the node role is ready,
+NOT_SERVING before, when it is not ready (an unreadable checkpoint: every prepare fails) and for
+good once stopping. kubelet does not call it; it is for operators and node-local probes
+(`grpc_health_probe -addr unix://<socket>`).
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent import errors, health, logs
 from agent._proto.dra.v1 import api_pb2 as v1
@@ -62,6 +71,12 @@ HEALTH_TIMEOUT = 30
 HEALTH_RESEND = 10.0
 #: kubelet truncates longer messages (dra-health v1alpha1)
 HEALTH_MESSAGE_MAX = 1024
+#: How often the gRPC health status is re-evaluated (s): the verdict reads in-memory state only
+#: (and stats the checkpoint while it is unreadable), and nothing signals every change it
+#: follows (an unreadable checkpoint moved away by an operator, the first PCI scan done).
+GRPC_HEALTH_RECHECK = 1.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Preparer:
@@ -450,6 +465,81 @@ class Registration(reg_grpc.RegistrationServicer):  # type: ignore[misc]
         return reg.RegistrationStatusResponse()
 
 
+def service_names(*modules: Any) -> tuple[str, ...]:
+    """The full gRPC names of the services of generated `_pb2` modules, e.g.
+    ("k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin",): the names a health check may ask about."""
+    return tuple(s.full_name for m in modules for s in m.DESCRIPTOR.services_by_name.values())
+
+
+class PluginHealth:
+    """grpc.health.v1.Health on the plugin's gRPC servers: one gRPC `HealthServicer` (asyncio)
+    per server, all with the same status for "" and for each service the server serves.
+
+    NOT_SERVING from the start until the first verdict; then SERVING exactly while `not_ready()`
+    gives no reason (re-evaluated every GRPC_HEALTH_RECHECK seconds; each change logged once with
+    its reasons); after `stop()` NOT_SERVING for good (the servicers' graceful shutdown: a later
+    set is ignored), so a watcher hears NOT_SERVING before its server closes. A service name the
+    server does not serve is NOT_FOUND to Check and SERVICE_UNKNOWN to Watch (gRPC's servicer).
+    """
+
+    def __init__(self, not_ready: Callable[[], list[str]]) -> None:
+        self.not_ready = not_ready
+        self.status: int = NOT_SERVING
+        #: why NOT_SERVING, as last evaluated (empty while SERVING)
+        self.reasons: list[str] = ["not started"]
+        self._servicers: list[tuple[Any, tuple[str, ...]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def add_to(self, server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+        """Serve the health service on `server` (before it starts), NOT_SERVING for now."""
+        servicer = grpc_health.aio.HealthServicer()
+        for name in ("", *services):
+            await servicer.set(name, NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        self._servicers.append((servicer, services))
+
+    def start(self) -> None:
+        """Follow `not_ready()` from now on (the servers serve)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow(), name="plugin-grpc-health")
+
+    async def stop(self) -> None:
+        """NOT_SERVING for good on every server; stop following."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for servicer, _ in self._servicers:
+            await servicer.enter_graceful_shutdown()
+        self._servicers.clear()
+        if self.status != NOT_SERVING:
+            logger.info("gRPC health of the kubelet plugin: NOT_SERVING (stopping)")
+        self.status, self.reasons = NOT_SERVING, ["stopping"]
+
+    async def _follow(self) -> None:
+        while True:
+            await self._apply(self.not_ready())
+            await asyncio.sleep(GRPC_HEALTH_RECHECK)
+
+    async def _apply(self, reasons: list[str]) -> None:
+        status = NOT_SERVING if reasons else SERVING
+        changed = status != self.status
+        self.status, self.reasons = status, reasons
+        if not changed:
+            return
+        if reasons:
+            logger.warning(
+                "gRPC health of the kubelet plugin: NOT_SERVING",
+                extra=logs.fields(reason="; ".join(reasons)),
+            )
+        else:
+            logger.info("gRPC health of the kubelet plugin: SERVING")
+        for servicer, services in self._servicers:
+            for name in ("", *services):
+                await servicer.set(name, status)
+
+
 #: A socket file's identity: (st_dev, st_ino).
 Identity = tuple[int, int]
 #: sun_path is 108 bytes with its NUL.
@@ -469,8 +559,18 @@ class KubeletPlugin:
     """
 
     def __init__(
-        self, kube: Kube, *, driver: str, kubelet_dir: Path, cdi_dir: Path, reporter: NodeReporter
+        self,
+        kube: Kube,
+        *,
+        driver: str,
+        kubelet_dir: Path,
+        cdi_dir: Path,
+        reporter: NodeReporter,
+        not_ready: Callable[[], list[str]] | None = None,
     ) -> None:
+        """`not_ready`: why the node role is not ready, one reason a line (the gRPC health
+        service says NOT_SERVING while it gives any); None: the plugin's own reasons only (its
+        checkpoint unreadable)."""
         self.plugin_dir = kubelet_dir / "plugins" / driver
         self.dra_socket = self.plugin_dir / "dra.sock"
         self.reg_socket = kubelet_dir / "plugins_registry" / f"{driver}-reg.sock"
@@ -479,6 +579,7 @@ class KubeletPlugin:
         )
         self.registration = Registration(driver, str(self.dra_socket))
         self.health = ResourceHealth(self.preparer)
+        self.grpc_health = PluginHealth(not_ready or self._not_ready)
         self._servers: list[grpc.aio.Server] = []
         #: public socket path -> the identity of the socket this process bound there
         self._sockets: dict[Path, Identity] = {}
@@ -503,10 +604,21 @@ class KubeletPlugin:
         )
         self.health.closing = False
         drahealth_grpc.add_DRAResourceHealthServicer_to_server(self.health, dra)
+        await self.grpc_health.add_to(dra, service_names(v1, v1beta1, drahealth))
         await self._serve(dra, self.dra_socket)  # the DRA service first, then announce it
         registration = grpc.aio.server()
         reg_grpc.add_RegistrationServicer_to_server(self.registration, registration)
+        await self.grpc_health.add_to(registration, service_names(reg))
         await self._serve(registration, self.reg_socket)
+        self.grpc_health.start()
+
+    def _not_ready(self) -> list[str]:
+        """The plugin's own reasons not to be ready: its checkpoint cannot be read (every
+        prepare fails until an operator moves it away)."""
+        error = self.preparer.checkpoint_error
+        if error and self.preparer.checkpoint.path.exists():
+            return [f"kubelet plugin checkpoint unreadable (every prepare fails): {error}"]
+        return []
 
     def _prepare_dirs(self) -> None:
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
@@ -534,6 +646,7 @@ class KubeletPlugin:
             await asyncio.to_thread(shutil.rmtree, private, True)
 
     async def stop(self) -> None:
+        await self.grpc_health.stop()  # NOT_SERVING first, while the sockets still answer
         self.health.close()
         for server in reversed(self._servers):
             await server.stop(grace=1.0)
