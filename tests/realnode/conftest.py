@@ -1,0 +1,35 @@
+"""A real node for the session's control plane (`agent.devcluster.realnode`): containerd with CDI,
+runc, a CNI bridge, a kubelet registered as a Node, kube-controller-manager. Built into the cache
+on first use (`cohdi-agent dev-cluster build` builds it before pytest); started once per session
+in a temporary directory and stopped, every process by pid, at the end."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from agent import KUBERNETES_VERSION, settings
+from agent.devcluster import local, nodebuild
+from agent.devcluster.controlplane import ControlPlane
+from agent.devcluster.realnode import RealNode
+
+NODE_NAME = "realnode-0"
+
+
+@pytest.fixture(scope="session")
+def real_node(control_plane: ControlPlane) -> Iterator[RealNode]:
+    if os.geteuid() != 0:
+        pytest.skip("a real kubelet + containerd node needs root (mounts, cgroups, interfaces)")
+    binaries = nodebuild.ensure_built(
+        settings.Settings().cache_dir, kube_version=KUBERNETES_VERSION, progress=local.progress
+    )
+    node = RealNode(
+        binaries=binaries, control_plane=control_plane, name=NODE_NAME, progress=local.progress
+    )
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -1,0 +1,428 @@
+"""The product on a real node: the cluster role and the node role as host processes (`cohdi-agent
+run`), the fabric emulator, and the session's real kubelet + containerd. A pod with a
+ResourceClaim for a GPU is scheduled through the binding conditions (the GPU is attached through
+the fabric, hot-plugged into the node's synthetic sysfs tree, reported ready); the REAL kubelet
+calls NodePrepareResources on the node role's DRA plugin; containerd injects the CDI device (a
+character device made for the test stands in for /dev/nvidia<N>: major 195, the minor the
+simulated GPU's stub NVML reports); the container (a static C program, tests/realnode/devcheck.c,
+in an image built here) sees it and exits 0. Deleting the pod unprepares (CDI file and
+checkpoint entry gone), kube-controller-manager deallocates the claim, and after the idle grace
+the GPU is detached and offered free again. The kubelet logs the plugin's registration and no
+DRA error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import errors, settings
+from agent.demo import objects
+from agent.devcluster import nodebuild
+from agent.devcluster.controlplane import ControlPlane
+from agent.devcluster.realnode import RealNode
+from agent.fabric.emulator import config as emuconfig
+from agent.fabric.emulator.config import MachineSpec
+from agent.fabric.emulator.server import EmulatorServer
+from agent.fabric.emulator.state import Device
+from agent.fabric.emulator.sysfs_hook import SysfsHook
+from agent.kube.client import Kube, path_of
+from agent.manifests import installing
+from agent.model.fabric import DeviceState
+from agent.simulated import stubnvml
+from tests.waiting import until
+
+pytestmark = pytest.mark.controlplane
+
+A100 = "NVIDIA-A100-PCIE-40GB"
+NS = "default"
+PODS = path_of(group="", version="v1", plural="pods", namespace=NS)
+CLAIMS = path_of(group="resource.k8s.io", version="v1", plural="resourceclaims", namespace=NS)
+SLICES = path_of(group="resource.k8s.io", version="v1", plural="resourceslices")
+IMAGE = "cohdi.local/devcheck:1"
+#: NVIDIA's character-device major; nothing drives it on a machine without their driver, so the
+#: stand-in nodes open with ENXIO, never with EPERM unless the device cgroup refuses them.
+NVIDIA_MAJOR = 195
+#: The control nodes every GPU's CDI spec lists besides /dev/nvidia<minor> (agent.node.cdi).
+CONTROL_NODES = {"nvidiactl": 255, "nvidia-uvm": 254, "nvidia-uvm-tools": 253}
+
+
+class DevNodes:
+    """Character devices made for the test in the host's /dev (containerd resolves a CDI
+    device node on the host); only those it made are removed again."""
+
+    def __init__(self) -> None:
+        self.made: list[Path] = []
+
+    def make(self, name: str, minor: int) -> None:
+        path = Path("/dev") / name
+        if path.exists():
+            assert stat.S_ISCHR(path.stat().st_mode), f"{path} exists and is no character device"
+            return
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(NVIDIA_MAJOR, minor))
+        self.made.append(path)
+
+    def remove(self, name: str) -> None:
+        path = Path("/dev") / name
+        if path in self.made:
+            path.unlink(missing_ok=True)
+            self.made.remove(path)
+
+    def remove_all(self) -> None:
+        for path in list(self.made):
+            path.unlink(missing_ok=True)
+        self.made.clear()
+
+
+def gpu_minor(pci_address: str) -> int:
+    """The simulated GPU's /dev/nvidia<minor>: its PCI bus number (the sysfs hook's stub NVML)."""
+    return int(pci_address.split(":")[1], 16)
+
+
+@dataclass
+class Bed:
+    node: RealNode
+    kube: Kube
+    emulator: EmulatorServer
+    driver: str
+    suffix: str
+    workdir: Path
+    logs: dict[str, Path] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def fabric(self) -> str:
+        return f"fab-{self.suffix}"
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def dev_nodes() -> Iterator[DevNodes]:
+    nodes = DevNodes()
+    try:
+        yield nodes
+    finally:
+        nodes.remove_all()
+
+
+@pytest.fixture
+async def bed(
+    control_plane: ControlPlane, real_node: RealNode, dev_nodes: DevNodes, tmp_path: Path
+) -> AsyncIterator[Bed]:
+    suffix = uuid.uuid4().hex[:6]
+    driver = f"rn{suffix}.cohdi.io"
+    cache = settings.Settings().cache_dir
+    workdir = tmp_path
+    password = secrets.token_urlsafe(12)
+    async with await Kube.connect(kubeconfig=str(control_plane.kubeconfig)) as kube:
+        await installing.install(kube, driver)
+        conf = emuconfig.parse(
+            {
+                "machines": [
+                    {"id": f"m-{real_node.name}", "name": real_node.name, "fabric": f"fab-{suffix}"}
+                ],
+                "devices": [
+                    {
+                        "model": A100,
+                        "count": 2,
+                        "fabric": f"fab-{suffix}",
+                        "memory": 40 * 2**30,
+                        "attach_latency": 0.1,
+                    }
+                ],
+                "users": [{"name": "admin", "password": password}],
+            }
+        )
+        emulator = EmulatorServer(conf, tls_dir=workdir / "tls", state_file=workdir / "fabric.json")
+        node_dir = workdir / "node"
+        (node_dir / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
+        (node_dir / "nvml-gpus").touch()
+
+        # The GPU's device node appears with the GPU (a driver would make it), before the sysfs
+        # entry the node role watches; it goes when the GPU is detached.
+        def appear(dev: Device, machine: MachineSpec) -> None:
+            if machine.name == real_node.name and dev.pci_address:
+                dev_nodes.make(f"nvidia{gpu_minor(dev.pci_address)}", gpu_minor(dev.pci_address))
+
+        def disappear(dev: Device, machine: MachineSpec) -> None:
+            if machine.name == real_node.name and dev.pci_address:
+                dev_nodes.remove(f"nvidia{gpu_minor(dev.pci_address)}")
+
+        hook = SysfsHook(lambda m: node_dir if m.name == real_node.name else None)
+        emulator.state.on_appear.extend([appear, hook.appear])
+        emulator.state.on_disappear.extend([hook.disappear, disappear])
+        for name, minor in CONTROL_NODES.items():
+            dev_nodes.make(name, minor)
+        await emulator.start()
+        stub = await asyncio.to_thread(stubnvml.build, cache)
+        b = Bed(real_node, kube, emulator, driver, suffix, workdir)
+        common = [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--kubeconfig",
+            str(control_plane.kubeconfig),
+            "--driver",
+            driver,
+            "--log-format",
+            "json",
+        ]
+        env = {**os.environ, "COHDI_FABRIC_PASSWORD": password}
+        b.logs = {"node": workdir / "node-role.log", "cluster": workdir / "cluster-role.log"}
+        try:
+            b.procs["node"] = _spawn(
+                [
+                    *common,
+                    "--roles",
+                    "node",
+                    "--node-name",
+                    real_node.name,
+                    "--node-sysfs-root",
+                    str(node_dir / "sys"),
+                    "--node-nvml-path",
+                    str(stub),
+                    "--node-kubelet-dir",
+                    str(real_node.kubelet_root),
+                    "--node-cdi-dir",
+                    str(real_node.cdi),
+                    "--node-rescan",
+                    "never",
+                ],
+                {**env, "STUB_NVML_GPUS": str(node_dir / "nvml-gpus")},
+                b.logs["node"],
+            )
+            b.procs["cluster"] = _spawn(
+                [
+                    *common,
+                    "--roles",
+                    "cluster",
+                    "--fabric-url",
+                    emulator.url,
+                    "--fabric-user",
+                    "admin",
+                    "--fabric-ca-bundle",
+                    str(emulator.ca_file),
+                    "--fabric-backend",
+                    "redfish",
+                    "--fabric-poll-interval",
+                    "1",
+                    "--idle-grace",
+                    "2",
+                    "--lease-name",
+                    f"realnode-{suffix}",
+                ],
+                env,
+                b.logs["cluster"],
+            )
+            yield b
+        finally:
+            with contextlib.suppress(errors.KubeNotFound):
+                await kube.request("DELETE", f"{PODS}/gpu-{suffix}", body={"gracePeriodSeconds": 0})
+            with contextlib.suppress(errors.KubeNotFound):
+                await kube.delete(f"{CLAIMS}/gpu-{suffix}")
+            await asyncio.to_thread(_stop, b.procs)
+            await emulator.stop()
+            for name, path in b.logs.items():
+                print(f"--- {name} role log (last lines) ---")
+                print("\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+
+
+def decisions(log: Path, kind: str) -> list[dict[str, Any]]:
+    """The role's JSON log lines with decision=`kind`."""
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            doc = json.loads(line)
+            if doc.get("decision") == kind:
+                found.append(doc)
+    return found
+
+
+def kubelet_lines(node: RealNode, since: int = 0) -> list[str]:
+    return node.kubelet_log.read_text(errors="replace").splitlines()[since:]
+
+
+async def test_real_kubelet_prepares_and_containerd_injects_the_cdi_device(bed: Bed) -> None:
+    node, kube, name = bed.node, bed.kube, f"gpu-{bed.suffix}"
+    log_start = len(kubelet_lines(node))
+    archive = await asyncio.to_thread(
+        nodebuild.static_image,
+        settings.Settings().cache_dir,
+        Path(__file__).with_name("devcheck.c"),
+        image=IMAGE,
+        binary="devcheck",
+    )
+    await asyncio.to_thread(node.import_image, archive)
+
+    # the kubelet's plugin watcher finds the node role's registration socket and registers it
+    async def registered() -> list[str]:
+        return [
+            line
+            for line in kubelet_lines(node, log_start)
+            if bed.driver in line and "Register" in line
+        ]
+
+    reg = await until(registered, what="the kubelet registering the DRA plugin", timeout=60)
+    print("kubelet:", reg[-1][:300])
+
+    t0 = time.monotonic()
+    await kube.create(CLAIMS, objects.gpu_claim(name, bed.driver, A100))
+    await kube.create(
+        PODS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "nodeSelector": {"kubernetes.io/hostname": node.name},
+                "restartPolicy": "Never",
+                "dnsPolicy": "Default",
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [
+                    {
+                        "name": "check",
+                        "image": IMAGE,
+                        "imagePullPolicy": "Never",
+                        "resources": {"claims": [{"name": "gpu"}]},
+                    }
+                ],
+                "resourceClaims": [{"name": "gpu", "resourceClaimName": name}],
+            },
+        },
+    )
+
+    bound_at: list[float] = []
+
+    async def finished() -> dict[str, Any] | None:
+        pod = await kube.get(f"{PODS}/{name}")
+        if pod["spec"].get("nodeName") and not bound_at:
+            bound_at.append(time.monotonic() - t0)
+        return pod if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+
+    pod = await until(finished, what="the pod to run and finish", timeout=180, interval=0.5)
+    done_s = time.monotonic() - t0
+    (status,) = pod["status"]["containerStatuses"]
+    term = status["state"]["terminated"]
+    report = term.get("message", "")
+    print(f"container report:\n{report}")
+    assert pod["spec"]["nodeName"] == node.name
+    assert term["exitCode"] == 0, report
+    assert pod["status"]["phase"] == "Succeeded"
+
+    # scheduled through the binding conditions: the allocation carried FabricDeviceReady and the
+    # agent set it on the claim
+    claim = await kube.get(f"{CLAIMS}/{name}")
+    (result,) = claim["status"]["allocation"]["devices"]["results"]
+    assert result["bindingConditions"] == ["FabricDeviceReady"]
+    (dev_status,) = claim["status"]["devices"]
+    assert any(
+        c["type"] == "FabricDeviceReady" and c["status"] == "True" for c in dev_status["conditions"]
+    )
+    # the device the container saw is the claim's GPU
+    (attached,) = [
+        d for d in bed.emulator.state.devices.values() if d.state == DeviceState.ATTACHED
+    ]
+    minor = gpu_minor(attached.pci_address)
+    assert f"/dev/nvidia{minor} char {NVIDIA_MAJOR}:{minor} open=" in report
+    assert "open=EPERM" not in report
+    assert f"COHDI_GPU_BDF={attached.pci_address}" in report
+    assert "result=ok" in report
+    # ... injected by containerd from the CDI spec the node role wrote for the claim
+    uid = claim["metadata"]["uid"]
+    prepared = [
+        d for d in decisions(bed.logs["node"], "prepared") if d.get("claim", "").endswith(name)
+    ]
+    assert prepared, "the node role logged no prepared decision"
+    logged = [line for line in kubelet_lines(node, log_start) if uid in line]
+    print(f"kubelet lines naming the claim: {len(logged)}; e.g. {logged[:1]}")
+    container_log = list(node.pod_logs.glob(f"{NS}_{name}_*/check/0.log"))
+    assert container_log, f"no container log under {node.pod_logs}"
+    assert "result=ok" in container_log[0].read_text()
+
+    t1 = time.monotonic()
+    await kube.request("DELETE", f"{PODS}/{name}", body={"gracePeriodSeconds": 0})
+
+    async def unprepared() -> bool:
+        gone = [d for d in decisions(bed.logs["node"], "unprepared") if uid in json.dumps(d)]
+        files = [p for p in node.cdi.glob(f"*{uid}*")]
+        return bool(gone) and not files
+
+    await until(unprepared, what="the kubelet unpreparing the claim", timeout=60)
+    unprepared_s = time.monotonic() - t1
+
+    async def deallocated() -> bool:
+        c = await kube.get(f"{CLAIMS}/{name}")
+        return not (c.get("status") or {}).get("allocation")
+
+    # kube-controller-manager's resourceclaim controller: pod gone -> reservedFor and allocation
+    await until(deallocated, what="the claim deallocated", timeout=60)
+    await kube.delete(f"{CLAIMS}/{name}")
+
+    async def back_in_pool() -> bool:
+        if any(d.state != DeviceState.FREE for d in bed.emulator.state.devices.values()):
+            return False
+        slices = (await kube.get(SLICES))["items"]
+        offered = [
+            d
+            for s in slices
+            if s["spec"]["driver"] == bed.driver and s["spec"]["pool"]["name"] == bed.fabric
+            for d in s["spec"].get("devices") or []
+        ]
+        return len(offered) == 2
+
+    await until(back_in_pool, what="the GPU detached and offered free again", timeout=90)
+    back_s = time.monotonic() - t1
+    assert not (Path("/dev") / f"nvidia{minor}").exists()
+
+    errors_ = [
+        line
+        for line in kubelet_lines(node, log_start)
+        if line.startswith("E") and re.search(r"dra|DRA|plugin|" + re.escape(bed.driver), line)
+    ]
+    assert errors_ == [], "\n".join(errors_[:20])
+    print(
+        f"real node: pod bound {bound_at[0] if bound_at else float('nan'):.1f} s after submit, "
+        f"finished (exit 0, CDI device seen) {done_s:.1f} s; unprepared {unprepared_s:.1f} s "
+        f"after delete; GPU free and offered again {back_s:.1f} s after delete"
+    )
