@@ -1,0 +1,244 @@
+"""The kubelet plugin's standard gRPC health service (grpc.health.v1.Health), asked with gRPC's
+own health client stub over the plugin's unix sockets, as `grpc_health_probe -addr unix://...`
+does: SERVING while the plugin serves and the node role is ready, NOT_SERVING when it is not (a
+reason from the role, an unreadable checkpoint) and once it stops; Watch streams each change; a
+service the socket does not serve is NOT_FOUND. And through the real node role: a corrupt
+checkpoint makes the DRA socket say NOT_SERVING until the file is moved away."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent import app, settings
+from agent.node.plugin import KubeletPlugin
+from agent.testing.fakekube import FakeKube
+from tests.node.simnode import DRIVER, SimNode, make_node
+from tests.waiting import until
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+DRA_V1 = "k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin"
+DRA_V1BETA1 = "k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin"
+RESOURCE_HEALTH = "v1alpha1.DRAResourceHealth"
+REGISTRATION = "pluginregistration.Registration"
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimNode:
+    return make_node(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def kubelet_dir() -> Iterator[Path]:
+    """Short, like /var/lib/kubelet: a unix socket path holds at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="kh-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Reasons:
+    """A node role's readiness that the test sets: why it is not ready, empty when ready."""
+
+    def __init__(self) -> None:
+        self.now: list[str] = []
+
+    def __call__(self) -> list[str]:
+        return list(self.now)
+
+
+@pytest.fixture
+async def plugin(node: SimNode, kubelet_dir: Path) -> AsyncIterator[tuple[KubeletPlugin, Reasons]]:
+    reasons = Reasons()
+    plugin = KubeletPlugin(
+        node.kube,
+        driver=DRIVER,
+        kubelet_dir=kubelet_dir,
+        cdi_dir=node.root / "cdi",
+        reporter=node.reporter,
+        not_ready=reasons,
+    )
+    await plugin.start()
+    try:
+        yield plugin, reasons
+    finally:
+        await plugin.stop()
+
+
+async def check(socket: Path, service: str = "") -> Any:
+    """Health/Check over the unix socket: the status, or the gRPC status code of a failure."""
+    async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return answer.status
+
+
+def status_is(socket: Path, want: int, service: str = "") -> Any:
+    async def probe() -> bool:
+        return bool(await check(socket, service) == want)
+
+    return probe
+
+
+async def test_serving_on_both_sockets_for_the_server_and_each_service(
+    plugin: tuple[KubeletPlugin, Reasons],
+) -> None:
+    p, _ = plugin
+    await until(status_is(p.dra_socket, SERVING), what="the DRA socket SERVING", timeout=10)
+    for service in (DRA_V1, DRA_V1BETA1, RESOURCE_HEALTH):
+        assert await check(p.dra_socket, service) == SERVING, service
+    for service in ("", REGISTRATION):
+        assert await check(p.reg_socket, service) == SERVING, service
+    # a service the socket does not serve is unknown to it, as gRPC's health protocol says
+    assert await check(p.dra_socket, REGISTRATION) == grpc.StatusCode.NOT_FOUND
+    assert await check(p.reg_socket, DRA_V1) == grpc.StatusCode.NOT_FOUND
+    assert p.grpc_health.reasons == []
+
+
+async def test_a_node_role_that_is_not_ready_is_not_serving_and_watch_follows(
+    plugin: tuple[KubeletPlugin, Reasons],
+) -> None:
+    """Watch on the DRA socket: SERVING, NOT_SERVING while the role gives a reason, SERVING
+    again, and NOT_SERVING when the plugin stops, before the stream ends."""
+    p, reasons = plugin
+    await until(status_is(p.dra_socket, SERVING), what="the DRA socket SERVING", timeout=10)
+    seen: list[int] = []
+    async with grpc.aio.insecure_channel(f"unix://{p.dra_socket}") as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+
+        async def next_status() -> int:
+            answer = await asyncio.wait_for(stream.read(), timeout=10)
+            assert answer is not grpc.aio.EOF
+            seen.append(answer.status)
+            return int(answer.status)
+
+        assert await next_status() == SERVING
+        reasons.now = ["first PCI scan not done"]
+        assert await next_status() == NOT_SERVING
+        assert await check(p.reg_socket) == NOT_SERVING
+        assert p.grpc_health.reasons == ["first PCI scan not done"]
+        reasons.now = []
+        assert await next_status() == SERVING
+        stopping = asyncio.create_task(p.stop())
+        assert await next_status() == NOT_SERVING
+        await stopping
+        stream.cancel()
+    assert seen == [SERVING, NOT_SERVING, SERVING, NOT_SERVING]
+    assert p.grpc_health.reasons == ["stopping"]
+
+
+async def test_not_serving_from_the_start_until_the_first_verdict(
+    node: SimNode, kubelet_dir: Path
+) -> None:
+    """A role not ready when the sockets appear: never SERVING in between."""
+    reasons = Reasons()
+    reasons.now = ["kubelet plugin not serving"]
+    p = KubeletPlugin(
+        node.kube,
+        driver=DRIVER,
+        kubelet_dir=kubelet_dir,
+        cdi_dir=node.root / "cdi",
+        reporter=node.reporter,
+        not_ready=reasons,
+    )
+    await p.start()
+    try:
+        assert await check(p.dra_socket) == NOT_SERVING
+        assert await check(p.reg_socket, REGISTRATION) == NOT_SERVING
+        reasons.now = []
+        await until(status_is(p.dra_socket, SERVING), what="SERVING once ready", timeout=10)
+    finally:
+        await p.stop()
+
+
+async def test_without_the_roles_readiness_an_unreadable_checkpoint_is_not_serving(
+    node: SimNode, kubelet_dir: Path
+) -> None:
+    """The plugin on its own (no `not_ready`): NOT_SERVING while its checkpoint cannot be read,
+    SERVING once an operator moved the file away."""
+    p = KubeletPlugin(
+        node.kube,
+        driver=DRIVER,
+        kubelet_dir=kubelet_dir,
+        cdi_dir=node.root / "cdi",
+        reporter=node.reporter,
+    )
+    cp_path = p.plugin_dir / "checkpoint.json"
+    cp_path.parent.mkdir(parents=True)
+    cp_path.write_text('{"version": 1, "claims": {"x": ')  # half a file
+    await p.start()
+    try:
+
+        async def judged() -> bool:
+            return any("checkpoint unreadable" in r for r in p.grpc_health.reasons)
+
+        await until(judged, what="the verdict: checkpoint unreadable", timeout=10)
+        assert await check(p.dra_socket) == NOT_SERVING
+        cp_path.rename(cp_path.with_suffix(".broken"))
+        await until(status_is(p.dra_socket, SERVING), what="SERVING once moved", timeout=10)
+    finally:
+        await p.stop()
+
+
+async def test_the_node_role_with_a_corrupt_checkpoint_says_not_serving(tmp_path: Path) -> None:
+    """The real node role (`cohdi-agent run --roles node`'s unit): its /readyz reason, an
+    unreadable checkpoint, is the DRA socket's NOT_SERVING; moved away, the socket says SERVING."""
+    root = Path(tempfile.mkdtemp(prefix="khr-", dir="/tmp"))  # short: unix socket paths
+    try:
+        (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
+        cp_path = root / "kubelet" / "plugins" / DRIVER / "checkpoint.json"
+        cp_path.parent.mkdir(parents=True)
+        cp_path.write_text('{"version": 1, "garb')
+        kube = FakeKube(bookmark_interval=60)
+        kube.selectable("composableresources", "spec.target_node")
+        cfg = settings.Settings(
+            cluster=settings.ClusterSettings(driver=DRIVER),
+            node=settings.NodeSettings(
+                name="node-0",
+                sysfs_root=str(root / "sys"),
+                nvml_path=str(tmp_path / "no-nvml.so"),
+                rescan="never",
+                kubelet_dir=str(root / "kubelet"),
+                cdi_dir=str(root / "cdi"),
+            ),
+        )
+        role = app._NodeRole(kube, cfg)  # type: ignore[arg-type]
+        task = asyncio.create_task(role.run())
+        try:
+
+            async def started() -> bool:
+                reporter = role.reporter
+                return role.plugin_serving and reporter is not None and reporter.scanned.is_set()
+
+            await until(started, what="the plugin serving and the first scan done", timeout=10)
+            assert role.plugin is not None
+            socket = role.plugin.dra_socket
+            health = role.plugin.grpc_health
+
+            async def judged() -> bool:
+                return bool(health.reasons) and health.reasons == role.not_ready()
+
+            await until(judged, what="the health verdict on the role's readiness", timeout=10)
+            assert await check(socket) == NOT_SERVING
+            assert any("checkpoint unreadable" in r for r in role.not_ready())
+            cp_path.rename(cp_path.with_suffix(".broken"))
+            await until(status_is(socket, SERVING), what="SERVING once moved", timeout=10)
+            assert role.not_ready() == []
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
