@@ -209,6 +209,9 @@ def test_kube_version_constraint(helm_bin: Path, tmp_path: Path) -> None:
     old = run_helm(helm_bin, tmp_path, "template", "x", str(CHART), "--kube-version", "1.35.0")
     assert old.returncode != 0
     assert "kubeVersion" in old.stderr or "incompatible" in old.stderr, old.stderr
+    for release in settings.KUBE_VERSIONS:  # every release the suite runs against is admitted
+        done = run_helm(helm_bin, tmp_path, "template", "x", str(CHART), "--kube-version", release)
+        assert done.returncode == 0, (release, done.stderr)
 
 
 @pytest.mark.parametrize(
