@@ -233,16 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "dev-cluster",
         help="build, start or stop the local control plane by hand",
-        usage=" {build,up,down,env,status}",
+        usage=" {build,up,down,env,status,image}",
         description="""\
             build  build etcd, kube-apiserver, kube-scheduler and helm into the cache (once)
             up     start a cluster in the background; prints how to use it
             down   stop the cluster `up` started (by pid)
             env    print `export KUBECONFIG=...` for the running cluster
             status show whether it runs, with pids and the API server URL
+            image  build the agent's container image (no registry: a Debian base from
+                   Debian's packages, buildah, runc) into the cache as an OCI archive;
+                   prints its path and reference (`ctr images import` / `podman load` it)
             """,
     )
-    dev.add_argument("action", choices=("build", "up", "down", "env", "status"))
+    dev.add_argument("action", choices=("build", "up", "down", "env", "status", "image"))
     return parser
 
 
