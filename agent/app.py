@@ -46,6 +46,12 @@ def dev_cluster(cfg: settings.Settings, action: str) -> int:
             f"helm:           {helm_bin}"
         )
         return 0
+    if action == "image":
+        from agent.devcluster import image
+
+        built = image.ensure_image(cfg.cache_dir, progress=local.progress)
+        print(f"archive:   {built.archive}\nreference: {built.reference}")
+        return 0
     if action == "up":
         cp = local.up(
             cfg.cache_dir,
