@@ -45,6 +45,7 @@ def dev_cluster(cfg: settings.Settings, action: str) -> int:
             f"kube-scheduler: {b.kube_scheduler}\n"
             f"helm:           {helm_bin}"
         )
+        print(_build_real_node(cfg.cache_dir, cfg.dev.kube_version))
         return 0
     if action == "image":
         from agent.devcluster import image
@@ -85,6 +86,25 @@ def dev_cluster(cfg: settings.Settings, action: str) -> int:
     for name in state["processes"]:
         print(f"{name}: {'running, pid ' + str(alive[name]) if name in alive else 'not running'}")
     return 0 if len(alive) == len(state["processes"]) else 1
+
+
+def _build_real_node(cache_dir: Path, kube_version: str) -> str:
+    """Build what the test bed's real node runs (kubelet, kube-controller-manager, containerd,
+    runc, CNI plugins, the pause image: `agent.devcluster.nodebuild`) where one can run (Linux,
+    root); the lines to print, or why nothing was built."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "real node:      not built (a kubelet + containerd node needs Linux and root)"
+    from agent.devcluster import nodebuild
+
+    n = nodebuild.ensure_built(cache_dir, kube_version=kube_version, progress=local.progress)
+    return (
+        f"kubelet:        {n.kubelet}\n"
+        f"kube-controller-manager: {n.kube_controller_manager}\n"
+        f"containerd:     {n.containerd}\n"
+        f"runc:           {n.runc}\n"
+        f"cni plugins:    {n.cni_bin_dir}\n"
+        f"pause image:    {n.pause_image}"
+    )
 
 
 def _emulator_config(cfg: settings.Settings) -> Any:
