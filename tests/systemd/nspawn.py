@@ -34,9 +34,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.devcluster import debian
+
 SUITE = "bookworm"
 PACKAGES = ("systemd-sysv", "python3", "python3-venv", "libstdc++6")
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
 @dataclass(frozen=True)
@@ -92,19 +93,9 @@ def tools(cache: Path) -> Tools:
 
 
 def mirror() -> str:
-    """The Debian archive the machine's apt uses (deb822 or one-line sources; the first URI whose
-    path is `.../debian`), else Debian's CDN. Other repositories (security, third parties) are
-    not Debian's main archive and are skipped."""
-    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
-        with contextlib.suppress(OSError):
-            for line in path.read_text().splitlines():
-                words = line.split()
-                if words[:1] not in (["URIs:"], ["deb"]):
-                    continue
-                for word in words[1:]:
-                    if "://" in word and word.rstrip("/").endswith("/debian"):
-                        return word
-    return DEFAULT_MIRROR
+    """The Debian archive the machine's apt uses (`agent.devcluster.debian.mirror`, shared with
+    the container image's base)."""
+    return debian.mirror()
 
 
 def rootfs(cache: Path, t: Tools) -> tuple[Path, float]:
