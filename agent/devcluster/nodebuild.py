@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from agent import errors
-from agent.devcluster import building
+from agent.devcluster import building, debian
 
 #: The containerd release built (>= 1.7 is needed for CDI; 2.x enables it by default).
 CONTAINERD_VERSION: Final = "v2.4.2"
@@ -248,49 +248,21 @@ def _build_containerd(root: Path, version: str, progress: building.Progress) -> 
 
 
 def ensure_deb(cache_dir: Path, package: str, *, progress: building.Progress) -> Path:
-    """The root of Debian `package` unpacked (`dpkg -x`) into `<cache>/debian/<package>`; the
-    archive's candidate version is what is fetched. Raises DevClusterError when apt-get cannot
-    download it (after one `apt-get update`)."""
+    """The root of Debian `package` unpacked into `<cache>/debian/<package>` (`debian.unpack`:
+    `apt-get download` + `dpkg -x`, nothing installed); the archive's candidate version. Raises
+    DevClusterError when apt-get cannot download it or the package lacks a file we use."""
+    wanted = _DEBS[package]
     root = cache_dir / "debian" / package
-    wanted = _DEBS.get(package, ())
-    if root.is_dir() and all(os.access(root / f, os.X_OK) for f in wanted):
+    if all(os.access(root / f, os.X_OK) for f in wanted):
         return root
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise errors.DevClusterError(
-                f"{tool} is not on PATH: the real node takes {package} from Debian's archive"
-            )
     cache_dir.mkdir(parents=True, exist_ok=True)
     with building._locked(cache_dir / _LOCK, progress):
-        if root.is_dir() and all((root / f).exists() for f in wanted):
-            return root
         progress(f"fetching Debian's {package} (apt-get download; first run only)")
-        (cache_dir / "debian").mkdir(exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{package}-", dir=cache_dir / "debian"))
-        try:
-            deb = _apt_download(package, work)
-            unpacked = work / "root"
-            _run(["dpkg", "-x", str(deb), str(unpacked)], what=f"dpkg -x {deb.name}")
-            (unpacked / "SOURCE").write_text(deb.name + "\n")
-            shutil.rmtree(root, ignore_errors=True)
-            unpacked.rename(root)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        root = debian.unpack(cache_dir, package, [package], wanted[0])
     missing = [f for f in wanted if not (root / f).exists()]
     if missing:
         raise errors.DevClusterError(f"Debian's {package} lacks {', '.join(missing)}")
     return root
-
-
-def _apt_download(package: str, work: Path) -> Path:
-    """`apt-get download package` in `work` (apt-get update once when the lists are stale)."""
-    try:
-        _run(["apt-get", "download", "-q", package], what=f"apt-get download {package}", cwd=work)
-    except errors.DevClusterError:
-        _run(["apt-get", "update", "-q"], what="apt-get update")
-        _run(["apt-get", "download", "-q", package], what=f"apt-get download {package}", cwd=work)
-    (deb,) = work.glob(f"{package}_*.deb")
-    return deb
 
 
 def _run(args: list[str], *, what: str, cwd: Path | None = None) -> str:

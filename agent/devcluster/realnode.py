@@ -5,8 +5,8 @@ pods of DaemonSets and Deployments and deallocates a ResourceClaim when its pod 
 Everything lives in one state directory (containerd's root and state, the kubelet's root dir,
 certificates, configs, CNI config and IPAM data, one log file per process) under /tmp with a
 short name, since the unix sockets a kubelet plugin serves under `<kubelet root>/plugins/...`
-must fit in 107 bytes. The node's IP is on a dummy interface of its own (the kubelet refuses a
-loopback node IP); the kubelet and containerd's streaming server listen there or on loopback
+must fit in 107 bytes. The node's IP is on an interface of its own, a dummy one or, on kernels without that driver,
+a bridge with no ports (the kubelet refuses a loopback node IP); the kubelet and containerd's streaming server listen there or on loopback
 only. Pods get addresses from a bridge of their own (Debian's CNI `bridge` + `host-local`), no
 masquerading.
 
@@ -224,8 +224,8 @@ class RealNode:
     # --- network ---------------------------------------------------------------------------------
 
     def _network(self) -> None:
-        """A dummy interface with the node's /32, unique among this machine's addresses; a pod
-        subnet beside it."""
+        """An interface of its own (dummy, else a port-less bridge) with the node's /32, unique
+        among this machine's addresses; a pod subnet beside it."""
         taken = subprocess.run(
             ["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True
         ).stdout
@@ -238,7 +238,12 @@ class RealNode:
             raise errors.DevClusterError("found no free 10.213.x.1 for the node's address")
         self.node_ip, self.pod_subnet = ip, subnet
         link = f"rn{n}-{os.getpid() % 100000}"[:15]
-        self._ip("link", "add", link, "type", "dummy")
+        try:
+            self._ip("link", "add", link, "type", "dummy")
+        except errors.DevClusterError:
+            # Kernels without the dummy driver (this machine kind's): a bridge with no ports
+            # holds a local address just as well.
+            self._ip("link", "add", link, "type", "bridge")
         self._links.append(link)
         self._ip("addr", "add", f"{ip}/32", "dev", link)
         self._ip("link", "set", link, "up")
