@@ -20,8 +20,9 @@ of it apt and mmdebstrap; a rebuild after a code change about 1 minute):
    the build and run-time requirements (with the `demo` extra, for `fabric-emulator`) downloaded
    by the host's pip (its index, proxy and certificates) as cp311 manylinux wheels, with a
    `requirements.txt`. The build installs from it with the network off.
-4. **Image** `localhost/cohdi-agent:<version>`, `buildah build --layers` (the dependencies' layer
-   is reused across code changes), pushed to `<cache>/image/cohdi-agent-<version>-<key>.oci.tar`.
+4. **Image** `localhost/cohdi-agent:<version>`, `buildah build --network=none` (no step reaches
+   the network), pushed to `<cache>/image/cohdi-agent-<version>-<key>.oci.tar`; older archives
+   and images are removed (the storage keeps the two bases and the newest image).
    The index names the image both ways containerd reads it (`org.opencontainers.image.ref.name`
    and `io.containerd.image.name`), so `ctr -n k8s.io images import <archive>` needs no flags.
 
@@ -177,11 +178,12 @@ def _build(
     _assemble_context(root, context)
     _download_wheelhouse(*requirements(root), context / "wheelhouse")
     progress(f"image: building {reference} (source key {key})")
+    tool.run("rm", "--all", what="buildah rm --all")  # working containers a failed build left
     args = {**bases, "VERSION": __version__, "REVISION": _revision(root), "SOURCE_KEY": key}
     tool.run(
         "build",
-        "--layers",
         "--pull=never",
+        "--network=none",
         "-f",
         str(context / _CONTAINERFILE),
         *(a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")),
@@ -202,6 +204,8 @@ def _build(
     for old in image_dir(cache_dir).glob("cohdi-agent-*.oci.tar"):
         if old != want:
             old.unlink(missing_ok=True)
+    # the previous build's image, untagged by this one (the archive is what is kept)
+    tool.run("rmi", "--prune", what="buildah rmi --prune")
     shutil.rmtree(context, ignore_errors=True)
     progress(f"image: {want} in {time.monotonic() - started:.0f} s")
 
