@@ -87,3 +87,27 @@ async def test_node_role_as_pid1_stops_on_sigterm_with_status_0(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+@pytest.mark.controlplane
+async def test_demo_as_pid1_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """The demo as PID 1 (its own local control plane, emulator and node processes under it):
+    SIGTERM mid-run takes its own stop path — every process it started stopped, exit 143."""
+    state = Path(tempfile.mkdtemp(prefix="p1-", dir="/tmp"))  # plugin socket paths < 108 bytes
+    argv = agent(
+        "demo",
+        "--pods=2",
+        "--duration=30",
+        "--nodes=1",
+        "--gpus=2",
+        f"--dev-state-dir={state / 'dev-cluster'}",
+    )
+    try:
+        with Init(argv, tmp_path / "demo.log") as init:
+            await until(
+                lambda: _async("submitting" in init.output()), what="the workload", timeout=240
+            )
+            assert init.terminate(timeout=120) == 143, init.output()[-3000:]
+        assert "SIGTERM: stopping every process" in init.output()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
