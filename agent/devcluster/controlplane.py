@@ -250,6 +250,11 @@ class ControlPlane:
                 f"--etcd-servers={self.etcd_url}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # The `kubernetes` Service's endpoints may not be a loopback address (Endpoints
+                # validation), so the default lease reconciler could never write them, and
+                # 1.37 refuses to start with it on one: no reconciler. Nothing here reaches the
+                # API server through that Service.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={self.apiserver_port}",
                 f"--cert-dir={self.state_dir / 'apiserver-certs'}",
                 f"--tls-cert-file={pki.serving.cert}",
@@ -265,6 +270,11 @@ class ControlPlane:
                 # No controller-manager runs, so nothing would mint service-account tokens.
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
+                # A real node's kubelet (agent.devcluster.realnode: pod logs, exec) is reached at
+                # its InternalIP and authenticates us by the admin's client certificate.
+                f"--kubelet-client-certificate={pki.admin.cert}",
+                f"--kubelet-client-key={pki.admin.key}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 # The aggregation-layer CA: without it every delegating component (the scheduler)
                 # logs "missing content for CA bundle" forever.
                 f"--requestheader-client-ca-file={pki.ca.cert}",
