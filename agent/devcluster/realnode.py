@@ -5,10 +5,10 @@ pods of DaemonSets and Deployments and deallocates a ResourceClaim when its pod 
 Everything lives in one state directory (containerd's root and state, the kubelet's root dir,
 certificates, configs, CNI config and IPAM data, one log file per process) under /tmp with a
 short name, since the unix sockets a kubelet plugin serves under `<kubelet root>/plugins/...`
-must fit in 107 bytes. The node's IP is on an interface of its own, a dummy one or, on kernels without that driver,
-a bridge with no ports (the kubelet refuses a loopback node IP); the kubelet and containerd's streaming server listen there or on loopback
-only. Pods get addresses from a bridge of their own (Debian's CNI `bridge` + `host-local`), no
-masquerading.
+must fit in 107 bytes. The node's IP is on an interface of its own, a dummy one or, on kernels
+without that driver, a bridge with no ports (the kubelet refuses a loopback node IP); the kubelet
+and containerd's streaming server listen there or on loopback only. Pods get addresses from a
+bridge of their own (Debian's CNI `bridge` + `host-local`), no masquerading.
 
 Settings this machine kind needs (hybrid cgroup v1, no CAP_SYS_RESOURCE, PID 1 not systemd):
 kubelet `failCgroupV1: false`, `cgroupDriver: cgroupfs`, `oomScoreAdj: 0`, `failSwapOn: false`,
@@ -17,8 +17,10 @@ loose eviction thresholds; containerd `restrict_oom_score_adj`, runc with `Syste
 `stop()` asks the kubelet to stop the node's pods (deleting them in the API), stops the kubelet
 and kube-controller-manager, kills and removes what containerd still runs, stops containerd and
 any shim of ours still alive (by pid, matched on our binary and our containerd socket), unmounts
-what is mounted under the state directory, deletes the interfaces and the Node object, and
-removes the state directory. Safe to call twice.
+what is mounted under the state directory, removes the kubelet's `kubepods` cgroups, deletes the
+interfaces and the Node object, and removes the state directory. Safe to call twice. One real node
+a machine: the kubelet's cgroups (`kubepods`) and containerd's shim sockets (/run/containerd/s,
+named by a hash of our socket) are machine-wide.
 
 Synchronous on purpose, like `controlplane`: callers on an event loop run it in a thread.
 """
@@ -88,6 +90,9 @@ class RealNode:
     #: More labels for the Node (the kubelet's `--node-labels`).
     labels: dict[str, str] = field(default_factory=dict)
     die_with_parent: bool = True
+    #: Where `stop()` copies the processes' logs before it removes the state directory (None:
+    #: they go with it).
+    keep_logs: Path | None = None
     progress: Callable[[str], None] = lambda _msg: None
 
     state_dir: Path = field(default=Path(), init=False)
@@ -174,6 +179,7 @@ class RealNode:
             self.procs.pop("containerd").stop()
         self._kill_shims()
         self._unmount_all()
+        _remove_cgroups("kubepods")
         for link in reversed(self._links):
             subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
         self._links.clear()
@@ -182,6 +188,10 @@ class RealNode:
         if self._spawner is not None:
             self._spawner.shutdown()
             self._spawner = None
+        if self.keep_logs is not None:
+            self.keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in self.state_dir.glob("*.log"):
+                shutil.copy(log, self.keep_logs / log.name)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.state_dir = Path()
 
@@ -220,6 +230,13 @@ class RealNode:
                 f"ctr {' '.join(args)} failed (exit {done.returncode}): {done.stderr.strip()}"
             )
         return done.stdout
+
+    def pod_log(self, namespace: str, pod: str, container: str = "") -> str:
+        """A container's log as the API server serves it (`kubectl logs`): the API server asks
+        this node's kubelet at its InternalIP. Raises DevClusterError with the HTTP status."""
+        query = f"?container={urllib.parse.quote(container)}" if container else ""
+        raw = self._request("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}/log{query}")
+        return raw.decode(errors="replace")
 
     # --- network ---------------------------------------------------------------------------------
 
@@ -497,6 +514,9 @@ state = {_toml(root / "state")}
                 f"--node-ip={self.node_ip}",
                 *([f"--node-labels={labels}"] if labels else []),
                 "--v=2",
+                # the DRA plugin calls (NodePrepareResources/NodeUnprepareResources with their
+                # claims) and registrations, which --v=2 does not log
+                "--vmodule=dra_plugin=4,dra_plugin_manager=4",
             ],
         )
 
@@ -588,7 +608,18 @@ state = {_toml(root / "state")}
     def _api(
         self, method: str, path: str, body: object = None, *, missing_ok: bool = False
     ) -> dict[str, Any]:
-        """One admin request to the API server; {} for a 404 when `missing_ok`."""
+        """One admin request to the API server, JSON in and out; {} for a 404 when
+        `missing_ok`."""
+        try:
+            raw = self._request(method, path, body)
+        except _NotFound:
+            if missing_ok:
+                return {}
+            raise errors.DevClusterError(f"{method} {path}: HTTP 404") from None
+        doc: dict[str, Any] = json.loads(raw or b"{}")
+        return doc
+
+    def _request(self, method: str, path: str, body: object = None) -> bytes:
         pki = self.control_plane.pki_dir
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
@@ -603,12 +634,13 @@ state = {_toml(root / "state")}
         )
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:  # noqa: S310
-                doc: dict[str, Any] = json.loads(resp.read() or b"{}")
-                return doc
+                answer: bytes = resp.read()
+                return answer
         except urllib.error.HTTPError as exc:
-            if exc.code == 404 and missing_ok:
-                return {}
-            raise errors.DevClusterError(f"{method} {path}: HTTP {exc.code}") from exc
+            if exc.code == 404:
+                raise _NotFound from exc
+            detail = exc.read()[:500].decode(errors="replace")
+            raise errors.DevClusterError(f"{method} {path}: HTTP {exc.code} {detail}") from exc
 
     # --- processes -------------------------------------------------------------------------------
 
@@ -620,6 +652,19 @@ state = {_toml(root / "state")}
             self._spawner = ThreadPoolExecutor(1, thread_name_prefix="realnode-spawner")
         self._spawner.submit(proc.start, die_with_parent=self.die_with_parent).result()
         self.procs[name] = proc
+
+
+def _remove_cgroups(name: str) -> None:
+    """Remove the kubelet's cgroup tree `name` from every hierarchy (v1 controllers and the
+    unified one), leaves first; a cgroup that still has processes stays (rmdir refuses)."""
+    for tree in Path("/sys/fs/cgroup").glob(f"*/{name}"):
+        for dirpath, _dirs, _files in sorted(os.walk(tree), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+
+
+class _NotFound(Exception):
+    pass
 
 
 def _toml(value: object) -> str:

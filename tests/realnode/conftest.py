@@ -19,14 +19,20 @@ NODE_NAME = "realnode-0"
 
 
 @pytest.fixture(scope="session")
-def real_node(control_plane: ControlPlane) -> Iterator[RealNode]:
+def real_node(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RealNode]:
     if os.geteuid() != 0:
         pytest.skip("a real kubelet + containerd node needs root (mounts, cgroups, interfaces)")
     binaries = nodebuild.ensure_built(
         settings.Settings().cache_dir, kube_version=KUBERNETES_VERSION, progress=local.progress
     )
     node = RealNode(
-        binaries=binaries, control_plane=control_plane, name=NODE_NAME, progress=local.progress
+        binaries=binaries,
+        control_plane=control_plane,
+        name=NODE_NAME,
+        keep_logs=tmp_path_factory.mktemp("realnode-logs"),
+        progress=local.progress,
     )
     node.start()
     try:

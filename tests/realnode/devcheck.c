@@ -6,11 +6,13 @@
  * major 195) but must not fail with EPERM, which is what the device cgroup answers for a node the
  * runtime did not allow. Exit 0 when at least one /dev/nvidia<N> and /dev/nvidiactl are
  * character devices and none was refused; 1 otherwise. The report also goes to
- * /dev/termination-log, so it is in the pod's status.
+ * /dev/termination-log, so it is in the pod's status. With the argument `--wait` it then waits
+ * for SIGTERM (the pod's deletion) and exits with the same status.
  */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,7 +32,11 @@ static void say(const char *fmt, ...) {
     if (n > 0 && (size_t)n < sizeof report - used) used += (size_t)n;
 }
 
-int main(void) {
+static volatile sig_atomic_t stopping;
+
+static void on_term(int sig) { (void)sig; stopping = 1; }
+
+int main(int argc, char **argv) {
     int gpus = 0, ctl = 0, refused = 0;
     DIR *dev = opendir("/dev");
     if (dev == NULL) { perror("/dev"); return 1; }
@@ -62,5 +68,10 @@ int main(void) {
     fwrite(report, 1, used, stdout);
     FILE *term = fopen("/dev/termination-log", "w");
     if (term != NULL) { fwrite(report, 1, used, term); fclose(term); }
+    fflush(stdout);
+    if (argc > 1 && strcmp(argv[1], "--wait") == 0) {
+        signal(SIGTERM, on_term);
+        while (!stopping) pause();
+    }
     return ok ? 0 : 1;
 }

@@ -281,9 +281,41 @@ def kubelet_lines(node: RealNode, since: int = 0) -> list[str]:
     return node.kubelet_log.read_text(errors="replace").splitlines()[since:]
 
 
-async def test_real_kubelet_prepares_and_containerd_injects_the_cdi_device(bed: Bed) -> None:
-    node, kube, name = bed.node, bed.kube, f"gpu-{bed.suffix}"
-    log_start = len(kubelet_lines(node))
+def kubelet_calls(node: RealNode, since: int, claim_uid: str) -> list[str]:
+    """The kubelet's log lines of DRA plugin calls for the claim (its --vmodule for them)."""
+    return [
+        line
+        for line in kubelet_lines(node, since)
+        if "calling node" in line.lower() and claim_uid in line
+    ]
+
+
+async def registered(bed: Bed, since: int) -> None:
+    """Until the kubelet's plugin watcher has registered the node role's DRA plugin (its log)
+    and the node role heard so (its registration status callback)."""
+
+    async def probe() -> list[str]:
+        reg = [
+            line
+            for line in kubelet_lines(bed.node, since)
+            if '"Registered DRA plugin"' in line and f'driverName="{bed.driver}"' in line
+        ]
+        heard = any("kubelet registered" in json.dumps(d) for d in log_lines(bed.logs["node"]))
+        return reg if heard else []
+
+    reg = await until(probe, what="the kubelet registering the DRA plugin", timeout=60)
+    print("kubelet:", reg[-1][:160], "...")
+
+
+def log_lines(log: Path) -> list[dict[str, Any]]:
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            found.append(json.loads(line))
+    return found
+
+
+async def import_devcheck(node: RealNode) -> None:
     archive = await asyncio.to_thread(
         nodebuild.static_image,
         settings.Settings().cache_dir,
@@ -293,37 +325,29 @@ async def test_real_kubelet_prepares_and_containerd_injects_the_cdi_device(bed: 
     )
     await asyncio.to_thread(node.import_image, archive)
 
-    # the kubelet's plugin watcher finds the node role's registration socket and registers it
-    async def registered() -> list[str]:
-        return [
-            line
-            for line in kubelet_lines(node, log_start)
-            if bed.driver in line and "Register" in line
-        ]
 
-    reg = await until(registered, what="the kubelet registering the DRA plugin", timeout=60)
-    print("kubelet:", reg[-1][:300])
-
-    t0 = time.monotonic()
-    await kube.create(CLAIMS, objects.gpu_claim(name, bed.driver, A100))
-    await kube.create(
+async def submit(bed: Bed, name: str, args: list[str]) -> None:
+    """A ResourceClaim for one GPU and a pod on the real node running devcheck with `args`."""
+    await bed.kube.create(CLAIMS, objects.gpu_claim(name, bed.driver, A100))
+    await bed.kube.create(
         PODS,
         {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": name},
             "spec": {
-                "nodeSelector": {"kubernetes.io/hostname": node.name},
+                "nodeSelector": {"kubernetes.io/hostname": bed.node.name},
                 "restartPolicy": "Never",
                 "dnsPolicy": "Default",
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
-                "terminationGracePeriodSeconds": 1,
+                "terminationGracePeriodSeconds": 5,
                 "containers": [
                     {
                         "name": "check",
                         "image": IMAGE,
                         "imagePullPolicy": "Never",
+                        "args": args,
                         "resources": {"claims": [{"name": "gpu"}]},
                     }
                 ],
@@ -332,15 +356,117 @@ async def test_real_kubelet_prepares_and_containerd_injects_the_cdi_device(bed: 
         },
     )
 
-    bound_at: list[float] = []
 
-    async def finished() -> dict[str, Any] | None:
-        pod = await kube.get(f"{PODS}/{name}")
-        if pod["spec"].get("nodeName") and not bound_at:
-            bound_at.append(time.monotonic() - t0)
-        return pod if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+@dataclass
+class Seen:
+    """What a test saw of its pod and claim while waiting: the claim as last seen allocated, and
+    seconds from submission to the pod's binding."""
 
-    pod = await until(finished, what="the pod to run and finish", timeout=180, interval=0.5)
+    claim: dict[str, Any] = field(default_factory=dict)
+    bound_s: float = float("nan")
+
+
+async def wait_pod(
+    bed: Bed, name: str, seen: Seen, started: float, phases: tuple[str, ...]
+) -> dict[str, Any]:
+    """Until the pod's phase is one of `phases`, noting the allocated claim on the way."""
+
+    async def probe() -> dict[str, Any] | None:
+        claim = await bed.kube.get(f"{CLAIMS}/{name}")
+        if (claim.get("status") or {}).get("allocation"):
+            seen.claim = claim
+        pod = await bed.kube.get(f"{PODS}/{name}")
+        if pod["spec"].get("nodeName") and seen.bound_s != seen.bound_s:
+            seen.bound_s = time.monotonic() - started
+        return pod if pod.get("status", {}).get("phase") in phases else None
+
+    pod: dict[str, Any] = await until(
+        probe, what=f"pod {name} in {phases}", timeout=180, interval=0.3
+    )
+    return pod
+
+
+def check_allocation(bed: Bed, seen: Seen) -> Device:
+    """The claim went through the binding conditions (its allocation carried FabricDeviceReady,
+    which the agent set True); returns the emulator's GPU it got."""
+    (result,) = seen.claim["status"]["allocation"]["devices"]["results"]
+    assert result["bindingConditions"] == ["FabricDeviceReady"]
+    (dev_status,) = seen.claim["status"]["devices"]
+    assert any(
+        c["type"] == "FabricDeviceReady" and c["status"] == "True" for c in dev_status["conditions"]
+    )
+    (gpu,) = [d for d in bed.emulator.state.devices.values() if d.state == DeviceState.ATTACHED]
+    return gpu
+
+
+def check_report(report: str, gpu: Device) -> None:
+    """devcheck saw the claim's GPU as the character device CDI injected, and the spec's env."""
+    minor = gpu_minor(gpu.pci_address)
+    assert f"/dev/nvidia{minor} char {NVIDIA_MAJOR}:{minor} open=" in report, report
+    for ctl, ctl_minor in CONTROL_NODES.items():
+        assert f"/dev/{ctl} char {NVIDIA_MAJOR}:{ctl_minor} open=" in report, report
+    assert "open=EPERM" not in report
+    assert f"COHDI_GPU_BDF={gpu.pci_address}" in report
+    assert "result=ok" in report
+
+
+async def unprepared(bed: Bed, uid: str, name: str) -> None:
+    """Until the node role logged the claim unprepared and its CDI spec is gone."""
+
+    async def probe() -> bool:
+        gone = [d for d in decisions(bed.logs["node"], "unprepared") if d["claim"].endswith(name)]
+        return bool(gone) and not list(bed.node.cdi.glob(f"*{uid}*"))
+
+    await until(probe, what="the kubelet unpreparing the claim", timeout=60)
+
+
+async def back_in_pool(bed: Bed, name: str) -> None:
+    """kube-controller-manager deallocates the claim (its pod is done or gone); then the claim
+    is deleted, and after the idle grace the GPU is detached and offered free again."""
+
+    async def deallocated() -> bool:
+        c = await bed.kube.get(f"{CLAIMS}/{name}")
+        return not (c.get("status") or {}).get("allocation")
+
+    await until(deallocated, what="the claim deallocated", timeout=60)
+    await bed.kube.delete(f"{CLAIMS}/{name}")
+
+    async def offered_free() -> bool:
+        if any(d.state != DeviceState.FREE for d in bed.emulator.state.devices.values()):
+            return False
+        offered = [
+            d
+            for s in (await bed.kube.get(SLICES))["items"]
+            if s["spec"]["driver"] == bed.driver and s["spec"]["pool"]["name"] == bed.fabric
+            for d in s["spec"].get("devices") or []
+        ]
+        return len(offered) == 2
+
+    await until(offered_free, what="the GPU detached and offered free again", timeout=90)
+
+
+def no_dra_errors(bed: Bed, since: int) -> None:
+    errors_ = [
+        line
+        for line in kubelet_lines(bed.node, since)
+        if line.startswith("E")
+        and re.search(r"(?i)dra|plugin|resourceclaim|" + re.escape(bed.driver), line)
+    ]
+    assert errors_ == [], "\n".join(errors_[:20])
+
+
+async def test_real_kubelet_prepares_and_containerd_injects_the_cdi_device(bed: Bed) -> None:
+    """The pod's container sees the GPU's device node and exits 0; the kubelet unprepares the
+    claim when the pod is done; deleted, the pod's GPU goes back to the pool."""
+    node, kube, name = bed.node, bed.kube, f"gpu-{bed.suffix}"
+    since = len(kubelet_lines(node))
+    await import_devcheck(node)
+    await registered(bed, since)
+
+    t0 = time.monotonic()
+    seen = Seen()
+    await submit(bed, name, [])
+    pod = await wait_pod(bed, name, seen, t0, ("Succeeded", "Failed"))
     done_s = time.monotonic() - t0
     (status,) = pod["status"]["containerStatuses"]
     term = status["state"]["terminated"]
@@ -349,80 +475,69 @@ async def test_real_kubelet_prepares_and_containerd_injects_the_cdi_device(bed: 
     assert pod["spec"]["nodeName"] == node.name
     assert term["exitCode"] == 0, report
     assert pod["status"]["phase"] == "Succeeded"
-
-    # scheduled through the binding conditions: the allocation carried FabricDeviceReady and the
-    # agent set it on the claim
-    claim = await kube.get(f"{CLAIMS}/{name}")
-    (result,) = claim["status"]["allocation"]["devices"]["results"]
-    assert result["bindingConditions"] == ["FabricDeviceReady"]
-    (dev_status,) = claim["status"]["devices"]
+    gpu = check_allocation(bed, seen)
+    check_report(report, gpu)
+    dev_node = Path("/dev") / f"nvidia{gpu_minor(gpu.pci_address)}"
+    uid = seen.claim["metadata"]["uid"]
+    # the real kubelet called NodePrepareResources for this claim, and the plugin answered
+    calls = kubelet_calls(node, since, uid)
+    print("kubelet:\n" + "\n".join(line[:200] + " ..." for line in calls))
+    assert any("Calling NodePrepareResources rpc" in line for line in calls)
     assert any(
-        c["type"] == "FabricDeviceReady" and c["status"] == "True" for c in dev_status["conditions"]
-    )
-    # the device the container saw is the claim's GPU
-    (attached,) = [
-        d for d in bed.emulator.state.devices.values() if d.state == DeviceState.ATTACHED
-    ]
-    minor = gpu_minor(attached.pci_address)
-    assert f"/dev/nvidia{minor} char {NVIDIA_MAJOR}:{minor} open=" in report
-    assert "open=EPERM" not in report
-    assert f"COHDI_GPU_BDF={attached.pci_address}" in report
-    assert "result=ok" in report
-    # ... injected by containerd from the CDI spec the node role wrote for the claim
-    uid = claim["metadata"]["uid"]
-    prepared = [
-        d for d in decisions(bed.logs["node"], "prepared") if d.get("claim", "").endswith(name)
-    ]
-    assert prepared, "the node role logged no prepared decision"
-    logged = [line for line in kubelet_lines(node, log_start) if uid in line]
-    print(f"kubelet lines naming the claim: {len(logged)}; e.g. {logged[:1]}")
-    container_log = list(node.pod_logs.glob(f"{NS}_{name}_*/check/0.log"))
-    assert container_log, f"no container log under {node.pod_logs}"
-    assert "result=ok" in container_log[0].read_text()
+        "Done calling NodePrepareResources rpc" in line
+        and f'cdi_device_ids:\\"{bed.driver}/gpu={uid}-' in line
+        and "err=null" in line
+        for line in calls
+    ), calls
+    # the node role's plugin answered the kubelet's NodePrepareResources for this claim
+    assert [d for d in decisions(bed.logs["node"], "prepared") if d["claim"].endswith(name)]
+    # `kubectl logs`: the API server reaches the kubelet at the node's address
+    api_log = await asyncio.to_thread(node.pod_log, NS, name, "check")
+    assert "result=ok" in api_log
+    await unprepared(bed, uid, name)  # the pod is done: the kubelet unprepares at once
+    assert any("NodeUnprepareResources" in line for line in kubelet_calls(node, since, uid))
 
     t1 = time.monotonic()
     await kube.request("DELETE", f"{PODS}/{name}", body={"gracePeriodSeconds": 0})
-
-    async def unprepared() -> bool:
-        gone = [d for d in decisions(bed.logs["node"], "unprepared") if uid in json.dumps(d)]
-        files = [p for p in node.cdi.glob(f"*{uid}*")]
-        return bool(gone) and not files
-
-    await until(unprepared, what="the kubelet unpreparing the claim", timeout=60)
-    unprepared_s = time.monotonic() - t1
-
-    async def deallocated() -> bool:
-        c = await kube.get(f"{CLAIMS}/{name}")
-        return not (c.get("status") or {}).get("allocation")
-
-    # kube-controller-manager's resourceclaim controller: pod gone -> reservedFor and allocation
-    await until(deallocated, what="the claim deallocated", timeout=60)
-    await kube.delete(f"{CLAIMS}/{name}")
-
-    async def back_in_pool() -> bool:
-        if any(d.state != DeviceState.FREE for d in bed.emulator.state.devices.values()):
-            return False
-        slices = (await kube.get(SLICES))["items"]
-        offered = [
-            d
-            for s in slices
-            if s["spec"]["driver"] == bed.driver and s["spec"]["pool"]["name"] == bed.fabric
-            for d in s["spec"].get("devices") or []
-        ]
-        return len(offered) == 2
-
-    await until(back_in_pool, what="the GPU detached and offered free again", timeout=90)
+    await back_in_pool(bed, name)
     back_s = time.monotonic() - t1
-    assert not (Path("/dev") / f"nvidia{minor}").exists()
-
-    errors_ = [
-        line
-        for line in kubelet_lines(node, log_start)
-        if line.startswith("E") and re.search(r"dra|DRA|plugin|" + re.escape(bed.driver), line)
-    ]
-    assert errors_ == [], "\n".join(errors_[:20])
+    assert not dev_node.exists()  # the stand-in went with the GPU
+    no_dra_errors(bed, since)
     print(
-        f"real node: pod bound {bound_at[0] if bound_at else float('nan'):.1f} s after submit, "
-        f"finished (exit 0, CDI device seen) {done_s:.1f} s; unprepared {unprepared_s:.1f} s "
-        f"after delete; GPU free and offered again {back_s:.1f} s after delete"
+        f"real node: pod bound {seen.bound_s:.1f} s after submission, container done (exit 0, "
+        f"CDI device seen) at {done_s:.1f} s; GPU detached and offered free {back_s:.1f} s "
+        "after the pod's deletion"
     )
+
+
+async def test_deleting_a_running_pod_unprepares_its_claim(bed: Bed) -> None:
+    """A pod that runs until deleted: its claim stays prepared (CDI spec on the node) while it
+    runs; deleting it makes the kubelet stop the container and unprepare the claim."""
+    node, kube, name = bed.node, bed.kube, f"gpu-{bed.suffix}"
+    since = len(kubelet_lines(node))
+    await import_devcheck(node)
+    await registered(bed, since)
+    seen = Seen()
+    await submit(bed, name, ["--wait"])
+    await wait_pod(bed, name, seen, time.monotonic(), ("Running",))
+    gpu = check_allocation(bed, seen)
+    uid = seen.claim["metadata"]["uid"]
+
+    async def reported() -> str:
+        return await asyncio.to_thread(node.pod_log, NS, name, "check")
+
+    report = await until(reported, what="devcheck's report", timeout=30)
+    check_report(report, gpu)
+    assert list(node.cdi.glob(f"*{uid}*")), "the claim's CDI spec is gone while its pod runs"
+    assert not [d for d in decisions(bed.logs["node"], "unprepared") if d["claim"].endswith(name)]
+
+    assert not [c for c in kubelet_calls(node, since, uid) if "NodeUnprepareResources" in c]
+
+    t1 = time.monotonic()
+    await kube.delete(f"{PODS}/{name}")  # graceful: SIGTERM, devcheck exits
+    await unprepared(bed, uid, name)
+    assert any("NodeUnprepareResources" in line for line in kubelet_calls(node, since, uid))
+    unprepared_s = time.monotonic() - t1
+    await back_in_pool(bed, name)
+    no_dra_errors(bed, since)
+    print(f"real node: running pod deleted -> claim unprepared in {unprepared_s:.1f} s")
