@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="build, start or stop the local control plane by hand",
         usage=" {build,up,down,env,status,image}",
         description="""\
-            build  build etcd, kube-apiserver, kube-scheduler and helm into the cache (once)
+            build  build etcd, kube-apiserver, kube-scheduler and helm into the cache (once);
+                   as root on Linux also the test bed's real node: kubelet,
+                   kube-controller-manager, containerd, runc, CNI plugins, pause image
             up     start a cluster in the background; prints how to use it
             down   stop the cluster `up` started (by pid)
             env    print `export KUBECONFIG=...` for the running cluster
