@@ -10,22 +10,29 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import KUBERNETES_VERSION, settings
+from agent import settings
 from agent.devcluster import local, nodebuild
 from agent.devcluster.controlplane import ControlPlane
 from agent.devcluster.realnode import RealNode
+from tests.conftest import kube_version
 
 NODE_NAME = "realnode-0"
 
 
 @pytest.fixture(scope="session")
 def real_node(
-    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+    control_plane: ControlPlane,
+    tmp_path_factory: pytest.TempPathFactory,
+    pytestconfig: pytest.Config,
 ) -> Iterator[RealNode]:
+    """The node, its kubelet and kube-controller-manager of the session's Kubernetes release
+    (`--kube-version`), like the control plane."""
     if os.geteuid() != 0:
         pytest.skip("a real kubelet + containerd node needs root (mounts, cgroups, interfaces)")
     binaries = nodebuild.ensure_built(
-        settings.Settings().cache_dir, kube_version=KUBERNETES_VERSION, progress=local.progress
+        settings.Settings().cache_dir,
+        kube_version=kube_version(pytestconfig),
+        progress=local.progress,
     )
     node = RealNode(
         binaries=binaries,

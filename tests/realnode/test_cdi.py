@@ -47,7 +47,7 @@ from agent.model.fabric import DeviceState
 from agent.simulated import stubnvml
 from tests.waiting import until
 
-pytestmark = pytest.mark.controlplane
+pytestmark = [pytest.mark.controlplane, pytest.mark.all_kube_versions]
 
 A100 = "NVIDIA-A100-PCIE-40GB"
 NS = "default"
