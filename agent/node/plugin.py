@@ -13,7 +13,8 @@ until an operator moves the file away. Checkpoint and CDI file work runs on work
 Sockets appear whole and private, and a process removes only sockets it bound (`KubeletPlugin`).
 
 NodeWatchResources (kubelet 1.36 calls it on the DRA socket when ResourceHealthStatus is on, and
-logs an error every 5 s when it is Unimplemented): a stream of the health of every device
+logs an error every 5 s when it is Unimplemented; 1.37 only when the registration lists the
+service, `SUPPORTED`): a stream of the health of every device
 prepared on this node, each response the complete list, sent at once, again whenever a health
 fact or the set of prepared devices changes, and every `HEALTH_RESEND` seconds (kubelet turns a
 device it has not heard of for `HEALTH_TIMEOUT` seconds to Unknown). Healthy/Unhealthy come from
@@ -64,7 +65,11 @@ from agent.node.reporting import NodeReporter
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+#: The gRPC services the registration announces, "<proto package>.<service>": kubelet picks the
+#: first DRA service it knows; from 1.37 it opens the resource-health stream only to a plugin
+#: that lists a DRAResourceHealth service here (1.36 always tried it). kubelet 1.37-1.39 take
+#: v1alpha1, which 1.40 drops for v1 (the same messages under package v1).
+SUPPORTED = ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
 #: Kubelet turns a device's health to Unknown after this long without news of it (s); we say so
 #: on every device and repeat the full list every HEALTH_RESEND seconds.
 HEALTH_TIMEOUT = 30

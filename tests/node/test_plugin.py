@@ -405,7 +405,11 @@ async def test_sockets_are_private_and_announce_the_plugin(
             DRIVER,
             str(plugin.dra_socket),
         )
-        assert list(info.supported_versions) == ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+        assert list(info.supported_versions) == [
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1alpha1.DRAResourceHealth",
+        ]
 
         async with grpc.aio.insecure_channel(f"unix://{plugin.dra_socket}") as channel:
             answer = await v1_grpc.DRAPluginStub(channel).NodePrepareResources(
