@@ -88,6 +88,8 @@ def test_archive_is_an_oci_layout_named_for_containerd(built: image.Image) -> No
     assert labels["org.opencontainers.image.version"] == __version__
     assert labels["org.opencontainers.image.title"] == "cohdi-agent"
     assert labels["io.cohdi.source-key"] == built.key
+    assert labels["org.opencontainers.image.base.name"].startswith(image.BASE_IMAGE)
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
     size = sum(layer["size"] for layer in doc["layers"])
     print(f"layers: {len(doc['layers'])}, {size / 2**20:.0f} MiB compressed")
 
