@@ -35,8 +35,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -545,6 +545,8 @@ class PluginHealth:
                 await servicer.set(name, status)
 
 
+#: Where, beside its public name, a socket is bound before it is renamed there (`KubeletPlugin`).
+BIND_DIR = ".cohdi"
 #: A socket file's identity: (st_dev, st_ino).
 Identity = tuple[int, int]
 #: sun_path is 108 bytes with its NUL.
@@ -554,13 +556,16 @@ MAX_SOCKET_PATH = 107
 class KubeletPlugin:
     """The two gRPC servers on their unix sockets.
 
-    A socket is bound under a private name — `<dir>/.<random>/s`, in a directory only we can enter,
-    which kubelet's plugin watcher ignores as it starts with a dot — made 0600, then renamed onto
-    its public name, so it appears whole, already private, and atomically replaces the socket of an
-    earlier process. `stop()` removes a public name only while it is still the socket this process
-    bound (same st_dev/st_ino): a replacement that started before this process stopped keeps its
-    sockets. (gRPC itself unlinks a unix socket's bind path at shutdown; that path is the private
-    one, gone by then.)
+    A socket is bound under a private name — `<dir>/.cohdi/<random>/s`, in a directory only we
+    can enter, which kubelet's plugin watcher ignores as it starts with a dot — made 0600, then
+    renamed onto its public name, so it appears whole, already private, and atomically replaces
+    the socket of an earlier process. `<dir>/.cohdi` (`BIND_DIR`) is made once and never removed:
+    kubelet's watcher stats every new entry of plugins_registry before it looks at the name, and
+    logs an error for one already gone, as a short-lived private directory there would be.
+    `stop()` removes a public name only while it is still the socket this process bound (same
+    st_dev/st_ino): a replacement that started before this process stopped keeps its sockets.
+    (gRPC itself unlinks a unix socket's bind path at shutdown; that path is the private one,
+    gone by then.)
     """
 
     def __init__(
@@ -632,17 +637,17 @@ class KubeletPlugin:
         self.preparer.clean_stale()
 
     async def _serve(self, server: grpc.aio.Server, socket: Path) -> None:
-        private = await asyncio.to_thread(tempfile.mkdtemp, prefix=".", dir=socket.parent)
+        # checked before anything is made: the bind path as `_private_dir` will name it
+        for path in (socket, socket.parent / BIND_DIR / ("x" * _PRIVATE_NAME) / "s"):
+            if len(str(path).encode()) > MAX_SOCKET_PATH:
+                raise errors.ConfigError(
+                    "--node-kubelet-dir",
+                    str(path),
+                    f"gives a socket path over {MAX_SOCKET_PATH} bytes; use a shorter directory",
+                )
+        private = await asyncio.to_thread(_private_dir, socket.parent / BIND_DIR)
         try:
-            bind = Path(private) / "s"
-            for path in (socket, bind):
-                if len(str(path).encode()) > MAX_SOCKET_PATH:
-                    raise errors.ConfigError(
-                        "--node-kubelet-dir",
-                        str(path),
-                        f"gives a socket path over {MAX_SOCKET_PATH} bytes; "
-                        "use a shorter directory",
-                    )
+            bind = private / "s"
             server.add_insecure_port(f"unix://{bind}")
             await server.start()
             self._servers.append(server)
@@ -658,6 +663,23 @@ class KubeletPlugin:
         self._servers.clear()
         sockets, self._sockets = self._sockets, {}
         await asyncio.to_thread(_unlink_own, sockets)
+
+
+#: the length of a private directory's random name (hex digits)
+_PRIVATE_NAME = 8
+
+
+def _private_dir(base: Path) -> Path:
+    """A new directory only we can enter (0700), named by `_PRIVATE_NAME` random hex digits, in
+    `base` (made 0700 if missing, and kept)."""
+    base.mkdir(mode=0o700, exist_ok=True)
+    while True:
+        private = base / secrets.token_hex(_PRIVATE_NAME // 2)
+        try:
+            private.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return private
 
 
 def _publish(bind: Path, public: Path) -> Identity:

@@ -30,7 +30,7 @@ from agent._proto.pluginregistration.v1 import api_pb2 as reg
 from agent._proto.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from agent.node import cdi
 from agent.node.checkpoint import COMPLETED, STARTED, Checkpoint, PreparedClaim, boot_id
-from agent.node.plugin import KubeletPlugin, Preparer, _servicer
+from agent.node.plugin import BIND_DIR, KubeletPlugin, Preparer, _servicer
 from tests.node.simnode import CLAIMS, DRIVER, NS, POOL, SimNode, make_node
 
 NVIDIA_BDF, VFIO_BDF = "0000:41:00.0", "0000:42:00.0"
@@ -396,9 +396,11 @@ async def test_sockets_are_private_and_announce_the_plugin(
             st = socket.stat()
             assert stat.S_ISSOCK(st.st_mode)
             assert stat.S_IMODE(st.st_mode) == 0o600
-            # no private bind directory left beside it (kubelet's watcher ignores dot names,
-            # but nothing should pile up)
-            assert not [p for p in socket.parent.iterdir() if p.name.startswith(".")]
+            # no private bind directory left beside it but the one kept for all (kubelet's
+            # watcher ignores dot names, but nothing should pile up), and that one empty
+            dots = [p.name for p in socket.parent.iterdir() if p.name.startswith(".")]
+            assert dots == [BIND_DIR]
+            assert list((socket.parent / BIND_DIR).iterdir()) == []
         info = await get_info(plugin.reg_socket)
         assert (info.type, info.name, info.endpoint) == (
             "DRAPlugin",
