@@ -33,6 +33,26 @@ def namespace_pid(pid: int) -> int:
     raise AssertionError(f"no NSpid in /proc/{pid}/status")
 
 
+def children(pid: int) -> list[int]:
+    """The children of `pid`: /proc's children list where the kernel has one
+    (CONFIG_PROC_CHILDREN; CI's kernel lacks it), else every process whose parent (field 4 of
+    /proc/<pid>/stat) it is."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return []
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                    kids.append(int(entry.name))
+    return kids
+
+
 class Init:
     """`argv` as PID 1 of a new PID namespace; its output in `log`."""
 
@@ -52,11 +72,10 @@ class Init:
     def _child(self, timeout: float = 10) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
-                kids = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
-                for pid in kids.read_text().split():
-                    if namespace_pid(int(pid)) == 1:
-                        return int(pid)
+            for pid in children(self.unshare.pid):
+                with contextlib.suppress(OSError, AssertionError):
+                    if namespace_pid(pid) == 1:
+                        return pid
             if self.unshare.poll() is not None:
                 raise AssertionError(f"exited at once: {self.output()}")
             time.sleep(0.05)
