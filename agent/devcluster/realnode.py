@@ -78,7 +78,11 @@ CRI_NAMESPACE: Final = "k8s.io"
 
 @dataclass
 class RealNode:
-    """One node. `start()`, use `name`/`kubelet_root`/`cdi_dir`/`import_image`, `stop()`."""
+    """One node: `start()`, then use it, `stop()`. For a test or a chart on it: `name` (the Node;
+    its `kubernetes.io/hostname` label), `node_ip`, `kubelet_root` (the kubelet's `--root-dir`,
+    holding `plugins_registry/` and `plugins/`), `cdi` (the CDI spec directory containerd reads),
+    `kubelet_log` / `log(process)`, `pod_logs`, `import_image(archive)` (an image for pods with
+    `imagePullPolicy: Never`), `ctr(...)`, `pod_log(...)` (`kubectl logs`)."""
 
     binaries: NodeBinaries
     control_plane: ControlPlane
@@ -179,7 +183,8 @@ class RealNode:
             self.procs.pop("containerd").stop()
         self._kill_shims()
         self._unmount_all()
-        _remove_cgroups("kubepods")
+        if self.kubelet_port:  # a kubelet of ours ran: its cgroups are ours
+            _remove_cgroups("kubepods")
         for link in reversed(self._links):
             subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
         self._links.clear()
@@ -194,6 +199,7 @@ class RealNode:
                 shutil.copy(log, self.keep_logs / log.name)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.state_dir = Path()
+        self.kubelet_port = 0
 
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self.procs.items() if p.pid is not None}
@@ -210,21 +216,25 @@ class RealNode:
         )
 
     def ctr(self, *args: str, timeout: float = 60) -> str:
-        """`ctr --address <our containerd> -n k8s.io ARGS...`: stdout, or DevClusterError."""
-        done = subprocess.run(
-            [
-                str(self.binaries.ctr),
-                "--address",
-                str(self.containerd_socket),
-                "-n",
-                CRI_NAMESPACE,
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        """`ctr --address <our containerd> -n k8s.io ARGS...`: stdout, or DevClusterError (also
+        when it runs past `timeout` seconds)."""
+        try:
+            done = subprocess.run(
+                [
+                    str(self.binaries.ctr),
+                    "--address",
+                    str(self.containerd_socket),
+                    "-n",
+                    CRI_NAMESPACE,
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise errors.DevClusterError(f"ctr {' '.join(args)}: no answer in {timeout} s") from exc
         if done.returncode != 0:
             raise errors.DevClusterError(
                 f"ctr {' '.join(args)} failed (exit {done.returncode}): {done.stderr.strip()}"
@@ -368,7 +378,7 @@ state = {_toml(root / "state")}
             return False
         try:
             self.ctr("version", timeout=10)
-        except (errors.DevClusterError, subprocess.TimeoutExpired):
+        except errors.DevClusterError:
             return False
         return True
 
