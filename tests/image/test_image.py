@@ -18,6 +18,8 @@ built (or taken from the cache) once per session and unpacked once per module.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -190,3 +192,21 @@ def _is_pid1(box: oci.Container) -> bool:
 
     pid = box.init_pid()
     return pid != 0 and namespace_pid(pid) == 1
+
+
+def test_cli_prints_the_cached_archive_and_reference(built: image.Image) -> None:
+    """The same archive while the source is unchanged (another writer in the tree may have
+    changed it since: then a new archive beside it)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "dev-cluster", "image"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(":", 1) for line in done.stdout.splitlines() if ":" in line)
+    archive = Path(lines["archive"].strip())
+    assert archive.is_file()
+    assert archive.parent == built.archive.parent
+    assert lines["reference"].strip() == built.reference
