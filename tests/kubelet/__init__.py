@@ -38,23 +38,27 @@ def build() -> Path:
 
 MANAGER = Path(__file__).with_name("pluginmanager") / "main.go"
 KUBERNETES = "v1.36.3"
+#: the same program against kubelet 1.37's API (its calls and stream handler changed)
+MANAGER_1_37 = Path(__file__).with_name("pluginmanager137") / "main.go"
+KUBERNETES_1_37 = "v1.37.2"
 
 
-def build_manager() -> Path:
-    """Build tests/kubelet/pluginmanager/main.go (kubelet's own DRA plugin manager from
-    k8s.io/kubernetes) into the cache: a wrapper module requiring k8s.io/kubernetes with its
-    staging modules replaced by their published versions (as the control plane is built),
-    `go mod tidy`, `go build`. Raises RuntimeError with the end of Go's stderr on failure."""
+def build_manager(kubernetes: str = KUBERNETES, main: Path = MANAGER) -> Path:
+    """Build `main` (tests/kubelet/pluginmanager/main.go: kubelet's own DRA plugin manager from
+    k8s.io/kubernetes `kubernetes`) into the cache: a wrapper module requiring k8s.io/kubernetes
+    with its staging modules replaced by their published versions (as the control plane is
+    built), `go mod tidy`, `go build`. Raises RuntimeError with the end of Go's stderr on
+    failure."""
     from agent.devcluster.building import staging_replaces
 
     cache = settings.Settings().cache_dir
-    digest = hashlib.sha256(MANAGER.read_bytes() + KUBERNETES.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(main.read_bytes() + kubernetes.encode()).hexdigest()[:12]
     out = cache / "kubelet-dra-manager" / digest / "kubelet-dra-manager"
     if out.exists():
         return out
     src = out.parent / "src"
     src.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(MANAGER, src / "main.go")
+    shutil.copyfile(main, src / "main.go")
     env = {**os.environ, "GOFLAGS": "-mod=mod"}
 
     def go(*args: str) -> str:
@@ -66,11 +70,11 @@ def build_manager() -> Path:
         return done.stdout
 
     (src / "go.mod").write_text("module cohdi.local/kubelet-dra-manager\n\ngo 1.26.0\n")
-    info = json.loads(go("mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES}"))
-    replaces = staging_replaces(Path(info["GoMod"]).read_text(), KUBERNETES)
+    info = json.loads(go("mod", "download", "-json", f"k8s.io/kubernetes@{kubernetes}"))
+    replaces = staging_replaces(Path(info["GoMod"]).read_text(), kubernetes)
     (src / "go.mod").write_text(
         "module cohdi.local/kubelet-dra-manager\n\ngo 1.26.0\n\n"
-        f"require k8s.io/kubernetes {KUBERNETES}\n\n"
+        f"require k8s.io/kubernetes {kubernetes}\n\n"
         "replace (\n" + "\n".join(replaces) + "\n)\n"
     )
     tmp = out.with_name(".kubelet-dra-manager.tmp")
