@@ -206,10 +206,13 @@ class Container:
         subprocess.run(["runc", "delete", "--force", self.id], capture_output=True, check=False)
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
+def wait_for(predicate: Any, what: str, log: Path, timeout: float = 60) -> None:
+    """Poll `predicate` until true; past `timeout` seconds fail with the tail of `log` (a
+    deadline for a container that will not get there, not a timing assert)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no output)"
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{tail}")

@@ -141,7 +141,7 @@ def test_fabric_emulator_as_pid1_stops_on_sigterm(
     log = tmp_path / "emulator.log"
     box.start(log)
     try:
-        oci.wait_for(lambda: "fabric emulator: http" in log.read_text(), "the emulator's URL")
+        oci.wait_for(lambda: "fabric emulator: http" in log.read_text(), "the emulator's URL", log)
         assert _is_pid1(box), "cohdi-agent is not PID 1 of the container"
         assert box.terminate() == 0, log.read_text()
     finally:
@@ -178,7 +178,7 @@ def test_node_role_as_pid1_stops_on_sigterm(
     log = tmp_path / "node.log"
     box.start(log)
     try:
-        oci.wait_for(reg.exists, "the plugin's registration socket")
+        oci.wait_for(reg.exists, "the plugin's registration socket", log)
         assert _is_pid1(box)
         assert box.terminate() == 0, log.read_text()
         assert not reg.exists(), "the node role left its socket behind"
@@ -210,3 +210,36 @@ def test_cli_prints_the_cached_archive_and_reference(built: image.Image) -> None
     assert archive.is_file()
     assert archive.parent == built.archive.parent
     assert lines["reference"].strip() == built.reference
+
+
+def test_cluster_role_runs_as_65532_on_a_read_only_root_and_stops_on_sigterm(
+    unpacked: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The cluster role as the chart runs it: the image's user, read-only root, nothing
+    writable (no home); an API server that does not answer keeps it retrying the Lease until
+    SIGTERM, which stops it with status 0."""
+    shared = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))  # pytest's tmp_path is root's 0700
+    shared.chmod(0o755)
+    (shared / "kubeconfig").write_text(DEAD_KUBECONFIG)
+    (shared / "kubeconfig").chmod(0o644)
+    box = container(
+        unpacked,
+        tmp_path,
+        args=[
+            "run",
+            "--roles=cluster",
+            f"--kubeconfig={shared / 'kubeconfig'}",
+            "--fabric-url=https://127.0.0.1:9",
+        ],
+        binds=[str(shared)],
+    )
+    log = tmp_path / "cluster.log"
+    box.start(log)
+    try:
+        oci.wait_for(lambda: "cannot acquire lease" in log.read_text(), "the Lease retries", log)
+        assert _is_pid1(box)
+        assert box.terminate() == 0, log.read_text()
+    finally:
+        box.delete()
+        shutil.rmtree(shared, ignore_errors=True)
+    assert "Traceback" not in log.read_text(), log.read_text()
