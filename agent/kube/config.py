@@ -126,9 +126,23 @@ def find(kubeconfig: str) -> tuple[str, Access | None]:
             return "", access
     path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
     path = path or os.path.expanduser("~/.kube/config")
-    if not os.path.exists(path):
+    try:
+        os.stat(path)
+    except PermissionError as exc:
+        # a directory on the way is not searchable by this user (a root-only /etc/... for a
+        # process running as another user): saying "no kubeconfig" would send them looking
+        raise errors.KubeConfigError(
+            f"kubeconfig {path}: permission denied for uid {os.geteuid()} ({exc.strerror}); "
+            "make it (and its directories) readable by the user cohdi-agent runs as"
+        ) from exc
+    except OSError:
         raise errors.KubeConfigError(
             f"no Kubernetes credentials: not in a pod with a service account, and no kubeconfig "
             f"at {path}; pass --kubeconfig"
+        ) from None
+    if not os.access(path, os.R_OK):
+        raise errors.KubeConfigError(
+            f"kubeconfig {path}: not readable by uid {os.geteuid()}; make it readable by the "
+            "user cohdi-agent runs as (or run as its owner)"
         )
     return path, from_kubeconfig(path)

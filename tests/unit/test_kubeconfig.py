@@ -66,3 +66,31 @@ def test_missing_kubeconfig_says_what_to_do(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(errors.KubeConfigError, match="pass --kubeconfig"):
         config.find(str(tmp_path / "nope"))
+
+
+def test_unreadable_kubeconfig_says_permission_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kubeconfig root keeps to itself, read by the image's user 65532: in a 0700 directory
+    (stat fails with EACCES) or mode 0600 (stat works, reading does not). The error names the
+    permission and the uid, not a missing file. The kernel's answers to a non-root user are
+    stood in for (the suite runs as root, which reads anything)."""
+    import os
+
+    path = tmp_path / "kubeconfig"
+    path.write_text("apiVersion: v1\n")
+    real_stat = os.stat
+
+    def denied(p: object, *a: object, **k: object) -> os.stat_result:
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_stat(p, *a, **k)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", denied)
+        with pytest.raises(errors.KubeConfigError, match="permission denied for uid") as info:
+            config.find(str(path))
+    assert "pass --kubeconfig" not in str(info.value)
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(path))
+    with pytest.raises(errors.KubeConfigError, match="not readable by uid"):
+        config.find(str(path))
