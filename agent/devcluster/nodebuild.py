@@ -93,6 +93,7 @@ def ensure_built(
     containerd = ensure_containerd(cache_dir, progress=progress)
     debs = {pkg: ensure_deb(cache_dir, pkg, progress=progress) for pkg in _DEBS}
     pause = ensure_pause_image(cache_dir, kube_version=kube_version, progress=progress)
+    ensure_host_tools(progress=progress)
     return NodeBinaries(
         kubelet=kubelet,
         kube_controller_manager=kcm,
@@ -263,6 +264,31 @@ def ensure_deb(cache_dir: Path, package: str, *, progress: building.Progress) ->
     if missing:
         raise errors.DevClusterError(f"Debian's {package} lacks {', '.join(missing)}")
     return root
+
+
+#: Programs of the machine the node needs, and the Debian package that has each: `ip` makes the
+#: node's interface (and the CNI plugins need the kernel's bridge and veth, not the tool);
+#: `umount` is for clean-up. Both are in a standard Debian 12 install, not in every container.
+HOST_TOOLS: Final = {"ip": "iproute2", "umount": "mount"}
+
+
+def ensure_host_tools(*, progress: building.Progress) -> None:
+    """Install (apt-get, as root) the Debian package of any `HOST_TOOLS` program missing from
+    PATH. Raises DevClusterError naming the packages when that is not possible."""
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise errors.DevClusterError(
+            f"the real node needs {', '.join(missing)} (Debian packages) installed"
+        )
+    progress(f"installing {', '.join(missing)} (apt-get)")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    try:
+        _run(install, what="apt-get install")
+    except errors.DevClusterError:
+        _run(["apt-get", "update", "-q"], what="apt-get update")
+        _run(install, what="apt-get install")
 
 
 def _run(args: list[str], *, what: str, cwd: Path | None = None) -> str:

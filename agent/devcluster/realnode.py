@@ -347,6 +347,8 @@ state = {_toml(root / "state")}
   restrict_oom_score_adj = true
   cdi_spec_dirs = [{_toml(self.cdi)}]
   netns_mounts_under_state_dir = true
+  # the same on every host: a profile of its own only where the host has AppArmor and its parser
+  disable_apparmor = true
 
 [{runtime}.containerd]
   default_runtime_name = "runc"

@@ -43,6 +43,7 @@ from agent.fabric.emulator.state import Device
 from agent.fabric.emulator.sysfs_hook import SysfsHook
 from agent.kube.client import Kube, path_of
 from agent.manifests import installing
+from agent.model import pool
 from agent.model.fabric import DeviceState
 from agent.simulated import stubnvml
 from tests.waiting import until
@@ -305,6 +306,24 @@ async def registered(bed: Bed, since: int) -> None:
 
     reg = await until(probe, what="the kubelet registering the DRA plugin", timeout=60)
     print("kubelet:", reg[-1][:160], "...")
+    await until(
+        lambda: offered(bed), what="the cluster role offering the fabric's GPUs", timeout=60
+    )
+
+
+async def offered(bed: Bed) -> bool:
+    """The cluster role labelled the node with its fabric and offers both GPUs in the fabric's
+    pool (before a pod is submitted: one the scheduler finds unschedulable waits for a requeue)."""
+    node = await bed.kube.get(f"/api/v1/nodes/{bed.node.name}")
+    if node["metadata"].get("labels", {}).get(pool.FABRIC_LABEL) != pool.fabric_label(bed.fabric):
+        return False
+    devices = [
+        d
+        for s in (await bed.kube.get(SLICES))["items"]
+        if s["spec"]["driver"] == bed.driver and s["spec"]["pool"]["name"] == bed.fabric
+        for d in s["spec"].get("devices") or []
+    ]
+    return len(devices) == 2
 
 
 def log_lines(log: Path) -> list[dict[str, Any]]:
@@ -371,18 +390,31 @@ async def wait_pod(
 ) -> dict[str, Any]:
     """Until the pod's phase is one of `phases`, noting the allocated claim on the way."""
 
+    last: dict[str, Any] = {}
+
     async def probe() -> dict[str, Any] | None:
         claim = await bed.kube.get(f"{CLAIMS}/{name}")
         if (claim.get("status") or {}).get("allocation"):
             seen.claim = claim
-        pod = await bed.kube.get(f"{PODS}/{name}")
+        pod = last["pod"] = await bed.kube.get(f"{PODS}/{name}")
         if pod["spec"].get("nodeName") and seen.bound_s != seen.bound_s:
             seen.bound_s = time.monotonic() - started
         return pod if pod.get("status", {}).get("phase") in phases else None
 
-    pod: dict[str, Any] = await until(
-        probe, what=f"pod {name} in {phases}", timeout=180, interval=0.3
-    )
+    try:
+        pod: dict[str, Any] = await until(
+            probe, what=f"pod {name} in {phases}", timeout=180, interval=0.3
+        )
+    except AssertionError as exc:  # say where it stuck: the pod, the claim, the node's logs
+        raise AssertionError(
+            f"{exc}\npod status: {json.dumps(last.get('pod', {}).get('status'))}\n"
+            f"claim status: {json.dumps(seen.claim.get('status'))}\n"
+            + "\n".join(
+                f"--- {log.name} ---\n" + "\n".join(lines[-25:])
+                for log in (bed.node.kubelet_log, bed.node.log("containerd"), bed.logs["node"])
+                for lines in [log.read_text(errors="replace").splitlines()]
+            )
+        ) from exc
     return pod
 
 
@@ -434,13 +466,7 @@ async def back_in_pool(bed: Bed, name: str) -> None:
     async def offered_free() -> bool:
         if any(d.state != DeviceState.FREE for d in bed.emulator.state.devices.values()):
             return False
-        offered = [
-            d
-            for s in (await bed.kube.get(SLICES))["items"]
-            if s["spec"]["driver"] == bed.driver and s["spec"]["pool"]["name"] == bed.fabric
-            for d in s["spec"].get("devices") or []
-        ]
-        return len(offered) == 2
+        return await offered(bed)
 
     await until(offered_free, what="the GPU detached and offered free again", timeout=90)
 
