@@ -72,6 +72,11 @@ CONTROLLERS: Final = (
     "root-ca-certificate-publisher-controller",
 )
 NOT_READY_TAINT: Final = "node.kubernetes.io/not-ready"
+#: The taint the node registers with (default), so that only pods meant for it run there: the
+#: session's other tests create pods for Nodes of their own, which the scheduler could otherwise
+#: place here. A pod (or a chart's DaemonSet) for the real node tolerates it (`TOLERATION`).
+REAL_NODE_TAINT: Final = {"key": "cohdi.io/real-node", "value": "true", "effect": "NoSchedule"}
+TOLERATION: Final = {"key": "cohdi.io/real-node", "operator": "Exists", "effect": "NoSchedule"}
 #: The Kubernetes namespace of containerd that the CRI (and so the kubelet) uses.
 CRI_NAMESPACE: Final = "k8s.io"
 
@@ -93,6 +98,8 @@ class RealNode:
     controllers: tuple[str, ...] = CONTROLLERS
     #: More labels for the Node (the kubelet's `--node-labels`).
     labels: dict[str, str] = field(default_factory=dict)
+    #: The Node's taints at registration (the kubelet's `--register-with-taints`).
+    taints: list[dict[str, str]] = field(default_factory=lambda: [dict(REAL_NODE_TAINT)])
     die_with_parent: bool = True
     #: Where `stop()` copies the processes' logs before it removes the state directory (None:
     #: they go with it).
@@ -514,6 +521,7 @@ state = {_toml(root / "state")}
         path = self.state_dir / "kubelet.yaml"
         path.write_text(yaml.safe_dump(config))
         labels = ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+        taints = ",".join(f"{t['key']}={t.get('value', '')}:{t['effect']}" for t in self.taints)
         self._spawn(
             "kubelet",
             [
@@ -525,6 +533,7 @@ state = {_toml(root / "state")}
                 f"--hostname-override={self.name}",
                 f"--node-ip={self.node_ip}",
                 *([f"--node-labels={labels}"] if labels else []),
+                *([f"--register-with-taints={taints}"] if taints else []),
                 "--v=2",
                 # the DRA plugin calls (NodePrepareResources/NodeUnprepareResources with their
                 # claims) and registrations, which --v=2 does not log

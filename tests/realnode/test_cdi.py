@@ -35,7 +35,7 @@ from agent import errors, settings
 from agent.demo import objects
 from agent.devcluster import nodebuild
 from agent.devcluster.controlplane import ControlPlane
-from agent.devcluster.realnode import RealNode
+from agent.devcluster.realnode import TOLERATION, RealNode
 from agent.fabric.emulator import config as emuconfig
 from agent.fabric.emulator.config import MachineSpec
 from agent.fabric.emulator.server import EmulatorServer
@@ -356,6 +356,7 @@ async def submit(bed: Bed, name: str, args: list[str]) -> None:
             "metadata": {"name": name},
             "spec": {
                 "nodeSelector": {"kubernetes.io/hostname": bed.node.name},
+                "tolerations": [TOLERATION],
                 "restartPolicy": "Never",
                 "dnsPolicy": "Default",
                 "automountServiceAccountToken": False,

@@ -11,7 +11,8 @@ import pytest
 
 from agent import errors
 from agent.devcluster.controlplane import ControlPlane
-from agent.devcluster.realnode import RealNode
+from agent.devcluster.realnode import REAL_NODE_TAINT, RealNode
+from agent.kube.client import Kube
 
 pytestmark = pytest.mark.controlplane
 
@@ -41,3 +42,18 @@ def test_a_failed_start_stops_what_it_started(
         str(real_node.state_dir), ""
     )
     node.stop()  # twice is fine
+
+
+async def test_the_node_is_ready_at_its_own_address_and_tainted_for_its_own_pods(
+    real_node: RealNode, kube: Kube
+) -> None:
+    node = await kube.get(f"/api/v1/nodes/{real_node.name}")
+    ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
+    assert ready == "True"
+    # the admission plugin's not-ready taint is lifted; ours stays, so only pods that tolerate it
+    # (TOLERATION) are scheduled here, never the pods other tests make for their own Nodes
+    assert node["spec"]["taints"] == [REAL_NODE_TAINT]
+    addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+    assert addresses["InternalIP"] == real_node.node_ip
+    assert node["metadata"]["labels"]["kubernetes.io/hostname"] == real_node.name
+    assert node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == real_node.kubelet_port
