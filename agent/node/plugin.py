@@ -524,7 +524,11 @@ class PluginHealth:
 
     async def _follow(self) -> None:
         while True:
-            await self._apply(self.not_ready())
+            try:
+                reasons = self.not_ready()
+            except Exception as exc:  # a verdict that cannot be had is no SERVING
+                reasons = [f"readiness unknown: {exc!r}"]
+            await self._apply(reasons)
             await asyncio.sleep(GRPC_HEALTH_RECHECK)
 
     async def _apply(self, reasons: list[str]) -> None:

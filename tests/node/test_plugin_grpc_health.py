@@ -242,3 +242,38 @@ async def test_the_node_role_with_a_corrupt_checkpoint_says_not_serving(tmp_path
             await asyncio.gather(task, return_exceptions=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_a_readiness_that_cannot_be_had_is_not_serving(
+    node: SimNode, kubelet_dir: Path
+) -> None:
+    """The role's readiness check fails (an OSError stat'ing the checkpoint, say): NOT_SERVING
+    with that reason, and the health service keeps following it."""
+    failing = [True]
+
+    def not_ready() -> list[str]:
+        if failing[0]:
+            raise PermissionError(13, "Permission denied", "checkpoint.json")
+        return []
+
+    p = KubeletPlugin(
+        node.kube,
+        driver=DRIVER,
+        kubelet_dir=kubelet_dir,
+        cdi_dir=node.root / "cdi",
+        reporter=node.reporter,
+        not_ready=not_ready,
+    )
+    await p.start()
+    try:
+
+        async def judged() -> bool:
+            return any("readiness unknown" in r for r in p.grpc_health.reasons)
+
+        await until(judged, what="the verdict: readiness unknown", timeout=10)
+        assert "Permission denied" in p.grpc_health.reasons[0]
+        assert await check(p.dra_socket) == NOT_SERVING
+        failing[0] = False
+        await until(status_is(p.dra_socket, SERVING), what="SERVING again", timeout=10)
+    finally:
+        await p.stop()
