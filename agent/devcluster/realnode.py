@@ -14,13 +14,13 @@ Settings this machine kind needs (hybrid cgroup v1, no CAP_SYS_RESOURCE, PID 1 n
 kubelet `failCgroupV1: false`, `cgroupDriver: cgroupfs`, `oomScoreAdj: 0`, `failSwapOn: false`,
 loose eviction thresholds; containerd `restrict_oom_score_adj`, runc with `SystemdCgroup = false`.
 
-`stop()` asks the kubelet to stop the node's pods (deleting them in the API), stops the kubelet
-and kube-controller-manager, kills and removes what containerd still runs, stops containerd and
+`stop()` stops kube-controller-manager, asks the kubelet to stop the node's pods (deleting them in
+the API), stops the kubelet, kills and removes what containerd still runs, stops containerd and
 any shim of ours still alive (by pid, matched on our binary and our containerd socket), unmounts
-what is mounted under the state directory, removes the kubelet's `kubepods` cgroups, deletes the
-interfaces and the Node object, and removes the state directory. Safe to call twice. One real node
-a machine: the kubelet's cgroups (`kubepods`) and containerd's shim sockets (/run/containerd/s,
-named by a hash of our socket) are machine-wide.
+what is mounted under the state directory, removes the kubelet's cgroups (a root of their own,
+`cgroup_root`), deletes the interfaces and the Node object, and removes the state directory. Safe
+to call twice. Several nodes may run on one machine, each with its own state, interfaces and
+cgroups (containerd's shim sockets all go to /run/containerd/s, named by a hash of the socket).
 
 Synchronous on purpose, like `controlplane`: callers on an event loop run it in a thread.
 """
@@ -145,6 +145,13 @@ class RealNode:
         return self.state_dir / f"{process}.log"
 
     @property
+    def cgroup_root(self) -> str:
+        """The kubelet's `cgroupRoot` (relative to each hierarchy), ours alone: a kubelet removes
+        the pod cgroups it does not know under its root, so two nodes on one machine must not
+        share one."""
+        return f"cohdi-{self.state_dir.name}"
+
+    @property
     def kubelet_log(self) -> Path:
         return self.log("kubelet")
 
@@ -176,22 +183,23 @@ class RealNode:
         self._stop.set()
         if not self.state_dir.name:
             return
+        kcm = self.procs.pop("kube-controller-manager", None)
+        if kcm:  # first: its DaemonSet controller would recreate the pods we delete
+            kcm.stop()
         kubelet = self.procs.get("kubelet")
         if kubelet is not None and kubelet.alive():
             with contextlib.suppress(errors.AgentError, OSError):
                 self._drain(timeout=30)
-        for name in ("kube-controller-manager", "kubelet"):
-            proc = self.procs.pop(name, None)
-            if proc:
-                proc.stop()
+        kubelet = self.procs.pop("kubelet", None)
+        if kubelet:
+            kubelet.stop()
         if "containerd" in self.procs:
             with contextlib.suppress(errors.AgentError, OSError):
                 self._remove_tasks()
             self.procs.pop("containerd").stop()
         self._kill_shims()
         self._unmount_all()
-        if self.kubelet_port:  # a kubelet of ours ran: its cgroups are ours
-            _remove_cgroups("kubepods")
+        _remove_cgroups(self.cgroup_root)
         for link in reversed(self._links):
             subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
         self._links.clear()
@@ -500,6 +508,7 @@ state = {_toml(root / "state")}
             # this machine kind: hybrid cgroup v1 (1.35+ refuses v1 unless told), no systemd
             "failCgroupV1": False,
             "cgroupDriver": "cgroupfs",
+            "cgroupRoot": f"/{self.cgroup_root}",
             # no CAP_SYS_RESOURCE: the kubelet may not lower its own oom_score_adj
             "oomScoreAdj": 0,
             "failSwapOn": False,
@@ -520,6 +529,7 @@ state = {_toml(root / "state")}
         }
         path = self.state_dir / "kubelet.yaml"
         path.write_text(yaml.safe_dump(config))
+        _make_cgroups(self.cgroup_root)  # the kubelet wants its root to exist
         labels = ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
         taints = ",".join(f"{t['key']}={t.get('value', '')}:{t['effect']}" for t in self.taints)
         self._spawn(
@@ -675,10 +685,34 @@ state = {_toml(root / "state")}
         self.procs[name] = proc
 
 
+def _hierarchies() -> list[Path]:
+    """Every mounted cgroup hierarchy: the v1 controllers' and the unified one (hybrid), or the
+    unified one alone."""
+    base = Path("/sys/fs/cgroup")
+    if (base / "cgroup.procs").exists():
+        return [base]
+    return [h for h in sorted(base.iterdir()) if (h / "cgroup.procs").exists()]
+
+
+def _make_cgroups(name: str) -> None:
+    """`<hierarchy>/<name>` in every hierarchy; a v1 cpuset one gets its parent's CPUs and
+    memory nodes (a new v1 cpuset has none, and no task could join it)."""
+    for hierarchy in _hierarchies():
+        cgroup = hierarchy / name
+        cgroup.mkdir(exist_ok=True)
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            mine = cgroup / knob
+            v1 = (hierarchy / "cgroup.clone_children").exists()
+            if v1 and mine.exists() and not mine.read_text().strip():
+                mine.write_text((hierarchy / knob).read_text())
+
+
 def _remove_cgroups(name: str) -> None:
-    """Remove the kubelet's cgroup tree `name` from every hierarchy (v1 controllers and the
-    unified one), leaves first; a cgroup that still has processes stays (rmdir refuses)."""
-    for tree in Path("/sys/fs/cgroup").glob(f"*/{name}"):
+    """Remove the cgroup tree `name` from every hierarchy, leaves first; a cgroup that still has
+    processes stays (rmdir refuses)."""
+    for tree in (h / name for h in _hierarchies()):
+        if not tree.is_dir():
+            continue
         for dirpath, _dirs, _files in sorted(os.walk(tree), key=lambda w: -len(w[0])):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
