@@ -72,9 +72,9 @@ CONTROLLERS: Final = (
     "root-ca-certificate-publisher-controller",
 )
 NOT_READY_TAINT: Final = "node.kubernetes.io/not-ready"
-#: The taint the node registers with (default), so that only pods meant for it run there: the
-#: session's other tests create pods for Nodes of their own, which the scheduler could otherwise
-#: place here. A pod (or a chart's DaemonSet) for the real node tolerates it (`TOLERATION`).
+#: A taint that keeps every pod off the node but those meant for it (`TOLERATION`): for a caller
+#: whose session also schedules pods without a node selector that must not land here
+#: (`RealNode(taints=[REAL_NODE_TAINT])`; not the default, so a chart's pods need no toleration).
 REAL_NODE_TAINT: Final = {"key": "cohdi.io/real-node", "value": "true", "effect": "NoSchedule"}
 TOLERATION: Final = {"key": "cohdi.io/real-node", "operator": "Exists", "effect": "NoSchedule"}
 #: The Kubernetes namespace of containerd that the CRI (and so the kubelet) uses.
@@ -99,7 +99,7 @@ class RealNode:
     #: More labels for the Node (the kubelet's `--node-labels`).
     labels: dict[str, str] = field(default_factory=dict)
     #: The Node's taints at registration (the kubelet's `--register-with-taints`).
-    taints: list[dict[str, str]] = field(default_factory=lambda: [dict(REAL_NODE_TAINT)])
+    taints: list[dict[str, str]] = field(default_factory=list)
     die_with_parent: bool = True
     #: Where `stop()` copies the processes' logs before it removes the state directory (None:
     #: they go with it).
