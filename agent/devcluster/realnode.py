@@ -360,6 +360,7 @@ state = {_toml(root / "state")}
 [{runtime}]
   # no CAP_SYS_RESOURCE here: never lower a container's oom_score_adj below ours
   restrict_oom_score_adj = true
+  # CDI is always on in containerd 2.x (`enable_cdi` is gone): the specs the node role writes
   cdi_spec_dirs = [{_toml(self.cdi)}]
   netns_mounts_under_state_dir = true
   # the same on every host: a profile of its own only where the host has AppArmor and its parser
