@@ -316,6 +316,9 @@ class RealNode:
                     "ipam": {
                         "type": "host-local",
                         "ranges": [[{"subnet": str(net), "gateway": str(net[1])}]],
+                        # the node's own address, through the bridge: what a pod uses to reach
+                        # a service of the host (nothing beyond the node is routed)
+                        "routes": [{"dst": f"{self.node_ip}/32"}],
                         "dataDir": str(self.state_dir / "cni-ipam"),
                     },
                 }
