@@ -76,11 +76,6 @@ class NodeBinaries:
     #: OCI image archive of `PAUSE_IMAGE`.
     pause_image: Path
 
-    @property
-    def containerd_bin_dir(self) -> Path:
-        """containerd finds its shim on PATH: this directory goes first on it."""
-        return self.containerd.parent
-
 
 def ensure_built(
     cache_dir: Path, *, kube_version: str, progress: building.Progress
