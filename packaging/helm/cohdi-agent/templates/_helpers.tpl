@@ -38,3 +38,36 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "cohdi-agent.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
+
+{{/* KUBERNETES_SERVICE_HOST/PORT when apiServer.host is set: the address the agent's in-cluster
+client dials instead of the `kubernetes` Service's (clusters without kube-proxy). */}}
+{{- define "cohdi-agent.apiServerEnv" -}}
+{{- with .Values.apiServer.host }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ . | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ $.Values.apiServer.port | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The ServiceAccount token, CA and namespace where the in-cluster client reads them: the
+volume the ServiceAccount admission plugin would add, written out (the pods set
+automountServiceAccountToken: false), so the pods get a bound token also where that plugin is
+off. The kubelet requests and rotates the token (TokenRequest, bound to the pod and its node). */}}
+{{- define "cohdi-agent.tokenVolume" -}}
+- name: kube-api-access
+  projected:
+    sources:
+    - serviceAccountToken: {path: token, expirationSeconds: 3607}
+    - configMap:
+        name: kube-root-ca.crt
+        items: [{key: ca.crt, path: ca.crt}]
+    - downwardAPI:
+        items:
+        - path: namespace
+          fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}
+{{- end -}}
+
+{{- define "cohdi-agent.tokenMount" -}}
+- {name: kube-api-access, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
+{{- end -}}
