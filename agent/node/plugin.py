@@ -35,8 +35,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
+import socket as socketlib
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -560,6 +563,19 @@ MAX_SOCKET_PATH = 107
 class KubeletPlugin:
     """The two gRPC servers on their unix sockets.
 
+    Each process registers with kubelet under names of its own — `plugins_registry/<driver>-
+    <instance>-reg.sock`, endpoint `plugins/<driver>/dra-<instance>.sock` (`<instance>`: 8 random
+    hex digits) — so while a DaemonSet's surge pod starts beside the old one, kubelet holds two
+    plugins for the driver (its DRA manager keeps a list per driver and calls the newest
+    connected one) and the old one's leaving drops only its own: the driver is never
+    unregistered. One socket path for both would not do: kubelet unregisters the plugin of a
+    registration socket that is replaced, then registers the new one (no plugin in between),
+    and refuses a second registration naming an endpoint already registered. The DRA service
+    also answers on `plugins/<driver>/dra.sock` (`local_socket`, the newest process's), for
+    node-local tools. At start, sockets of this driver that no process answers any more (an
+    instance killed before its stop) are removed: kubelet keeps a registration until its socket
+    file goes.
+
     A socket is bound under a private name — `<dir>/.cohdi/<random>/s`, in a directory only we
     can enter, which kubelet's plugin watcher ignores as it starts with a dot — made 0600, then
     renamed onto its public name, so it appears whole, already private, and atomically replaces
@@ -586,8 +602,13 @@ class KubeletPlugin:
         service says NOT_SERVING while it gives any); None: the plugin's own reasons only (its
         checkpoint unreadable)."""
         self.plugin_dir = kubelet_dir / "plugins" / driver
-        self.dra_socket = self.plugin_dir / "dra.sock"
-        self.reg_socket = kubelet_dir / "plugins_registry" / f"{driver}-reg.sock"
+        self.driver = driver
+        self.instance = secrets.token_hex(_INSTANCE // 2)
+        #: the endpoint registered with kubelet: this process's own
+        self.dra_socket = self.plugin_dir / f"dra-{self.instance}.sock"
+        #: the DRA service of the newest process, for node-local tools (not registered)
+        self.local_socket = self.plugin_dir / "dra.sock"
+        self.reg_socket = kubelet_dir / "plugins_registry" / f"{driver}-{self.instance}-reg.sock"
         self.preparer = Preparer(
             kube, driver=driver, reporter=reporter, plugin_dir=self.plugin_dir, cdi_dir=cdi_dir
         )
@@ -619,7 +640,8 @@ class KubeletPlugin:
         self.health.closing = False
         drahealth_grpc.add_DRAResourceHealthServicer_to_server(self.health, dra)
         await self.grpc_health.add_to(dra, service_names(v1, v1beta1, drahealth))
-        await self._serve(dra, self.dra_socket)  # the DRA service first, then announce it
+        # the DRA service first, then announce it
+        await self._serve(dra, self.dra_socket, self.local_socket)
         registration = grpc.aio.server()
         reg_grpc.add_RegistrationServicer_to_server(self.registration, registration)
         await self.grpc_health.add_to(registration, service_names(reg))
@@ -639,25 +661,48 @@ class KubeletPlugin:
         self.reg_socket.parent.mkdir(parents=True, exist_ok=True)
         self.preparer.cdi_dir.mkdir(parents=True, exist_ok=True)
         self.preparer.clean_stale()
+        self._remove_dead_sockets()
 
-    async def _serve(self, server: grpc.aio.Server, socket: Path) -> None:
+    def _remove_dead_sockets(self) -> None:
+        """Unlink this driver's registration and DRA sockets that no process answers (see the
+        class docstring); the names of the earlier single-socket layout too."""
+        driver = re.escape(self.driver)
+        patterns = (
+            (self.reg_socket.parent, re.compile(rf"{driver}(-[0-9a-f]{{{_INSTANCE}}})?-reg\.sock")),
+            (self.plugin_dir, re.compile(rf"dra-[0-9a-f]{{{_INSTANCE}}}\.sock")),
+        )
+        for directory, pattern in patterns:
+            for path in directory.iterdir():
+                if pattern.fullmatch(path.name) and not _answers(path):
+                    logger.info("removing %s: no process serves it any more", path)
+                    path.unlink(missing_ok=True)
+
+    async def _serve(self, server: grpc.aio.Server, *sockets: Path) -> None:
+        """Serve `server` on each of `sockets` (bound privately, then published)."""
         # checked before anything is made: the bind path as `_private_dir` will name it
-        for path in (socket, socket.parent / BIND_DIR / ("x" * _PRIVATE_NAME) / "s"):
-            if len(str(path).encode()) > MAX_SOCKET_PATH:
-                raise errors.ConfigError(
-                    "--node-kubelet-dir",
-                    str(path),
-                    f"gives a socket path over {MAX_SOCKET_PATH} bytes; use a shorter directory",
-                )
-        private = await asyncio.to_thread(_private_dir, socket.parent / BIND_DIR)
+        for socket in sockets:
+            for path in (socket, socket.parent / BIND_DIR / ("x" * _PRIVATE_NAME) / "s"):
+                if len(str(path).encode()) > MAX_SOCKET_PATH:
+                    raise errors.ConfigError(
+                        "--node-kubelet-dir",
+                        str(path),
+                        f"gives a socket path over {MAX_SOCKET_PATH} bytes; use a shorter "
+                        "directory",
+                    )
+        privates = [
+            await asyncio.to_thread(_private_dir, socket.parent / BIND_DIR) for socket in sockets
+        ]
         try:
-            bind = private / "s"
-            server.add_insecure_port(f"unix://{bind}")
+            binds = [private / "s" for private in privates]
+            for bind in binds:
+                server.add_insecure_port(f"unix://{bind}")
             await server.start()
             self._servers.append(server)
-            self._sockets[socket] = await asyncio.to_thread(_publish, bind, socket)
+            for bind, socket in zip(binds, sockets, strict=True):
+                self._sockets[socket] = await asyncio.to_thread(_publish, bind, socket)
         finally:
-            await asyncio.to_thread(shutil.rmtree, private, True)
+            for private in privates:
+                await asyncio.to_thread(shutil.rmtree, private, True)
 
     async def stop(self) -> None:
         await self.grpc_health.stop()  # NOT_SERVING first, while the sockets still answer
@@ -671,6 +716,24 @@ class KubeletPlugin:
 
 #: the length of a private directory's random name (hex digits)
 _PRIVATE_NAME = 8
+#: the length of a process's instance name in its socket names (hex digits)
+_INSTANCE = 8
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket `path`; True for anything but
+    a socket nobody listens on (refused) or a path gone, so only a dead socket is removed."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return True
+        with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _private_dir(base: Path) -> Path:
