@@ -1,0 +1,151 @@
+"""Make a TLS service that listens on loopback (the local API server, the fabric emulator)
+reachable from pods on the real node, as kube-proxy would make the `kubernetes` Service
+reachable: a `TlsBridge` listens on the node's address (`RealNode.node_ip`, which the pods on
+its CNI bridge route to through their gateway), presents a certificate for that address signed
+by a CA the pods trust, and forwards what it decrypts over a TLS connection of its own to the
+loopback service, verifying that one with the service's CA.
+
+The bridge terminates TLS rather than passing it through because the services' certificates
+name loopback only; the HTTP inside — a ServiceAccount's bearer token, watches, TokenRequests —
+passes unchanged (a client certificate would not: the bridge presents none upstream). Traffic
+stays on this machine: the node's address is on an interface of its own.
+
+Runs its own event loop on a thread, so a synchronous caller (a pytest fixture, a CLI command)
+or an asyncio one can use it alike: `start()` returns once it listens, `stop()` closes it and
+every connection it forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import errors
+from agent import pki as certs
+
+
+def serving_context(
+    ca_cert: Path, ca_key: Path, directory: Path, stem: str, address: str
+) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a new certificate for `address` (an IP or a DNS name) signed by
+    the CA in `ca_cert`/`ca_key` (PEM files; the key EC or RSA as `agent.pki` writes them),
+    written as `<directory>/<stem>.crt|.key`. Returns (context, certificate path)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    key = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+    directory.mkdir(parents=True, exist_ok=True)
+    pair = certs.issue(
+        directory,
+        stem,
+        ca_key=key,  # type: ignore[arg-type]
+        ca_cert=ca,
+        cn=f"cohdi-bridge-{stem}",
+        server_names=(address,),
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(pair.cert), str(pair.key))
+    return ctx, pair.cert
+
+
+@dataclass
+class TlsBridge:
+    """`host`:`port` (0: a free one, read `port` after `start()`) with `server_ssl` -> TLS to
+    `target_host`:`target_port` verified with `target_ca` (its certificate must name
+    `target_host`)."""
+
+    host: str
+    server_ssl: ssl.SSLContext
+    target_host: str
+    target_port: int
+    target_ca: Path
+    port: int = 0
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _server: asyncio.Server | None = field(default=None, init=False)
+    _conns: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+
+    @property
+    def address(self) -> str:
+        """`host:port` as a URL's authority."""
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Listen; raises DevClusterError when the address cannot be bound."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            try:
+                self._server = loop.run_until_complete(
+                    asyncio.start_server(self._handle, self.host, self.port, ssl=self.server_ssl)
+                )
+                self.port = self._server.sockets[0].getsockname()[1]
+            except OSError as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"bridge-{self.host}", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout) or failure:
+            raise errors.DevClusterError(
+                f"bridge on {self.host}:{self.port} to {self.target_host}:{self.target_port} "
+                f"did not start: {failure[0] if failure else 'no answer'}"
+            )
+
+    def stop(self) -> None:
+        """Close the listener and every forwarded connection; idempotent."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.wait(list(self._conns), timeout=5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.target_ca))
+            up_reader, upstream = await asyncio.open_connection(
+                self.target_host, self.target_port, ssl=ctx
+            )
+            await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # a peer went, or `stop()`: the connection ends either way
+        finally:
+            self._conns.discard(task)
+            for w in (writer, upstream):
+                if w is not None:
+                    w.transport.abort()  # no TLS close_notify wait: the other side is gone
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy until `src` ends, then close `dst` (TLS has no half-close)."""
+    try:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+    finally:
+        dst.close()
