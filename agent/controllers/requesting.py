@@ -82,6 +82,7 @@ class Requester:
         limits: model.Limits | None = None,
         driver: str = "",
         clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
         batch: int = 16,
         workers: int = 8,
         claims: Informer | None = None,
@@ -98,6 +99,7 @@ class Requester:
         #: members are labelled with the deployment that made them (cohdi.io/driver)
         self.made_by = {DRIVER_LABEL: names.label_value(driver)} if driver else {}
         self.clock = clock
+        self.mono = mono
         self.batch = batch
         self.queue: KeyedQueue[str] = KeyedQueue(
             "requests", metrics.timed("requests", self.handle), workers=workers
@@ -166,7 +168,7 @@ class Requester:
             for o in self.resources.store.values()
             if model.owned_by(o, req.name, req.uid)
         }
-        expiry = time.monotonic() - PENDING_TTL
+        expiry = self.mono() - PENDING_TTL
         for member, (obj, at) in list(memory.pending.items()):
             if member in found or at < expiry:
                 del memory.pending[member]
@@ -235,12 +237,12 @@ class Requester:
         update event brings it back); one we cannot: left to the others for a grace."""
         name = name_of(obj)
         uid = str(obj["metadata"].get("uid", ""))
-        first = self._unclaimed.setdefault(uid, time.monotonic())
+        first = self._unclaimed.setdefault(uid, self.mono())
         verdict, after = composemodel.adoption(
             obj,
             self.made_by[DRIVER_LABEL],
             serves=serves,
-            unclaimed_for=time.monotonic() - first,
+            unclaimed_for=self.mono() - first,
             grace=composemodel.UNCLAIMED_GRACE,
         )
         if verdict is not composemodel.Adoption.WAIT:
@@ -393,7 +395,7 @@ class Requester:
                     f"ComposableResource {m.name} exists and is not {req.name}'s"
                 ) from None
             created = existing
-        memory.pending[m.name] = (created, time.monotonic())
+        memory.pending[m.name] = (created, self.mono())
 
     async def _delete(self, name: str, memory: _Memory) -> None:
         with contextlib.suppress(errors.KubeNotFound):

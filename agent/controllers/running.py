@@ -7,6 +7,7 @@ them all."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -117,10 +118,14 @@ def build(
     identity: str,
     policy: Policy | None = None,
     pool_attributes: PoolAttributes | None = None,
+    wall: Callable[[], float] = time.time,
+    mono: Callable[[], float] = time.monotonic,
 ) -> ClusterRole:
     """The parts of one leadership term, wired together; `policy` sets how failed loops are
     restarted (the default: agent.supervision.Policy); `pool_attributes`: CoHDI's per-model
-    `dra-attributes` (`--cohdi-config-namespace`), put on the pool devices in vendor mode."""
+    `dra-attributes` (`--cohdi-config-namespace`), put on the pool devices in vendor mode;
+    `wall` (epoch seconds) and `mono` (monotonic seconds): the controllers' clocks (tests run
+    the role on a virtual-time loop with that loop's clocks)."""
     c, k = cfg.cluster, cfg.kube
 
     def informer(
@@ -177,6 +182,8 @@ def build(
         workers=c.workers,
         health_grace=c.health_grace,
         health_evict=c.health_fatal_effect == "NoExecute",
+        wall=wall,
+        mono=mono,
     )
     composer = Composer(
         kube,
@@ -189,6 +196,8 @@ def build(
         driver=c.driver,
         fresh=scaler.fresh,
         choose_settle=min(1.0, c.scale_down_settle),
+        wall=wall,
+        mono=mono,
     )
     requester = Requester(
         kube,
@@ -200,6 +209,8 @@ def build(
         limits=Limits(max_size=c.request_max_size),
         driver=c.driver,
         claims=claims,
+        clock=wall,
+        mono=mono,
     )
     informers = [claims, slices, nodes, resources, requests]
     vendoring = None
@@ -227,6 +238,7 @@ def build(
             vendor_slices=vendor_slices,
             publisher=publisher,
             recorder=recorder,
+            wall=wall,
         )
     return ClusterRole(
         publisher,

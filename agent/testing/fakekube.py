@@ -71,6 +71,7 @@ import inspect
 import itertools
 import random
 import re
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -370,8 +371,9 @@ def _copy(obj: _T) -> _T:
     return copied
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _stamp(epoch: float) -> str:
+    """Epoch seconds as the server writes metadata times (RFC 3339, whole seconds, UTC)."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- merge patch and selectors -------------------------------------------------------------------
@@ -608,7 +610,8 @@ class FakeKube(Kube):
     `bookmark_interval`: seconds between BOOKMARK events on watches that allow them;
     `request_timeout`: the client's per-request limit in seconds (a `hang()` past it raises
     KubeUnavailable, as the real client's timeout does); `validate_names`: enforce DNS-1123
-    subdomain names (422), as the server does for nearly every resource.
+    subdomain names (422), as the server does for nearly every resource; `wall`: the clock of
+    creation and deletion timestamps (epoch seconds; a virtual-time test passes its loop's).
     """
 
     def __init__(
@@ -619,9 +622,12 @@ class FakeKube(Kube):
         request_timeout: float = 30.0,
         validate_names: bool = True,
         status_subresource: frozenset[str] = STATUS_SUBRESOURCE,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         # No super().__init__(): there is no HTTP session to open.
         self.host = "https://fake-kube.invalid"
+        #: the server's clock (epoch seconds) for creation and deletion timestamps
+        self.wall = wall
         self.bookmark_interval = bookmark_interval
         self.request_timeout = request_timeout
         self.validate_names = validate_names
@@ -756,6 +762,7 @@ class FakeKube(Kube):
             bookmark_interval=self.bookmark_interval,
             request_timeout=self.request_timeout,
             validate_names=self.validate_names,
+            wall=self.wall,
         )
         for name in _SHARED:
             setattr(other, name, getattr(self, name))
@@ -1115,7 +1122,7 @@ class FakeKube(Kube):
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds"):
             meta.pop(field, None)
         meta["uid"] = str(uuid.uuid4())
-        meta["creationTimestamp"] = _now()
+        meta["creationTimestamp"] = _stamp(self.wall())
         meta["generation"] = 1
         meta["resourceVersion"] = str(self._bump())
         self._kinds.setdefault(target.res, str(kind))
@@ -1329,7 +1336,7 @@ class FakeKube(Kube):
             if old["metadata"].get("deletionTimestamp"):
                 return old
             new = _copy(old)
-            new["metadata"]["deletionTimestamp"] = _now()
+            new["metadata"]["deletionTimestamp"] = _stamp(self.wall())
             new["metadata"]["deletionGracePeriodSeconds"] = 0
             new["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
             new["metadata"]["resourceVersion"] = str(self._bump())

@@ -15,6 +15,9 @@ from agent.model.fabric import DeviceState
 from agent.model.objects import DRIVER_LABEL, Obj
 from tests.unit import test_cluster_role_fake as fake
 
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
+
 
 def _obj(label: str | None = None) -> Obj:
     labels = {DRIVER_LABEL: label} if label is not None else {}

@@ -29,6 +29,9 @@ from tests.unit.test_cluster_role_fake import (
     world,
 )
 
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
+
 
 def _hand_written(w: World, name: str, spec: dict[str, object]) -> None:
     w.kube.add(
@@ -174,6 +177,8 @@ async def test_a_second_deployment_with_another_driver_leaves_our_resources_alon
             FakeFabric(["elsewhere"], 0),  # type: ignore[arg-type]
             settings.Settings(cluster=settings.ClusterSettings(driver="other.cohdi.io")),
             identity="other",
+            wall=w.wall,
+            mono=w.mono,
         )
         w.tasks.append(asyncio.create_task(other.run()))
         await asyncio.sleep(0.2)  # the other deployment is up and synced
@@ -242,6 +247,8 @@ async def test_a_second_deployment_leaves_our_requests_alone() -> None:
             FakeFabric(["elsewhere"], 0),  # type: ignore[arg-type]
             settings.Settings(cluster=settings.ClusterSettings(driver="other.cohdi.io")),
             identity="other",
+            wall=w.wall,
+            mono=w.mono,
         )
         w.tasks.append(asyncio.create_task(other.run()))
         await asyncio.sleep(0.2)
@@ -284,6 +291,8 @@ async def test_a_second_deployment_leaves_an_unlabelled_resource_on_our_node_alo
             FakeFabric(["elsewhere"], 0),  # type: ignore[arg-type]
             settings.Settings(cluster=settings.ClusterSettings(driver="other.cohdi.io")),
             identity="other",
+            wall=w.wall,
+            mono=w.mono,
         )
         w.tasks.append(asyncio.create_task(other.run()))
         await asyncio.sleep(0.2)

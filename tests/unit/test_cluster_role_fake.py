@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,11 @@ from agent.model.fabric import (
 from agent.model.objects import Obj
 from agent.testing.fakekube import FakeKube
 from agent.testing.nodereport import NodeDouble
+from tests import virtualtime
 from tests.waiting import until
+
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
 
 DRIVER = "fake.cohdi.io"
 FABRIC = "fab"
@@ -168,6 +173,10 @@ class World:
     role: running.ClusterRole
     nodes: list[str]
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: the clocks of the loop the world runs on (epoch seconds, monotonic seconds): virtual ones
+    #: on tests/virtualtime.py's loop
+    wall: Callable[[], float] = time.time
+    mono: Callable[[], float] = time.monotonic
 
     def claim_path(self, name: str) -> str:
         return f"{CLAIMS}/{name}"
@@ -203,7 +212,7 @@ class World:
         self, claim: str, device: str, node: str, *, conditions: bool = True, pool: str = POOL
     ) -> None:
         """What kube-scheduler writes: the allocation (pinned to `node`) and reservedFor."""
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = dt.datetime.fromtimestamp(self.wall(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
         def change(obj: Obj) -> None:
             result: dict[str, Any] = {
@@ -290,7 +299,8 @@ async def world(
     anonymous: bool = False,
     **cluster: Any,
 ) -> AsyncIterator[World]:
-    kube = FakeKube(bookmark_interval=60)
+    wall, mono = virtualtime.clocks()
+    kube = FakeKube(bookmark_interval=60, wall=wall)
     kube.selectable("composableresources", "spec.target_node")
     names = [f"node-{i}" for i in range(nodes)]
     for n in names:
@@ -299,8 +309,8 @@ async def world(
     cluster.setdefault("idle_grace", 300.0)
     cluster.setdefault("scale_down_settle", 0.05)
     cfg = settings.Settings(cluster=settings.ClusterSettings(driver=DRIVER, **cluster))
-    role = running.build(kube, fabric, cfg, identity="test")  # type: ignore[arg-type]
-    w = World(kube, fabric, role, names)
+    role = running.build(kube, fabric, cfg, identity="test", wall=wall, mono=mono)  # type: ignore[arg-type]
+    w = World(kube, fabric, role, names, wall=wall, mono=mono)
     w.tasks.append(asyncio.create_task(role.run()))
     if double:
         w.tasks.append(asyncio.create_task(NodeDouble(kube, set(names)).run()))

@@ -20,6 +20,9 @@ from agent.node import health as nodehealth
 from tests.unit.test_cluster_role_fake import A100, DRIVER, World, scale_up, world
 from tests.unit.test_device_health_fake import counter, set_node_health, taints_of
 
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
+
 
 def attach_on_purpose(name: str, device: str, node: str) -> Obj:
     """A hand-written resource naming one GPU (how an operator tries a GPU again)."""
@@ -140,7 +143,9 @@ async def new_leader(w: World, **cluster: Any) -> running.ClusterRole:
             driver=DRIVER, idle_grace=300.0, scale_down_settle=0.05, **cluster
         )
     )
-    role = running.build(w.kube, w.fabric, cfg, identity="next")  # type: ignore[arg-type]
+    role = running.build(  # type: ignore[arg-type]
+        w.kube, w.fabric, cfg, identity="next", wall=w.wall, mono=w.mono
+    )
     w.tasks.insert(0, asyncio.create_task(role.run()))
     await w.wait(lambda: role.publisher.syncs >= 1, "the new leader published", timeout=60)
     return role

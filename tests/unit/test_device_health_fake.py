@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import time
 from typing import Any
+
+import pytest
 
 from agent import settings
 from agent.controllers import metrics, running
@@ -30,6 +31,9 @@ from tests.unit.test_cluster_role_fake import (
     scale_up,
     world,
 )
+
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
 
 
 def set_node_health(
@@ -89,10 +93,10 @@ async def test_node_xid79_taints_at_once_keeps_the_gpu_for_its_pod_then_swaps_it
     async with world(gpus=3, idle_grace=300.0, health_grace=0.3) as w:
         added = counter("cohdi_device_taints_total", change="added")
         await scale_up(w, "c1", "gpu-0", "node-0")
-        started = time.monotonic()
+        started = w.mono()
         set_node_health(w, "gpu-0", "False", "Xid79", "GPU has fallen off the bus")
         taints = await w.wait(lambda: taints_of(w, "gpu-0"), "gpu-0 tainted")
-        took = time.monotonic() - started
+        took = w.mono() - started
         print(f"DeviceHealthy=False Xid79 -> taint in the slice: {took * 1000:.0f} ms")
         assert taints == [
             {
@@ -136,9 +140,9 @@ async def test_a_cleared_condition_lifts_the_taint_after_the_grace() -> None:
         set_node_health(w, "gpu-0", "False", "DoubleBitEcc", "uncorrectable ECC error")
         await w.wait(lambda: taints_of(w, "gpu-0"), "gpu-0 tainted")
         set_node_health(w, "gpu-0", "True")
-        cleared = time.monotonic()
+        cleared = w.mono()
         await w.wait(lambda: taints_of(w, "gpu-0") == [], "taint lifted")
-        waited = time.monotonic() - cleared
+        waited = w.mono() - cleared
         print(f"condition cleared -> taint lifted after {waited:.2f} s (grace 0.4 s)")
         assert waited >= 0.4
         assert counter("cohdi_device_taints_total", change="removed") == removed + 1
@@ -267,7 +271,9 @@ async def test_a_new_leader_keeps_the_node_reported_taint_of_a_detached_gpu() ->
                 driver=DRIVER, idle_grace=300.0, scale_down_settle=0.05, health_grace=0.2
             )
         )
-        role = running.build(w.kube, w.fabric, cfg, identity="next")  # type: ignore[arg-type]
+        role = running.build(  # type: ignore[arg-type]
+            w.kube, w.fabric, cfg, identity="next", wall=w.wall, mono=w.mono
+        )
         w.tasks.append(asyncio.create_task(role.run()))
         await w.wait(lambda: role.publisher.syncs >= 1, "the new leader published", timeout=60)
         seen.append(taints_of(w, "gpu-0"))

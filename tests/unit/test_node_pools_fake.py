@@ -11,10 +11,15 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from agent.kube.resources import RESOURCES, resource_name
 from agent.model import pool as poolmodel
 from agent.testing.fakekube import Request
 from tests.unit.test_cluster_role_fake import FABRIC, SLICES, World, scale_up, world
+
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
 
 NODE_POOL_0 = poolmodel.node_pool_name(FABRIC, "node-0")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +33,11 @@ from agent.model.fabric import (
     PoolDevice,
 )
 from agent.testing.fakekube import FakeKube, Rejected
+from tests import virtualtime
 from tests.waiting import until
+
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
 
 A100 = "NVIDIA-A100-PCIE-40GB"
 EVENTS = "/api/v1/namespaces/default/events"
@@ -143,7 +146,8 @@ async def rig(
     resources_kube: Callable[[FakeKube], FakeKube] | None = None,
     requests_kube: Callable[[FakeKube], FakeKube] | None = None,
 ) -> AsyncIterator[Rig]:
-    kube = FakeKube(bookmark_interval=0.05)
+    wall, mono = virtualtime.clocks()
+    kube = FakeKube(bookmark_interval=0.05, wall=wall)
     kube.admit("composableresources", valid_labels)
     for n in nodes:
         kube.add(NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}})
@@ -162,7 +166,7 @@ async def rig(
     )
     publisher.update_inventory(inventory(list(nodes), free, attached))
     recorder = Recorder(kube, component="cohdi-agent", instance="test")
-    clock = [time.time()]
+    clock = [wall()]
     requester = Requester(
         kube,
         requests=informers["requests"],
@@ -172,6 +176,7 @@ async def rig(
         recorder=recorder,
         limits=limits or rq.Limits(max_size=16),
         clock=lambda: clock[0],
+        mono=mono,
     )
     r = Rig(kube, requester, publisher, informers["resources"], clock)
     for inf in informers.values():

@@ -17,6 +17,9 @@ from agent.model.fabric import DeviceState
 from agent.model.objects import attached_device, fabric_device
 from tests.unit.test_cluster_role_fake import A100, FABRIC, World, world
 
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
+
 
 def slot(n: int) -> str:
     return slotmodel.slot_id(FABRIC, A100, n)

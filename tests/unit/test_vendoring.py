@@ -29,6 +29,7 @@ from agent.model.fabric import DeviceState
 from agent.model.objects import Obj
 from agent.testing.fakekube import FakeKube
 from agent.testing.nodereport import NodeDouble
+from tests import virtualtime
 from tests.unit.test_cluster_role_fake import (
     A100,
     DRIVER,
@@ -39,6 +40,9 @@ from tests.unit.test_cluster_role_fake import (
     make_node,
 )
 from tests.waiting import until
+
+# In-memory worlds only: graces, settle periods and backoff pass in virtual time.
+pytestmark = pytest.mark.virtualtime
 
 VENDOR = "gpu.vendor.example"
 
@@ -197,7 +201,8 @@ async def vendor_world(
     idle_grace: float = 300.0,
     pool_attributes: PoolAttributes | None = None,
 ) -> AsyncIterator[World]:
-    kube = FakeKube(bookmark_interval=60)
+    wall, mono = virtualtime.clocks()
+    kube = FakeKube(bookmark_interval=60, wall=wall)
     kube.selectable("composableresources", "spec.target_node")
     names = ["node-0", "node-1"]
     for n in names:
@@ -218,8 +223,10 @@ async def vendor_world(
         cfg,
         identity="test",
         pool_attributes=pool_attributes,
+        wall=wall,
+        mono=mono,
     )
-    w = World(kube, fabric, role, names)
+    w = World(kube, fabric, role, names, wall=wall, mono=mono)
     w.tasks.append(asyncio.create_task(role.run()))
     w.tasks.append(asyncio.create_task(NodeDouble(kube, set(names)).run()))
     try:
@@ -244,7 +251,7 @@ def pool_entries(w: World) -> dict[str, dict[str, Any]]:
 
 def allocate(w: World, claim: str, pool: str, device: str, node: str, *, pooled: bool) -> None:
     """kube-scheduler's allocation of one device of the vendor's driver, pinned to `node`."""
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = dt.datetime.fromtimestamp(w.wall(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     result: dict[str, Any] = {"request": "gpu", "driver": VENDOR, "pool": pool, "device": device}
     if pooled:
         result["bindingConditions"] = [poolmodel.READY]
