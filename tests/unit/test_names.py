@@ -9,6 +9,7 @@ fixed seed (property-style, reproducible), plus the collisions seen in the field
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable
@@ -86,15 +87,19 @@ def generated(seed: int, n: int) -> list[str]:
     return out
 
 
-INPUTS = generated(20240611, 3000)
+@functools.cache
+def inputs() -> list[str]:
+    """The generated ids every rule is checked on: made once per process, on first use (not at
+    import, which every pytest-xdist worker pays for while collecting)."""
+    return generated(20240611, 3000)
 
 
 @pytest.mark.parametrize(("what", "normalise", "valid"), RULES, ids=[r[0] for r in RULES])
 def test_every_output_obeys_its_kubernetes_rule(
     what: str, normalise: Callable[[str], str], valid: Callable[[str], bool]
 ) -> None:
-    bad = [(raw, normalise(raw)) for raw in INPUTS if not valid(normalise(raw))]
-    print(f"{what}: {len(INPUTS)} generated ids, {len(bad)} invalid outputs")
+    bad = [(raw, normalise(raw)) for raw in inputs() if not valid(normalise(raw))]
+    print(f"{what}: {len(inputs())} generated ids, {len(bad)} invalid outputs")
     assert not bad, bad[:5]
 
 
@@ -126,7 +131,7 @@ def test_valid_ids_are_kept_as_they_are(
     max_len: int,
 ) -> None:
     rng = random.Random(7)  # noqa: S311 - reproducible test inputs, not secrets
-    kept = [raw for raw in INPUTS if valid(raw)]
+    kept = [raw for raw in inputs() if valid(raw)]
     kept += [built_valid(rng, alnum, seps, max_len) for _ in range(3000)]
     assert all(valid(raw) for raw in kept)
     changed = [raw for raw in kept if normalise(raw) != raw]
@@ -145,9 +150,11 @@ def test_reported_pairs_get_distinct_valid_names(a: str, b: str) -> None:
         assert poolmodel.device_name(raw) == raw or not k8s_dns_label(raw)
 
 
+@functools.cache
 def near_identical(seed: int) -> list[str]:
     """Ids that differ only in case, separators, padding or an invisible character: what a
-    lossy normalisation folds together."""
+    lossy normalisation folds together. Made once per seed and process (20,000 of them: each
+    rule's test reads the same list)."""
     rng = random.Random(seed)  # noqa: S311 - reproducible test inputs, not secrets
     bases = ["gpu-0", "GPU_0", "gpu.0", "Fabric_1/GPU-07", "a" * 70, "x" * 300, "n" * 62]
     seps = ["-", "_", ".", " ", "", "--", "/", ":"]
@@ -199,7 +206,7 @@ def test_the_format_is_pinned() -> None:
 
 
 def test_attribute_strings_fit_64_bytes_without_splitting_a_character() -> None:
-    for raw in INPUTS:
+    for raw in inputs():
         out = names.attribute_string(raw)
         assert len(out.encode()) <= 64
         assert raw.startswith(out)
