@@ -359,8 +359,9 @@ class NodeSettings:
     )
     kubelet_dir: str = setting(
         "/var/lib/kubelet",
-        "Kubelet's directory: the plugin's sockets go in <dir>/plugins_registry/<driver>-reg.sock "
-        "and <dir>/plugins/<driver>/dra.sock, its checkpoint beside the latter.",
+        "Kubelet's directory: the plugin's sockets go in <dir>/plugins_registry/<driver>-<id>-"
+        "reg.sock and <dir>/plugins/<driver>/dra-<id>.sock (<id>: the process's), its checkpoint "
+        "beside the latter.",
         metavar="DIR",
     )
     cdi_dir: str = setting(
