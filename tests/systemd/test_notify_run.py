@@ -146,7 +146,7 @@ async def test_node_role_ready_only_once_serving_then_watchdog_then_stopping(
     kubelet_dir, stub = node_tree
     blocker = kubelet_dir / "plugins_registry"
     blocker.write_text("a file where the plugin's registry directory must go\n")
-    reg_socket = kubelet_dir / "plugins_registry" / "composable.cohdi.io-reg.sock"
+    registry = kubelet_dir / "plugins_registry"
     log = tmp_path / "agent.log"
     proc = spawn(
         node_args(tmp_path, kubelet_dir, stub),
@@ -171,7 +171,7 @@ async def test_node_role_ready_only_once_serving_then_watchdog_then_stopping(
         ready: Message = await until(
             lambda: _first(listener, "READY"), what="READY=1 after the block is gone", timeout=60
         )
-        assert reg_socket.is_socket(), "READY=1 before the registration socket was there"
+        assert _registrations(registry), "READY=1 before the registration socket was there"
         assert ready.at > unblocked
         assert ready.pid == proc.pid, "systemd (NotifyAccess=main) takes READY from the main pid"
         assert ready.fields["STATUS"].startswith("node n1: 1 GPU(s), kubelet plugin serving")
@@ -184,7 +184,7 @@ async def test_node_role_ready_only_once_serving_then_watchdog_then_stopping(
     assert stopping is not None, listener.messages
     assert stopping.pid == proc.pid
     assert rc == 0, log.read_text()
-    assert not reg_socket.exists(), "the plugin removed its sockets on SIGTERM"
+    assert not _registrations(registry), "the plugin removed its sockets on SIGTERM"
     times = pings(listener, proc.pid)
     assert times[0] < ready.at, "the watchdog is fed from the start, not only once ready"
     spacing = gaps(times)
@@ -323,6 +323,12 @@ async def test_cluster_role_ready_after_leading_with_synced_informers_standby_to
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _registrations(registry: Path) -> list[Path]:
+    """The plugin's registration sockets in kubelet's registry (`<driver>-<instance>-reg.sock`,
+    one per agent process)."""
+    return [p for p in registry.glob("composable.cohdi.io-*-reg.sock") if p.is_socket()]
 
 
 async def _first(listener: NotifyListener, key: str) -> Message | None:
