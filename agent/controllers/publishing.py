@@ -86,6 +86,9 @@ class Publisher:
         #: (pool, device name) of another driver's device -> our fabric device behind it (vendor
         #: mode: the vendor's node-local device of a GPU we attached)
         self.aliases: dict[tuple[str, str], str] = {}
+        #: (pool, device name) of every anonymous slot ever offered (`was_slot`); bounded by the
+        #: largest free count a fabric has had
+        self._slot_entries: set[tuple[str, str]] = set()
         #: reshapes the desired slices before they are written (vendor mode)
         self.shape: Callable[[SliceMap], SliceMap] | None = None
         #: attached device -> the node whose own pool offers it (agent.model.pool.node_pool_slices)
@@ -217,6 +220,10 @@ class Publisher:
         if inv is not self.inventory or key != held or out is None:
             out = slotmodel.view(self.inventory, dict(held))
             self._view = (self.inventory, held, out)
+            for d in out.devices:
+                if slotmodel.is_slot(d.id):
+                    entry = (poolmodel.pool_name(d.fabric), poolmodel.device_name(d.id))
+                    self._slot_entries.add(entry)
         return out
 
     # --- node-local pools ------------------------------------------------------------------------
@@ -334,6 +341,14 @@ class Publisher:
             self._names = names
             self._names_of = view
         return self._names.get((pool, name)) or self.aliases.get((pool, name))
+
+    def was_slot(self, pool: str, name: str) -> bool:
+        """The slice entry (pool, device name) has been offered as an anonymous slot. A slot
+        number can stop being offered for a moment with no GPU gone (the free count read after
+        a GPU arrived, before the composer records which slot it came through): a claim holding
+        it is given a grace (`agent.model.scaling.SLOT_VANISH_GRACE`) before UnknownDevice."""
+        self.view  # noqa: B018 (records the slots of a changed inventory)
+        return (pool, name) in self._slot_entries
 
     def device_index(self) -> dict[tuple[str, str], str]:
         """(pool name, device name) -> fabric device id, for every device in the inventory."""

@@ -184,6 +184,9 @@ class Scaler:
         #: device id -> monotonic time it was last held by a claim
         self.last_used: dict[str, float] = {}
         self._held: dict[ClaimKey, set[tuple[str, str]]] = {}
+        #: (claim, pool, device name) -> when the anonymous slot it holds was first found not
+        #: offered (wall seconds; `agent.model.scaling.SLOT_VANISH_GRACE`)
+        self._vanished: dict[tuple[ClaimKey, str, str], float] = {}
         #: The node each allocated claim is pinned to, and the claims pinned to each node: a
         #: Node that comes back requeues its own claims without a scan of every claim (5,000
         #: Nodes listed at start times 2,000 claims was 12 % of the leader's CPU).
@@ -325,6 +328,8 @@ class Scaler:
     async def handle(self, key: ClaimKey) -> None:
         claim = self.claims.get(*key)
         if claim is None:
+            for gone in [v for v in self._vanished if v[0] == key]:
+                del self._vanished[gone]
             return
         for b in claimmodel.bindings(claim, self.driver):
             if b.ready or b.failed:
@@ -335,8 +340,13 @@ class Scaler:
     async def _bind(self, claim: Obj, b: claimmodel.Binding) -> None:
         key = (b.namespace, b.claim)
         device = self.publisher.device_id_of(b.pool, b.device)
+        vanished_for = None
         if device is not None:
             self.publisher.pin(device)
+            self._vanished.pop((key, b.pool, b.device), None)
+        elif self.publisher.was_slot(b.pool, b.device):
+            since = self._vanished.setdefault((key, b.pool, b.device), self.wall())
+            vanished_for = self.wall() - since
         resource = self.resources.get("", resource_name(device)) if device else None
         if resource is not None and not mine(resource, self.driver_label):
             resource = None  # another deployment's: its device ids are not ours
@@ -349,7 +359,10 @@ class Scaler:
             now=self.wall(),
             deadline=self.deadline,
             unhealthy=self._unhealthy_behind(device, resource),
+            slot_vanished_for=vanished_for,
         )
+        if d.step != decide.BindStep.WAIT:
+            self._vanished.pop((key, b.pool, b.device), None)
         if d.step == decide.BindStep.WAIT:
             self.queue.enqueue_after(key, d.after)
         elif d.step == decide.BindStep.CREATE:

@@ -31,6 +31,12 @@ from agent.model.objects import (
 #: first fabric read (seconds).
 RECHECK: Final = 0.2
 
+#: How long a claim may hold an anonymous slot the published view no longer lists before it
+#: fails with UnknownDevice (seconds). The free count can drop a moment before the composer
+#: records which slot the GPU came through; the view then offers one slot number fewer until it
+#: does (`agent.model.slots.view`). A slot truly gone fails after this.
+SLOT_VANISH_GRACE: Final = 10.0
+
 MAX_LABEL: Final = "cohdi.io/max-devices"
 MIN_LABEL: Final = "cohdi.io/min-devices"
 
@@ -72,6 +78,7 @@ def decide_bind(
     now: float,
     deadline: float,
     unhealthy: str = "",
+    slot_vanished_for: float | None = None,
 ) -> BindDecision:
     """What to do for one allocation waiting for its binding conditions.
 
@@ -80,11 +87,19 @@ def decide_bind(
     `cohdi.io/max-devices`; `now`: epoch seconds; `deadline`: the `--claim-deadline` in seconds,
     counted from the claim's allocationTimestamp; `unhealthy`: why the device is unhealthy ("":
     it is not; `agent.model.health`) — a claim still waiting for it fails, so the scheduler
-    gives it another.
+    gives it another; `slot_vanished_for`: seconds since the claim's device, an anonymous slot,
+    stopped being offered (None: not a slot, or still offered) — waited for up to
+    SLOT_VANISH_GRACE (within the claim's deadline) before UnknownDevice.
     """
     if device is None:
         if not inventory_known:
             return BindDecision(BindStep.WAIT, after=RECHECK)  # not synced with the fabric yet
+        if slot_vanished_for is not None:
+            left = SLOT_VANISH_GRACE - slot_vanished_for
+            if b.allocated_at:
+                left = min(left, b.allocated_at + deadline - now)
+            if left > 0:
+                return BindDecision(BindStep.WAIT, after=min(1.0, left))
         return BindDecision(
             BindStep.FAIL,
             reason="UnknownDevice",
