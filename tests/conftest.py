@@ -22,6 +22,9 @@ from agent.devcluster import local
 from agent.devcluster.controlplane import ControlPlane
 from agent.kube.client import Kube
 
+#: the order xdist deals tests out in (long real-time tests first): tests/ordering.py
+pytest_plugins = ("tests.ordering",)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
