@@ -518,9 +518,14 @@ async def test_helm_install_on_a_real_node_runs_the_flow_and_upgrades_seamlessly
     install_s = time.monotonic() - t0
     (node_pod,) = await inst.pods("node")
     assert node_pod["spec"]["nodeName"] == node.name
-    # the probes (/healthz, /readyz on the metrics port) pass: Ready above, never restarted
+    # they run the imported image; the probes (/healthz, /readyz on the metrics port) pass:
+    # Ready above, never restarted
+    image_ids = set()
     for pod in [node_pod, *await inst.pods("cluster")]:
-        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, pod["status"]
+        (status,) = pod["status"]["containerStatuses"]
+        assert status["image"] == inst.image.reference, status
+        assert status["restartCount"] == 0, pod["status"]
+        image_ids.add(status["imageID"])
     assert node_pod["spec"]["serviceAccountName"] == f"{inst.release}-node"
     print("kubelet:", reg[:220])
     lease = await inst.kube.get(inst.path("leases", inst.release, group="coordination.k8s.io/v1"))
@@ -583,6 +588,11 @@ async def test_helm_install_on_a_real_node_runs_the_flow_and_upgrades_seamlessly
     upgrade_s = time.monotonic() - t3
     (new_pod,) = await inst.pods("node")
     assert new_pod["metadata"]["name"] != node_pod["metadata"]["name"]
+    for pod in [new_pod, *await inst.pods("cluster")]:
+        # (the status names the image by either tag: containerd has one image under both)
+        assert _image_of(pod).endswith(f":{NEXT_TAG}"), pod["spec"]
+        image_ids.add(pod["status"]["containerStatuses"][0]["imageID"])
+    assert len(image_ids) == 1, image_ids  # the same archive under its second tag
     during = _kubelet_lines(node, mark)
     assert not [ln for ln in during if "UNAVAILABLE" in ln], "a DRA call found no plugin"
     # kubelet's plugins for the driver after each registration change: the surge pod's joins
