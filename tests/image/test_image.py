@@ -157,7 +157,11 @@ def test_node_role_as_pid1_stops_on_sigterm(
     add_function(tmp_path / "sys", "0000:41:00.0")
     (tmp_path / "kubeconfig").write_text(DEAD_KUBECONFIG)
     kubelet = Path(tempfile.mkdtemp(prefix="kl-", dir="/tmp"))  # socket paths < 108 bytes
-    reg = kubelet / "plugins_registry" / "composable.cohdi.io-reg.sock"
+    registry = kubelet / "plugins_registry"  # <driver>-<instance>-reg.sock, one per process
+
+    def registered() -> bool:
+        return any(registry.glob("composable.cohdi.io-*-reg.sock"))
+
     box = container(
         unpacked,
         tmp_path,
@@ -178,10 +182,10 @@ def test_node_role_as_pid1_stops_on_sigterm(
     log = tmp_path / "node.log"
     box.start(log)
     try:
-        oci.wait_for(reg.exists, "the plugin's registration socket", log)
+        oci.wait_for(registered, "the plugin's registration socket", log)
         assert _is_pid1(box)
         assert box.terminate() == 0, log.read_text()
-        assert not reg.exists(), "the node role left its socket behind"
+        assert not registered(), "the node role left its socket behind"
     finally:
         box.delete()
         shutil.rmtree(kubelet, ignore_errors=True)
