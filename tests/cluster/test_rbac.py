@@ -49,6 +49,7 @@ from tests.cluster.conftest import A100, CLAIMS, NS, World
 from tests.cluster.test_resilience import cluster_args, http_get, spawn, stop
 from tests.cluster.test_scale_up import bound_pods
 from tests.packaging.test_helm_chart import CHART, run_helm
+from tests.plugin_sockets import registration_socket
 from tests.waiting import until
 
 pytestmark = pytest.mark.controlplane
@@ -157,8 +158,9 @@ def _distinct(calls: list[access.Call]) -> list[access.Call]:
 
 async def _node_process(
     world: World, node: str, kubeconfig: Path, tmp_path: Path
-) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    """The node role alone, on a synthetic sysfs fed by the emulator, with its token."""
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """The node role alone, on a synthetic sysfs fed by the emulator, with its token; (process,
+    its kubelet directory)."""
     root = tmp_path / "nodes" / node
     (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
     (root / "nvml-gpus").touch()
@@ -191,7 +193,7 @@ async def _node_process(
         tmp_path / "node.log",
         {"STUB_NVML_GPUS": str(root / "nvml-gpus")},
     )
-    return proc, kubelet_dir, kubelet_dir / "plugins_registry" / f"{world.driver}-reg.sock"
+    return proc, kubelet_dir
 
 
 async def _kubelet(
@@ -291,7 +293,7 @@ async def test_split_roles_run_the_flow_with_no_denial_and_every_rule_is_needed(
         cluster_cfg = access.token_kubeconfig(
             control_plane, await access.token(kube, ns, cluster_sa), tmp_path / "cluster.kubeconfig"
         )
-        node_proc, kubelet_dir, registration = await _node_process(world, node, node_cfg, tmp_path)
+        node_proc, kubelet_dir = await _node_process(world, node, node_cfg, tmp_path)
         procs.append(node_proc)
         port = free_port()
         cluster_proc = spawn(
@@ -322,6 +324,7 @@ async def test_split_roles_run_the_flow_with_no_denial_and_every_rule_is_needed(
         await world.claim_and_pod(claim_name)
         await until(lambda: bound_pods(world, [claim_name]), what="the pod bound", timeout=90)
         claim = await kube.get(f"{CLAIMS}/{claim_name}")
+        registration = registration_socket(kubelet_dir, world.driver)  # the process's own name
         prepared = await _kubelet(binary, registration, world.driver, "prepare", claim)
         assert f"{world.driver}/gpu=" in prepared, prepared
         await _kubelet(binary, registration, world.driver, "unprepare", claim)

@@ -43,6 +43,7 @@ from tests import kubelet
 from tests.cluster.conftest import CLAIMS, PASSWORD, World
 from tests.cluster.test_scale_up import bound_pods, our_slices
 from tests.conftest import kubeconfig_via
+from tests.plugin_sockets import registration_socket, registration_sockets
 from tests.tcpproxy import TcpProxy
 from tests.waiting import until
 
@@ -328,8 +329,7 @@ async def test_node_role_serves_kubelet_while_the_cluster_role_cannot_publish(
     world.emulator.state.on_disappear.append(hook.disappear)
     stub = await asyncio.to_thread(stubnvml.build, settings.Settings().cache_dir)
     kubelet_dir = Path(tempfile.mkdtemp(prefix="kl-", dir="/tmp"))  # socket paths < 108 bytes
-    reg_socket = kubelet_dir / "plugins_registry" / f"{world.driver}-reg.sock"
-    dra_socket = kubelet_dir / "plugins" / world.driver / "dra.sock"
+    plugin_dir = kubelet_dir / "plugins" / world.driver  # sockets: tests/plugin_sockets.py
 
     user = f"limited-{world.suffix}"
     role = {
@@ -403,7 +403,7 @@ async def test_node_role_serves_kubelet_while_the_cluster_role_cannot_publish(
             [
                 str(binary),
                 "-registration",
-                str(reg_socket),
+                str(registration_socket(kubelet_dir, world.driver)),
                 "-driver",
                 world.driver,
                 "-op",
@@ -433,7 +433,10 @@ async def test_node_role_serves_kubelet_while_the_cluster_role_cannot_publish(
         assert proc.poll() is None
     finally:
         rc = await stop(proc)
-        sockets_left = [p for p in (reg_socket, dra_socket) if p.exists()]
+        sockets_left = [
+            *registration_sockets(kubelet_dir, world.driver),
+            *plugin_dir.glob("dra*.sock"),
+        ]
         shutil.rmtree(kubelet_dir, ignore_errors=True)
         for path in (f"{rbac}/clusterrolebindings/{user}", f"{rbac}/clusterroles/{user}"):
             try:

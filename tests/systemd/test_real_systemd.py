@@ -215,8 +215,9 @@ async def test_node_unit_under_systemd_serves_kubelet_inside_its_sandbox(
     )
     dropin(etc, NODE_UNIT)
     tmpfiles = f"--bind-ro={ROOT / 'systemd' / 'cohdi-agent.tmpfiles'}:/etc/tmpfiles.d/cohdi.conf"
-    sockets = [
-        f"/var/lib/kubelet/plugins_registry/{world.driver}-reg.sock",
+    sockets = [  # shell globs: the process's own names (<instance>), and the node-local one
+        f"/var/lib/kubelet/plugins_registry/{world.driver}-*-reg.sock",
+        f"/var/lib/kubelet/plugins/{world.driver}/dra-*.sock",
         f"/var/lib/kubelet/plugins/{world.driver}/dra.sock",
     ]
     async with booted(installed, NODE_UNIT, etc, tmp_path, [tmpfiles]) as machine:
@@ -280,7 +281,7 @@ async def test_node_unit_under_systemd_serves_kubelet_inside_its_sandbox(
         last = await asyncio.to_thread(machine.show, NODE_UNIT, "ActiveState", "Result")
         assert (last["ActiveState"], last["Result"]) == ("inactive", "success"), last
         for sock in sockets:
-            assert (await sh(f"test -e {sock}")).returncode != 0, f"{sock} left behind"
+            assert (await sh(f"ls -d {sock}")).returncode != 0, f"{sock} left behind"
 
 
 async def _start_stall_stop(
