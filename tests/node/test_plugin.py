@@ -486,8 +486,8 @@ async def test_a_socket_path_over_107_bytes_is_refused_and_nothing_keeps_running
 async def test_the_registration_socket_is_checked_too(node: SimNode, kubelet_dir: Path) -> None:
     """The DRA socket fits but the registration socket (named after the driver) does not: the
     DRA server that had started is stopped and its socket removed."""
-    # dra: <dir>/plugins/<driver>/dra.sock, bound first as <dir>/plugins/<driver>/.<8>/s;
-    # registration: <dir>/plugins_registry/<driver>-reg.sock, 6 bytes longer than that.
+    # dra: <dir>/plugins/<driver>/dra-<8>.sock, bound first as <dir>/plugins/<driver>/.cohdi/<8>/s;
+    # registration: <dir>/plugins_registry/<driver>-<8>-reg.sock, longer than both.
     driver = "d" * (84 - len(str(kubelet_dir)) - len(".example.com")) + ".example.com"
     plugin = KubeletPlugin(
         node.kube,
