@@ -593,19 +593,25 @@ async def test_helm_install_on_a_real_node_runs_the_flow_and_upgrades_seamlessly
         assert _image_of(pod).endswith(f":{NEXT_TAG}"), pod["spec"]
         image_ids.add(pod["status"]["containerStatuses"][0]["imageID"])
     assert len(image_ids) == 1, image_ids  # the same archive under its second tag
+    # kubelet's plugins for the driver after each registration change: the surge pod's joins
+    # (2), the old pod's leaves (1, once its watcher sees the socket go); never none
+
+    async def changes() -> list[tuple[str, int]] | None:
+        counts = [
+            (event, int(m.group(1)))
+            for ln in _kubelet_lines(node, mark)
+            if f'driverName="{inst.driver}"' in ln
+            for event in ("Registered", "Unregistered")
+            if f'"{event} DRA plugin"' in ln
+            for m in [re.search(r"numPlugins=(\d+)", ln)]
+            if m
+        ]
+        dropped = any(n == 0 for _, n in counts)  # the one-name layout's failure: say so below
+        return counts if counts and (counts[-1][0] == "Unregistered" or dropped) else None
+
+    counts = await until(changes, what="kubelet dropping the old pod's plugin", timeout=60)
     during = _kubelet_lines(node, mark)
     assert not [ln for ln in during if "UNAVAILABLE" in ln], "a DRA call found no plugin"
-    # kubelet's plugins for the driver after each registration change: the surge pod's joins
-    # (2), the old pod's leaves (1); never none
-    counts = [
-        (event, int(m.group(1)))
-        for ln in during
-        if f'driverName="{inst.driver}"' in ln
-        for event in ("Registered", "Unregistered")
-        if f'"{event} DRA plugin"' in ln
-        for m in [re.search(r"numPlugins=(\d+)", ln)]
-        if m
-    ]
     print(f"kubelet's plugins for the driver during the upgrade: {counts}")
     assert ("Registered", 2) in counts, counts  # both pods registered at once
     assert counts[-1] == ("Unregistered", 1), counts  # the old one left, the new one stays
