@@ -257,3 +257,44 @@ def test_every_container_command_is_one_the_agent_accepts(
         assert cluster_cfg.fabric.password_file == ""  # CoHDI's Secret has the credentials
     else:
         assert cluster_cfg.fabric.password_file == "/etc/cohdi-agent/fabric/password"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "apiServer.host=10.0.0.1:6443",  # a port in the host: the client dialled https://[10.0.0.1:6443]:443
+        "apiServer.host=https://api.example",
+        "apiServer.host=[fd00::1]",  # brackets are the client's to add
+        "fullnameOverride=Foo_Bar",  # not a DNS label: every object name would be refused
+    ],
+)
+def test_schema_refuses_bad_names(helm_bin: Path, tmp_path: Path, bad: str) -> None:
+    done = run_helm(helm_bin, tmp_path, "template", "x", str(CHART), "--set", bad)
+    assert done.returncode != 0, done.stdout[:500]
+    assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("host", ["api.example.com", "10.0.0.1", "fd00::1", "API-1.example"])
+def test_api_server_host_forms_accepted(helm_bin: Path, tmp_path: Path, host: str) -> None:
+    docs = render(helm_bin, tmp_path, "x", "default", f"apiServer.host={host}")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {
+        e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["KUBERNETES_SERVICE_HOST"] == host
+
+
+@pytest.mark.parametrize("release", ["1gpu", "gpu.pool"])
+def test_release_name_that_makes_no_service_name_is_refused(
+    helm_bin: Path, tmp_path: Path, release: str
+) -> None:
+    """A Service's name must be a DNS-1035 label (a letter first, no dot); Helm admits release
+    names that are not, and the names the chart derives from them would be refused by the API
+    server object by object. The chart refuses them up front, naming fullnameOverride."""
+    done = run_helm(helm_bin, tmp_path, "template", release, str(CHART))
+    assert done.returncode != 0, done.stdout[:500]
+    assert "fullnameOverride" in done.stderr, done.stderr
+    ok = run_helm(
+        helm_bin, tmp_path, "template", release, str(CHART), "--set", "fullnameOverride=gpu"
+    )
+    assert ok.returncode == 0, ok.stderr

@@ -1,6 +1,14 @@
 {{/* Every object's name prefix: the release name when it already says cohdi-agent, else
 <release>-cohdi-agent (fullnameOverride wins). agent/manifests/rbac.py calls it `name`. */}}
 {{- define "cohdi-agent.fullname" -}}
+{{- $name := include "cohdi-agent.fullnameRaw" . -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) -}}
+{{- fail (printf "the objects' name prefix %q (from the release name) is not a DNS-1035 label (a lowercase letter first, then letters, digits, '-'; no '.'), which a Service's name must be: set fullnameOverride" $name) -}}
+{{- end -}}
+{{- $name -}}
+{{- end -}}
+
+{{- define "cohdi-agent.fullnameRaw" -}}
 {{- if .Values.fullnameOverride -}}
 {{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
 {{- else if contains .Chart.Name .Release.Name -}}
