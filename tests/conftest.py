@@ -22,8 +22,8 @@ from agent.devcluster import local
 from agent.devcluster.controlplane import ControlPlane
 from agent.kube.client import Kube
 
-#: the order xdist deals tests out in (long real-time tests first): tests/ordering.py
-pytest_plugins = ("tests.ordering",)
+#: the order xdist deals tests out in (tests/ordering.py); where bytecode goes (tests/bytecode.py)
+pytest_plugins = ("tests.ordering", "tests.bytecode")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
