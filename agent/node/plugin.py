@@ -657,8 +657,11 @@ class KubeletPlugin:
         return []
 
     def _prepare_dirs(self) -> None:
-        self.plugin_dir.mkdir(parents=True, exist_ok=True)
-        self.reg_socket.parent.mkdir(parents=True, exist_ok=True)
+        for directory in (self.plugin_dir, self.reg_socket.parent):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as exc:
+                raise _in_the_way(directory, exc) from exc
         self.preparer.cdi_dir.mkdir(parents=True, exist_ok=True)
         self.preparer.clean_stale()
         self._remove_dead_sockets()
@@ -753,8 +756,22 @@ def _publish(bind: Path, public: Path) -> Identity:
     """Make the bound socket 0600 and move it onto its public name; its identity."""
     os.chmod(bind, 0o600)
     st = os.stat(bind)
-    os.replace(bind, public)
+    try:
+        os.replace(bind, public)
+    except (IsADirectoryError, NotADirectoryError) as exc:
+        raise _in_the_way(public, exc) from exc
     return st.st_dev, st.st_ino
+
+
+def _in_the_way(path: Path, exc: OSError) -> errors.ConfigError:
+    """The error for something not ours (a directory where a socket goes, a file where a
+    directory goes) at a path the plugin needs under --node-kubelet-dir."""
+    return errors.ConfigError(
+        "--node-kubelet-dir",
+        str(path),
+        f"something else is there ({exc.strerror}); move it away, the kubelet plugin needs "
+        "this path for its sockets",
+    )
 
 
 def _unlink_own(sockets: dict[Path, Identity]) -> None:
