@@ -235,16 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="build, start or stop the local control plane by hand",
         usage=" {build,up,down,env,status,image}",
         description="""\
-            build  build etcd, kube-apiserver, kube-scheduler and helm into the cache (once);
-                   as root on Linux also the test bed's real node: kubelet,
-                   kube-controller-manager, containerd, runc, CNI plugins, pause image
+            build  build etcd, kube-apiserver, kube-scheduler and helm into the cache (once;
+                   needs Go >= 1.26 on PATH); as root on Linux also the test bed's real node:
+                   kubelet, kube-controller-manager, containerd, runc, CNI plugins, pause image
             up     start a cluster in the background; prints how to use it
             down   stop the cluster `up` started (by pid)
             env    print `export KUBECONFIG=...` for the running cluster
             status show whether it runs, with pids and the API server URL
             image  build the agent's container image (no registry: a Debian base from
                    Debian's packages, buildah, runc) into the cache as an OCI archive;
-                   prints its path and reference (`ctr images import` / `podman load` it)
+                   prints its path and reference (`ctr images import` / `podman load` it);
+                   needs root (installs buildah and runc with apt-get when missing)
+            The cache is --dev-cache-dir (below); nothing is written into the repository.
             """,
     )
     dev.add_argument("action", choices=("build", "up", "down", "env", "status", "image"))
