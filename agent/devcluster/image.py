@@ -158,7 +158,9 @@ def ensure_image(cache_dir: Path, progress: building.Progress) -> Image:
         return Image(want, reference, key)
     if os.geteuid() != 0:
         raise errors.DevClusterError(
-            "building the image needs root (apt-get, mmdebstrap, buildah's storage)"
+            "building the image needs root (apt-get, mmdebstrap, buildah's storage): run "
+            f"`cohdi-agent dev-cluster --dev-cache-dir {cache_dir} image` as root (sudo); "
+            "later runs by any user find the archive it leaves there"
         )
     image_dir(cache_dir).mkdir(parents=True, exist_ok=True)
     with building._locked(image_dir(cache_dir) / ".build.lock", progress):
