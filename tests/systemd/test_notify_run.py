@@ -162,7 +162,7 @@ async def test_node_role_ready_only_once_serving_then_watchdog_then_stopping(
 
         await until(lambda: fed(4), what="3 s of watchdog pings", timeout=60)
         assert listener.seen("READY") == [], "READY=1 while the kubelet plugin cannot serve"
-        blocked = [s for s in listener.statuses() if "node: failed" in s and "FileExistsError" in s]
+        blocked = [s for s in listener.statuses() if "node: failed" in s and str(blocker) in s]
         assert blocked, listener.statuses()
         print(f"\nwhile blocked: {len(pings(listener, proc.pid))} pings, STATUS {blocked[-1]!r}")
 
