@@ -193,6 +193,22 @@ def test_workloads(helm_bin: Path, tmp_path: Path) -> None:
     assert pdb["spec"]["selector"] == dep["spec"]["selector"]
 
 
+def test_node_selectors_narrow_both_roles(helm_bin: Path, tmp_path: Path) -> None:
+    """node.nodeSelector narrows the DaemonSet beyond the fabric label (which other nodes may
+    carry), cluster.nodeSelector the Deployment; by default neither is set."""
+    sets = ("fabric.url=https://fm:443",)
+    pin = ("node.nodeSelector.gpu-server=yes", "cluster.nodeSelector.role=control")
+    plain = keyed(render(helm_bin, tmp_path, "cohdi-agent", "ns", *sets))
+    pinned = keyed(render(helm_bin, tmp_path, "cohdi-agent", "ns", *sets, *pin))
+    ds, dep = ("DaemonSet", "ns", "cohdi-agent-node"), ("Deployment", "ns", "cohdi-agent-cluster")
+    for key in (ds, dep):
+        assert "nodeSelector" not in plain[key]["spec"]["template"]["spec"]
+    assert pinned[ds]["spec"]["template"]["spec"]["nodeSelector"] == {"gpu-server": "yes"}
+    assert pinned[dep]["spec"]["template"]["spec"]["nodeSelector"] == {"role": "control"}
+    affinity = pinned[ds]["spec"]["template"]["spec"]["affinity"]  # the fabric label still holds
+    assert affinity == plain[ds]["spec"]["template"]["spec"]["affinity"]
+
+
 @pytest.mark.parametrize(
     "bad",
     ["fabric.backend=soap", "driver=Not_A_Name", "metrics.port=0", "unknownKey=1", "idleGrace=-1"],

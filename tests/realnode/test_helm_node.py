@@ -225,6 +225,9 @@ async def install(
         bridges.append(bridge)
     api, fabric = bridges
 
+    # Both roles on the real node only: in a full session other tests' Nodes (no kubelet behind
+    # them) carry the fabric label too, and pods placed there would stay Pending.
+    on_real_node = {"kubernetes.io/hostname": real_node.name}
     values = {
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "driver": f"h{suffix}.cohdi.io",
@@ -238,8 +241,13 @@ async def install(
             "ca": (pki / "ca.crt").read_text(),
         },
         # the bed's node may carry realnode.REAL_NODE_TAINT (the DaemonSet tolerates every taint)
-        "cluster": {"extraArgs": ["--fabric-poll-interval=1"], "tolerations": [TOLERATION]},
+        "cluster": {
+            "extraArgs": ["--fabric-poll-interval=1"],
+            "tolerations": [TOLERATION],
+            "nodeSelector": on_real_node,
+        },
         "node": {
+            "nodeSelector": on_real_node,
             "kubeletDir": str(real_node.kubelet_root),
             "cdiDir": str(real_node.cdi),
             "nvmlPath": str(stub),
