@@ -150,6 +150,7 @@ def test_workloads(helm_bin: Path, tmp_path: Path) -> None:
     ds = docs[("DaemonSet", "gpu-system", "cohdi-agent-node")]
     dep = docs[("Deployment", "gpu-system", "cohdi-agent-cluster")]
     assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert ds["spec"]["minReadySeconds"] == 10  # the new plugin registers before the old stops
     pod = ds["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["serviceAccountName"] == "cohdi-agent-node"
