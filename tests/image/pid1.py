@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.systemd.nspawn import children
+
 
 def unavailable() -> str | None:
     if os.geteuid() != 0:
@@ -31,26 +33,6 @@ def namespace_pid(pid: int) -> int:
         if line.startswith("NSpid:"):
             return int(line.split()[-1])
     raise AssertionError(f"no NSpid in /proc/{pid}/status")
-
-
-def children(pid: int) -> list[int]:
-    """The children of `pid`: /proc's children list where the kernel has one
-    (CONFIG_PROC_CHILDREN; CI's kernel lacks it), else every process whose parent (field 4 of
-    /proc/<pid>/stat) it is."""
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return []
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = (entry / "stat").read_text()
-                if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                    kids.append(int(entry.name))
-    return kids
 
 
 class Init:

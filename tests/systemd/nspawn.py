@@ -253,7 +253,7 @@ def _container_init(script_pid: int) -> int:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             if pid != script_pid and comm == "systemd" and _pid_namespace(pid) != ours:
                 return pid
-        todo.extend(_children(pid))
+        todo.extend(children(pid))
     return 0
 
 
@@ -261,7 +261,7 @@ def _pid_namespace(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/ns/pid")
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """The children of `pid`: /proc's children list where the kernel has one
     (CONFIG_PROC_CHILDREN), else every process whose parent (field 4 of /proc/<pid>/stat) it is."""
     try:
