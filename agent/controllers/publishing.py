@@ -167,9 +167,7 @@ class Publisher:
             dev = PoolDevice(
                 dev.id, old.fabric, old.model, dev.state, old.vendor, old.memory, old.gpu_uuid
             )
-        devices = [d for d in self.inventory.devices if d.id != dev.id]
-        devices.append(dev)
-        self.inventory = Inventory(self.inventory.machines, tuple(devices), version="local")
+        self.inventory = slotmodel.with_arrival(self.inventory, dev)
         self._forget_placements()
         self._release_freed()
         self.changed()

@@ -96,6 +96,35 @@ def view(inventory: Inventory, held: Mapping[str, str | None]) -> Inventory:
     return Inventory(inventory.machines, tuple(out), version=inventory.version)
 
 
+def with_arrival(inventory: Inventory, device: PoolDevice) -> Inventory:
+    """`inventory` with `device` (an attach's answer) in it, before the fabric's next read.
+
+    A GPU that arrived by model on a fabric that counts its free GPUs was one of that count: it
+    leaves the count as it gets an identity of its own. Listed with the old count kept, each
+    arrival would offer one free slot more than the fabric has GPUs (a claim given that number
+    waits for a GPU that does not exist). So when `device` is new to the inventory, attached or
+    attaching, and its fabric and model have free placeholders, the highest-numbered one goes.
+    A read taken during the attach may already have dropped the count: the view then offers one
+    number fewer until the next read, never one more. Fabrics that name their free devices have
+    no placeholders: only the device's entry changes."""
+    old = inventory.device(device.id)
+    devices = [d for d in inventory.devices if d.id != device.id]
+    if old is None and device.state in (DeviceState.ATTACHED, DeviceState.ATTACHING):
+        placeholders = [
+            d
+            for d in devices
+            if d.anonymous
+            and d.state == DeviceState.FREE
+            and d.fabric == device.fabric
+            and d.model == device.model
+        ]
+        if placeholders:
+            last = max(placeholders, key=lambda d: (parse_slot(d.id) or ("", "", -1))[2])
+            devices.remove(last)
+    devices.append(device)
+    return Inventory(inventory.machines, tuple(devices), version="local")
+
+
 def unowned_arrivals(
     inventory: Inventory, *, machine: str, model: str, owned: set[str]
 ) -> list[PoolDevice]:

@@ -1,12 +1,13 @@
 """A claim holding an anonymous slot the published view stops listing for a moment.
 
-On an FTI-like fabric (free GPUs as a count), the slot numbers offered shrink by one whenever the
-free count drops before the agent knows why: CI's scale-up run on such a fabric saw a claim
-allocated `free-25` fail with UnknownDevice because the count was read right after another
-claim's GPU arrived, before the composer recorded the slot it came through (the view then still
-subtracts that slot as 'waiting'). The scheduler had done nothing wrong and a GPU was free. The
-scaler now waits `SLOT_VANISH_GRACE` for such a slot to be offered again, and fails the claim
-only when it is not."""
+On an FTI-like fabric (free GPUs as a count), the slot numbers offered shrink by one when the free
+count drops before the agent knows why: a fabric read taken during an attach lists the lower count
+but not yet the GPU, or the composer has not yet recorded the slot the GPU came through (the view
+then still subtracts that slot as 'waiting'). The scheduler had done nothing wrong and a GPU is
+free; the next read or the composer's record brings the number back. The scaler waits
+`SLOT_VANISH_GRACE` for such a slot to be offered again, and fails the claim only when it is not.
+(The opposite error, a number offered beyond the GPUs the fabric has, is
+`test_slots_fake.test_a_gpu_arriving_before_the_next_fabric_read_takes_its_number_out_of_the_count`.)"""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ adopted and scaled down. The same for a fabric that names its devices, where it 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from agent.kube.resources import RESOURCES, resource_name
 from agent.model import pool as poolmodel
 from agent.model import slots as slotmodel
-from agent.model.fabric import DeviceState
+from agent.model.fabric import DeviceId, DeviceState, FabricId, Inventory, MachineId, PoolDevice
 from agent.model.objects import attached_device, fabric_device
 from tests.unit.test_cluster_role_fake import A100, FABRIC, World, world
 
@@ -192,3 +193,79 @@ async def test_a_gpu_detached_back_into_the_free_count_is_never_offered_under_it
         inventory = w.role.publisher.inventory
         assert inventory is not None
         assert inventory.device(gpu) is None  # in the count, not a device of its own
+
+
+async def test_a_gpu_arriving_before_the_next_fabric_read_takes_its_number_out_of_the_count() -> (
+    None
+):
+    """The composer publishes a GPU that arrived through a slot at once, before the next fabric
+    read brings the lower free count. Added to the inventory with the old count kept, the view
+    offered one free number more than the fabric had GPUs for each such arrival (`free-3` of 3
+    GPUs here; CI's scale-up on FTI allocated `free-24` and `free-25` of 24, which never came
+    back, and the claims were rescheduled). Every slice written offers at most as many free slots
+    as the fabric has free GPUs."""
+    async with world(anonymous=True, gpus=3) as w:
+        beyond = w.device_name(slot(3))
+        seen: list[str] = []
+
+        def check(req: Any) -> None:
+            if req.method in ("POST", "PUT") and "resourceslices" in req.path:
+                asyncio.get_running_loop().call_soon(
+                    lambda: seen.extend(n for n in w.offered() if n == beyond)
+                )
+
+        w.kube.on_request(check)
+        w.fabric.watch_lag = 1.0  # the fabric is polled: its reads trail the composer's answers
+        w.new_claim("c1")
+        w.allocate("c1", slot(0), "node-0")
+        await w.wait(lambda: w.condition("c1", poolmodel.READY), "c1 ready")
+        await w.wait(
+            lambda: w.offered().get(w.device_name(slot(0)), {}).get("nodeName"),
+            "slot 0 offered as attached",
+        )
+        assert beyond not in w.offered()
+        await asyncio.sleep(1.5)  # the trailing read arrives
+        free = sorted(n for n, e in w.offered().items() if e.get("bindsToNode"))
+        assert free == sorted(w.device_name(slot(n)) for n in (1, 2))
+        assert seen == [], "offered a free slot the fabric has no GPU for"
+
+
+def _counted(fabric: str, model: str, n: int) -> list[PoolDevice]:
+    return [
+        PoolDevice(
+            slotmodel.slot_id(fabric, model, i),
+            FabricId(fabric),
+            model,
+            DeviceState.FREE,
+            anonymous=True,
+        )
+        for i in range(n)
+    ]
+
+
+def test_with_arrival_takes_a_new_gpu_out_of_its_models_count_only() -> None:
+    v100 = "V100"
+    inv = Inventory((), (*_counted(FABRIC, A100, 3), *_counted(FABRIC, v100, 2)))
+    gpu = PoolDevice(
+        DeviceId("gpu-7"), FabricId(FABRIC), A100, DeviceState.ATTACHED, machine=MachineId("m-0")
+    )
+    after = slotmodel.with_arrival(inv, gpu)
+    ids = sorted(d.id for d in after.devices)
+    # the highest A100 number goes; the V100 count is untouched
+    assert ids == sorted(
+        [
+            "gpu-7",
+            *(slotmodel.slot_id(FABRIC, A100, n) for n in (0, 1)),
+            *(slotmodel.slot_id(FABRIC, v100, n) for n in (0, 1)),
+        ]
+    )
+    # the same answer again (or a read already listed it): the count is not taken twice
+    again = slotmodel.with_arrival(after, replace(gpu, pci_address="0000:41:00.0"))
+    assert len(again.devices) == len(after.devices)
+    assert [d.pci_address for d in again.devices if d.id == "gpu-7"] == ["0000:41:00.0"]
+    # a fabric that names its free devices has no count: only the entry changes
+    named = Inventory((), (replace(gpu, state=DeviceState.FREE, machine=None),))
+    assert slotmodel.with_arrival(named, gpu).devices == (gpu,)
+    # a failed attach's answer takes nothing from the count
+    failed = replace(gpu, id=DeviceId("gpu-8"), state=DeviceState.FAILED)
+    assert len(slotmodel.with_arrival(inv, failed).devices) == len(inv.devices) + 1
