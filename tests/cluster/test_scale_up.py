@@ -14,6 +14,7 @@ from agent.kube.client import Kube, Obj
 from agent.kube.resources import RESOURCES
 from agent.kube.watching import Informer
 from agent.model import claims as claimmodel
+from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceState
 from agent.model.objects import attached_device, fabric_device
 from tests.cluster.conftest import BACKENDS, CLAIMS, PODS, World, finish
@@ -47,6 +48,27 @@ class ClaimHistory:
         return True in h and False in h[h.index(True) :]
 
 
+class SlotNumbers:
+    """Every anonymous free-slot number any of our slices offered, from a watch: a count-only
+    fabric (FTI) of N GPUs must never offer a number N or above (a claim given it waits for a GPU
+    that does not exist)."""
+
+    def __init__(self, kube: Kube, driver: str) -> None:
+        self.numbers: set[int] = set()
+        self.driver = driver
+        self.informer = Informer(kube, SLICES, name="slot-numbers")
+        self.informer.add_handler(self._on)
+
+    def _on(self, event) -> None:  # type: ignore[no-untyped-def]
+        spec = event.obj.get("spec") or {}
+        if event.type == "DELETED" or spec.get("driver") != self.driver:
+            return
+        for entry in spec.get("devices") or []:
+            parsed = slotmodel.parse_slot(entry["attributes"]["fabricDeviceId"]["string"])
+            if parsed is not None:
+                self.numbers.add(parsed[2])
+
+
 async def bound_pods(w: World, names: list[str]) -> dict[str, str] | None:
     out = {}
     for name in names:
@@ -76,6 +98,8 @@ async def test_twenty_pods_bind_in_one_cycle_with_devices_on_their_nodes(world: 
     history = ClaimHistory(world.kube, world.suffix)
     watch = asyncio.create_task(history.informer.run())
     world.tasks.append(watch)
+    offered = SlotNumbers(world.kube, world.driver)
+    world.tasks.append(asyncio.create_task(offered.informer.run()))
     role = await world.start_role()
     await asyncio.wait_for(role.publisher.synced.wait(), 30)
     names = [f"p{world.suffix}-{i:02d}" for i in range(20)]
@@ -104,6 +128,8 @@ async def test_twenty_pods_bind_in_one_cycle_with_devices_on_their_nodes(world: 
     attached = {i for i, d in emulator.items() if d.state != DeviceState.FREE}
     assert attached == set(physical), "no device attached that no claim holds"
     assert world.emulator.state.attach_started == 20
+    beyond = sorted(n for n in offered.numbers if n >= len(emulator))
+    assert not beyond, f"free slots offered beyond the fabric's {len(emulator)} GPUs: {beyond}"
 
     slices = await our_slices(world)
     by_name = {d["name"]: d for s in slices for d in s["spec"]["devices"]}
