@@ -479,7 +479,9 @@ class _NodeRole:
             kubelet_dir=Path(cfg.node.kubelet_dir),
             cdi_dir=Path(cfg.node.cdi_dir),
             reporter=reporter,
-            not_ready=self.not_ready,  # its gRPC health service follows the role's readiness
+            # its gRPC health service follows the role's readiness (not kubelet's registration,
+            # which kubelet gives only to a plugin it can reach)
+            not_ready=self._started_not_ready,
         )
         self.plugin = plugin
         try:
@@ -491,6 +493,26 @@ class _NodeRole:
             await plugin.stop()
 
     def not_ready(self) -> list[str]:
+        """Why the role is not ready: not started (`_started_not_ready`) or, with
+        --node-ready-after-registration, kubelet has not registered this process's plugin."""
+        reasons = self._started_not_ready()
+        plugin = self.plugin
+        if (
+            self.cfg.node.ready_after_registration
+            and plugin is not None
+            and self.plugin_serving
+            and not plugin.registration.registered.is_set()
+        ):
+            if plugin.registration.refused:
+                reasons.append(f"kubelet refused the plugin: {plugin.registration.refused}")
+            else:
+                reasons.append(
+                    f"kubelet has not registered the plugin yet ({plugin.reg_socket}: is "
+                    f"--node-kubelet-dir kubelet's root directory, and kubelet running?)"
+                )
+        return reasons
+
+    def _started_not_ready(self) -> list[str]:
         wanted = not self.cfg.cluster.vendor_driver
         reasons = [] if self.plugin_serving or not wanted else ["kubelet plugin not serving"]
         if self.reporter is None or not self.reporter.scanned.is_set():
@@ -507,15 +529,18 @@ class _NodeRole:
         return reasons
 
     def serving(self) -> bool:
-        return not self.not_ready()
+        return not self._started_not_ready()
 
     def status(self) -> str:
         reporter = self.reporter
         if reporter is None or not self.serving():
-            return "node: starting (" + ", ".join(self.not_ready()) + ")"
+            return "node: starting (" + ", ".join(self._started_not_ready()) + ")"
         gpus = sum(1 for f in reporter.functions.values() if f.is_gpu)
         if self.cfg.cluster.vendor_driver:
             return f"node {reporter.node}: {gpus} GPU(s), {self.cfg.cluster.vendor_driver} prepares"
+        plugin = self.plugin
+        if plugin is not None and plugin.registration.registered.is_set():
+            return f"node {reporter.node}: {gpus} GPU(s), kubelet plugin registered"
         return f"node {reporter.node}: {gpus} GPU(s), kubelet plugin serving"
 
 

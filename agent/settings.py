@@ -364,6 +364,14 @@ class NodeSettings:
         "beside the latter.",
         metavar="DIR",
     )
+    ready_after_registration: bool = setting(
+        False,
+        "Count the node role ready (/readyz) only once kubelet has registered this process's "
+        "plugin (kubelet's NotifyRegistrationStatus call). Under a DaemonSet's rolling update "
+        "the old pod then stops only after kubelet knows the new one, so the driver is never "
+        "unregistered in between (the Helm chart turns it on). systemd's READY=1 and the "
+        "plugin's gRPC health never wait for kubelet.",
+    )
     cdi_dir: str = setting(
         "/var/run/cdi",
         "Where CDI spec files of prepared claims are written (the runtime's dynamic CDI dir).",

@@ -458,6 +458,8 @@ class Registration(reg_grpc.RegistrationServicer):  # type: ignore[misc]
         self.driver = driver
         self.endpoint = endpoint
         self.registered = asyncio.Event()
+        #: why kubelet refused the plugin, when its last word was a refusal ("" otherwise)
+        self.refused = ""
 
     async def GetInfo(self, request: Any, context: Any) -> Any:
         return reg.PluginInfo(
@@ -467,9 +469,12 @@ class Registration(reg_grpc.RegistrationServicer):  # type: ignore[misc]
     async def NotifyRegistrationStatus(self, request: Any, context: Any) -> Any:
         if request.plugin_registered:
             logger.info("kubelet registered the %s plugin", self.driver)
+            self.refused = ""
             self.registered.set()
         else:
             logger.error("kubelet refused the %s plugin: %s", self.driver, request.error)
+            self.refused = request.error or "no reason given"
+            self.registered.clear()
         return reg.RegistrationStatusResponse()
 
 

@@ -150,7 +150,7 @@ def test_workloads(helm_bin: Path, tmp_path: Path) -> None:
     ds = docs[("DaemonSet", "gpu-system", "cohdi-agent-node")]
     dep = docs[("Deployment", "gpu-system", "cohdi-agent-cluster")]
     assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
-    assert ds["spec"]["minReadySeconds"] == 10  # the new plugin registers before the old stops
+    assert ds["spec"]["minReadySeconds"] == 10  # a margin beyond readiness
     pod = ds["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["serviceAccountName"] == "cohdi-agent-node"
@@ -266,6 +266,9 @@ def test_every_container_command_is_one_the_agent_accepts(
     assert cluster_cfg.leader.namespace == "gpu-system"
     assert cluster_cfg.leader.identity == "pod-0"
     assert node_cfg.node.kubelet_dir == "/var/lib/kubelet"
+    # Ready (the old pod stopped in an upgrade) once kubelet registered our plugin; with a
+    # vendor's driver ours does not run, and there is nothing to wait for
+    assert node_cfg.node.ready_after_registration == ("vendorDriver=gpu.nvidia.com" not in sets)
     for cfg in (cluster_cfg, node_cfg):
         assert cfg.cluster.metrics_address == "10.1.2.3"
         assert cfg.cluster.metrics_port == 9464
