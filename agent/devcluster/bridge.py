@@ -82,8 +82,10 @@ class TlsBridge:
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
             try:
+                # plain TCP: the TLS handshake happens in the connection's own task
+                # (`_handle`), so `stop()` ends a connection still handshaking too
                 self._server = loop.run_until_complete(
-                    asyncio.start_server(self._handle, self.host, self.port, ssl=self.server_ssl)
+                    asyncio.start_server(self._handle, self.host, self.port)
                 )
                 self.port = self._server.sockets[0].getsockname()[1]
             except OSError as exc:
@@ -104,7 +106,8 @@ class TlsBridge:
             )
 
     def stop(self) -> None:
-        """Close the listener and every forwarded connection; idempotent."""
+        """Close the listener and every connection, forwarded or still handshaking;
+        idempotent."""
         loop, self._loop = self._loop, None
         if loop is None:
             return
@@ -127,12 +130,19 @@ class TlsBridge:
         self._conns.add(task)
         upstream: asyncio.StreamWriter | None = None
         try:
+            await writer.start_tls(self.server_ssl, ssl_handshake_timeout=30)
             ctx = ssl.create_default_context(cafile=str(self.target_ca))
             up_reader, upstream = await asyncio.open_connection(
                 self.target_host, self.target_port, ssl=ctx
             )
             await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.CancelledError):
+        except (
+            OSError,
+            ssl.SSLError,
+            asyncio.IncompleteReadError,
+            asyncio.CancelledError,
+            TimeoutError,
+        ):
             pass  # a peer went, or `stop()`: the connection ends either way
         finally:
             self._conns.discard(task)

@@ -56,3 +56,23 @@ async def test_a_client_trusting_the_bridges_ca_reaches_the_service_through_it(
     finally:
         await asyncio.to_thread(bridge.stop)
         await runner.cleanup()
+
+
+async def test_stop_closes_a_connection_still_in_its_tls_handshake(tmp_path: Path) -> None:
+    """A client that connected and never finished its handshake is closed by `stop()`, not left
+    open (its socket is one of the connections `stop()` ends)."""
+    (tmp_path / "up").mkdir()
+    ca, _, _ = pki.load_or_make_ca(tmp_path / "up", "upstream-ca")
+    ctx, _ = serving_context(ca.cert, ca.key, tmp_path / "bridge", "b", "127.0.0.2")
+    bridge = TlsBridge("127.0.0.2", ctx, "127.0.0.1", 9, ca.cert)
+    await asyncio.to_thread(bridge.start)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.2", bridge.port)
+        writer.write(b"\x16\x03\x01")  # the start of a ClientHello, and nothing more
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(bridge.stop)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the bridge
+        writer.close()
+    finally:
+        await asyncio.to_thread(bridge.stop)
