@@ -6,13 +6,16 @@ way the scheduler allocates it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import settings
+from agent import app, settings
 from agent.kube.client import path_of
 from agent.kube.resources import NODE_READY, RESOURCES, resource_name
 from agent.model.pool import device_name
@@ -22,6 +25,7 @@ from agent.simulated import stubnvml
 from agent.simulated.stubnvml import StubGpu, write_gpus
 from agent.simulated.sysfs import add_function
 from agent.testing.fakekube import FakeKube
+from tests.waiting import until
 
 DRIVER = "composable.cohdi.io"
 POOL = "fab-1"
@@ -154,3 +158,42 @@ def make_node(
         proc_root=proc_root,
     )
     return SimNode(kube, reporter, tmp_path, gpus_file, name)
+
+
+@contextlib.asynccontextmanager
+async def node_role(
+    root: Path, *, driver: str = DRIVER, vendor_driver: str = "", **node: Any
+) -> AsyncIterator[app._NodeRole]:
+    """The real node role (`cohdi-agent run --roles node`'s unit) over an empty synthetic PCI
+    tree under `root` (short: unix socket paths hold 107 bytes), on the in-memory API server,
+    without NVML; yielded once its first scan is done and its plugin serves (none runs with a
+    `vendor_driver`), and cancelled after. `node`: more NodeSettings."""
+    (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
+    kube = FakeKube(bookmark_interval=60)
+    kube.selectable("composableresources", "spec.target_node")
+    cfg = settings.Settings(
+        cluster=settings.ClusterSettings(driver=driver, vendor_driver=vendor_driver),
+        node=settings.NodeSettings(
+            name="node-0",
+            sysfs_root=str(root / "sys"),
+            nvml_path=str(root / "no-nvml.so"),
+            rescan="never",
+            kubelet_dir=str(root / "kubelet"),
+            cdi_dir=str(root / "cdi"),
+            **node,
+        ),
+    )
+    role = app._NodeRole(kube, cfg)  # type: ignore[arg-type]
+    task = asyncio.create_task(role.run())
+    try:
+
+        async def started() -> bool:
+            reporter = role.reporter
+            scanned = reporter is not None and reporter.scanned.is_set()
+            return scanned and (role.plugin_serving or bool(vendor_driver))
+
+        await until(started, what="the first scan done and the plugin serving", timeout=10)
+        yield role
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

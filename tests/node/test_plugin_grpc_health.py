@@ -8,7 +8,6 @@ checkpoint makes the DRA socket say NOT_SERVING until the file is moved away."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -20,11 +19,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent import app, settings
 from agent.node.plugin import KubeletPlugin
-from agent.testing.fakekube import FakeKube
 from tests import kubelet
-from tests.node.simnode import DRIVER, SimNode, make_node
+from tests.node.simnode import DRIVER, SimNode, make_node, node_role
 from tests.waiting import until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -196,41 +193,6 @@ async def test_without_the_roles_readiness_an_unreadable_checkpoint_is_not_servi
         await p.stop()
 
 
-@contextlib.asynccontextmanager
-async def node_role(root: Path, tmp_path: Path, **node: Any) -> AsyncIterator[app._NodeRole]:
-    """The real node role (`cohdi-agent run --roles node`'s unit) over a synthetic PCI tree
-    under `root`, on the in-memory API server, once its plugin serves and its first scan is
-    done; `node`: more NodeSettings."""
-    (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
-    kube = FakeKube(bookmark_interval=60)
-    kube.selectable("composableresources", "spec.target_node")
-    cfg = settings.Settings(
-        cluster=settings.ClusterSettings(driver=DRIVER),
-        node=settings.NodeSettings(
-            name="node-0",
-            sysfs_root=str(root / "sys"),
-            nvml_path=str(tmp_path / "no-nvml.so"),
-            rescan="never",
-            kubelet_dir=str(root / "kubelet"),
-            cdi_dir=str(root / "cdi"),
-            **node,
-        ),
-    )
-    role = app._NodeRole(kube, cfg)  # type: ignore[arg-type]
-    task = asyncio.create_task(role.run())
-    try:
-
-        async def started() -> bool:
-            reporter = role.reporter
-            return role.plugin_serving and reporter is not None and reporter.scanned.is_set()
-
-        await until(started, what="the plugin serving and the first scan done", timeout=10)
-        yield role
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 async def test_the_node_role_with_a_corrupt_checkpoint_says_not_serving(tmp_path: Path) -> None:
     """The real node role: its /readyz reason, an unreadable checkpoint, is the DRA socket's
     NOT_SERVING; moved away, the socket says SERVING."""
@@ -239,7 +201,7 @@ async def test_the_node_role_with_a_corrupt_checkpoint_says_not_serving(tmp_path
         cp_path = root / "kubelet" / "plugins" / DRIVER / "checkpoint.json"
         cp_path.parent.mkdir(parents=True)
         cp_path.write_text('{"version": 1, "garb')
-        async with node_role(root, tmp_path) as role:
+        async with node_role(root) as role:
             assert role.plugin is not None
             socket = role.plugin.dra_socket
             health = role.plugin.grpc_health
@@ -267,7 +229,7 @@ async def test_ready_after_registration_waits_for_kubelets_word(tmp_path: Path) 
     binary = await asyncio.to_thread(kubelet.build)
     root = Path(tempfile.mkdtemp(prefix="khr-", dir="/tmp"))
     try:
-        async with node_role(root, tmp_path, ready_after_registration=True) as role:
+        async with node_role(root, ready_after_registration=True) as role:
             plugin = role.plugin
             assert plugin is not None
             (reason,) = role.not_ready()
@@ -295,7 +257,7 @@ async def test_ready_after_registration_waits_for_kubelets_word(tmp_path: Path) 
             assert done.returncode == 0, done.stderr
             assert role.not_ready() == []
             assert "kubelet plugin registered" in role.status()
-        async with node_role(root, tmp_path) as role:  # off (the default): ready at once
+        async with node_role(root) as role:  # off (the default): ready at once
             assert role.not_ready() == []
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -16,7 +16,6 @@ checkpoint overwritten with `{"version": 1, "garb`. From then on
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,9 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import app, settings
-from agent.testing.fakekube import FakeKube
-from tests.waiting import until
+from tests.node.simnode import node_role
 
 DRIVER = "fake.cohdi.io"
 
@@ -41,33 +38,8 @@ def root() -> Iterator[Path]:
 
 
 async def test_a_node_whose_checkpoint_is_unreadable_is_not_ready(root: Path) -> None:
-    (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
     plugin_dir = root / "kubelet" / "plugins" / DRIVER
     plugin_dir.mkdir(parents=True)
     (plugin_dir / "checkpoint.json").write_text('{"version": 1, "garb')
-    kube = FakeKube(bookmark_interval=60)
-    kube.selectable("composableresources", "spec.target_node")
-    cfg = settings.Settings(
-        cluster=settings.ClusterSettings(driver=DRIVER),
-        node=settings.NodeSettings(
-            name="node-0",
-            sysfs_root=str(root / "sys"),
-            nvml_path=str(root / "no-nvml.so"),
-            rescan="never",
-            kubelet_dir=str(root / "kubelet"),
-            cdi_dir=str(root / "cdi"),
-        ),
-    )
-    role = app._NodeRole(kube, cfg)  # type: ignore[arg-type]
-    task = asyncio.create_task(role.run())
-    try:
-
-        async def started() -> bool:
-            reporter = role.reporter
-            return role.plugin_serving and reporter is not None and reporter.scanned.is_set()
-
-        await until(started, what="the plugin serving and the first scan done", timeout=10)
+    async with node_role(root, driver=DRIVER) as role:
         assert role.not_ready(), "every prepare on this node fails, yet it reports ready"
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent import app, errors, settings
+from agent import errors, settings
 from agent.controllers import running
 from agent.controllers.vendoring import Vendoring
 from agent.kube.resources import FINALIZER, REQUESTS, RESOURCES, resource_name
@@ -30,6 +30,7 @@ from agent.model.objects import Obj
 from agent.testing.fakekube import FakeKube
 from agent.testing.nodereport import NodeDouble
 from tests import virtualtime
+from tests.node.simnode import node_role
 from tests.unit.test_cluster_role_fake import (
     A100,
     DRIVER,
@@ -39,7 +40,6 @@ from tests.unit.test_cluster_role_fake import (
     World,
     make_node,
 )
-from tests.waiting import until
 
 # In-memory worlds only: graces, settle periods and backoff pass in virtual time.
 pytestmark = pytest.mark.virtualtime
@@ -401,35 +401,11 @@ async def test_node_role_runs_without_its_kubelet_plugin_in_vendor_mode() -> Non
     ready once its first PCI scan is done (hot-plug, identification and safe removal only)."""
     root = Path(tempfile.mkdtemp(prefix="vnd-", dir="/tmp"))  # short: unix socket paths
     try:
-        (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
-        kube = FakeKube(bookmark_interval=60)
-        kube.selectable("composableresources", "spec.target_node")
-        cfg = settings.Settings(
-            cluster=settings.ClusterSettings(driver=DRIVER, vendor_driver=VENDOR),
-            node=settings.NodeSettings(
-                name="node-0",
-                sysfs_root=str(root / "sys"),
-                nvml_path=str(root / "no-nvml.so"),
-                rescan="never",
-                kubelet_dir=str(root / "kubelet"),
-                cdi_dir=str(root / "cdi"),
-            ),
-        )
-        role = app._NodeRole(kube, cfg)  # type: ignore[arg-type]
-        task = asyncio.create_task(role.run())
-        try:
-
-            async def scanned() -> bool:
-                return role.reporter is not None and role.reporter.scanned.is_set()
-
-            await until(scanned, what="the first PCI scan", timeout=10)
+        async with node_role(root, vendor_driver=VENDOR) as role:
             assert role.not_ready() == []
             assert role.plugin is None
             assert not list((root / "kubelet").rglob("*.sock")), "no plugin socket"
             assert VENDOR in role.status()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
