@@ -28,7 +28,7 @@ from agent.model import names, nodemap
 from agent.model import pool as poolmodel
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceState, Inventory, PoolDevice
-from agent.model.objects import DRIVER_LABEL, attached_device, fabric_device, mine
+from agent.model.objects import DRIVER_LABEL, attached_device, fabric_device, mine, spec
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class FeatureGateOff(errors.PermanentError):
 
 
 SliceMap = dict[str, list[poolmodel.SliceSpec]]
-_ViewCache = tuple[Inventory | None, tuple[tuple[str, str | None], ...], Inventory | None]
+_ViewCache = tuple[Inventory | None, tuple[object, ...], Inventory | None]
 
 
 class Publisher:
@@ -207,6 +207,29 @@ class Publisher:
             del self._arrivals[slot]  # its resource is gone
         return held
 
+    def _arrivals_pending(
+        self, held: dict[str, str | None]
+    ) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+        """((machine, model) of each held slot nothing has arrived through yet, the device ids
+        any of our resources names): what `slots.view` needs to keep a GPU a read lists before
+        the attach's answer from being offered under its own id."""
+        if self.resources is None:
+            return frozenset(), frozenset()
+        machine_of = {node: machine for machine, node in self.node_of_machine().items()}
+        arriving: set[tuple[str, str]] = set()
+        named: set[str] = set()
+        for obj in self.resources.store.values():
+            if not mine(obj, self._driver_label):
+                continue
+            slot = fabric_device(obj)
+            parsed = slotmodel.parse_slot(slot)
+            if parsed is not None and slot in held and held[slot] is None:
+                machine = machine_of.get(str(spec(obj).get("target_node") or ""))
+                if machine:
+                    arriving.add((machine, parsed[1]))
+            named.update(d for d in (slot, attached_device(obj)) if d and not slotmodel.is_slot(d))
+        return frozenset(arriving), frozenset(named)
+
     @property
     def view(self) -> Inventory | None:
         """The inventory with anonymous slots given stable names (`agent.model.slots.view`): what
@@ -214,10 +237,11 @@ class Publisher:
         if self.inventory is None:
             return None
         held = tuple(sorted(self.held_slots().items()))
+        arriving, named = self._arrivals_pending(dict(held)) if held else (frozenset(), frozenset())
         inv, key, out = self._view
-        if inv is not self.inventory or key != held or out is None:
-            out = slotmodel.view(self.inventory, dict(held))
-            self._view = (self.inventory, held, out)
+        if inv is not self.inventory or key != (held, arriving, named) or out is None:
+            out = slotmodel.view(self.inventory, dict(held), arriving, named)
+            self._view = (self.inventory, (held, arriving, named), out)
             for d in out.devices:
                 if slotmodel.is_slot(d.id):
                     entry = (poolmodel.pool_name(d.fabric), poolmodel.device_name(d.id))

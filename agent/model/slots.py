@@ -22,7 +22,7 @@ inventory unchanged.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import Final
 
@@ -48,18 +48,38 @@ def is_slot(device: str) -> bool:
     return parse_slot(device) is not None
 
 
-def view(inventory: Inventory, held: Mapping[str, str | None]) -> Inventory:
+def view(
+    inventory: Inventory,
+    held: Mapping[str, str | None],
+    arriving: Collection[tuple[str, str]] = (),
+    named: Collection[str] = (),
+) -> Inventory:
     """The inventory with slot identities kept stable (see the module docstring).
 
     `held`: slot id → the real device a live resource attached through it (None while it has not
     arrived). Slots not in `inventory` may be held (their placeholder moved when the count
-    dropped); real devices that no longer exist are ignored."""
+    dropped); real devices that no longer exist are ignored. `arriving`: (machine, model) of
+    each held slot whose attach may already have brought a GPU the composer has not recorded
+    (a fabric read can list it before the attach's answer comes back); a GPU of that model
+    attached (or attaching) there that no resource names (`named`: device ids) is that slot's,
+    and is not offered under its own id meanwhile (offered with its node, the scheduler could
+    give it to a second claim)."""
     if not held and not any(d.anonymous for d in inventory.devices):
         return inventory
     # (a backend's echo of a slot id as a device of its own is not a device)
     real = {d.id: d for d in inventory.devices if not d.anonymous and not is_slot(d.id)}
     behind = {dev for dev in held.values() if dev}
-    out: list[PoolDevice] = [d for d in real.values() if d.id not in behind]
+
+    def maybe_arrived(d: PoolDevice) -> bool:
+        return (
+            d.state in (DeviceState.ATTACHED, DeviceState.ATTACHING)
+            and (str(d.machine), d.model) in arriving
+            and d.id not in named
+        )
+
+    out: list[PoolDevice] = [
+        d for d in real.values() if d.id not in behind and not (arriving and maybe_arrived(d))
+    ]
     # held slots, under their own names
     taken: dict[tuple[str, str], set[int]] = {}
     waiting: dict[tuple[str, str], int] = {}  # held, nothing arrived yet: still in the free count

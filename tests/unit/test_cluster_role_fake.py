@@ -80,6 +80,9 @@ class FakeFabric:
         self.detaches: list[str] = []
         #: seconds between a change and the watch's next inventory (a polling backend's lag)
         self.watch_lag = 0.0
+        #: seconds between an attach taking effect and its answer reaching the caller (reads
+        #: meanwhile list the GPU attached)
+        self.answer_lag = 0.0
         self.fail_attach: dict[str, errors.AgentError] = {}
         self._changed = asyncio.Event()
         self._version = 0
@@ -135,6 +138,8 @@ class FakeFabric:
             raise errors.DeviceBusy(f"{device} is attached to {dev.machine}")
         if dev.state != DeviceState.ATTACHED:
             self.set(device, DeviceState.ATTACHED, machine)
+        if self.answer_lag:
+            await asyncio.sleep(self.answer_lag)
         if self.lose_answer:
             self.lose_answer -= 1
             raise errors.FabricUnavailable(f"attach of {device}: connection reset (answer lost)")

@@ -269,3 +269,48 @@ def test_with_arrival_takes_a_new_gpu_out_of_its_models_count_only() -> None:
     # a failed attach's answer takes nothing from the count
     failed = replace(gpu, id=DeviceId("gpu-8"), state=DeviceState.FAILED)
     assert len(slotmodel.with_arrival(inv, failed).devices) == len(inv.devices) + 1
+
+
+async def test_a_gpu_read_on_its_node_before_the_attach_answers_is_not_offered_as_its_own() -> None:
+    """A fabric read can list the GPU an attach through a slot brought, attached to the node,
+    before the attach's answer reaches the composer (the answer and the read race; the FTI
+    client reads the machines first). That GPU is the slot's: offered under its own id, with
+    its node, for even one slice write, the scheduler could give it to a second claim on that
+    node while the first claim's slot resolves to it too. While a slot of a model waits on a
+    machine, a GPU of that model that appears there and no resource names is not offered."""
+    async with world(anonymous=True, gpus=3) as w:
+        real = {w.device_name(d) for d in w.fabric.devices}
+        seen: list[str] = []
+
+        def check(req: Any) -> None:
+            if req.method in ("POST", "PUT") and "resourceslices" in req.path:
+                asyncio.get_running_loop().call_soon(
+                    lambda: seen.extend(sorted(real & set(w.offered())))
+                )
+
+        w.kube.on_request(check)
+        w.fabric.answer_lag = 0.5
+        w.new_claim("c1")
+        w.allocate("c1", slot(0), "node-0")
+        await w.wait(lambda: w.fabric.attaches, "the attach under way")
+        await asyncio.sleep(0.3)  # the read listing the GPU attached, the answer not back yet
+        assert not real & set(w.offered()), "the arriving GPU is offered under its own id"
+        await w.wait(lambda: w.condition("c1", poolmodel.READY), "c1 ready")
+        assert seen == [], f"offered under its own id: {sorted(set(seen))}"
+
+
+def test_view_holds_back_an_unnamed_gpu_where_a_slot_is_arriving() -> None:
+    gpu = PoolDevice(
+        DeviceId("gpu-7"), FabricId(FABRIC), A100, DeviceState.ATTACHED, machine=MachineId("m-0")
+    )
+    inv = Inventory((), (gpu, *_counted(FABRIC, A100, 2)))
+    held = {slotmodel.slot_id(FABRIC, A100, 0): None}
+
+    def ids(**kw: Any) -> set[str]:
+        return {d.id for d in slotmodel.view(inv, held, **kw).devices}
+
+    assert "gpu-7" not in ids(arriving={("m-0", A100)})  # maybe the slot's GPU: held back
+    assert "gpu-7" in ids(arriving={("m-0", A100)}, named={"gpu-7"})  # a resource's own
+    assert "gpu-7" in ids(arriving={("m-1", A100)})  # the slot arrives elsewhere
+    assert "gpu-7" in ids(arriving={("m-0", "V100")})  # ... or is of another model
+    assert "gpu-7" in ids()  # nothing arriving: an attached GPU no one holds is offered
