@@ -9,13 +9,16 @@ allocatable identities once attached — the slot a claim holds and the GPU's ow
 - a slot held by a ComposableResource (`spec.fabric_device` is a slot) keeps its name for as long
   as that resource lives: while attaching it is the slot (as the claim was allocated it), once the
   GPU arrived it is the slot with that GPU's state, machine, model and UUID;
-- the GPU that arrived through a held slot is not offered under its own id;
+- the GPU that arrived through a held slot is not offered under its own id, nor is a GPU no
+  resource names that a read lists on a machine where a slot of its model is still waiting (it
+  may be that slot's, read before the attach's answer came back);
 - the free count, less the held slots whose GPU has not arrived yet (the count still includes
   those), is offered as the lowest slot numbers no resource holds: a held slot's name is never
   reused while it is held, and the numbers offered stay put while attaches complete.
 
-`view(inventory, held)` turns the backend's inventory into the one the publisher, the scaler and
-the node see. Backends that name their free devices (Redfish) have no slots: the view is the
+`view(inventory, held, arriving, named)` turns the backend's inventory into the one the
+publisher, the scaler and the node see; `with_arrival` adds an attach's answer to the inventory
+ahead of the next read, taking the GPU out of the free count. Backends that name their free devices (Redfish) have no slots: the view is the
 inventory unchanged.
 """
 
