@@ -228,6 +228,9 @@ class Publisher:
                 if machine:
                     arriving.add((machine, parsed[1]))
             named.update(d for d in (slot, attached_device(obj)) if d and not slotmodel.is_slot(d))
+        # a placed GPU is recorded: the composer places a model-only resource's GPU once its
+        # attach answered, while the resource's status may still name only the chosen slot
+        named.update(self._placed)
         return frozenset(arriving), frozenset(named)
 
     @property
