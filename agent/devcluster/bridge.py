@@ -68,6 +68,8 @@ class TlsBridge:
     _thread: threading.Thread | None = field(default=None, init=False)
     _server: asyncio.Server | None = field(default=None, init=False)
     _conns: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    #: `stop()` has begun: a connection whose handler starts from now on is closed at once
+    _closing: bool = field(default=False, init=False)
 
     @property
     def address(self) -> str:
@@ -78,6 +80,7 @@ class TlsBridge:
         """Listen; raises DevClusterError when the address cannot be bound."""
         ready = threading.Event()
         failure: list[BaseException] = []
+        self._closing = False
 
         def run() -> None:
             loop = self._loop = asyncio.new_event_loop()
@@ -117,14 +120,36 @@ class TlsBridge:
             self._thread.join(10)
 
     async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._conns):
-            task.cancel()
-        if self._conns:
-            await asyncio.wait(list(self._conns), timeout=5)
+        """Stop accepting, end every connection, then close the listener. Connections being
+        forwarded or handshaking have their tasks cancelled; asyncio accepts connections in
+        bursts, each made into a transport and handed to `_handle` by tasks to come, which see
+        `_closing` and close it. The listener closes only after those: a connection accepted
+        before `Server.close()` whose transport is made after it is never closed (Python 3.11's
+        `Server._attach` asserts the server still listens, and the accepted socket is left
+        open). The loop is the bridge's own, so every other task on it is a connection's; this
+        waits until none is left (at most 5 s)."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        server = self._server
+        if server is not None:
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())  # no more accepts; queued ones are reset below
+        deadline = loop.time() + 5
+        while True:
+            for task in list(self._conns):
+                task.cancel()
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            left = deadline - loop.time()
+            if not others or left <= 0:
+                break
+            await asyncio.wait(others, timeout=left)
+        if server is not None:
+            server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:  # accepted just before `stop()`: its handler started after
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
