@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agent.kube.resources import RESOURCES, resource_name
 from agent.model import slots as slotmodel
 from tests.unit.test_cluster_role_fake import A100, DRIVER, FABRIC, POOL, World, model_only, world
 from tests.unit.test_slots_fake import physical_of_claims
@@ -161,3 +162,33 @@ def _pick(w: World, node: str) -> tuple[str, bool] | None:
         if name not in held and entry.get("bindsToNode"):
             return name, True
     return None
+
+
+@pytest.mark.parametrize("lose", [False, True])
+async def test_a_resource_deleted_while_its_slot_attaches_leaves_nothing_hidden(lose: bool) -> None:
+    """The claim goes (and its resource is deleted) while the attach through its slot is under
+    way, its answer late — or lost. Meanwhile the GPU is held back (maybe the slot's); afterwards
+    it is neither offered under its own id while attached to nobody's resource for good, nor
+    hidden for good: it is detached, and every GPU is a free slot again."""
+    async with world(anonymous=True, gpus=2, idle_grace=0.2) as w:
+        w.role.scaler.orphan_grace = 0.3
+        w.fabric.answer_lag = 0.5
+        if lose:
+            w.fabric.lose_answer = 1
+        w.new_claim("c1")
+        w.allocate("c1", slot(0), "node-0")
+        await w.wait(lambda: w.fabric.attaches, "the attach under way")
+        await w.wait(lambda: w.resource(resource_name(slot(0))), "its resource")
+        w.release("c1")
+        w.kube.remove(f"{RESOURCES}/{resource_name(slot(0))}")
+        await w.wait(
+            lambda: (
+                not any(w.fabric.attached_to(d) for d in w.fabric.devices)
+                and sorted(w.offered()) == sorted(w.device_name(slot(n)) for n in range(2))
+            ),
+            "every GPU detached and offered as a free slot",
+            timeout=30,
+        )
+        assert w.fabric.detaches  # it was attached, and went back
+        # one attach through the slot; anything after (adoption of the orphan) names its GPU
+        assert [d for d, _ in w.fabric.attaches if slotmodel.is_slot(d)] == [slot(0)]
