@@ -37,8 +37,10 @@ from agent.kube.eventing import Recorder
 from agent.kube.resources import RESOURCES, deleting, spec, state
 from agent.kube.watching import Event, Informer
 from agent.manifests import crds
+from agent.model import claims as claimmodel
 from agent.model import composing as decide
 from agent.model import names
+from agent.model import pool as poolmodel
 from agent.model import scaling as scalemodel
 from agent.model import slots as slotmodel
 from agent.model.fabric import DeviceId, DeviceState, Inventory, MachineId, PoolDevice
@@ -316,6 +318,12 @@ class Composer:
             owned = decide.taken_devices(self.resources.store.values(), also=set(self._claimed))
             found = slotmodel.unowned_arrivals(inventory, machine=machine, model=model, owned=owned)
             if found:
+                # A GPU attached behind our back is unnamed too, and offered on its node under
+                # its own id: a claim may hold it with no resource yet (no binding conditions).
+                # Such a GPU is that claim's, never this slot's.
+                held = await self._names_claims_hold()
+                found = [d for d in found if poolmodel.device_name(d.id) not in held]
+            if found:
                 dev = found[0]
                 logger.warning(
                     "%s: %s of %s is on %s and no resource names it (an attach answer was "
@@ -338,6 +346,14 @@ class Composer:
                 dev = await self.fabric.attach(DeviceId(slot), MachineId(machine), model=model)
             self._claimed[dev.id] = name
             return dev
+
+    async def _names_claims_hold(self) -> set[str]:
+        """The device names (`agent.model.pool.device_name`) of our driver that any claim holds,
+        from a LIST no older than now (`FreshClaims`). Raises what the read raises (the
+        attempt is retried)."""
+        claims = await self.fresh.since(self.mono())
+        driver = self.publisher.driver
+        return {name for c in claims for _, name in claimmodel.allocated_devices(c, driver)}
 
     def _refusal(self, cr: Obj, device: str) -> tuple[str, str] | None:
         """Why this resource cannot be composed at all, or None: a type other than GPUs, or a

@@ -18,8 +18,8 @@ allocatable identities once attached — the slot a claim holds and the GPU's ow
 
 `view(inventory, held, arriving, named)` turns the backend's inventory into the one the
 publisher, the scaler and the node see; `with_arrival` adds an attach's answer to the inventory
-ahead of the next read, taking the GPU out of the free count. Backends that name their free devices (Redfish) have no slots: the view is the
-inventory unchanged.
+ahead of the next read, taking the GPU out of the free count. Backends that name their free
+devices (Redfish) have no slots: the view is the inventory unchanged.
 """
 
 from __future__ import annotations

@@ -314,3 +314,28 @@ def test_view_holds_back_an_unnamed_gpu_where_a_slot_is_arriving() -> None:
     assert "gpu-7" in ids(arriving={("m-1", A100)})  # the slot arrives elsewhere
     assert "gpu-7" in ids(arriving={("m-0", "V100")})  # ... or is of another model
     assert "gpu-7" in ids()  # nothing arriving: an attached GPU no one holds is offered
+
+
+async def test_a_slot_attach_never_adopts_a_gpu_a_claim_holds() -> None:
+    """Before it attaches through a slot, the composer adopts a GPU of the model on the machine
+    that no resource names (an earlier attach's lost answer). A GPU attached behind the agent's
+    back is such a GPU too, and it is offered on its node under its own id: a claim the scheduler
+    gave it to (no binding conditions, so no resource yet) must keep it, and the slot gets a GPU
+    of its own."""
+    async with world(anonymous=True, gpus=3) as w:
+        w.role.scaler.orphan_grace = 3600  # not adopted as an orphan within the test
+        w.fabric.set("gpu-0", DeviceState.ATTACHED, "m-node-0")
+        await w.wait(
+            lambda: w.offered().get(w.device_name("gpu-0"), {}).get("nodeName") == "node-0",
+            "gpu-0 offered on node-0",
+        )
+        w.new_claim("c1")
+        w.allocate("c1", "gpu-0", "node-0", conditions=False)
+        w.new_claim("c2")
+        w.allocate("c2", slot(0), "node-0")
+        await w.wait(lambda: w.condition("c2", poolmodel.READY), "c2 ready")
+        gpu = attached_device(w.resource(resource_name(slot(0))) or {})
+        assert gpu != "gpu-0", "the slot adopted the GPU claim c1 holds"
+        assert w.fabric.attached_to(gpu) == "m-node-0"
+        phys = physical_of_claims(w)
+        assert len(set(phys.values())) == len(phys), phys
