@@ -22,8 +22,9 @@ from agent.devcluster import local
 from agent.devcluster.controlplane import ControlPlane
 from agent.kube.client import Kube
 
-#: the order xdist deals tests out in (tests/ordering.py); where bytecode goes (tests/bytecode.py)
-pytest_plugins = ("tests.ordering", "tests.bytecode")
+#: the order xdist deals tests out in (tests/ordering.py); where bytecode goes (tests/bytecode.py);
+#: a leaked socket blamed on the control-plane test that leaked it (tests/leaks.py)
+pytest_plugins = ("tests.ordering", "tests.bytecode", "tests.leaks")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from agent import errors, health
+from agent import connections, errors, health
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class FabricHttp:
             raise errors.FabricUnavailable(f"the fabric client for {self.base_url} is closed")
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl else True, limit=256),
+                connector=connections.connector(self._ssl if self._ssl else True, limit=256),
                 timeout=self._timeout,
             )
         return self._session

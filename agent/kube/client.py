@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from agent import errors, health
+from agent import connections, errors, health
 from agent.backoff import parse_retry_after
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Kube:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._server_hostname = server_hostname
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=64),
+            connector=connections.connector(ssl_context, limit=64),
             read_bufsize=2**22,  # one watch event line may carry a large object
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )

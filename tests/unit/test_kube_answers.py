@@ -9,9 +9,11 @@ import asyncio
 import base64
 import datetime as dt
 import email.utils
+import gc
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,3 +279,70 @@ async def test_a_silent_server_times_out_with_a_reason(
 
 async def _async(value: object) -> object:
     return value
+
+
+def test_a_cancelled_watch_leaves_no_socket_behind(tls: tuple[Path, ssl.SSLContext]) -> None:
+    """A watch cancelled mid-stream (a role restarting, the process stopping) closes its TLS
+    connection before the TLS shutdown completes; on Python < 3.12.8 asyncio then leaks the
+    socket under it (CPython gh-118950) unless the pool aborts it (`agent.connections`). Here the
+    server streams and then reads nothing more, so it never answers the client's close_notify
+    (a busy API server may answer after the client's loop has ended); the client runs on a loop
+    of its own that ends right after, as a process's does. A full collection then finds no
+    unclosed socket or transport. (The control-plane tier saw two such sockets of a test's
+    cancelled informers, reported by the garbage collector in a later test.)"""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    served: list[socket.socket] = []
+    stop = threading.Event()
+
+    def server() -> None:
+        listener.settimeout(5)
+        for _ in range(2):
+            conn = tls[1].wrap_socket(listener.accept()[0], server_side=True)
+            served.append(conn)
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n15\r\n"
+                b'{"type": "BOOKMARK"}\n\r\n'
+            )
+        stop.wait(10)  # and read nothing: the client's close_notify is never answered
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    ca = ssl.create_default_context(cafile=str(tls[0]))
+
+    async def token() -> str | None:
+        return None
+
+    async def client() -> None:
+        kube = Kube(host=f"https://127.0.0.1:{port}", ssl_context=ca, auth=token, request_timeout=5)
+
+        async def watch() -> None:
+            async with kube.stream("/w", params={}, read_timeout=10) as body:
+                while await body.readline():
+                    pass
+
+        tasks = [asyncio.create_task(watch()) for _ in range(2)]
+        await asyncio.wait(tasks, timeout=1)  # both streaming (and neither ended)
+        for t in tasks:
+            assert not t.done(), t.exception()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await kube.close()
+
+    found: list[str] = []
+    previous, sys.unraisablehook = sys.unraisablehook, lambda u: found.append(repr(u.exc_value))
+    try:
+        asyncio.run(client())
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+        stop.set()
+        thread.join(5)
+        for conn in served:
+            conn.close()
+        listener.close()
+    assert found == []
