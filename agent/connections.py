@@ -1,7 +1,7 @@
 """The HTTP connection pool of the agent's clients (the API server, the fabric managers).
 
 On Python before 3.12.8 (and 3.13.0), asyncio leaks the socket under a TLS connection that is
-closed before its TLS shutdown completes (CPython issue gh-118950, fixed by gh PR 118960): a watch
+closed before its TLS shutdown completes (fixed by CPython PR 118960): a watch
 cancelled at a role's restart or at shutdown keeps its file descriptor until the garbage collector
 finds it, and a long-running process accumulates them. aiohttp's remedy for those versions is
 `enable_cleanup_closed`: it aborts such transports after 2 s and when the pool closes. It is

@@ -284,12 +284,13 @@ async def _async(value: object) -> object:
 def test_a_cancelled_watch_leaves_no_socket_behind(tls: tuple[Path, ssl.SSLContext]) -> None:
     """A watch cancelled mid-stream (a role restarting, the process stopping) closes its TLS
     connection before the TLS shutdown completes; on Python < 3.12.8 asyncio then leaks the
-    socket under it (CPython gh-118950) unless the pool aborts it (`agent.connections`). Here the
-    server streams and then reads nothing more, so it never answers the client's close_notify
-    (a busy API server may answer after the client's loop has ended); the client runs on a loop
-    of its own that ends right after, as a process's does. A full collection then finds no
-    unclosed socket or transport. (The control-plane tier saw two such sockets of a test's
-    cancelled informers, reported by the garbage collector in a later test.)"""
+    socket under it (fixed by CPython PR 118960) unless the pool aborts it
+    (`agent.connections`). Here the server streams and then reads nothing more, so it never
+    answers the client's close_notify (a busy API server may answer after the client's loop has
+    ended); the client runs on a loop of its own that ends right after, as a process's does. A
+    full collection then finds no unclosed socket or transport. (The control-plane tier saw two
+    such sockets of a test's cancelled informers, reported by the garbage collector in a later
+    test.)"""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     served: list[socket.socket] = []
