@@ -12,7 +12,7 @@ import pytest
 from agent.kube.resources import RESOURCES, resource_name
 from agent.model import slots as slotmodel
 from tests.unit.test_cluster_role_fake import A100, DRIVER, FABRIC, POOL, World, model_only, world
-from tests.unit.test_slots_fake import physical_of_claims
+from tests.unit.test_slots_fake import physical_of_claims, try_pick
 
 # In-memory worlds only: graces, settle periods and backoff pass in virtual time.
 pytestmark = pytest.mark.virtualtime
@@ -123,7 +123,7 @@ async def test_churn_on_two_nodes_never_offers_more_identities_than_gpus(
                 w.fabric.lose_answer = 1
             claim = f"c{i}"
             w.new_claim(claim)
-            picked = await w.wait(lambda n=node: _pick(w, n), "something offered")
+            picked = await w.wait(lambda n=node: try_pick(w, n), "something offered")
             name, conditions = picked
             device = next(
                 d for d in [*w.fabric.devices, *map(slot, range(16))] if w.device_name(d) == name
@@ -144,24 +144,6 @@ async def test_churn_on_two_nodes_never_offers_more_identities_than_gpus(
             timeout=30,
         )
         assert bad == []
-
-
-def _pick(w: World, node: str) -> tuple[str, bool] | None:
-    held = {
-        r["device"]
-        for c in w.kube.objects("resourceclaims")
-        for r in ((c.get("status") or {}).get("allocation") or {})
-        .get("devices", {})
-        .get("results", [])
-    }
-    offered = w.offered()
-    for name, entry in sorted(offered.items()):
-        if name not in held and entry.get("nodeName") == node:
-            return name, False
-    for name, entry in sorted(offered.items()):
-        if name not in held and entry.get("bindsToNode"):
-            return name, True
-    return None
 
 
 @pytest.mark.parametrize("lose", [False, True])

@@ -6,6 +6,7 @@ adopted and scaled down. The same for a fabric that names its devices, where it 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -64,6 +65,19 @@ def pick(w: World, node: str) -> tuple[str, bool]:
     raise AssertionError(f"nothing offered for {node}: {sorted(offered)}; held {sorted(held)}")
 
 
+def after_each_slice_write(w: World, probe: Callable[[], list[str]]) -> list[str]:
+    """What `probe()` finds just after each ResourceSlice write of the world (so in every state
+    the scheduler could have read), in one list."""
+    seen: list[str] = []
+
+    def check(req: Any) -> None:
+        if req.method in ("POST", "PUT") and "resourceslices" in req.path:
+            asyncio.get_running_loop().call_soon(lambda: seen.extend(probe()))
+
+    w.kube.on_request(check)
+    return seen
+
+
 def allocate_name(w: World, claim: str, name: str, node: str, conditions: bool) -> None:
     device = next(d for d in [*w.fabric.devices, *map(slot, range(16))] if w.device_name(d) == name)
     w.allocate(claim, device, node, conditions=conditions)
@@ -95,7 +109,7 @@ async def test_pods_one_after_another_on_one_node_never_share_a_gpu() -> None:
                 w.release(live.pop(0))
             claim = f"c{i}"
             w.new_claim(claim)
-            name, conditions = await w.wait(lambda: _pick(w, "node-0"), "something offered")
+            name, conditions = await w.wait(lambda: try_pick(w, "node-0"), "something offered")
             allocate_name(w, claim, name, "node-0", conditions)
             live.append(claim)
             if conditions:
@@ -105,7 +119,8 @@ async def test_pods_one_after_another_on_one_node_never_share_a_gpu() -> None:
             await asyncio.sleep(0.1 * (i % 4))  # sometimes past the idle grace, sometimes not
 
 
-def _pick(w: World, node: str) -> tuple[str, bool] | None:
+def try_pick(w: World, node: str) -> tuple[str, bool] | None:
+    """`pick`, or None when nothing is offered for `node`."""
     try:
         return pick(w, node)
     except AssertionError:
@@ -164,15 +179,7 @@ async def test_a_gpu_detached_back_into_the_free_count_is_never_offered_under_it
     (CI's churn on FTI: a pod bound on one node to a GPU attached on another.)"""
     async with world(anonymous=True, gpus=3, idle_grace=0.2) as w:
         real = {w.device_name(d) for d in w.fabric.devices}
-        seen: list[str] = []
-
-        def check(req: Any) -> None:
-            if req.method in ("POST", "PUT") and "resourceslices" in req.path:
-                asyncio.get_running_loop().call_soon(
-                    lambda: seen.extend(sorted(real & set(w.offered())))
-                )
-
-        w.kube.on_request(check)
+        seen = after_each_slice_write(w, lambda: sorted(real & set(w.offered())))
         w.fabric.watch_lag = 1.0  # the fabric is polled: its reads trail the composer's answers
         w.new_claim("c1")
         w.allocate("c1", slot(0), "node-0")
@@ -206,15 +213,7 @@ async def test_a_gpu_arriving_before_the_next_fabric_read_takes_its_number_out_o
     as the fabric has free GPUs."""
     async with world(anonymous=True, gpus=3) as w:
         beyond = w.device_name(slot(3))
-        seen: list[str] = []
-
-        def check(req: Any) -> None:
-            if req.method in ("POST", "PUT") and "resourceslices" in req.path:
-                asyncio.get_running_loop().call_soon(
-                    lambda: seen.extend(n for n in w.offered() if n == beyond)
-                )
-
-        w.kube.on_request(check)
+        seen = after_each_slice_write(w, lambda: [n for n in w.offered() if n == beyond])
         w.fabric.watch_lag = 1.0  # the fabric is polled: its reads trail the composer's answers
         w.new_claim("c1")
         w.allocate("c1", slot(0), "node-0")
@@ -280,15 +279,7 @@ async def test_a_gpu_read_on_its_node_before_the_attach_answers_is_not_offered_a
     machine, a GPU of that model that appears there and no resource names is not offered."""
     async with world(anonymous=True, gpus=3) as w:
         real = {w.device_name(d) for d in w.fabric.devices}
-        seen: list[str] = []
-
-        def check(req: Any) -> None:
-            if req.method in ("POST", "PUT") and "resourceslices" in req.path:
-                asyncio.get_running_loop().call_soon(
-                    lambda: seen.extend(sorted(real & set(w.offered())))
-                )
-
-        w.kube.on_request(check)
+        seen = after_each_slice_write(w, lambda: sorted(real & set(w.offered())))
         w.fabric.answer_lag = 0.5
         w.new_claim("c1")
         w.allocate("c1", slot(0), "node-0")
