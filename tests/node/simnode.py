@@ -160,14 +160,12 @@ def make_node(
     return SimNode(kube, reporter, tmp_path, gpus_file, name)
 
 
-@contextlib.asynccontextmanager
-async def node_role(
+def make_node_role(
     root: Path, *, driver: str = DRIVER, vendor_driver: str = "", **node: Any
-) -> AsyncIterator[app._NodeRole]:
-    """The real node role (`cohdi-agent run --roles node`'s unit) over an empty synthetic PCI
-    tree under `root` (short: unix socket paths hold 107 bytes), on the in-memory API server,
-    without NVML; yielded once its first scan is done and its plugin serves (none runs with a
-    `vendor_driver`), and cancelled after. `node`: more NodeSettings."""
+) -> app._NodeRole:
+    """The real node role (`cohdi-agent run --roles node`'s unit), not started, over an empty
+    synthetic PCI tree under `root` (short: unix socket paths hold 107 bytes), on the in-memory
+    API server, without NVML. `node`: more NodeSettings."""
     (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
     kube = FakeKube(bookmark_interval=60)
     kube.selectable("composableresources", "spec.target_node")
@@ -183,7 +181,16 @@ async def node_role(
             **node,
         ),
     )
-    role = app._NodeRole(kube, cfg)  # type: ignore[arg-type]
+    return app._NodeRole(kube, cfg)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def node_role(
+    root: Path, *, driver: str = DRIVER, vendor_driver: str = "", **node: Any
+) -> AsyncIterator[app._NodeRole]:
+    """`make_node_role`'s role, yielded once its first scan is done and its plugin serves (none
+    runs with a `vendor_driver`), and cancelled after."""
+    role = make_node_role(root, driver=driver, vendor_driver=vendor_driver, **node)
     task = asyncio.create_task(role.run())
     try:
 

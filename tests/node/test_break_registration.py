@@ -22,8 +22,7 @@ from agent._proto.pluginregistration.v1 import api_pb2 as reg
 from agent._proto.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from agent.node.plugin import KubeletPlugin
 from agent.node.reporting import NodeReporter
-from agent.testing.fakekube import FakeKube
-from tests.node.simnode import DRIVER, node_role
+from tests.node.simnode import make_node_role, node_role
 from tests.waiting import until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -91,22 +90,7 @@ async def _serving(socket: Path) -> bool:
 
 
 def _role(root: Path, **node: object) -> app._NodeRole:
-    (root / "sys" / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
-    kube = FakeKube(bookmark_interval=60)
-    kube.selectable("composableresources", "spec.target_node")
-    cfg = settings.Settings(
-        cluster=settings.ClusterSettings(driver=DRIVER),
-        node=settings.NodeSettings(
-            name="node-0",
-            sysfs_root=str(root / "sys"),
-            nvml_path=str(root / "no-nvml.so"),
-            rescan="never",
-            kubelet_dir=str(root / "kubelet"),
-            cdi_dir=str(root / "cdi"),
-            **node,  # type: ignore[arg-type]
-        ),
-    )
-    return app._NodeRole(kube, cfg)  # type: ignore[arg-type]
+    return make_node_role(root, **node)
 
 
 async def test_a_restarted_role_waits_for_kubelet_again(
