@@ -187,51 +187,47 @@ class Publisher:
 
     def held_slots(self) -> dict[str, str | None]:
         """Slot id → the device a live resource attached through it (None until it arrived)."""
-        held: dict[str, str | None] = {}
-        if self.resources is None:
-            return held
-        for obj in self.resources.store.values():
-            slot = fabric_device(obj)
-            if (
-                slotmodel.is_slot(slot)
-                and not composemodel.refused(obj)
-                and mine(obj, self._driver_label)
-            ):
-                arrived = attached_device(obj)
-                if arrived != slot:
-                    self._arrivals.pop(slot, None)  # the status says it now
-                    held[slot] = arrived
-                else:
-                    held[slot] = self._arrivals.get(slot)
-        for slot in set(self._arrivals) - set(held):
-            del self._arrivals[slot]  # its resource is gone
-        return held
+        return self._slot_state(pending=False)[0]
 
-    def _arrivals_pending(
-        self, held: dict[str, str | None]
-    ) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
-        """((machine, model) of each held slot nothing has arrived through yet, the device ids
-        any of our resources names): what `slots.view` needs to keep a GPU a read lists before
-        the attach's answer from being offered under its own id."""
-        if self.resources is None:
-            return frozenset(), frozenset()
-        machine_of = {node: machine for machine, node in self.node_of_machine().items()}
+    def _slot_state(
+        self, *, pending: bool
+    ) -> tuple[dict[str, str | None], frozenset[tuple[str, str]], frozenset[str]]:
+        """One pass over our resources: (`held_slots()`; with `pending`, also the (machine,
+        model) of each held slot nothing has arrived through yet and the device ids any of our
+        resources names — what `slots.view` needs to keep a GPU a read lists before the attach's
+        answer from being offered under its own id)."""
+        held: dict[str, str | None] = {}
         arriving: set[tuple[str, str]] = set()
         named: set[str] = set()
+        if self.resources is None:
+            return held, frozenset(), frozenset()
+        machine_of: dict[str, str] | None = None
         for obj in self.resources.store.values():
             if not mine(obj, self._driver_label):
                 continue
-            slot = fabric_device(obj)
+            slot, arrived = fabric_device(obj), attached_device(obj)
+            if pending:
+                named.update(d for d in (slot, arrived) if d and not slotmodel.is_slot(d))
             parsed = slotmodel.parse_slot(slot)
-            if parsed is not None and slot in held and held[slot] is None:
+            if parsed is None or composemodel.refused(obj):
+                continue
+            if arrived != slot:
+                self._arrivals.pop(slot, None)  # the status says it now
+                held[slot] = arrived
+                continue
+            held[slot] = self._arrivals.get(slot)
+            if pending and held[slot] is None:
+                if machine_of is None:
+                    machine_of = {node: m for m, node in self.node_of_machine().items()}
                 machine = machine_of.get(str(spec(obj).get("target_node") or ""))
                 if machine:
                     arriving.add((machine, parsed[1]))
-            named.update(d for d in (slot, attached_device(obj)) if d and not slotmodel.is_slot(d))
+        for slot in set(self._arrivals) - set(held):
+            del self._arrivals[slot]  # its resource is gone
         # a placed GPU is recorded: the composer places a model-only resource's GPU once its
         # attach answered, while the resource's status may still name only the chosen slot
-        named.update(self._placed)
-        return frozenset(arriving), frozenset(named)
+        named.update(self._placed if pending else ())
+        return held, frozenset(arriving), frozenset(named)
 
     @property
     def view(self) -> Inventory | None:
@@ -239,8 +235,10 @@ class Publisher:
         is published, and what claims' device names resolve against."""
         if self.inventory is None:
             return None
-        held = tuple(sorted(self.held_slots().items()))
-        arriving, named = self._arrivals_pending(dict(held)) if held else (frozenset(), frozenset())
+        slots, arriving, named = self._slot_state(pending=True)
+        held = tuple(sorted(slots.items()))
+        if not held:
+            arriving, named = frozenset(), frozenset()
         inv, key, out = self._view
         if inv is not self.inventory or key != (held, arriving, named) or out is None:
             out = slotmodel.view(self.inventory, dict(held), arriving, named)
