@@ -144,6 +144,52 @@ def dev_nodes() -> Iterator[DevNodes]:
         nodes.remove_all()
 
 
+def node_fabric(
+    real_node: RealNode, dev_nodes: DevNodes, workdir: Path, suffix: str, password: str
+) -> tuple[EmulatorServer, Path]:
+    """The fabric emulator (not started; user `admin` with `password`) for the real node: its
+    one machine on fabric `fab-<suffix>` with two A100s. An attach makes the GPU's device node
+    (`/dev/nvidia<minor>`, as a driver would, before the PCI function the node role watches) and
+    its function in the node's synthetic tree (the directory returned, under `workdir`, with its
+    stub NVML's GPU list); a detach removes both. The control device nodes are made too."""
+    conf = emuconfig.parse(
+        {
+            "machines": [
+                {"id": f"m-{real_node.name}", "name": real_node.name, "fabric": f"fab-{suffix}"}
+            ],
+            "devices": [
+                {
+                    "model": A100,
+                    "count": 2,
+                    "fabric": f"fab-{suffix}",
+                    "memory": 40 * 2**30,
+                    "attach_latency": 0.1,
+                }
+            ],
+            "users": [{"name": "admin", "password": password}],
+        }
+    )
+    emulator = EmulatorServer(conf, tls_dir=workdir / "tls", state_file=workdir / "fabric.json")
+    node_dir = workdir / "node"
+    (node_dir / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
+    (node_dir / "nvml-gpus").touch()
+
+    def appear(dev: Device, machine: MachineSpec) -> None:
+        if machine.name == real_node.name and dev.pci_address:
+            dev_nodes.make(f"nvidia{gpu_minor(dev.pci_address)}", gpu_minor(dev.pci_address))
+
+    def disappear(dev: Device, machine: MachineSpec) -> None:
+        if machine.name == real_node.name and dev.pci_address:
+            dev_nodes.remove(f"nvidia{gpu_minor(dev.pci_address)}")
+
+    hook = SysfsHook(lambda m: node_dir if m.name == real_node.name else None)
+    emulator.state.on_appear.extend([appear, hook.appear])
+    emulator.state.on_disappear.extend([hook.disappear, disappear])
+    for name, minor in CONTROL_NODES.items():
+        dev_nodes.make(name, minor)
+    return emulator, node_dir
+
+
 @pytest.fixture
 async def bed(
     control_plane: ControlPlane, real_node: RealNode, dev_nodes: DevNodes, tmp_path: Path
@@ -155,43 +201,7 @@ async def bed(
     password = secrets.token_urlsafe(12)
     async with await Kube.connect(kubeconfig=str(control_plane.kubeconfig)) as kube:
         await installing.install(kube, driver)
-        conf = emuconfig.parse(
-            {
-                "machines": [
-                    {"id": f"m-{real_node.name}", "name": real_node.name, "fabric": f"fab-{suffix}"}
-                ],
-                "devices": [
-                    {
-                        "model": A100,
-                        "count": 2,
-                        "fabric": f"fab-{suffix}",
-                        "memory": 40 * 2**30,
-                        "attach_latency": 0.1,
-                    }
-                ],
-                "users": [{"name": "admin", "password": password}],
-            }
-        )
-        emulator = EmulatorServer(conf, tls_dir=workdir / "tls", state_file=workdir / "fabric.json")
-        node_dir = workdir / "node"
-        (node_dir / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
-        (node_dir / "nvml-gpus").touch()
-
-        # The GPU's device node appears with the GPU (a driver would make it), before the sysfs
-        # entry the node role watches; it goes when the GPU is detached.
-        def appear(dev: Device, machine: MachineSpec) -> None:
-            if machine.name == real_node.name and dev.pci_address:
-                dev_nodes.make(f"nvidia{gpu_minor(dev.pci_address)}", gpu_minor(dev.pci_address))
-
-        def disappear(dev: Device, machine: MachineSpec) -> None:
-            if machine.name == real_node.name and dev.pci_address:
-                dev_nodes.remove(f"nvidia{gpu_minor(dev.pci_address)}")
-
-        hook = SysfsHook(lambda m: node_dir if m.name == real_node.name else None)
-        emulator.state.on_appear.extend([appear, hook.appear])
-        emulator.state.on_disappear.extend([hook.disappear, disappear])
-        for name, minor in CONTROL_NODES.items():
-            dev_nodes.make(name, minor)
+        emulator, node_dir = node_fabric(real_node, dev_nodes, workdir, suffix, password)
         await emulator.start()
         stub = await asyncio.to_thread(stubnvml.build, cache)
         b = Bed(real_node, kube, emulator, driver, suffix, workdir)

@@ -45,23 +45,20 @@ from agent.devcluster import helm, image, local
 from agent.devcluster.bridge import TlsBridge, serving_context
 from agent.devcluster.controlplane import ControlPlane
 from agent.devcluster.realnode import TOLERATION, RealNode
-from agent.fabric.emulator import config as emuconfig
-from agent.fabric.emulator.config import MachineSpec
 from agent.fabric.emulator.server import EmulatorServer
 from agent.fabric.emulator.state import Device
-from agent.fabric.emulator.sysfs_hook import SysfsHook
 from agent.kube.client import Kube
 from agent.model.fabric import DeviceState
 from agent.simulated import stubnvml
 from tests.packaging.test_helm_chart import CHART, run_helm
 from tests.realnode.test_cdi import (
     A100,
-    CONTROL_NODES,
     IMAGE,
     DevNodes,
     check_report,
     gpu_minor,
     import_devcheck,
+    node_fabric,
 )
 from tests.waiting import until
 
@@ -170,41 +167,7 @@ async def install(
 
     suffix = uuid.uuid4().hex[:6]
     password = secrets.token_urlsafe(12)
-    node_dir = tmp_path / "node"
-    (node_dir / "sys" / "bus" / "pci" / "devices").mkdir(parents=True)
-    (node_dir / "nvml-gpus").touch()
-    conf = emuconfig.parse(
-        {
-            "machines": [
-                {"id": f"m-{real_node.name}", "name": real_node.name, "fabric": f"fab-{suffix}"}
-            ],
-            "devices": [
-                {
-                    "model": A100,
-                    "count": 2,
-                    "fabric": f"fab-{suffix}",
-                    "memory": 40 * 2**30,
-                    "attach_latency": 0.1,
-                }
-            ],
-            "users": [{"name": "admin", "password": password}],
-        }
-    )
-    emulator = EmulatorServer(conf, tls_dir=tmp_path / "tls", state_file=tmp_path / "fabric.json")
-
-    def appear(dev: Device, machine: MachineSpec) -> None:
-        if machine.name == real_node.name and dev.pci_address:
-            dev_nodes.make(f"nvidia{gpu_minor(dev.pci_address)}", gpu_minor(dev.pci_address))
-
-    def disappear(dev: Device, machine: MachineSpec) -> None:
-        if machine.name == real_node.name and dev.pci_address:
-            dev_nodes.remove(f"nvidia{gpu_minor(dev.pci_address)}")
-
-    hook = SysfsHook(lambda m: node_dir if m.name == real_node.name else None)
-    emulator.state.on_appear.extend([appear, hook.appear])
-    emulator.state.on_disappear.extend([hook.disappear, disappear])
-    for name, minor in CONTROL_NODES.items():
-        dev_nodes.make(name, minor)
+    emulator, node_dir = node_fabric(real_node, dev_nodes, tmp_path, suffix, password)
     await emulator.start()
     assert emulator.ca_file is not None
     stub = await asyncio.to_thread(stubnvml.build, cache)
