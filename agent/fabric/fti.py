@@ -35,6 +35,7 @@ from agent import errors
 from agent.fabric.credentials import Secret
 from agent.fabric.link import FabricLink, poll
 from agent.fabric.transport import FabricHttp, Reply, check_status
+from agent.model import slots as slotmodel
 from agent.model.fabric import (
     DeviceId,
     DeviceState,
@@ -276,16 +277,7 @@ class FtiFabric:
         for fabric_id, first in sorted(first_of_fabric.items()):
             counts = await asyncio.gather(*(self._free_count(first, m) for m in self.models))
             for model, count in zip(self.models, counts, strict=True):
-                devices.extend(
-                    PoolDevice(
-                        id=DeviceId(f"{fabric_id}.{model}.free-{n}"),
-                        fabric=fabric_id,
-                        model=model,
-                        state=DeviceState.FREE,
-                        anonymous=True,
-                    )
-                    for n in range(count)
-                )
+                devices.extend(slotmodel.placeholders(fabric_id, model, count))
         version = hashlib.sha256(
             orjson.dumps([docs, [(d.id, d.state) for d in devices]])
         ).hexdigest()[:16]

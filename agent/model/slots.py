@@ -39,6 +39,17 @@ def slot_id(fabric: str, model: str, n: int) -> DeviceId:
     return DeviceId(f"{fabric}.{model}.free-{n}")
 
 
+def placeholders(fabric: str, model: str, count: int) -> list[PoolDevice]:
+    """A fabric's free `count` of `model` as the inventory lists it: free anonymous devices
+    `slot_id(fabric, model, 0)` .. `count - 1` (what `view` renames and offers)."""
+    return [
+        PoolDevice(
+            slot_id(fabric, model, n), FabricId(fabric), model, DeviceState.FREE, anonymous=True
+        )
+        for n in range(count)
+    ]
+
+
 def parse_slot(device: str) -> tuple[str, str, int] | None:
     """(fabric, model, n) of a slot id; None for any other device id."""
     m = _SLOT.match(device)

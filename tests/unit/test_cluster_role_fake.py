@@ -110,16 +110,7 @@ class FakeFabric:
         if self.anonymous:
             free = [d for d in devices if d.state == DeviceState.FREE]
             devices = [d for d in devices if d.state != DeviceState.FREE]
-            devices += [
-                PoolDevice(
-                    slotmodel.slot_id(FABRIC, A100, n),
-                    FabricId(FABRIC),
-                    A100,
-                    DeviceState.FREE,
-                    anonymous=True,
-                )
-                for n in range(len(free))
-            ]
+            devices += slotmodel.placeholders(FABRIC, A100, len(free))
         return Inventory(self.machines, tuple(devices), version=str(self._version))
 
     async def attach(self, device: DeviceId, machine: MachineId, *, model: str = "") -> PoolDevice:

@@ -78,6 +78,16 @@ def after_each_slice_write(w: World, probe: Callable[[], list[str]]) -> list[str
     return seen
 
 
+async def attach_behind_our_back(w: World, gpu: str, node: str) -> None:
+    """The fabric attaches `gpu` to `node`'s machine without the agent; returns once it is
+    offered on that node under its own id (as the scheduler then sees it)."""
+    w.fabric.set(gpu, DeviceState.ATTACHED, f"m-{node}")
+    await w.wait(
+        lambda: w.offered().get(w.device_name(gpu), {}).get("nodeName") == node,
+        f"{gpu} offered on {node}",
+    )
+
+
 def allocate_name(w: World, claim: str, name: str, node: str, conditions: bool) -> None:
     device = next(d for d in [*w.fabric.devices, *map(slot, range(16))] if w.device_name(d) == name)
     w.allocate(claim, device, node, conditions=conditions)
@@ -157,12 +167,8 @@ async def test_a_gpu_attached_behind_our_back_is_adopted_and_detached(anonymous:
 async def test_an_orphan_a_claim_holds_is_kept() -> None:
     async with world(gpus=2, idle_grace=0.3) as w:
         w.role.scaler.orphan_grace = 0.2
-        w.fabric.set("gpu-1", DeviceState.ATTACHED, "m-node-1")
         # the scheduler hands it out as an attached device before the agent adopts it
-        await w.wait(
-            lambda: w.offered().get(w.device_name("gpu-1"), {}).get("nodeName") == "node-1",
-            "gpu-1 offered as attached",
-        )
+        await attach_behind_our_back(w, "gpu-1", "node-1")
         w.new_claim("c1")
         w.allocate("c1", "gpu-1", "node-1", conditions=False)
         await w.wait(lambda: w.resource(resource_name("gpu-1")) is not None, "adopted")
@@ -229,22 +235,11 @@ async def test_a_gpu_arriving_before_the_next_fabric_read_takes_its_number_out_o
         assert seen == [], "offered a free slot the fabric has no GPU for"
 
 
-def _counted(fabric: str, model: str, n: int) -> list[PoolDevice]:
-    return [
-        PoolDevice(
-            slotmodel.slot_id(fabric, model, i),
-            FabricId(fabric),
-            model,
-            DeviceState.FREE,
-            anonymous=True,
-        )
-        for i in range(n)
-    ]
-
-
 def test_with_arrival_takes_a_new_gpu_out_of_its_models_count_only() -> None:
     v100 = "V100"
-    inv = Inventory((), (*_counted(FABRIC, A100, 3), *_counted(FABRIC, v100, 2)))
+    inv = Inventory(
+        (), (*slotmodel.placeholders(FABRIC, A100, 3), *slotmodel.placeholders(FABRIC, v100, 2))
+    )
     gpu = PoolDevice(
         DeviceId("gpu-7"), FabricId(FABRIC), A100, DeviceState.ATTACHED, machine=MachineId("m-0")
     )
@@ -294,7 +289,7 @@ def test_view_holds_back_an_unnamed_gpu_where_a_slot_is_arriving() -> None:
     gpu = PoolDevice(
         DeviceId("gpu-7"), FabricId(FABRIC), A100, DeviceState.ATTACHED, machine=MachineId("m-0")
     )
-    inv = Inventory((), (gpu, *_counted(FABRIC, A100, 2)))
+    inv = Inventory((), (gpu, *slotmodel.placeholders(FABRIC, A100, 2)))
     held = {slotmodel.slot_id(FABRIC, A100, 0): None}
 
     def ids(**kw: Any) -> set[str]:
@@ -315,11 +310,7 @@ async def test_a_slot_attach_never_adopts_a_gpu_a_claim_holds() -> None:
     of its own."""
     async with world(anonymous=True, gpus=3) as w:
         w.role.scaler.orphan_grace = 3600  # not adopted as an orphan within the test
-        w.fabric.set("gpu-0", DeviceState.ATTACHED, "m-node-0")
-        await w.wait(
-            lambda: w.offered().get(w.device_name("gpu-0"), {}).get("nodeName") == "node-0",
-            "gpu-0 offered on node-0",
-        )
+        await attach_behind_our_back(w, "gpu-0", "node-0")
         w.new_claim("c1")
         w.allocate("c1", "gpu-0", "node-0", conditions=False)
         w.new_claim("c2")
